@@ -1,0 +1,278 @@
+"""The declarative gateway configuration: the same document a control plane snapshot carries."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PERIODS = ("minute", "hour", "day", "week", "month", "year", "eternity")
+Period = Literal["minute", "hour", "day", "week", "month", "year", "eternity"]
+Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "ANY"]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]*):(\d{1,5})$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_listen(value: str) -> str:
+    m = _HOSTPORT.match(value)
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080")
+    return value
+
+
+class Metric(_Strict):
+    name: str = Field(pattern=_NAME, description="Metric or method name, e.g. hits.")
+    parent: str | None = Field(None, description="Parent metric; usage also counts there.")
+    description: str = ""
+
+
+class MappingRule(_Strict):
+    method: Method = "ANY"
+    pattern: str = Field(
+        description="Literal segments and {name} wildcards, matched as a prefix unless it "
+        "ends in $; required query parameters after ?, e.g. /search?q={q}."
+    )
+    metric: str
+    increment: int = Field(1, ge=0, le=1_000_000)
+    last: bool = Field(False, description="Stop evaluating further rules when this one matches.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_is_a_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+
+class Limit(_Strict):
+    metric: str
+    period: Period
+    value: int = Field(ge=0, description="Maximum usage in one window; 0 forbids the metric.")
+
+
+class Plan(_Strict):
+    name: str = Field(pattern=_NAME)
+    limits: list[Limit] = []
+
+    @model_validator(mode="after")
+    def _one_limit_per_metric_period(self) -> Plan:
+        seen: set[tuple[str, str]] = set()
+        for lim in self.limits:
+            key = (lim.metric, lim.period)
+            if key in seen:
+                raise ValueError(f"two limits for metric {lim.metric!r} and period {lim.period!r}")
+            seen.add(key)
+        return self
+
+
+class Application(_Strict):
+    id: str = Field(min_length=1, max_length=200)
+    plan: str
+    state: Literal["live", "suspended"] = "live"
+    keys: list[str] = Field(
+        [], description="api_key: user keys; app_id_key: app keys for this application's id."
+    )
+    client_id: str | None = Field(
+        None, description="jwt: value of the application claim; defaults to the id."
+    )
+
+
+class ApiKeyAuth(_Strict):
+    type: Literal["api_key"]
+    header: str | None = Field(None, description="Header carrying the key.")
+    query: str | None = Field(None, description="Query parameter carrying the key.")
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> ApiKeyAuth:
+        if self.header is None and self.query is None:
+            return self.model_copy(update={"header": "X-API-Key", "query": "user_key"})
+        return self
+
+
+class AppIdKeyAuth(_Strict):
+    type: Literal["app_id_key"]
+    app_id_header: str = "X-App-Id"
+    app_key_header: str = "X-App-Key"
+    app_id_query: str | None = "app_id"
+    app_key_query: str | None = "app_key"
+
+
+class JwtKey(_Strict):
+    kid: str | None = None
+    algorithm: str | None = None
+    pem: str | None = Field(None, description="PEM public key (RS*, PS*, ES*, EdDSA).")
+    secret: str | None = Field(None, description="Shared secret (HS*).")
+    jwk: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> JwtKey:
+        given = [x for x in (self.pem, self.secret, self.jwk) if x is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of pem, secret or jwk")
+        return self
+
+
+class JwtAuth(_Strict):
+    type: Literal["jwt"]
+    issuer: str | None = None
+    audience: str | list[str] | None = None
+    keys: list[JwtKey] = []
+    jwks_url: str | None = None
+    jwks_cache_seconds: float = Field(300, gt=0)
+    algorithms: list[str] = ["RS256", "ES256", "PS256", "EdDSA"]
+    app_claim: str = Field("azp", description="Claim that names the application.")
+    header: str = "Authorization"
+    leeway_seconds: float = Field(0, ge=0, le=300)
+
+    @model_validator(mode="after")
+    def _has_keys(self) -> JwtAuth:
+        if not self.keys and not self.jwks_url:
+            raise ValueError("give keys or jwks_url")
+        return self
+
+
+class NoAuth(_Strict):
+    type: Literal["none"]
+    default_application: str
+
+
+Auth = Annotated[ApiKeyAuth | AppIdKeyAuth | JwtAuth | NoAuth, Field(discriminator="type")]
+
+
+class Product(_Strict):
+    name: str = Field(pattern=_NAME)
+    hosts: list[str] = Field(["*"], description="Host names; * matches any, *.example.com a suffix.")
+    path_prefix: str = "/"
+    strip_prefix: bool = True
+    backend: str = Field(description="Upstream base URL, http://host:port[/base/path].")
+    auth: Auth
+    metrics: list[Metric] = [Metric(name="hits")]
+    mapping_rules: list[MappingRule] = [MappingRule(method="ANY", pattern="/", metric="hits")]
+    plans: list[Plan] = []
+    policies: list[dict[str, dict[str, Any]]] = Field(
+        [], description="Policy chain in order, each {policy_name: {config}}."
+    )
+    applications: list[Application] = []
+    max_body_size: int | None = Field(None, ge=0, description="Largest request body in bytes.")
+    upstream_connect_timeout: float | None = Field(None, gt=0)
+    upstream_response_timeout: float | None = Field(None, gt=0)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or "//" in value or "/../" in value + "/":
+            raise ValueError("must start with / and hold no empty or .. segments")
+        return value.rstrip("/") or "/"
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        m = re.match(r"^http://([^/:?#]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?(/[^?#]*)?$", value)
+        if not m:
+            raise ValueError("must be an http:// URL, e.g. http://127.0.0.1:9001")
+        return value
+
+    @field_validator("policies")
+    @classmethod
+    def _one_key(cls, value: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
+        for i, entry in enumerate(value):
+            if len(entry) != 1:
+                raise ValueError(f"entry {i} must name exactly one policy, e.g. {{cors: {{}}}}")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Product:
+        names = [m.name for m in self.metrics]
+        known = set(names)
+        problems = []
+        if len(known) != len(names):
+            problems.append("metric names must be unique")
+        for m in self.metrics:
+            if m.parent is not None and m.parent not in known:
+                problems.append(f"metric {m.name!r} has unknown parent {m.parent!r}")
+        for m in self.metrics:
+            seen, cur = {m.name}, m.parent
+            parents = {x.name: x.parent for x in self.metrics}
+            while cur is not None:
+                if cur in seen:
+                    problems.append(f"metric {m.name!r} is its own ancestor")
+                    break
+                seen.add(cur)
+                cur = parents.get(cur)
+        for rule in self.mapping_rules:
+            if rule.metric not in known:
+                problems.append(f"mapping rule {rule.pattern!r} names unknown metric {rule.metric!r}")
+        plans = [p.name for p in self.plans]
+        if len(set(plans)) != len(plans):
+            problems.append("plan names must be unique")
+        for plan in self.plans:
+            for lim in plan.limits:
+                if lim.metric not in known:
+                    problems.append(f"plan {plan.name!r} limits unknown metric {lim.metric!r}")
+        apps = [a.id for a in self.applications]
+        if len(set(apps)) != len(apps):
+            problems.append("application ids must be unique")
+        for app in self.applications:
+            if app.plan not in plans:
+                problems.append(f"application {app.id!r} is on unknown plan {app.plan!r}")
+        if isinstance(self.auth, ApiKeyAuth):
+            keys = [k for a in self.applications for k in a.keys]
+            if len(set(keys)) != len(keys):
+                problems.append("a key belongs to two applications")
+        if isinstance(self.auth, NoAuth) and self.auth.default_application not in apps:
+            problems.append(
+                f"default_application {self.auth.default_application!r} is not an application"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class LimitsConfig(_Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    on_backend_error: Literal["deny", "allow"] = Field(
+        "deny", description="While the counter backend is unreachable: refuse (503) or let through."
+    )
+    redis_timeout: float = Field(0.5, gt=0, description="Seconds before a Redis call counts as failed.")
+    key_prefix: str = "meshgate"
+
+
+class Timeouts(_Strict):
+    client_header: float = Field(10, gt=0, description="Seconds to receive a request head (408).")
+    idle_keepalive: float = Field(60, gt=0, description="Seconds an idle client connection is kept.")
+    upstream_connect: float = Field(5, gt=0, description="Seconds to connect upstream (502).")
+    upstream_response: float = Field(60, gt=0, description="Seconds to the upstream's response (504).")
+    client_body: float = Field(60, gt=0, description="Seconds of silence while reading a body.")
+    shutdown_grace: float = Field(30, gt=0, description="Seconds in-flight requests get on SIGTERM.")
+
+
+class Config(_Strict):
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str | None = "127.0.0.1:8081"
+    limits: LimitsConfig = LimitsConfig()
+    timeouts: Timeouts = Timeouts()
+    max_header_size: int = Field(16384, ge=1024, le=1_048_576, description="Bytes, else 431.")
+    access_log: bool = True
+    upstream_keepalive: int = Field(64, ge=0, description="Idle upstream connections kept per backend.")
+    products: list[Product] = []
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _admin(cls, value: str | None) -> str | None:
+        return None if value is None else _check_listen(value)
+
+    @model_validator(mode="after")
+    def _unique_products(self) -> Config:
+        names = [p.name for p in self.products]
+        if len(set(names)) != len(names):
+            raise ValueError("product names must be unique")
+        return self

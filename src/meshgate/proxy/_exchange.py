@@ -1,0 +1,211 @@
+"""The objects a request passes through: headers, the request, a local response, the exchange.
+
+The engine creates one :class:`Exchange` per request and hands it to the role's
+:class:`Handler`. Nothing here knows about products, plans or services.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+__all__ = ["Headers", "Request", "Response", "Exchange", "Handler", "problem"]
+
+
+class Headers:
+    """An ordered, case-insensitive multi-map of header fields.
+
+    Names are stored lowercased as ``bytes``; values as received. The string
+    accessors decode as latin-1, which is what HTTP/1.1 field values are.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[bytes, bytes]] | None = None) -> None:
+        self._items: list[tuple[bytes, bytes]] = list(items) if items is not None else []
+
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        """The underlying list of ``(lowercase name, value)`` pairs; mutate with care."""
+        return self._items
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = name.lower().encode("latin-1")
+        for k, v in self._items:
+            if k == key:
+                return v.decode("latin-1")
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        key = name.lower().encode("latin-1")
+        return [v.decode("latin-1") for k, v in self._items if k == key]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        key = name.lower().encode("latin-1")
+        return any(k == key for k, _ in self._items)
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every field of this name with one field of this value."""
+        key = name.lower().encode("latin-1")
+        self._items = [(k, v) for k, v in self._items if k != key]
+        self._items.append((key, value.encode("latin-1")))
+
+    def remove(self, name: str) -> None:
+        key = name.lower().encode("latin-1")
+        self._items = [(k, v) for k, v in self._items if k != key]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for k, v in self._items:
+            yield k.decode("latin-1"), v.decode("latin-1")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self)!r})"
+
+
+class Request:
+    """A parsed request head. ``path`` is normalized (dot segments resolved, see ``_path``)."""
+
+    __slots__ = (
+        "method",
+        "raw_target",
+        "path",
+        "query",
+        "headers",
+        "http_version",
+        "client_ip",
+        "scheme",
+        "host",
+        "content_length",
+        "chunked",
+        "request_id",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        raw_target: bytes,
+        path: str,
+        query: str,
+        headers: Headers,
+        http_version: str = "1.1",
+        client_ip: str = "",
+        scheme: str = "http",
+        host: str = "",
+        content_length: int | None = None,
+        chunked: bool = False,
+        request_id: str = "",
+    ) -> None:
+        self.method = method
+        self.raw_target = raw_target
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.http_version = http_version
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.host = host
+        self.content_length = content_length
+        self.chunked = chunked
+        self.request_id = request_id
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+class Response:
+    """A response the gateway answers itself, without calling an upstream."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: Headers | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else Headers()
+        if content_type is not None:
+            self.headers.set("content-type", content_type)
+
+
+def problem(status: int, title: str, detail: str = "", **extra: Any) -> Response:
+    """An ``application/problem+json`` response (RFC 9457)."""
+    doc: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        doc["detail"] = detail
+    doc.update(extra)
+    return Response(
+        status, json.dumps(doc).encode(), content_type="application/problem+json"
+    )
+
+
+class Exchange:
+    """One request's journey through the engine, shared by the handler's phases.
+
+    The handler sets ``upstream`` (an :class:`~meshgate.proxy.UpstreamPool`) and
+    ``upstream_target`` (path and query sent upstream) to forward; the engine fills in
+    ``status``, byte counts and timings as the exchange proceeds. ``state`` belongs to
+    the role (product, application, usage...).
+    """
+
+    __slots__ = (
+        "request",
+        "upstream",
+        "upstream_target",
+        "max_body_size",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "start",
+        "upstream_start",
+        "upstream_headers_at",
+        "end",
+        "error",
+        "state",
+        "response_headers",
+    )
+
+    def __init__(self, request: Request, start: float) -> None:
+        self.request = request
+        self.upstream: Any = None
+        self.upstream_target: str = ""
+        self.max_body_size: int | None = None
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.start = start
+        self.upstream_start = 0.0
+        self.upstream_headers_at = 0.0
+        self.end = 0.0
+        self.error: str | None = None
+        self.state: Any = None
+        self.response_headers: Headers | None = None
+
+
+class Handler(Protocol):
+    """What a role plugs into the engine.
+
+    ``handle`` runs once the request head is parsed and before any body byte is
+    forwarded. It returns a :class:`Response` to answer locally, or ``None`` to forward
+    to ``exchange.upstream``. ``on_response`` may change the upstream's (or a local)
+    response head before it is sent. ``on_complete`` runs after the last byte was sent
+    (or the exchange failed) and must not raise.
+    """
+
+    async def handle(self, exchange: Exchange) -> Response | None: ...
+
+    def on_response(self, exchange: Exchange, status: int, headers: Headers) -> None: ...
+
+    def on_complete(self, exchange: Exchange) -> None: ...
