@@ -162,6 +162,7 @@ class Exchange:
 
     __slots__ = (
         "request",
+        "route_path",
         "upstream",
         "upstream_target",
         "max_body_size",
@@ -179,6 +180,8 @@ class Exchange:
 
     def __init__(self, request: Request, start: float) -> None:
         self.request = request
+        # The path relative to the matched route's prefix; rewrite policies change it.
+        self.route_path: str = request.path
         self.upstream: Any = None
         self.upstream_target: str = ""
         self.max_body_size: int | None = None
