@@ -1,5 +1,22 @@
 """The HTTP/1.1 proxy engine: knows HTTP, nothing about products or services."""
 
 from meshgate.proxy._exchange import Exchange, Handler, Headers, Request, Response, problem
+from meshgate.proxy._path import BadTarget, split_target
+from meshgate.proxy._server import Server, ServerSettings, bind_socket
+from meshgate.proxy._upstream import UpstreamError, UpstreamPool
 
-__all__ = ["Exchange", "Handler", "Headers", "Request", "Response", "problem"]
+__all__ = [
+    "BadTarget",
+    "Exchange",
+    "Handler",
+    "Headers",
+    "Request",
+    "Response",
+    "Server",
+    "ServerSettings",
+    "UpstreamError",
+    "UpstreamPool",
+    "bind_socket",
+    "problem",
+    "split_target",
+]

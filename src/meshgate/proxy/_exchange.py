@@ -146,9 +146,7 @@ def problem(status: int, title: str, detail: str = "", **extra: Any) -> Response
     if detail:
         doc["detail"] = detail
     doc.update(extra)
-    return Response(
-        status, json.dumps(doc).encode(), content_type="application/problem+json"
-    )
+    return Response(status, json.dumps(doc).encode(), content_type="application/problem+json")
 
 
 class Exchange:

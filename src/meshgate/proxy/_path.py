@@ -1,0 +1,88 @@
+"""Request-target normalization: one canonical path for routing, matching and forwarding.
+
+The path the gateway matches against its prefixes and rules is the path it forwards, so
+``..``, ``%2e%2e`` and encoded slashes cannot route to one place and arrive at another.
+Unreserved characters are decoded (RFC 3986 6.2.2.2), dot segments removed (5.2.4),
+repeated slashes merged; encoded ``/``, ``\\`` and NUL are refused outright.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["BadTarget", "split_target"]
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_FORBIDDEN_ENCODED = {b"2F": "an encoded slash", b"5C": "an encoded backslash", b"00": "NUL"}
+_ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://[^/?#]*")
+
+
+class BadTarget(ValueError):
+    """The request target cannot be served; the message says why (sent in a 400)."""
+
+
+def split_target(raw: bytes) -> tuple[str, str]:
+    """Return ``(normalized path, raw query)`` of a request target, or raise BadTarget."""
+    if raw[:1] != b"/":
+        m = _ABSOLUTE.match(raw)
+        if m is None:
+            raise BadTarget("the request target must be a path starting with /")
+        raw = raw[m.end() :] or b"/"
+        if raw[:1] != b"/":
+            raw = b"/" + raw
+    if b"#" in raw:
+        raise BadTarget("a request target cannot hold a fragment (#)")
+    path, sep, query = raw.partition(b"?")
+    if b"%" in path:
+        path = _decode_unreserved(path)
+    if b"/." in path or b"//" in path or b"\\" in path:
+        path = _remove_dot_segments(path)
+    try:
+        return path.decode("ascii"), query.decode("latin-1")
+    except UnicodeDecodeError:
+        raise BadTarget("the path must be ASCII; percent-encode other bytes") from None
+
+
+def _decode_unreserved(path: bytes) -> bytes:
+    out = bytearray()
+    i, n = 0, len(path)
+    while i < n:
+        c = path[i]
+        if c != 0x25:  # '%'
+            out.append(c)
+            i += 1
+            continue
+        pair = path[i + 1 : i + 3]
+        if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+            raise BadTarget("the path holds a malformed percent-encoding")
+        pair = pair.upper()
+        if pair in _FORBIDDEN_ENCODED:
+            raise BadTarget(f"the path holds {_FORBIDDEN_ENCODED[pair]} (%{pair.decode()})")
+        value = int(pair, 16)
+        if value in _UNRESERVED:
+            out.append(value)
+        else:
+            out += b"%" + pair
+        i += 3
+    return bytes(out)
+
+
+def _remove_dot_segments(path: bytes) -> bytes:
+    if b"\\" in path:
+        raise BadTarget("the path holds a backslash")
+    trailing = path.endswith(b"/") or path.endswith(b"/.") or path.endswith(b"/..")
+    stack: list[bytes] = []
+    for segment in path.split(b"/"):
+        if segment == b"" or segment == b".":
+            continue
+        if segment == b"..":
+            if not stack:
+                raise BadTarget("the path climbs above the root with ..")
+            stack.pop()
+        else:
+            stack.append(segment)
+    out = b"/" + b"/".join(stack)
+    if trailing and stack:
+        out += b"/"
+    return out
