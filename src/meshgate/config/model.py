@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 PERIODS = ("minute", "hour", "day", "week", "month", "year", "eternity")
 Period = Literal["minute", "hour", "day", "week", "month", "year", "eternity"]
@@ -15,8 +23,17 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]*):(\d{1,5})$")
 
 
+class Problems(ValueError):
+    """Independent problems found by one validator; loaders report one a line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/nan: YAML's .inf would be an endless timeout, and JSON snapshots cannot carry it.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_listen(value: str) -> str:
@@ -88,11 +105,13 @@ class ApiKeyAuth(_Strict):
     header: str | None = Field(None, description="Header carrying the key.")
     query: str | None = Field(None, description="Query parameter carrying the key.")
 
-    @model_validator(mode="after")
-    def _somewhere(self) -> ApiKeyAuth:
-        if self.header is None and self.query is None:
-            return self.model_copy(update={"header": "X-API-Key", "query": "user_key"})
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _somewhere(cls, data: Any) -> Any:
+        # Before, not after: an after validator's replacement instance is dropped by __init__.
+        if isinstance(data, dict) and data.get("header") is None and data.get("query") is None:
+            return {**data, "header": "X-API-Key", "query": "user_key"}
+        return data
 
 
 class AppIdKeyAuth(_Strict):
@@ -145,9 +164,31 @@ class NoAuth(_Strict):
 Auth = Annotated[ApiKeyAuth | AppIdKeyAuth | JwtAuth | NoAuth, Field(discriminator="type")]
 
 
+def _one_policy(entry: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    if len(entry) != 1:
+        raise ValueError("must name exactly one policy, e.g. {cors: {}}")
+    return entry
+
+
+PolicyEntry = Annotated[
+    dict[str, dict[str, Any]],
+    AfterValidator(_one_policy),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "additionalProperties": {"type": "object"},
+            "minProperties": 1,
+            "maxProperties": 1,
+        }
+    ),
+]
+
+
 class Product(_Strict):
     name: str = Field(pattern=_NAME)
-    hosts: list[str] = Field(["*"], description="Host names; * matches any, *.example.com a suffix.")
+    hosts: list[str] = Field(
+        ["*"], description="Host names; * matches any, *.example.com a suffix."
+    )
     path_prefix: str = "/"
     strip_prefix: bool = True
     backend: str = Field(description="Upstream base URL, http://host:port[/base/path].")
@@ -155,7 +196,7 @@ class Product(_Strict):
     metrics: list[Metric] = [Metric(name="hits")]
     mapping_rules: list[MappingRule] = [MappingRule(method="ANY", pattern="/", metric="hits")]
     plans: list[Plan] = []
-    policies: list[dict[str, dict[str, Any]]] = Field(
+    policies: list[PolicyEntry] = Field(
         [], description="Policy chain in order, each {policy_name: {config}}."
     )
     applications: list[Application] = []
@@ -178,14 +219,6 @@ class Product(_Strict):
             raise ValueError("must be an http:// URL, e.g. http://127.0.0.1:9001")
         return value
 
-    @field_validator("policies")
-    @classmethod
-    def _one_key(cls, value: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
-        for i, entry in enumerate(value):
-            if len(entry) != 1:
-                raise ValueError(f"entry {i} must name exactly one policy, e.g. {{cors: {{}}}}")
-        return value
-
     @model_validator(mode="after")
     def _references(self) -> Product:
         names = [m.name for m in self.metrics]
@@ -196,18 +229,22 @@ class Product(_Strict):
         for m in self.metrics:
             if m.parent is not None and m.parent not in known:
                 problems.append(f"metric {m.name!r} has unknown parent {m.parent!r}")
+        parents = {x.name: x.parent for x in self.metrics}
         for m in self.metrics:
             seen, cur = {m.name}, m.parent
-            parents = {x.name: x.parent for x in self.metrics}
             while cur is not None:
                 if cur in seen:
-                    problems.append(f"metric {m.name!r} is its own ancestor")
+                    # A cycle above m, not through it, is reported for its own members.
+                    if cur == m.name:
+                        problems.append(f"metric {m.name!r} is its own ancestor")
                     break
                 seen.add(cur)
                 cur = parents.get(cur)
         for rule in self.mapping_rules:
             if rule.metric not in known:
-                problems.append(f"mapping rule {rule.pattern!r} names unknown metric {rule.metric!r}")
+                problems.append(
+                    f"mapping rule {rule.pattern!r} names unknown metric {rule.metric!r}"
+                )
         plans = [p.name for p in self.plans]
         if len(set(plans)) != len(plans):
             problems.append("plan names must be unique")
@@ -230,7 +267,7 @@ class Product(_Strict):
                 f"default_application {self.auth.default_application!r} is not an application"
             )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise Problems(problems)
         return self
 
 
@@ -240,17 +277,25 @@ class LimitsConfig(_Strict):
     on_backend_error: Literal["deny", "allow"] = Field(
         "deny", description="While the counter backend is unreachable: refuse (503) or let through."
     )
-    redis_timeout: float = Field(0.5, gt=0, description="Seconds before a Redis call counts as failed.")
+    redis_timeout: float = Field(
+        0.5, gt=0, description="Seconds before a Redis call counts as failed."
+    )
     key_prefix: str = "meshgate"
 
 
 class Timeouts(_Strict):
     client_header: float = Field(10, gt=0, description="Seconds to receive a request head (408).")
-    idle_keepalive: float = Field(60, gt=0, description="Seconds an idle client connection is kept.")
+    idle_keepalive: float = Field(
+        60, gt=0, description="Seconds an idle client connection is kept."
+    )
     upstream_connect: float = Field(5, gt=0, description="Seconds to connect upstream (502).")
-    upstream_response: float = Field(60, gt=0, description="Seconds to the upstream's response (504).")
+    upstream_response: float = Field(
+        60, gt=0, description="Seconds to the upstream's response (504)."
+    )
     client_body: float = Field(60, gt=0, description="Seconds of silence while reading a body.")
-    shutdown_grace: float = Field(30, gt=0, description="Seconds in-flight requests get on SIGTERM.")
+    shutdown_grace: float = Field(
+        30, gt=0, description="Seconds in-flight requests get on SIGTERM."
+    )
 
 
 class Config(_Strict):
@@ -260,7 +305,9 @@ class Config(_Strict):
     timeouts: Timeouts = Timeouts()
     max_header_size: int = Field(16384, ge=1024, le=1_048_576, description="Bytes, else 431.")
     access_log: bool = True
-    upstream_keepalive: int = Field(64, ge=0, description="Idle upstream connections kept per backend.")
+    upstream_keepalive: int = Field(
+        64, ge=0, description="Idle upstream connections kept per backend."
+    )
     products: list[Product] = []
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))

@@ -123,7 +123,10 @@ class EchoProtocol(asyncio.Protocol):
         framing = b"transfer-encoding: chunked\r\n" if chunked else b"content-length: %d\r\n" % size
         conn = b"" if keep_alive else b"connection: close\r\n"
         self.transport.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n" + framing + conn + b"\r\n"
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+            + framing
+            + conn
+            + b"\r\n"
         )
         left = 0 if head else size
         while left > 0:

@@ -33,6 +33,7 @@ from meshgate.proxy._upstream import (
 __all__ = ["Server", "ServerSettings"]
 
 log = logging.getLogger("meshgate.proxy")
+_now = time.perf_counter
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward; framing fields
 # are regenerated, and Expect is answered here.
@@ -324,7 +325,7 @@ class HttpProtocol(asyncio.Protocol):
             chunked,
             rid,
         )
-        exchange = Exchange(request, self.loop.time())
+        exchange = Exchange(request, _now())
         keep_alive = parser.should_keep_alive() and not self.server.draining
         cycle = _Cycle(exchange, keep_alive, expect and version == "1.1")
         if failure is not None:
@@ -408,7 +409,7 @@ class HttpProtocol(asyncio.Protocol):
                 response = problem(500, "Internal Server Error", "no upstream chosen")
         if response is not None and not self._closed and not cycle.response_started:
             self._send_local(cycle, response, handler)
-        exchange.end = self.loop.time()
+        exchange.end = _now()
         try:
             handler.on_complete(exchange)
         except Exception:
@@ -421,7 +422,7 @@ class HttpProtocol(asyncio.Protocol):
         request = exchange.request
         retry_allowed = not request.has_body
         conn = pool.take_idle()
-        exchange.upstream_start = self.loop.time()
+        exchange.upstream_start = _now()
         while True:
             if conn is None:
                 try:
@@ -529,7 +530,7 @@ class HttpProtocol(asyncio.Protocol):
             cycle.timer.cancel()
         exchange = cycle.exchange
         exchange.status = status
-        exchange.upstream_headers_at = self.loop.time()
+        exchange.upstream_headers_at = _now()
         cycle.head_received = True
         cycle.upstream_reusable = keep_alive
         drop = _RESPONSE_DROP

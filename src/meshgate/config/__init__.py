@@ -1,0 +1,50 @@
+"""The declarative gateway configuration: model, loading with precise errors, JSON Schema."""
+
+from meshgate.config.loader import ConfigError, load_config, parse_config
+from meshgate.config.model import (
+    PERIODS,
+    ApiKeyAuth,
+    AppIdKeyAuth,
+    Application,
+    Auth,
+    Config,
+    JwtAuth,
+    JwtKey,
+    Limit,
+    LimitsConfig,
+    MappingRule,
+    Method,
+    Metric,
+    NoAuth,
+    Period,
+    Plan,
+    Product,
+    Timeouts,
+)
+from meshgate.config.schema import json_schema, write_schema
+
+__all__ = [
+    "PERIODS",
+    "ApiKeyAuth",
+    "AppIdKeyAuth",
+    "Application",
+    "Auth",
+    "Config",
+    "ConfigError",
+    "JwtAuth",
+    "JwtKey",
+    "Limit",
+    "LimitsConfig",
+    "MappingRule",
+    "Method",
+    "Metric",
+    "NoAuth",
+    "Period",
+    "Plan",
+    "Product",
+    "Timeouts",
+    "json_schema",
+    "load_config",
+    "parse_config",
+    "write_schema",
+]

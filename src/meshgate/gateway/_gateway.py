@@ -1,0 +1,389 @@
+"""The edge gateway: the engine's handler that turns a request into a product's decision.
+
+rewrite phase (policies) -> access phase (credential, mapping rules, limits in one
+counter call, policies) -> upstream -> response phase (RateLimit fields, policies) -> log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import IO
+
+from meshgate.config import Config, Product
+from meshgate.gateway.credentials import Authenticator, AuthError
+from meshgate.gateway.mapping import MappingRules
+from meshgate.limits import BackendUnavailable, CounterBackend, LimitCheck, Usage
+from meshgate.policies import PolicyChain
+from meshgate.proxy import (
+    BadTarget,
+    Exchange,
+    Headers,
+    Response,
+    UpstreamPool,
+    problem,
+    split_target,
+)
+from meshgate.telemetry.metrics import GatewayMetrics
+
+__all__ = ["Gateway", "ProductRuntime"]
+
+log = logging.getLogger("meshgate.gateway")
+
+_WINDOW_SECONDS = {
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "week": 604800,
+    "month": 2592000,
+    "year": 31536000,
+}
+
+
+@dataclass(slots=True)
+class _State:
+    """What the gateway learned about one request, kept on ``exchange.state``."""
+
+    product: ProductRuntime
+    application: str = ""
+    usage: Usage | None = None
+    usages: list[Usage] = field(default_factory=list)
+
+
+class ProductRuntime:
+    """A product compiled for the request path: everything precomputed once per config."""
+
+    def __init__(
+        self, product: Product, pools: dict[tuple[str, int], UpstreamPool], config: Config
+    ):
+        self.config = product
+        self.name = product.name
+        self.prefix = product.path_prefix
+        self.strip = product.strip_prefix
+        host, port, base = _split_backend(product.backend)
+        timeouts = config.timeouts
+        key = (host, port)
+        pool = pools.get(key)
+        if pool is None:
+            pool = pools[key] = UpstreamPool(
+                host,
+                port,
+                connect_timeout=product.upstream_connect_timeout or timeouts.upstream_connect,
+                response_timeout=product.upstream_response_timeout or timeouts.upstream_response,
+                max_idle=config.upstream_keepalive,
+            )
+        else:
+            pool.connect_timeout = product.upstream_connect_timeout or timeouts.upstream_connect
+            pool.response_timeout = product.upstream_response_timeout or timeouts.upstream_response
+            pool.max_idle = config.upstream_keepalive
+        self.pool = pool
+        self.base_path = base.rstrip("/")
+        self.auth = Authenticator.for_product(product)
+        self.rules = MappingRules(product)
+        self.chain = PolicyChain.build(product.policies)
+        self.max_body_size = product.max_body_size
+        self.limits: dict[str, dict[str, list[tuple[str, int]]]] = {}
+        for plan in product.plans:
+            by_metric: dict[str, list[tuple[str, int]]] = {}
+            for lim in plan.limits:
+                by_metric.setdefault(lim.metric, []).append((lim.period, lim.value))
+            self.limits[plan.name] = by_metric
+        self.scopes = {app.id: f"{product.name}/{app.id}" for app in product.applications}
+        self.plan_of = {app.id: app.plan for app in product.applications}
+
+    def checks(self, plan: str, deltas: dict[str, int]) -> list[LimitCheck]:
+        by_metric = self.limits.get(plan)
+        if not by_metric:
+            return []
+        return [
+            LimitCheck(metric, period, value, increment)
+            for metric, increment in deltas.items()
+            for period, value in by_metric.get(metric, ())
+        ]
+
+    def all_checks(self, plan: str) -> list[LimitCheck]:
+        return [
+            LimitCheck(metric, period, value, 0)
+            for metric, limits in self.limits.get(plan, {}).items()
+            for period, value in limits
+        ]
+
+    def target(self, route_path: str, query: str) -> str:
+        path = (
+            self.base_path + route_path
+            if self.strip
+            else self.base_path + self.prefix.rstrip("/") + route_path
+        )
+        if query:
+            return f"{path}?{query}"
+        return path or "/"
+
+
+def _split_backend(url: str) -> tuple[str, int, str]:
+    rest = url[len("http://") :]
+    authority, slash, path = rest.partition("/")
+    if authority.startswith("["):
+        host, _, port = authority[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = authority.partition(":")
+    return host, int(port or 80), slash + path
+
+
+class _Router:
+    """Host, then longest path prefix on a segment boundary."""
+
+    def __init__(self, products: Iterable[ProductRuntime]) -> None:
+        exact: dict[str, list[ProductRuntime]] = {}
+        suffix: list[tuple[str, ProductRuntime]] = []
+        anyhost: list[ProductRuntime] = []
+        for p in products:
+            for host in p.config.hosts:
+                host = host.lower()
+                if host == "*":
+                    anyhost.append(p)
+                elif host.startswith("*."):
+                    suffix.append((host[1:], p))
+                else:
+                    exact.setdefault(host, []).append(p)
+        order = lambda ps: sorted(ps, key=lambda p: len(p.prefix), reverse=True)  # noqa: E731
+        self.exact = {h: order(ps) for h, ps in exact.items()}
+        self.suffix = [
+            (s, p) for s, p in sorted(suffix, key=lambda sp: len(sp[1].prefix), reverse=True)
+        ]
+        self.anyhost = order(anyhost)
+
+    def match(self, host: str, path: str) -> ProductRuntime | None:
+        host = host.rpartition(":")[0] if host.rfind(":") > host.rfind("]") else host
+        host = host.lower()
+        candidates = self.exact.get(host)
+        if candidates:
+            found = _by_prefix(candidates, path)
+            if found is not None:
+                return found
+        for sfx, p in self.suffix:
+            if host.endswith(sfx) and _prefix_matches(p.prefix, path):
+                return p
+        return _by_prefix(self.anyhost, path)
+
+
+def _prefix_matches(prefix: str, path: str) -> bool:
+    return prefix == "/" or path == prefix or path.startswith(prefix) and path[len(prefix)] == "/"
+
+
+def _by_prefix(products: list[ProductRuntime], path: str) -> ProductRuntime | None:
+    for p in products:
+        if _prefix_matches(p.prefix, path):
+            return p
+    return None
+
+
+def _policy_name(u: Usage) -> str:
+    return f"{u.metric}-{u.period}"
+
+
+def _ratelimit_fields(u: Usage) -> tuple[str, str]:
+    name = _policy_name(u)
+    window = _WINDOW_SECONDS.get(u.period)
+    policy = f'"{name}";q={u.limit}' + (f";w={window}" if window else "")
+    current = f'"{name}";r={u.remaining}' + (
+        f";t={u.reset_seconds}" if u.reset_seconds is not None else ""
+    )
+    return policy, current
+
+
+class Gateway:
+    """The edge role's handler for the engine, built from one configuration."""
+
+    def __init__(
+        self,
+        config: Config,
+        counters: CounterBackend,
+        metrics: GatewayMetrics,
+        pools: dict[tuple[str, int], UpstreamPool] | None = None,
+        access_log: IO[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.counters = counters
+        self.metrics = metrics
+        self.pools = pools if pools is not None else {}
+        self.products = [ProductRuntime(p, self.pools, config) for p in config.products]
+        self.router = _Router(self.products)
+        self.deny_on_backend_error = config.limits.on_backend_error == "deny"
+        self.access_log = (access_log or sys.stdout) if config.access_log else None
+
+    async def handle(self, exchange: Exchange) -> Response | None:
+        request = exchange.request
+        product = self.router.match(request.host, request.path)
+        if product is None:
+            return problem(404, "Not Found", "no API product serves this host and path")
+        state = exchange.state = _State(product)
+        if product.strip and product.prefix != "/":
+            exchange.route_path = request.path[len(product.prefix) :] or "/"
+        exchange.max_body_size = product.max_body_size
+        chain = product.chain
+        route_path = exchange.route_path
+        response = chain.rewrite(exchange)
+        if response is not None:
+            return response
+        if exchange.route_path is not route_path:
+            # A rewrite may produce dot segments or // again: match what will be sent.
+            try:
+                exchange.route_path, _ = split_target(exchange.route_path.encode("latin-1"))
+            except (BadTarget, UnicodeEncodeError) as exc:
+                return problem(400, "Bad Request", f"the rewritten path is invalid: {exc}")
+        if (
+            exchange.max_body_size is not None
+            and (request.content_length or 0) > exchange.max_body_size
+        ):
+            return problem(
+                413, "Content Too Large", f"the request body exceeds {exchange.max_body_size} bytes"
+            )
+        try:
+            auth = product.auth
+            app = auth.authenticate_nowait(request) or await auth.authenticate(request)
+        except AuthError as exc:
+            return exc.response()
+        state.application = app.id
+        deltas = product.rules.match(request.method, exchange.route_path, request.query)
+        if deltas is None:
+            return problem(404, "Not Found", "no mapping rule matches this method and path")
+        checks = product.checks(app.plan, deltas)
+        if checks:
+            try:
+                decision = await self.counters.check_and_increment(product.scopes[app.id], checks)
+            except BackendUnavailable as exc:
+                self.metrics.backend_errors.labels(self.config.limits.on_backend_error).inc()
+                if self.deny_on_backend_error:
+                    log.warning("usage limits unavailable, denying: %s", exc)
+                    response = problem(
+                        503, "Service Unavailable", "usage limits cannot be checked right now"
+                    )
+                    response.headers.set("retry-after", "1")
+                    return response
+            else:
+                state.usages = decision.usages
+                if not decision.allowed:
+                    return self._over_limit(product, app.id, decision.rejected, decision.usages)
+                state.usage = min(decision.usages, key=_constraint)
+        response = chain.access(exchange)
+        if response is not None:
+            return response
+        exchange.upstream = product.pool
+        exchange.upstream_target = product.target(exchange.route_path, request.query)
+        return None
+
+    def _over_limit(
+        self, product: ProductRuntime, app: str, rejected: Usage | None, usages: list[Usage]
+    ) -> Response:
+        assert rejected is not None
+        self.metrics.limit_rejections.labels(
+            product.name, app, rejected.metric, rejected.period
+        ).inc()
+        response = problem(
+            429,
+            "Too Many Requests",
+            f"the {rejected.period} limit of {rejected.limit} on {rejected.metric} is reached",
+            metric=rejected.metric,
+            period=rejected.period,
+            limit=rejected.limit,
+        )
+        policy, current = _ratelimit_fields(rejected)
+        if rejected.reset_seconds is not None:
+            response.headers.set("retry-after", str(max(1, rejected.reset_seconds)))
+        response.headers.set("ratelimit-policy", policy)
+        response.headers.set("ratelimit", current)
+        return response
+
+    def on_response(self, exchange: Exchange, status: int, headers: Headers) -> None:
+        state = exchange.state
+        if state is None:
+            return
+        usage = state.usage
+        if usage is not None and status != 429:
+            policy, current = _ratelimit_fields(usage)
+            raw = headers.raw()
+            raw.append((b"ratelimit-policy", policy.encode()))
+            raw.append((b"ratelimit", current.encode()))
+        state.product.chain.response(exchange, status, headers)
+
+    def on_complete(self, exchange: Exchange) -> None:
+        state = exchange.state
+        product = state.product.name if state is not None else ""
+        app = state.application if state is not None else ""
+        duration = exchange.end - exchange.start
+        upstream = (
+            exchange.upstream_headers_at - exchange.upstream_start
+            if exchange.upstream_headers_at
+            else None
+        )
+        self.metrics.observe(product, app, exchange.status, duration, upstream)
+        if exchange.error and exchange.upstream is not None and exchange.status >= 500:
+            self.metrics.upstream_errors.labels(product, str(exchange.status)).inc()
+        if state is not None:
+            try:
+                state.product.chain.log(exchange)
+            except Exception:
+                log.exception("policy log phase failed")
+        if self.access_log is not None:
+            request = exchange.request
+            entry = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "request_id": request.request_id,
+                "client": request.client_ip,
+                "method": request.method,
+                "host": request.host,
+                "path": request.path,
+                "status": exchange.status,
+                "bytes_in": exchange.bytes_in,
+                "bytes_out": exchange.bytes_out,
+                "duration_ms": round(duration * 1000, 3),
+                "upstream_ms": round(upstream * 1000, 3) if upstream is not None else None,
+                "product": product or None,
+                "application": app or None,
+            }
+            if exchange.error:
+                entry["error"] = exchange.error
+            self.access_log.write(json.dumps(entry) + "\n")
+
+    async def usage(self, application: str) -> list[dict[str, object]]:
+        """Every metric and period of an application's plan, with value and remaining."""
+        out: list[dict[str, object]] = []
+        for product in self.products:
+            plan = product.plan_of.get(application)
+            if plan is None:
+                continue
+            usages = await self.counters.usage(
+                product.scopes[application], product.all_checks(plan)
+            )
+            out.append(
+                {
+                    "product": product.name,
+                    "plan": plan,
+                    "limits": [
+                        {
+                            "metric": u.metric,
+                            "period": u.period,
+                            "value": u.value,
+                            "limit": u.limit,
+                            "remaining": u.remaining,
+                            "reset_seconds": u.reset_seconds,
+                        }
+                        for u in usages
+                    ],
+                }
+            )
+        return out
+
+    def close_pools(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+def _constraint(u: Usage) -> tuple[int, int]:
+    """Most constrained first: the fewest remaining, then the latest reset."""
+    return u.remaining, -(u.reset_seconds if u.reset_seconds is not None else sys.maxsize)
