@@ -71,6 +71,16 @@ def test_json_is_accepted_and_means_the_same() -> None:
     assert parse_config(json.dumps(example()).encode()) == parse_config(EXAMPLE.encode())
 
 
+def test_json_numbers_with_exponents_are_numbers() -> None:
+    text = '{"timeouts": {"client_body": 1e-05, "shutdown_grace": 1E+3}, "upstream_keepalive": 1}'
+    config = parse_config(text)
+    assert (config.timeouts.client_body, config.timeouts.shutdown_grace) == (1e-05, 1000.0)
+    assert parse_config("timeouts: {client_body: 2.5e1}").timeouts.client_body == 25.0
+    assert errors_of("limits: {key_prefix: 1e5}") == [
+        "limits.key_prefix: must be a string (put the value in quotes)"
+    ]
+
+
 def test_empty_mapping_is_all_defaults() -> None:
     assert parse_config("{}") == Config()
 

@@ -255,6 +255,10 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_constructor(None, _Loader.refuse_tag)
+# YAML 1.1 wants a dot and a signed exponent; JSON numbers such as 1e-05 or 1e16 (pydantic's
+# JSON) would read as text. YAML 1.2 and JSON agree that they are numbers.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
 
 
 def _check_key(node: Node) -> None:

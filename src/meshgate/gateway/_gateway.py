@@ -94,16 +94,25 @@ class ProductRuntime:
             self.limits[plan.name] = by_metric
         self.scopes = {app.id: f"{product.name}/{app.id}" for app in product.applications}
         self.plan_of = {app.id: app.plan for app in product.applications}
+        # LimitCheck validates on construction: build each (plan, metric, increment) once.
+        self._checks: dict[tuple[str, str, int], tuple[LimitCheck, ...]] = {}
 
     def checks(self, plan: str, deltas: dict[str, int]) -> list[LimitCheck]:
         by_metric = self.limits.get(plan)
         if not by_metric:
             return []
-        return [
-            LimitCheck(metric, period, value, increment)
-            for metric, increment in deltas.items()
-            for period, value in by_metric.get(metric, ())
-        ]
+        out: list[LimitCheck] = []
+        cache = self._checks
+        for metric, increment in deltas.items():
+            key = (plan, metric, increment)
+            built = cache.get(key)
+            if built is None:
+                built = cache[key] = tuple(
+                    LimitCheck(metric, period, value, increment)
+                    for period, value in by_metric.get(metric, ())
+                )
+            out += built
+        return out
 
     def all_checks(self, plan: str) -> list[LimitCheck]:
         return [
