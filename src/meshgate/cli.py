@@ -82,7 +82,7 @@ def up(
     try:
         uvloop.run(main())
     except ConfigError as exc:
-        raise _fail(f"{path}: invalid configuration\n{exc}") from None
+        raise _fail(f"invalid configuration: {exc}") from None
     except GatewayStartError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -103,7 +103,7 @@ def gateway(
     try:
         run_gateway(config, workers=workers, reuse_port=reuse_port)
     except ConfigError as exc:
-        raise _fail(f"{config}: invalid configuration\n{exc}") from None
+        raise _fail(f"invalid configuration: {exc}") from None
     except GatewayStartError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -119,7 +119,7 @@ def validate(file: Annotated[Path, typer.Argument(help="Configuration file to ch
         config = load_gateway_config(file)
     except ConfigError as exc:
         for line in exc.errors:
-            typer.echo(line, err=True)
+            typer.echo(f"{file}: {line}" if ":" not in line else line, err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{file}: valid ({len(config.products)} products)")
 

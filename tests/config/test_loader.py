@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import EXAMPLE, POLICIES, errors_of, example
+from config_cases import EXAMPLE, POLICIES, errors_of, example
 from pydantic import BaseModel
 
 from meshgate.config import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE
+from config_cases import EXAMPLE, example
 
 from meshgate.config import ConfigError, load_config, parse_config
 from meshgate.config.loader import MAX_BYTES, MAX_DEPTH, MAX_NODES
@@ -328,3 +329,49 @@ def test_nesting_at_the_limit_is_fine() -> None:
     # The top-level mapping is one level; a list nested to the limit under it.
     text = "listen: " + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "\n"
     assert error_of(text) == "listen: must be a string"
+
+
+def test_json_and_yaml_agree_on_the_nesting_limit() -> None:
+    def nested(levels: int) -> str:
+        return '{"listen": ' + "[" * levels + "]" * levels + "}"
+
+    assert error_of(nested(MAX_DEPTH - 1)) == "listen: must be a string"
+    assert error_of(nested(MAX_DEPTH)) == (
+        f"line 1, column {11 + MAX_DEPTH}: nested deeper than {MAX_DEPTH} levels"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            '{"listen": "a", "listen": "b"}',
+            "line 1, column 17: duplicate key 'listen' (first on line 1)",
+        ),
+        (
+            '{"limits": {"backend": "memory",\n "backend": "redis"}}',
+            "line 2, column 2: duplicate key 'backend' (first on line 1)",
+        ),
+        (
+            '{"listen": "a"\n',
+            "line 2, column 1: expected ',' or '}', but got '<stream end>' "
+            "(while parsing a flow mapping at line 1, column 1)",
+        ),
+        ('{"timeouts": {"client_body": NaN}}', "timeouts.client_body: must be a number"),
+        ('{"timeouts": {"client_body": Infinity}}', "timeouts.client_body: must be a number"),
+        ('{"timeouts": {"client_body": 1e999}}', "timeouts.client_body: must be a finite number"),
+    ],
+)
+def test_json_problems_are_reported_like_yaml_ones(text: str, error: str) -> None:
+    assert error_of(text) == error
+
+
+def test_json_escapes_that_yaml_lacks() -> None:
+    assert parse_config('{"limits": {"key_prefix": "a\\/b"}}').limits.key_prefix == "a/b"
+
+
+def test_large_json_snapshot_loads_quickly() -> None:
+    data = example()
+    data["products"] = [dict(data["products"][0], name=f"p{i}") for i in range(2000)]
+    with within(3):
+        assert len(parse_config(json.dumps(data)).products) == 2000

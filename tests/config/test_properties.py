@@ -8,7 +8,7 @@ import string
 from typing import Any
 
 import yaml
-from conftest import EXAMPLE, POLICIES, example
+from config_cases import EXAMPLE, POLICIES, example
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -135,7 +135,7 @@ def test_auth_error_response_is_problem_json() -> None:
     assert resp.status == 401
     assert resp.headers.get("content-type") == "application/problem+json"
     assert json.loads(resp.body)["title"] == "credential missing"
-    assert "www-authenticate" not in resp.headers
+    assert resp.headers.get("www-authenticate") == 'Key realm="shop"'
 
 
 # app_id_key

@@ -144,6 +144,53 @@ def _parse_yaml(text: str | bytes, source: str) -> dict[str, Any]:
         text = text.removeprefix("\ufeff")
     if not text.strip():
         raise ConfigError(["the configuration is empty"], source)
+    data = _load_json(text)
+    if data is None:
+        data = _load_yaml(text, source)
+    if data is None:
+        raise ConfigError(["the configuration is empty"], source)
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level: must be a mapping, got {_kind_of(data)}"], source)
+    return data
+
+
+def _load_json(text: str) -> Any:
+    """Parse plain JSON (snapshots) in C; None sends anything unusual to the YAML loader."""
+    if not text.lstrip().startswith(("{", "[")):
+        return None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        # Duplicates, NaN, bad syntax, deep nesting: the YAML loader says where.
+        return None
+    return data if _within_depth(data) else None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        raise ValueError("duplicate key")
+    return mapping
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _within_depth(data: Any) -> bool:
+    pending = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if isinstance(value, dict):
+            pending.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+    return True
+
+
+def _load_yaml(text: str, source: str) -> Any:
     loader: _Loader | None = None
     try:
         loader = _Loader(text)
@@ -160,10 +207,6 @@ def _parse_yaml(text: str | bytes, source: str) -> dict[str, Any]:
     finally:
         if loader is not None:
             loader.dispose()
-    if data is None:
-        raise ConfigError(["the configuration is empty"], source)
-    if not isinstance(data, dict):
-        raise ConfigError([f"top level: must be a mapping, got {_kind_of(data)}"], source)
     return data
 
 
@@ -344,7 +387,7 @@ def _validation_model(policies: tuple[tuple[str, type[BaseModel]], ...]) -> type
             dict[str, Any], AfterValidator(_no_policy_known), WithJsonSchema({"not": {}})
         ]
     description = Product.model_fields["policies"].description
-    product = create_model(
+    product: Any = create_model(
         "Product",
         __base__=Product,
         __doc__=Product.__doc__,
@@ -413,7 +456,7 @@ def _child(tp: Any, item: str | int) -> tuple[Any, Any]:
     if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(item, str):
         for name, field in tp.model_fields.items():
             if item in (name, field.alias):
-                annotation = field.annotation
+                annotation: Any = field.annotation
                 if field.metadata:
                     annotation = Annotated[(annotation, *field.metadata)]
                 return annotation, field.discriminator

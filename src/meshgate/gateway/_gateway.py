@@ -121,12 +121,13 @@ class ProductRuntime:
             for period, value in limits
         ]
 
-    def target(self, route_path: str, query: str) -> str:
-        path = (
-            self.base_path + route_path
-            if self.strip
-            else self.base_path + self.prefix.rstrip("/") + route_path
-        )
+    def target(self, route_path: str, query: str, bare_prefix: bool = False) -> str:
+        if self.strip:
+            path = self.base_path + route_path
+        elif bare_prefix:
+            path = self.base_path + self.prefix  # /v1 stays /v1, not /v1/
+        else:
+            path = self.base_path + self.prefix.rstrip("/") + route_path
         if query:
             return f"{path}?{query}"
         return path or "/"
@@ -161,9 +162,8 @@ class _Router:
                     exact.setdefault(host, []).append(p)
         order = lambda ps: sorted(ps, key=lambda p: len(p.prefix), reverse=True)  # noqa: E731
         self.exact = {h: order(ps) for h, ps in exact.items()}
-        self.suffix = [
-            (s, p) for s, p in sorted(suffix, key=lambda sp: len(sp[1].prefix), reverse=True)
-        ]
+        # The most specific suffix first (*.a.example.com before *.example.com), then prefix.
+        self.suffix = sorted(suffix, key=lambda sp: (len(sp[0]), len(sp[1].prefix)), reverse=True)
         self.anyhost = order(anyhost)
 
     def match(self, host: str, path: str) -> ProductRuntime | None:
@@ -231,7 +231,9 @@ class Gateway:
         if product is None:
             return problem(404, "Not Found", "no API product serves this host and path")
         state = exchange.state = _State(product)
-        if product.strip and product.prefix != "/":
+        if product.prefix != "/":
+            # Relative to the prefix either way: mapping rules and rewrites never see it, and
+            # target() puts it back when it is not stripped.
             exchange.route_path = request.path[len(product.prefix) :] or "/"
         exchange.max_body_size = product.max_body_size
         chain = product.chain
@@ -245,9 +247,10 @@ class Gateway:
                 exchange.route_path, _ = split_target(exchange.route_path.encode("latin-1"))
             except (BadTarget, UnicodeEncodeError) as exc:
                 return problem(400, "Bad Request", f"the rewritten path is invalid: {exc}")
-        if (
-            exchange.max_body_size is not None
-            and (request.content_length or 0) > exchange.max_body_size
+        # Body bytes that arrived with the head were read before the limit was known: the
+        # engine checks only later ones, so a chunked body's early bytes are checked here.
+        if exchange.max_body_size is not None and (
+            max(request.content_length or 0, exchange.bytes_in) > exchange.max_body_size
         ):
             return problem(
                 413, "Content Too Large", f"the request body exceeds {exchange.max_body_size} bytes"
@@ -283,7 +286,8 @@ class Gateway:
         if response is not None:
             return response
         exchange.upstream = product.pool
-        exchange.upstream_target = product.target(exchange.route_path, request.query)
+        bare = exchange.route_path == "/" and request.path == product.prefix
+        exchange.upstream_target = product.target(exchange.route_path, request.query, bare)
         return None
 
     def _over_limit(

@@ -86,9 +86,9 @@ class Authenticator:
         """The authenticator for ``product.auth``; ValueError for unusable JWT keys."""
         auth = product.auth
         if isinstance(auth, ApiKeyAuth):
-            return _ApiKey(auth, product.applications)
+            return _ApiKey(auth, product.applications, product.name)
         if isinstance(auth, AppIdKeyAuth):
-            return _AppIdKey(auth, product.applications)
+            return _AppIdKey(auth, product.applications, product.name)
         if isinstance(auth, JwtAuth):
             return _Jwt(auth, product.applications, product.name)
         if isinstance(auth, NoAuth):
@@ -140,17 +140,23 @@ def _where(header: str | None, param: str | None) -> str:
     return " or ".join(places)
 
 
+def _key_challenge(realm: str) -> str:
+    # A 401 must carry a challenge (RFC 9110 15.5.2); "Key" is the scheme Kong's key-auth uses.
+    return f'Key realm="{realm}"'
+
+
 class _ApiKey(Authenticator):
-    def __init__(self, auth: ApiKeyAuth, apps: Iterable[Application]) -> None:
+    def __init__(self, auth: ApiKeyAuth, apps: Iterable[Application], realm: str) -> None:
         self._header = auth.header
         self._param = auth.query
         self._by_key = {key: app for app in apps for key in app.keys}
         self._missing = f"expected an API key in {_where(auth.header, auth.query)}"
+        self._challenge = _key_challenge(realm)
 
     def authenticate_nowait(self, request: Request) -> Application:
         key = _lookup(request, self._header, self._param)
         if key is None:
-            raise AuthError(401, "credential missing", self._missing)
+            raise AuthError(401, "credential missing", self._missing, self._challenge)
         app = self._by_key.get(key)
         if app is None:
             raise AuthError(403, "credential invalid", "the API key is not valid")
@@ -158,24 +164,25 @@ class _ApiKey(Authenticator):
 
 
 class _AppIdKey(Authenticator):
-    def __init__(self, auth: AppIdKeyAuth, apps: Iterable[Application]) -> None:
+    def __init__(self, auth: AppIdKeyAuth, apps: Iterable[Application], realm: str) -> None:
         self._id_at = (auth.app_id_header, auth.app_id_query)
         self._key_at = (auth.app_key_header, auth.app_key_query)
         self._by_id = {app.id: (app, frozenset(app.keys)) for app in apps}
         self._id_missing = f"expected an application id in {_where(*self._id_at)}"
         self._key_missing = f"expected an application key in {_where(*self._key_at)}"
+        self._challenge = _key_challenge(realm)
 
     def authenticate_nowait(self, request: Request) -> Application:
         app_id = _lookup(request, *self._id_at)
         if app_id is None:
-            raise AuthError(401, "credential missing", self._id_missing)
+            raise AuthError(401, "credential missing", self._id_missing, self._challenge)
         app_key = _lookup(request, *self._key_at)
         found = self._by_id.get(app_id)
         # Like Apisonator, an application without keys is identified by its id alone.
         if found is not None and not found[1]:
             return _admit(found[0])
         if app_key is None:
-            raise AuthError(401, "credential missing", self._key_missing)
+            raise AuthError(401, "credential missing", self._key_missing, self._challenge)
         if found is None or app_key not in found[1]:
             raise AuthError(403, "credential invalid", "the application id or key is not valid")
         return _admit(found[0])

@@ -51,8 +51,10 @@ _HOP_BY_HOP = frozenset(
         b"host",
     }
 )
+# The gateway's X-Request-Id is the one returned, whatever the upstream says.
 _RESPONSE_DROP = frozenset(
     {
+        b"x-request-id",
         b"connection",
         b"keep-alive",
         b"proxy-connection",
@@ -130,6 +132,7 @@ class _Cycle:
         "failure",
         "upstream_reusable",
         "timer",
+        "bytes_seen",
         "handler",
     )
 
@@ -151,6 +154,7 @@ class _Cycle:
         self.failure: Response | None = None
         self.upstream_reusable = False
         self.timer: asyncio.TimerHandle | None = None
+        self.bytes_seen = 0
         self.handler: Handler | None = None
 
 
@@ -205,9 +209,15 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._parse_failed(
-                problem(501, "Not Implemented", "protocol upgrades are not supported")
-            )
+            # The parser stops after the head of the upgrade request: refuse that request.
+            cycle = self._queue[-1] if self._queue else self._current
+            refusal = problem(501, "Not Implemented", "protocol upgrades are not supported")
+            self._parsing = None
+            self._pause(_PAUSE_QUEUE)
+            if cycle is None:
+                self._write_error_and_close(refusal)
+            else:
+                self._fail(cycle, refusal)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeaderTooLarge):
                 self._parse_failed(
@@ -371,8 +381,15 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._parsing = None
         cycle.body_done = True
-        if cycle.forwarding and cycle.upstream is not None and cycle.upstream_chunked:
-            cycle.upstream.write(b"0\r\n\r\n")
+        if cycle.forwarding and cycle.upstream is not None:
+            if cycle.upstream_chunked:
+                cycle.upstream.write(b"0\r\n\r\n")
+            if not cycle.head_received and cycle.timer is not None:
+                # The response timeout counts from the end of the request.
+                cycle.timer.cancel()
+                cycle.timer = self.loop.call_later(
+                    cycle.exchange.upstream.response_timeout, self._upstream_timeout, cycle
+                )
 
     # serving
 
@@ -492,7 +509,7 @@ class HttpProtocol(asyncio.Protocol):
             if name in drop:
                 continue
             if name == b"x-forwarded-for":
-                xff = value + b", "
+                xff += value + b", "
                 continue
             if name in (b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"):
                 continue
@@ -617,10 +634,15 @@ class HttpProtocol(asyncio.Protocol):
     def _upstream_timeout(self, cycle: _Cycle) -> None:
         if cycle.head_received or cycle.waiter is None or cycle.waiter.done():
             return
+        timeout = cycle.exchange.upstream.response_timeout
+        if not cycle.body_done and cycle.exchange.bytes_in != cycle.bytes_seen:
+            # The request body is still flowing: the upstream is not late yet.
+            cycle.bytes_seen = cycle.exchange.bytes_in
+            cycle.timer = self.loop.call_later(timeout, self._upstream_timeout, cycle)
+            return
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
             conn.abort()
-        timeout = cycle.exchange.upstream.response_timeout
         cycle.exchange.error = f"upstream sent no response within {timeout}s"
         cycle.keep_alive = cycle.keep_alive and cycle.body_done
         cycle.waiter.set_result(problem(504, "Gateway Timeout", cycle.exchange.error))
@@ -630,7 +652,8 @@ class HttpProtocol(asyncio.Protocol):
         if conn is None or self._current is not cycle:
             return
         timeout = cycle.exchange.upstream.response_timeout
-        idle = self.loop.time() - conn.last_activity
+        # While paused by back pressure the upstream's silence is the client's doing.
+        idle = 0.0 if conn.paused else self.loop.time() - conn.last_activity
         if idle < timeout:
             cycle.timer = self.loop.call_later(timeout - idle, self._body_timeout, cycle)
             return
@@ -702,17 +725,18 @@ class HttpProtocol(asyncio.Protocol):
             cycle.failure = response
 
     def _parse_failed(self, response: Response) -> None:
-        cycle = self._parsing or self._current
-        self._parsing = None
+        # The bad bytes belong to the request whose body is being read, else to a new
+        # request: requests received before it are still answered, in order.
+        cycle, self._parsing = self._parsing, None
+        self._pause(_PAUSE_QUEUE)
         if cycle is not None and cycle is self._current:
             self._fail(cycle, response)
-            self._pause(_PAUSE_QUEUE)
-            return
-        if self._current is not None:
+        elif self._current is not None:
+            if cycle is not None:
+                self._queue.remove(cycle)
             self._pending_error = response
-            self._pause(_PAUSE_QUEUE)
-            return
-        self._write_error_and_close(response)
+        else:
+            self._write_error_and_close(response)
 
     def _write_error_and_close(self, response: Response) -> None:
         if self.transport is None or self._closed:
@@ -741,16 +765,18 @@ class HttpProtocol(asyncio.Protocol):
         self._current = None
         if self._closed:
             return
-        if self._pending_error is not None:
-            self._write_error_and_close(self._pending_error)
-            return
         if not cycle.keep_alive or not cycle.body_done or self.server.draining:
             self._close()
             return
+        # Pauses that belonged to this exchange's upstream or body must not outlive it.
+        self._resume(_PAUSE_UPSTREAM | _PAUSE_BUFFER)
         if self._queue:
             self._start(self._queue.popleft())
-            if not self._queue:
+            if not self._queue and self._pending_error is None:
                 self._resume(_PAUSE_QUEUE)
+            return
+        if self._pending_error is not None:
+            self._write_error_and_close(self._pending_error)
             return
         self._resume(_PAUSE_QUEUE)
         self._timer = self.loop.call_later(self.settings.idle_timeout, self._idle_timeout)

@@ -190,6 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.paused and self.transport is not None:
             self.paused = False
+            self.last_activity = self.pool.loop.time()  # silence while paused was ours
             self.transport.resume_reading()
 
     def close(self) -> None:

@@ -1,0 +1,869 @@
+#!/usr/bin/env python3
+"""Gateway benchmark: meshgate against nginx as a plain proxy and as an API gateway.
+
+One run measures, on loopback, five systems in front of (or being) one nginx upstream:
+the upstream directly, nginx ``proxy_pass``, nginx as an API gateway (key map + limit_req),
+meshgate on in-memory counters and meshgate on Redis counters. The load generator (wrk)
+and the upstream share core 0; the proxy under test has core 1 to itself. For each
+system: throughput and latency at saturation, the proxy's CPU time per request (from
+/proc), and p99 at half of that system's saturation rate next to the direct upstream's
+p99 at the same rate. Figures are ratios against peers measured in the same run; this
+is not a pass/fail test. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+PATH = "/echo/hello"
+KEY = "k1"
+BAD_KEY = "not-a-key"
+LOAD_CORE = "0"  # wrk and the upstream
+PROXY_CORE = "1"  # the proxy under test, alone
+PACE_DELAY_MS = 5  # wrk Lua delay() between a connection's requests in paced runs
+REDIS_URL = "redis://127.0.0.1:6379/0"
+CPU_TARGETS = {"meshgate-memory": 1.5, "meshgate-redis": 2.0}  # x nginx-gateway CPU/req
+HALF_LOAD_P99_TARGET_MS = 2.0  # allowed p99 above the direct upstream's at the same rate
+TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says why."""
+
+
+# processes
+
+
+def _die_with_parent() -> None:
+    # If this script is killed outright, the kernel still stops its servers.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Server:
+    """A child server process pinned to one core; output goes to files in the work dir."""
+
+    def __init__(self, name: str, args: list[str], core: str, workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                ["taskset", "-c", core, *args],  # taskset execs: the pid is the server's
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self.pid = self.popen.pid
+
+    def pids(self) -> list[int]:
+        """This process and its live descendants (nginx: the master and its worker)."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                stat = _read_stat(int(entry))
+                if stat is not None:
+                    children.setdefault(int(stat[1]), []).append(int(entry))
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo += children.get(pid, [])
+        return out
+
+    def cpu_ticks(self) -> int:
+        return sum(_cpu_ticks(pid) for pid in self.pids())
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise BenchError(
+                f"{self.name} exited with {self.popen.returncode}; its log:\n{self.log_tail()}"
+            )
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(8)
+            except subprocess.TimeoutExpired:
+                pass
+        # The session holds the server and anything it forked (nginx workers).
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.popen.wait()
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, ...]."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _cpu_ticks(pid: int) -> int:
+    stat = _read_stat(pid)
+    # utime and stime are fields 14 and 15 of stat(5), 11 and 12 after the name.
+    return int(stat[11]) + int(stat[12]) if stat is not None else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, key: str | None, timeout: float = 2.0, path: str = PATH) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"X-API-Key": key} if key is not None else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(server: Server, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        server.check_alive()
+        try:
+            get(port, KEY, timeout=1.0)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{server.name} does not answer on 127.0.0.1:{port} after {timeout}s; "
+                    f"its log:\n{server.log_tail()}"
+                ) from None
+            time.sleep(0.1)
+
+
+def verify(name: str, port: int, checks_key: bool) -> None:
+    """Refuse to measure anything but 200s: the right key passes, a bad one gets 403."""
+    status, body = get(port, KEY)
+    if status != 200 or b'"ok":true' not in body.replace(b" ", b""):
+        raise BenchError(f"{name}: GET {PATH} with the key answered {status} {body[:200]!r}")
+    if checks_key:
+        status, body = get(port, BAD_KEY)
+        if status != 403:
+            raise BenchError(f"{name}: a bad API key answered {status}, expected 403")
+
+
+# nginx
+
+
+NGINX_COMMON = """\
+worker_processes 1;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+{body}
+}}
+"""
+
+UPSTREAM_BODY = """\
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{ default_type application/json; return 200 '{{"ok":true}}'; }}
+  }}
+"""
+
+POOL = """\
+  upstream backend {{
+    server 127.0.0.1:{upstream};
+    keepalive 64;
+    keepalive_requests 1000000;
+  }}
+"""
+
+PROXY_BODY = (
+    POOL
+    + """\
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+"""
+)
+
+# What meshgate's access phase does, in nginx terms: key -> application, unknown -> 403,
+# a per-key rate limit that never rejects here, plus the forwarding fields meshgate adds.
+GATEWAY_BODY = (
+    POOL
+    + """\
+  map $http_x_api_key $application {{
+    default "";
+    {key} app1;
+  }}
+  limit_req_zone $http_x_api_key zone=per_key:10m rate=1000000r/s;
+  limit_req_status 429;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location /echo/ {{
+      if ($application = "") {{ return 403 '{{"title":"credential invalid"}}'; }}
+      limit_req zone=per_key burst=100000 nodelay;
+      proxy_pass http://backend/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Request-Id $request_id;
+      add_header X-Request-Id $request_id;
+    }}
+    location / {{ return 404; }}
+  }}
+"""
+)
+
+
+def start_nginx(name: str, body: str, core: str, workdir: Path) -> Server:
+    prefix = workdir / name
+    (prefix / "tmp").mkdir(parents=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_COMMON.format(tmp=prefix / "tmp", body=body))
+    error_log = prefix / "error.log"
+    globals_ = f"daemon off; pid {prefix / 'nginx.pid'}; error_log {error_log} warn;"
+    args = ["nginx", "-p", f"{prefix}/", "-e", str(error_log), "-c", str(conf), "-g", globals_]
+    test = subprocess.run([*args, "-t"], capture_output=True, text=True)
+    if test.returncode != 0:
+        raise BenchError(f"nginx rejects the {name} configuration:\n{test.stderr}")
+    return Server(name, args, core, workdir)
+
+
+# meshgate
+
+MESHGATE_CONFIG = """\
+# The issue's example configuration, with a minute limit that never rejects here.
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+access_log: false
+limits: {limits}
+timeouts: {{shutdown_grace: 1}}
+products:
+  - name: echo
+    hosts: ["*"]
+    path_prefix: /echo
+    backend: http://127.0.0.1:{upstream}
+    auth: {{type: api_key, header: X-API-Key}}
+    metrics:
+      - {{name: hits}}
+      - {{name: search, parent: hits}}
+    mapping_rules:
+      - {{method: GET, pattern: "/search", metric: search, last: true}}
+      - {{method: ANY, pattern: "/", metric: hits}}
+    plans:
+      - name: basic
+        limits:
+          - {{metric: hits, period: minute, value: 1000000000}}
+          - {{metric: search, period: day, value: 1000}}
+    policies:
+      - cors: {{allow_origins: ["*"]}}
+    applications:
+      - {{id: app1, plan: basic, keys: [{key}]}}
+"""
+
+
+def meshgate_config(workdir: Path, name: str, port: int, upstream: int, limits: str) -> Path:
+    path = workdir / f"{name}.yaml"
+    path.write_text(
+        MESHGATE_CONFIG.format(
+            port=port, admin=free_port(), upstream=upstream, limits=limits, key=KEY
+        )
+    )
+    return path
+
+
+def start_meshgate(name: str, config: Path, core: str, workdir: Path) -> Server:
+    args = [sys.executable, "-m", "meshgate", "gateway", "--config", str(config)]
+    return Server(name, [*args, "--log-level", "WARNING"], core, workdir)
+
+
+def admin_port(config: Path) -> int:
+    match = re.search(r"^admin_listen: 127\.0\.0\.1:(\d+)$", config.read_text(), re.M)
+    assert match is not None
+    return int(match.group(1))
+
+
+# wrk
+
+
+@dataclass
+class WrkResult:
+    connections: int
+    seconds: float
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int  # wrk counts "non-2xx or 3xx"
+    socket_errors: int
+    delay_ms: int | None = None
+    # CPU seconds over the run: measured (the process(es) under test), upstream, redis,
+    # wrk, and others (every other process on the machine: the noise of a shared host).
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * _UNIT_MS[unit]
+
+
+def parse_wrk(text: str, connections: int, delay_ms: int | None) -> WrkResult:
+    """The figures of ``wrk --latency`` output."""
+
+    def find(pattern: str) -> re.Match[str]:
+        match = re.search(pattern, text, re.M)
+        if match is None:
+            raise BenchError(f"unexpected wrk output (no {pattern!r}):\n{text}")
+        return match
+
+    total = find(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),")
+    p50 = find(r"^\s*50%\s+([\d.]+)(us|ms|s|m|h)\s*$")
+    p99 = find(r"^\s*99%\s+([\d.]+)(us|ms|s|m|h)\s*$")
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    return WrkResult(
+        connections=connections,
+        seconds=_ms(total.group(2), total.group(3)) / 1e3,
+        requests=int(total.group(1)),
+        rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
+        p50_ms=_ms(*p50.groups()),
+        p99_ms=_ms(*p99.groups()),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
+        delay_ms=delay_ms,
+    )
+
+
+def _machine_ticks() -> int:
+    """User and system ticks of every process on the machine (first line of /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[1]) + int(fields[2]) + int(fields[3])
+
+
+@dataclass
+class Meter:
+    """Whose CPU a run used: the process(es) under test, the upstream, Redis, the rest."""
+
+    measured: Server
+    upstream: Server | None = None
+    redis_pid: int | None = None
+
+    def snapshot(self) -> tuple[int, int, int, int]:
+        return (
+            self.measured.cpu_ticks(),
+            self.upstream.cpu_ticks() if self.upstream is not None else 0,
+            _cpu_ticks(self.redis_pid) if self.redis_pid else 0,
+            _machine_ticks(),
+        )
+
+
+def wrk(
+    port: int,
+    connections: int,
+    seconds: float,
+    workdir: Path,
+    delay_ms: int | None = None,
+    meter: Meter | None = None,
+) -> WrkResult:
+    """One wrk run on the load core.
+
+    ``delay_ms`` paces each connection: a Lua ``delay()`` drawn uniformly from
+    0..2*delay_ms, so that connections do not fire in step at the timer's ms ticks.
+    """
+    args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
+    args += ["--latency", "-H", f"X-API-Key: {KEY}"]
+    if delay_ms is not None:
+        script = workdir / f"pace-{delay_ms}.lua"
+        script.write_text(
+            "math.randomseed(os.time())\n"
+            f"function delay()\n  return math.random(0, {2 * delay_ms})\nend\n"
+        )
+        args += ["-s", str(script)]
+    args.append(f"http://127.0.0.1:{port}{PATH}")
+    before = meter.snapshot() if meter is not None else None
+    rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    rusage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = meter.snapshot() if meter is not None else None
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    result = parse_wrk(done.stdout, connections, delay_ms)
+    # Only wrk was reaped in between: the servers are still running.
+    wrk_s = (rusage1.ru_utime + rusage1.ru_stime) - (rusage0.ru_utime + rusage0.ru_stime)
+    if before is not None and after is not None:
+        measured, upstream, redis, machine = (
+            (b - a) * TICK_US / 1e6 for a, b in zip(before, after, strict=True)
+        )
+        result.cpu_s = {
+            "measured": measured,
+            "upstream": upstream,
+            "redis": redis,
+            "wrk": wrk_s,
+            "others": max(0.0, machine - measured - upstream - redis - wrk_s),
+        }
+    return result
+
+
+# measurements
+
+
+@dataclass
+class Saturation:
+    system: str
+    wrk: WrkResult
+    cpu_us_per_request: float
+    proxy_core_busy: float  # CPU seconds of the process(es) under test / wall seconds
+    load_core_busy: float  # wrk + upstream CPU / wall seconds
+    others_busy: float  # CPU of every other process on the machine / wall seconds
+    redis_cpu_us_per_request: float | None = None
+    ratio_to_nginx_gateway: float | None = None
+
+
+@dataclass
+class HalfLoad:
+    system: str
+    target_rps: float
+    wrk: WrkResult
+    direct: WrkResult | None = None  # the upstream alone at the same rate
+    p99_delta_ms: float | None = None
+
+
+@dataclass
+class Report:
+    machine: dict[str, str]
+    settings: dict[str, object]
+    saturation: list[Saturation] = field(default_factory=list)
+    half_load: list[HalfLoad] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def saturate(
+    system: str, port: int, meter: Meter, args: argparse.Namespace, workdir: Path
+) -> Saturation:
+    wrk(port, args.connections, args.warmup, workdir)
+    result = wrk(port, args.connections, args.duration, workdir, meter=meter)
+    cpu, secs = result.cpu_s, result.seconds
+    requests = max(result.requests, 1)
+    return Saturation(
+        system=system,
+        wrk=result,
+        cpu_us_per_request=cpu["measured"] * 1e6 / requests,
+        proxy_core_busy=cpu["measured"] / secs,
+        # Direct: the upstream is the measured process, on the load core.
+        load_core_busy=(cpu["upstream" if meter.upstream else "measured"] + cpu["wrk"]) / secs,
+        others_busy=cpu["others"] / secs,
+        redis_cpu_us_per_request=cpu["redis"] * 1e6 / requests if meter.redis_pid else None,
+    )
+
+
+def paced(
+    port: int, rate: float, args: argparse.Namespace, workdir: Path, meter: Meter
+) -> WrkResult:
+    """A wrk run at about ``rate`` req/s: the warm-up calibrates the connection count."""
+    delay = args.pace_delay
+    connections = max(1, round(rate * (delay + 0.3) / 1000))
+    for _ in range(3):
+        trial = wrk(port, connections, args.warmup, workdir, delay)
+        if trial.rps <= 0 or abs(trial.rps - rate) / rate < 0.02:
+            break
+        connections = max(1, min(4000, round(connections * rate / trial.rps)))
+    return wrk(port, connections, args.duration, workdir, delay, meter)
+
+
+# machine
+
+
+def _first_line(args: list[str]) -> str:
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0] if lines else "?"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def machine(redis_version: str | None) -> dict[str, str]:
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"])
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: "),
+        "wrk": _first_line(["wrk", "-v"]).split(" [")[0],
+        "redis": redis_version or "not reachable",
+        "meshgate": f"{_version('meshgate')} @ {commit}"
+        + (" + uncommitted src changes" if dirty not in ("", "?") else ""),
+        "uvloop": _version("uvloop"),
+        "httptools": _version("httptools"),
+        "loadavg": " ".join(open("/proc/loadavg").read().split()[:3]),
+    }
+
+
+def redis_info() -> tuple[str | None, int | None]:
+    """Redis's version and pid, or (None, None) when it does not answer."""
+    try:
+        import redis
+    except ImportError:
+        return None, None
+    try:
+        info = redis.Redis.from_url(REDIS_URL, socket_timeout=2).info("server")
+    except redis.RedisError:
+        return None, None
+    pid = int(info.get("process_id", 0))
+    return str(info.get("redis_version")), pid if _read_stat(pid) is not None else None
+
+
+def delete_keys(prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i : i + 500])
+    client.close()
+    return len(keys)
+
+
+# output
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _busy(w: WrkResult) -> str:
+    return f"{w.cpu_s['others'] / w.seconds:.0%}" if w.cpu_s else "?"
+
+
+def markdown(report: Report) -> str:
+    m = report.machine
+    out = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, "
+        f"nginx {m['nginx']}, {m['wrk']}, Redis {m['redis']}; meshgate {m['meshgate']} "
+        f"(uvloop {m['uvloop']}, httptools {m['httptools']}); load average {m['loadavg']}",
+        "",
+        f"Saturation: wrk -t1 -c{report.settings['connections']} for "
+        f"{report.settings['duration']} s after a {report.settings['warmup']} s warm-up; "
+        f"wrk + upstream on core {LOAD_CORE}, proxy on core {PROXY_CORE}.",
+        "",
+        "| system | req/s | p50 ms | p99 ms | CPU µs/req | ratio | non-2xx | socket errors "
+        "| proxy core busy | load core busy | other processes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in report.saturation:
+        w = s.wrk
+        ratio = "—" if s.ratio_to_nginx_gateway is None else f"{s.ratio_to_nginx_gateway:.2f}x"
+        target = CPU_TARGETS.get(s.system)
+        if target is not None and s.ratio_to_nginx_gateway is not None:
+            ratio += f" (target ≤ {target:g}x)"
+        cpu = _f(s.cpu_us_per_request, 1)
+        if s.redis_cpu_us_per_request is not None:
+            cpu += f" (+{s.redis_cpu_us_per_request:.1f} Redis)"
+        proxy = "(on load core)" if s.system == "direct" else f"{s.proxy_core_busy:.0%}"
+        out.append(
+            f"| {s.system} | {w.rps:,.0f} | {_f(w.p50_ms)} | {_f(w.p99_ms)} | {cpu} | {ratio} "
+            f"| {w.non_2xx} | {w.socket_errors} | {proxy} | {s.load_core_busy:.0%} "
+            f"| {s.others_busy:.0%} |"
+        )
+    out += [
+        "",
+        "CPU µs/req: utime+stime of the process(es) under test (nginx: master + worker; "
+        "direct: the upstream) over the measured run / requests completed. Ratio: against "
+        "nginx-gateway. Redis's own CPU is shown apart (it runs unpinned). Busy: CPU "
+        "seconds per wall second; load core = wrk + upstream; other processes = the rest of "
+        "the machine's user+system CPU during the run (noise from a shared host, any core).",
+    ]
+    if report.half_load:
+        out += [
+            "",
+            f"Half load: each system paced at ~50% of its saturation req/s (wrk Lua delay() "
+            f"uniform in 0..{2 * int(report.settings['pace_delay_ms'])} ms per connection, "
+            f"connections calibrated during the warm-up), and the direct upstream paced at "
+            f"the same rate right after.",
+            "",
+            "| system | target req/s | achieved req/s | conns | p50 ms | p99 ms "
+            "| direct req/s | direct p99 ms | Δp99 ms | within 2 ms | non-2xx "
+            "| other processes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        ]
+        for h in report.half_load:
+            w, d = h.wrk, h.direct
+            within = (
+                "—"
+                if h.p99_delta_ms is None
+                else ("yes" if h.p99_delta_ms <= HALF_LOAD_P99_TARGET_MS else "no")
+            )
+            out.append(
+                f"| {h.system} | {h.target_rps:,.0f} | {w.rps:,.0f} | {w.connections} "
+                f"| {_f(w.p50_ms)} | {_f(w.p99_ms)} | {'—' if d is None else f'{d.rps:,.0f}'} "
+                f"| {'—' if d is None else _f(d.p99_ms)} | {_f(h.p99_delta_ms)} | {within} "
+                f"| {w.non_2xx + (d.non_2xx if d else 0)} "
+                f"| {_busy(w)}{'' if d is None else ' / ' + _busy(d)} |"
+            )
+    if report.notes:
+        out += ["", *(f"Note: {n}" for n in report.notes)]
+    return "\n".join(out)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# the run
+
+
+SYSTEMS = ("direct", "nginx-proxy", "nginx-gateway", "meshgate-memory", "meshgate-redis")
+
+
+@contextmanager
+def servers() -> Iterator[Callable[[Server], Server]]:
+    """Track started servers; stop them all on exit, error or Ctrl-C."""
+    started: list[Server] = []
+
+    def track(server: Server) -> Server:
+        started.append(server)
+        return server
+
+    try:
+        yield track
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def preflight() -> None:
+    for tool, hint in (
+        ("nginx", "apt-get install nginx"),
+        ("wrk", "apt-get install wrk"),
+        ("taskset", "apt-get install util-linux"),
+    ):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            raise BenchError(f"{tool} is not installed: {hint}")
+    if shutil.which("nginx") is None:
+        os.environ["PATH"] += ":/usr/sbin"
+    if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
+        raise BenchError("needs cores 0 and 1 (the load and the proxy are pinned apart)")
+    try:
+        import meshgate  # noqa: F401
+    except ImportError:
+        raise BenchError("meshgate is not importable: pip install -e . at the repo root") from None
+
+
+def run(args: argparse.Namespace) -> Report:
+    preflight()
+    redis_version, redis_pid = redis_info()
+    wanted = [s for s in SYSTEMS if s in args.systems]
+    report = Report(
+        machine=machine(redis_version),
+        settings={
+            "duration": args.duration,
+            "warmup": args.warmup,
+            "connections": args.connections,
+            "pace_delay_ms": args.pace_delay,
+            "systems": wanted,
+        },
+    )
+    if "meshgate-redis" in wanted and redis_version is None:
+        wanted.remove("meshgate-redis")
+        report.notes.append(f"meshgate-redis skipped: no Redis answers at {REDIS_URL}")
+    if "meshgate-redis" in wanted and redis_pid is None:
+        report.notes.append("Redis's pid is not visible here: its CPU is not reported")
+    workdir = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
+    workdir.chmod(0o755)  # nginx workers run as nobody
+    key_prefix = f"meshgate-bench-{os.getpid()}-{int(time.time())}"
+    try:
+        with servers() as track:
+            up_port = free_port()
+            upstream = track(
+                start_nginx("upstream", UPSTREAM_BODY.format(port=up_port), LOAD_CORE, workdir)
+            )
+            wait_ready(upstream, up_port)
+            verify("upstream", up_port, checks_key=False)
+            for system in wanted:
+                _measure(
+                    system, up_port, upstream, track, args, workdir, report, key_prefix, redis_pid
+                )
+    finally:
+        if "meshgate-redis" in wanted:
+            try:
+                deleted = delete_keys(key_prefix)
+                progress(f"deleted {deleted} Redis keys under {key_prefix}:")
+            except Exception as exc:  # cleanup must not hide the run's own error
+                progress(f"could not delete Redis keys under {key_prefix}: {exc}")
+        if args.keep_tmp:
+            progress(f"configurations and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    gateway = next((s for s in report.saturation if s.system == "nginx-gateway"), None)
+    if gateway is not None:
+        for s in report.saturation:
+            s.ratio_to_nginx_gateway = s.cpu_us_per_request / gateway.cpu_us_per_request
+    bad = [s.system for s in report.saturation if s.wrk.non_2xx or s.wrk.socket_errors]
+    bad += [h.system + " (half load)" for h in report.half_load if h.wrk.non_2xx]
+    if bad:
+        report.notes.append(f"non-2xx responses or socket errors in: {', '.join(bad)}")
+    return report
+
+
+def _measure(
+    system: str,
+    up_port: int,
+    upstream: Server,
+    track: Callable[[Server], Server],
+    args: argparse.Namespace,
+    workdir: Path,
+    report: Report,
+    key_prefix: str,
+    redis_pid: int | None,
+) -> None:
+    port = free_port()
+    server: Server | None = None
+    if system == "direct":
+        port, meter = up_port, Meter(upstream)
+    else:
+        if system == "nginx-proxy":
+            body = PROXY_BODY.format(port=port, upstream=up_port)
+            server = track(start_nginx(system, body, PROXY_CORE, workdir))
+        elif system == "nginx-gateway":
+            body = GATEWAY_BODY.format(port=port, upstream=up_port, key=KEY)
+            server = track(start_nginx(system, body, PROXY_CORE, workdir))
+        else:
+            limits = (
+                "{backend: memory}"
+                if system == "meshgate-memory"
+                else f"{{backend: redis, redis_url: '{REDIS_URL}', key_prefix: {key_prefix}}}"
+            )
+            config = meshgate_config(workdir, system, port, up_port, limits)
+            server = track(start_meshgate(system, config, PROXY_CORE, workdir))
+        meter = Meter(server, upstream, redis_pid if system == "meshgate-redis" else None)
+        wait_ready(server, port)
+        verify(system, port, checks_key=system not in ("nginx-proxy",))
+        if system.startswith("meshgate"):
+            status, _ = get(admin_port(workdir / f"{system}.yaml"), None, path="/metrics")
+            if status != 200:
+                raise BenchError(f"{system}: the admin listener's /metrics answered {status}")
+    progress(f"{system}: saturation, {args.connections} connections, {args.duration:g} s")
+    sat = saturate(system, port, meter, args, workdir)
+    meter.measured.check_alive()
+    report.saturation.append(sat)
+    progress(
+        f"{system}: {sat.wrk.rps:,.0f} req/s, p99 {sat.wrk.p99_ms:.2f} ms, "
+        f"{sat.cpu_us_per_request:.1f} µs CPU/req"
+    )
+    if not args.skip_half:
+        target = sat.wrk.rps / 2
+        progress(f"{system}: half load, {target:,.0f} req/s")
+        half = HalfLoad(system, target, paced(port, target, args, workdir, meter))
+        if system != "direct":
+            half.direct = paced(up_port, half.wrk.rps, args, workdir, Meter(upstream))
+            half.p99_delta_ms = half.wrk.p99_ms - half.direct.p99_ms
+        report.half_load.append(half)
+    if server is not None:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds of warm-up per run")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections at saturation")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {','.join(SYSTEMS)}",
+    )
+    parser.add_argument(
+        "--pace-delay", type=int, default=PACE_DELAY_MS, help="ms between paced requests"
+    )
+    parser.add_argument("--skip-half", action="store_true", help="skip the half-load runs")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    args = parser.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    # SIGTERM unwinds like Ctrl-C, so the servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        report = run(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped", file=sys.stderr)
+        return 130
+    print(markdown(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
