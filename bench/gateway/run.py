@@ -39,7 +39,6 @@ KEY = "k1"
 BAD_KEY = "not-a-key"
 LOAD_CORE = "0"  # wrk and the upstream
 PROXY_CORE = "1"  # the proxy under test, alone
-PACE_DELAY_MS = 5  # wrk Lua delay() between a connection's requests in paced runs
 REDIS_URL = "redis://127.0.0.1:6379/0"
 CPU_TARGETS = {"meshgate-memory": 1.5, "meshgate-redis": 2.0}  # x nginx-gateway CPU/req
 HALF_LOAD_P99_TARGET_MS = 2.0  # allowed p99 above the direct upstream's at the same rate
@@ -342,9 +341,10 @@ class WrkResult:
     p99_ms: float
     non_2xx: int  # wrk counts "non-2xx or 3xx"
     socket_errors: int
-    delay_ms: int | None = None
+    delay_ms: float | None = None  # mean pause between a connection's requests (paced)
     # CPU seconds over the run: measured (the process(es) under test), upstream, redis,
-    # wrk, and others (every other process on the machine: the noise of a shared host).
+    # wrk, others (every other process on the machine: the noise of a shared host), and
+    # the idle seconds of cores 0 and 1.
     cpu_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -355,7 +355,7 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * _UNIT_MS[unit]
 
 
-def parse_wrk(text: str, connections: int, delay_ms: int | None) -> WrkResult:
+def parse_wrk(text: str, connections: int, delay_ms: float | None) -> WrkResult:
     """The figures of ``wrk --latency`` output."""
 
     def find(pattern: str) -> re.Match[str]:
@@ -384,11 +384,17 @@ def parse_wrk(text: str, connections: int, delay_ms: int | None) -> WrkResult:
     )
 
 
-def _machine_ticks() -> int:
-    """User and system ticks of every process on the machine (first line of /proc/stat)."""
+def _machine_ticks() -> tuple[int, int, int]:
+    """From /proc/stat: user+nice+system ticks of the machine, idle+iowait of cores 0 and 1."""
+    busy, idle = 0, {}
     with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[1]) + int(fields[2]) + int(fields[3])
+        for line in f:
+            fields = line.split()
+            if fields[0] == "cpu":
+                busy = int(fields[1]) + int(fields[2]) + int(fields[3])
+            elif fields[0] in ("cpu0", "cpu1"):
+                idle[fields[0]] = int(fields[4]) + int(fields[5])
+    return busy, idle.get("cpu0", 0), idle.get("cpu1", 0)
 
 
 @dataclass
@@ -399,12 +405,12 @@ class Meter:
     upstream: Server | None = None
     redis_pid: int | None = None
 
-    def snapshot(self) -> tuple[int, int, int, int]:
+    def snapshot(self) -> tuple[int, ...]:
         return (
             self.measured.cpu_ticks(),
             self.upstream.cpu_ticks() if self.upstream is not None else 0,
             _cpu_ticks(self.redis_pid) if self.redis_pid else 0,
-            _machine_ticks(),
+            *_machine_ticks(),
         )
 
 
@@ -413,21 +419,23 @@ def wrk(
     connections: int,
     seconds: float,
     workdir: Path,
-    delay_ms: int | None = None,
+    delay_ms: float | None = None,
     meter: Meter | None = None,
 ) -> WrkResult:
     """One wrk run on the load core.
 
-    ``delay_ms`` paces each connection: a Lua ``delay()`` drawn uniformly from
-    0..2*delay_ms, so that connections do not fire in step at the timer's ms ticks.
+    ``delay_ms`` paces each connection: after each response a Lua ``delay()`` waits a
+    whole number of ms drawn around a uniform 0..2*delay_ms, so that the mean can be
+    fractional and connections do not fire in step on the timer's ms ticks.
     """
     args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
     args += ["--latency", "-H", f"X-API-Key: {KEY}"]
     if delay_ms is not None:
-        script = workdir / f"pace-{delay_ms}.lua"
+        script = workdir / "pace.lua"
         script.write_text(
+            f"local span = {2 * delay_ms:.4f}\n"
             "math.randomseed(os.time())\n"
-            f"function delay()\n  return math.random(0, {2 * delay_ms})\nend\n"
+            "function delay()\n  return math.floor(math.random() * span + 0.5)\nend\n"
         )
         args += ["-s", str(script)]
     args.append(f"http://127.0.0.1:{port}{PATH}")
@@ -442,7 +450,7 @@ def wrk(
     # Only wrk was reaped in between: the servers are still running.
     wrk_s = (rusage1.ru_utime + rusage1.ru_stime) - (rusage0.ru_utime + rusage0.ru_stime)
     if before is not None and after is not None:
-        measured, upstream, redis, machine = (
+        measured, upstream, redis, machine, idle0, idle1 = (
             (b - a) * TICK_US / 1e6 for a, b in zip(before, after, strict=True)
         )
         result.cpu_s = {
@@ -451,6 +459,9 @@ def wrk(
             "redis": redis,
             "wrk": wrk_s,
             "others": max(0.0, machine - measured - upstream - redis - wrk_s),
+            # Idle time left on each core: a saturated proxy leaves none on core 1.
+            "idle_core0": idle0,
+            "idle_core1": idle1,
         }
     return result
 
@@ -466,6 +477,7 @@ class Saturation:
     proxy_core_busy: float  # CPU seconds of the process(es) under test / wall seconds
     load_core_busy: float  # wrk + upstream CPU / wall seconds
     others_busy: float  # CPU of every other process on the machine / wall seconds
+    idle: tuple[float, float]  # idle fraction of core 0 and core 1
     redis_cpu_us_per_request: float | None = None
     ratio_to_nginx_gateway: float | None = None
 
@@ -503,6 +515,7 @@ def saturate(
         # Direct: the upstream is the measured process, on the load core.
         load_core_busy=(cpu["upstream" if meter.upstream else "measured"] + cpu["wrk"]) / secs,
         others_busy=cpu["others"] / secs,
+        idle=(cpu["idle_core0"] / secs, cpu["idle_core1"] / secs),
         redis_cpu_us_per_request=cpu["redis"] * 1e6 / requests if meter.redis_pid else None,
     )
 
@@ -510,14 +523,22 @@ def saturate(
 def paced(
     port: int, rate: float, args: argparse.Namespace, workdir: Path, meter: Meter
 ) -> WrkResult:
-    """A wrk run at about ``rate`` req/s: the warm-up calibrates the connection count."""
-    delay = args.pace_delay
-    connections = max(1, round(rate * (delay + 0.3) / 1000))
+    """A wrk run at about ``rate`` req/s over the saturation run's connections.
+
+    Each connection's cycle is its pause plus the time its request takes, so
+    ``rate = connections / (pause + service)``: short warm-up runs measure the service
+    time and set the pause (same connection count as at saturation, so no system has to
+    open connections beyond its keep-alive pool).
+    """
+    connections = args.connections
+    cycle_ms = connections * 1000 / rate
+    service_ms = 0.3
     for _ in range(3):
+        delay = max(0.0, cycle_ms - service_ms)
         trial = wrk(port, connections, args.warmup, workdir, delay)
         if trial.rps <= 0 or abs(trial.rps - rate) / rate < 0.02:
             break
-        connections = max(1, min(4000, round(connections * rate / trial.rps)))
+        service_ms = max(0.0, connections * 1000 / trial.rps - delay)
     return wrk(port, connections, args.duration, workdir, delay, meter)
 
 
@@ -613,8 +634,8 @@ def markdown(report: Report) -> str:
         f"wrk + upstream on core {LOAD_CORE}, proxy on core {PROXY_CORE}.",
         "",
         "| system | req/s | p50 ms | p99 ms | CPU µs/req | ratio | non-2xx | socket errors "
-        "| proxy core busy | load core busy | other processes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| proxy busy | load busy | idle core 0 / 1 | other processes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in report.saturation:
         w = s.wrk
@@ -629,7 +650,7 @@ def markdown(report: Report) -> str:
         out.append(
             f"| {s.system} | {w.rps:,.0f} | {_f(w.p50_ms)} | {_f(w.p99_ms)} | {cpu} | {ratio} "
             f"| {w.non_2xx} | {w.socket_errors} | {proxy} | {s.load_core_busy:.0%} "
-            f"| {s.others_busy:.0%} |"
+            f"| {s.idle[0]:.0%} / {s.idle[1]:.0%} | {s.others_busy:.0%} |"
         )
     out += [
         "",
@@ -637,17 +658,18 @@ def markdown(report: Report) -> str:
         "direct: the upstream) over the measured run / requests completed. Ratio: against "
         "nginx-gateway. Redis's own CPU is shown apart (it runs unpinned). Busy: CPU "
         "seconds per wall second; load core = wrk + upstream; other processes = the rest of "
-        "the machine's user+system CPU during the run (noise from a shared host, any core).",
+        "the machine's user+system CPU during the run (noise from a shared host, any core); "
+        "idle: /proc/stat idle of each core (a saturated proxy leaves core 1 no idle time; "
+        "softirq and hypervisor steal make busy + idle less than 100%).",
     ]
     if report.half_load:
         out += [
             "",
-            f"Half load: each system paced at ~50% of its saturation req/s (wrk Lua delay() "
-            f"uniform in 0..{2 * int(report.settings['pace_delay_ms'])} ms per connection, "
-            f"connections calibrated during the warm-up), and the direct upstream paced at "
-            f"the same rate right after.",
+            "Half load: each system paced at ~50% of its saturation req/s over the same "
+            "connections (a wrk Lua delay() drawn uniformly around a mean pause that the "
+            "warm-up calibrates), then the direct upstream paced at the achieved rate.",
             "",
-            "| system | target req/s | achieved req/s | conns | p50 ms | p99 ms "
+            "| system | target req/s | achieved req/s | pause ms | p50 ms | p99 ms "
             "| direct req/s | direct p99 ms | Δp99 ms | within 2 ms | non-2xx "
             "| other processes |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -660,7 +682,7 @@ def markdown(report: Report) -> str:
                 else ("yes" if h.p99_delta_ms <= HALF_LOAD_P99_TARGET_MS else "no")
             )
             out.append(
-                f"| {h.system} | {h.target_rps:,.0f} | {w.rps:,.0f} | {w.connections} "
+                f"| {h.system} | {h.target_rps:,.0f} | {w.rps:,.0f} | {_f(w.delay_ms)} "
                 f"| {_f(w.p50_ms)} | {_f(w.p99_ms)} | {'—' if d is None else f'{d.rps:,.0f}'} "
                 f"| {'—' if d is None else _f(d.p99_ms)} | {_f(h.p99_delta_ms)} | {within} "
                 f"| {w.non_2xx + (d.non_2xx if d else 0)} "
@@ -725,7 +747,6 @@ def run(args: argparse.Namespace) -> Report:
             "duration": args.duration,
             "warmup": args.warmup,
             "connections": args.connections,
-            "pace_delay_ms": args.pace_delay,
             "systems": wanted,
         },
     )
@@ -838,9 +859,6 @@ def main(argv: list[str] | None = None) -> int:
         "--systems",
         default=",".join(SYSTEMS),
         help=f"comma-separated subset of {','.join(SYSTEMS)}",
-    )
-    parser.add_argument(
-        "--pace-delay", type=int, default=PACE_DELAY_MS, help="ms between paced requests"
     )
     parser.add_argument("--skip-half", action="store_true", help="skip the half-load runs")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")

@@ -71,6 +71,12 @@ def values(gw: Gateway, app: str, product: str | None = None) -> dict[tuple[str,
     return {key: u["value"] for key, u in usage(gw, app, product).items()}
 
 
+def access_log(gw: Gateway, count: int) -> list[dict[str, Any]]:
+    """The gateway's access log once it holds at least ``count`` lines (it is flushed often)."""
+    wait_for(lambda: len(gw.access_log()) >= count, what=f"{count} access log lines")
+    return gw.access_log()
+
+
 def scrape(gw: Gateway) -> str:
     response = httpx.get(f"{gw.admin_url}/metrics", timeout=TIMEOUT)
     assert response.status_code == 200
@@ -125,7 +131,7 @@ def seconds_left(period: str, at: float) -> float:
     return end.timestamp() - at
 
 
-def stay_inside_minute(margin: float = 15.0) -> None:
+def stay_inside_minute(margin: float = 10.0) -> None:
     """Sleep past the next UTC minute boundary if fewer than ``margin`` seconds remain, so that
     a test counting on a per-minute limit does not see its window reset half way."""
     left = seconds_left("minute", time.time())
@@ -136,7 +142,9 @@ def stay_inside_minute(margin: float = 15.0) -> None:
 def reset_bracket(period: str, before: float, after: float) -> range:
     """Every reset a gateway may report (whole seconds, rounded up) for an instant between
     ``before`` and ``after``."""
-    return range(math.ceil(seconds_left(period, after)), math.ceil(seconds_left(period, before)) + 1)
+    return range(
+        math.ceil(seconds_left(period, after)), math.ceil(seconds_left(period, before)) + 1
+    )
 
 
 def unavailable(reason: str) -> None:

@@ -15,7 +15,7 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from gateway_e2e_support import TIMEOUT, values
-from harness import echo_upstream, example_product, gateway_config, run_gateway
+from harness import echo_upstream, example_product, free_port, gateway_config, run_gateway
 from jwt.algorithms import RSAAlgorithm
 
 ETERNAL = [{"name": "basic", "limits": [{"metric": "hits", "period": "eternity", "value": 3}]}]
@@ -187,3 +187,25 @@ def test_jwt_against_a_jwks_url(tmp_path: Path) -> None:
             assert basic.status_code == 401
             # Refused tokens counted nothing.
             assert values(gw, "app1") == {("hits", "eternity"): 1}
+
+
+def test_jwt_keys_unreachable_is_503(tmp_path: Path) -> None:
+    with echo_upstream(tmp_path) as upstream:
+        nowhere = f"http://127.0.0.1:{free_port()}/jwks.json"
+        product = example_product(
+            upstream,
+            auth={"type": "jwt", "jwks_url": nowhere},
+            applications=[{"id": "app1", "plan": "basic"}],
+        )
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        token = jwt.encode({"azp": "app1"}, key, algorithm="RS256", headers={"kid": "k1"})
+        with run_gateway(gateway_config([product]), tmp_path) as gw:
+            for _ in range(2):
+                answer = httpx.get(
+                    f"{gw.url}/echo/a",
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=TIMEOUT,
+                )
+                assert answer.status_code == 503
+                assert answer.json()["title"] == "keys unavailable"
+            assert "JWKS fetch from" in gw.proc.stderr()

@@ -18,7 +18,9 @@ def test_cors_preflight_without_a_key_and_cors_on_local_errors(tmp_path: Path) -
         product = example_product(
             upstream,
             policies=[{"cors": {"allow_origins": [ORIGIN], "max_age": 600}}],
-            plans=[{"name": "basic", "limits": [{"metric": "hits", "period": "eternity", "value": 1}]}],
+            plans=[
+                {"name": "basic", "limits": [{"metric": "hits", "period": "eternity", "value": 1}]}
+            ],
         )
         with (
             run_gateway(gateway_config([product]), tmp_path) as gw,
@@ -141,13 +143,22 @@ def test_ip_filter_denies_before_authentication(tmp_path: Path) -> None:
     with echo_upstream(tmp_path) as upstream:
         products = [
             example_product(
-                upstream, name="denied", path_prefix="/d", policies=[{"ip_filter": {"deny": ["127.0.0.0/8"]}}]
+                upstream,
+                name="denied",
+                path_prefix="/d",
+                policies=[{"ip_filter": {"deny": ["127.0.0.0/8"]}}],
             ),
             example_product(
-                upstream, name="allowed", path_prefix="/a", policies=[{"ip_filter": {"allow": ["127.0.0.1"]}}]
+                upstream,
+                name="allowed",
+                path_prefix="/a",
+                policies=[{"ip_filter": {"allow": ["127.0.0.1"]}}],
             ),
             example_product(
-                upstream, name="elsewhere", path_prefix="/e", policies=[{"ip_filter": {"allow": ["10.0.0.0/8"]}}]
+                upstream,
+                name="elsewhere",
+                path_prefix="/e",
+                policies=[{"ip_filter": {"allow": ["10.0.0.0/8"]}}],
             ),
         ]
         with (
@@ -192,7 +203,9 @@ def test_request_size_limit_413(tmp_path: Path) -> None:
             assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
             # The same with the limit crossed in a later packet.
             with socket.create_connection(("127.0.0.1", gw.port), timeout=TIMEOUT) as sock:
-                sock.sendall(raw[: raw.index(b"\r\n\r\n") + 4] + b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sock.sendall(
+                    raw[: raw.index(b"\r\n\r\n") + 4] + b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                )
                 # The head was authorized and counted before the body crossed the limit.
                 wait_for(lambda: values(gw, "app1")[("hits", "eternity")] == 2, what="count")
                 sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk))

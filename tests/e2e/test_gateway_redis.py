@@ -59,9 +59,7 @@ def test_four_workers_let_exactly_the_limit_through(tmp_path: Path) -> None:
                     }
                 ],
             )
-            config = gateway_config(
-                [product], limits=redis_limits(url, prefix), access_log=False
-            )
+            config = gateway_config([product], limits=redis_limits(url, prefix), access_log=False)
             with run_gateway(config, tmp_path, "--workers", "4") as gw:
                 wait_for(lambda: serving_workers(gw) == 4, what="4 workers serving")
                 codes = asyncio.run(burst(gw.url, 500))

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ def reloads(gw: Gateway, result: str) -> float:
 
 def status(gw: Gateway, key: str) -> int:
     return httpx.get(f"{gw.url}/echo/x", headers={"X-API-Key": key}, timeout=TIMEOUT).status_code
+
+
+def reloaded_since(gw: Gateway, applied: float) -> bool:
+    return reloads(gw, "applied") > applied
+
+
+def admitted(gw: Gateway, key: str) -> bool:
+    return status(gw, key) == 200
 
 
 def with_app(config: dict[str, Any], app: str, key: str) -> dict[str, Any]:
@@ -124,7 +133,11 @@ def test_no_request_fails_during_reloads_under_load(tmp_path: Path) -> None:
             done = [0, 0]
 
             def fire(slot: int, keep_alive: bool) -> None:
-                headers = {"X-API-Key": "k1"} if keep_alive else {"X-API-Key": "k1", "Connection": "close"}
+                headers = (
+                    {"X-API-Key": "k1"}
+                    if keep_alive
+                    else {"X-API-Key": "k1", "Connection": "close"}
+                )
                 with httpx.Client(base_url=gw.url, timeout=TIMEOUT) as client:
                     while not stop.is_set():
                         try:
@@ -149,8 +162,8 @@ def test_no_request_fails_during_reloads_under_load(tmp_path: Path) -> None:
                     gw.write_config(current)
                     if i % 2:
                         gw.proc.signal(signal.SIGHUP)
-                    wait_for(lambda: reloads(gw, "applied") > applied, what=f"reload {i}")
-                    wait_for(lambda: status(gw, f"key{i}") == 200, what=f"application {i}")
+                    wait_for(partial(reloaded_since, gw, applied), what=f"reload {i}")
+                    wait_for(partial(admitted, gw, f"key{i}"), what=f"application {i}")
                 wait_for(lambda: min(done) > 20, what="requests on both clients")
             finally:
                 stop.set()

@@ -116,7 +116,9 @@ def test_no_mapping_rule_is_404_and_counts_nothing(tmp_path: Path) -> None:
         product = example_product(
             upstream,
             mapping_rules=[{"method": "GET", "pattern": "/things", "metric": "hits"}],
-            plans=[{"name": "basic", "limits": [{"metric": "hits", "period": "eternity", "value": 9}]}],
+            plans=[
+                {"name": "basic", "limits": [{"metric": "hits", "period": "eternity", "value": 9}]}
+            ],
         )
         with (
             run_gateway(gateway_config([product]), tmp_path) as gw,
@@ -182,7 +184,10 @@ def test_success_carries_the_most_constrained_limit(tmp_path: Path) -> None:
         products = [
             example_product(upstream, plans=[{"name": "basic", "limits": limits}]),
             example_product(
-                upstream, name="tied", path_prefix="/tied", plans=[{"name": "basic", "limits": tied}]
+                upstream,
+                name="tied",
+                path_prefix="/tied",
+                plans=[{"name": "basic", "limits": tied}],
             ),
         ]
         with (
@@ -230,10 +235,17 @@ def test_strip_prefix_and_backend_base_path(tmp_path: Path) -> None:
         ]}]  # fmt: skip
         products = [
             example_product(upstream, name="s", path_prefix="/s", plans=eternal),
-            example_product(upstream, name="n", path_prefix="/n", strip_prefix=False, plans=eternal),
+            example_product(
+                upstream, name="n", path_prefix="/n", strip_prefix=False, plans=eternal
+            ),
             example_product(upstream, name="sb", path_prefix="/sb", backend=based, plans=eternal),
             example_product(
-                upstream, name="nb", path_prefix="/nb", strip_prefix=False, backend=based, plans=eternal
+                upstream,
+                name="nb",
+                path_prefix="/nb",
+                strip_prefix=False,
+                backend=based,
+                plans=eternal,
             ),
             example_product(upstream, name="root", path_prefix="/", backend=based, plans=eternal),
         ]

@@ -4,11 +4,12 @@ Products (all plain proxies unless said otherwise):
 - ``/echo``      the bundled echo upstream
 - ``/slow``      a second echo upstream, upstream response timeout 0.5 s
 - ``/rec``       :class:`RecordingUpstream` (counts connections, records requests)
-- ``/small``     the recording upstream, max_body_size 65536
+- ``/small``     the recording upstream, max_body_size 8192
 - ``/rslow``     a second recording upstream, upstream response timeout 0.5 s
 - ``/api``       the example product (API keys, mapping rules) on the recording upstream
 - ``/dead``      a port nothing listens on
-- ``/blackhole`` a listener whose accept queue is full: connecting never completes
+- ``/blackhole`` a listener whose accept queue is full: connecting never completes;
+  max_body_size 8192
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from harness import Gateway, echo_upstream, example_product, free_port, gateway_config, run_gateway
 from proxy_helpers import RecordingUpstream, get, request
 
-SMALL_LIMIT = 65536
+SMALL_LIMIT = 8192
 HEADER_LIMIT = 4096
 
 
@@ -102,15 +103,14 @@ def proxy_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyEnv]:
                 plain_product("slow", "/slow", slow_port, upstream_response_timeout=0.5),
                 plain_product("rec", "/rec", recorder.port),
                 plain_product("small", "/small", recorder.port, max_body_size=SMALL_LIMIT),
-                plain_product(
-                    "rslow", "/rslow", slow_recorder.port, upstream_response_timeout=0.5
-                ),
+                plain_product("rslow", "/rslow", slow_recorder.port, upstream_response_timeout=0.5),
                 plain_product("dead", "/dead", free_port()),
                 plain_product(
                     "blackhole",
                     "/blackhole",
                     listener.getsockname()[1],
                     upstream_connect_timeout=0.3,
+                    max_body_size=SMALL_LIMIT,
                 ),
                 api,
             ],

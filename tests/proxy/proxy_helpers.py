@@ -180,6 +180,18 @@ class RawClient:
             reply.body = self.reader.rest()
         return reply
 
+    def drain(self, size: int) -> int:
+        """Read and discard ``size`` body bytes without keeping them; return the count."""
+        received = min(len(self.reader.buf), size)
+        del self.reader.buf[:received]
+        buf = bytearray(1 << 20)
+        while received < size:
+            n = self.sock.recv_into(buf, min(len(buf), size - received))
+            if not n:
+                break
+            received += n
+        return received
+
     def exchange(self, data: bytes, method: str = "GET") -> Reply:
         self.send(data)
         return self.read_response(method)
@@ -283,6 +295,7 @@ class RecordingUpstream:
             return [r for r in self.received if target_part in r.target]
 
     def wait_for(self, target_part: str, count: int = 1, timeout: float = 5.0) -> list[Received]:
+        """Requests whose head arrived; they may still be incomplete."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = self.requests_for(target_part)
@@ -322,6 +335,7 @@ class RecordingUpstream:
                     name, _, value = line.partition(":")
                     headers.append((name.lower(), value.strip()))
                 req = Received(number, method, target, headers, b"", False)
+                self._record(req)  # seen from its head on; ``complete`` once the body is in
                 try:
                     if req.header("transfer-encoding") == "chunked":
                         req.body, req.trailers = _read_chunked(reader)
@@ -329,10 +343,8 @@ class RecordingUpstream:
                         req.body = reader.exactly(int(length))
                 except (Incomplete, ValueError, AssertionError):
                     req.body = bytes(reader.buf)
-                    self._record(req)
                     return
                 req.complete = True
-                self._record(req)
                 script = self.scripts.get(target, default_reply)
                 data, close = script(req)
                 try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 
 from proxy_helpers import RawClient, get, request
 
@@ -147,3 +149,32 @@ def test_two_hundred_concurrent_connections_are_all_answered(proxy_env):
     results = asyncio.run(all_of_them())
     assert results == [(200, f"/many-{i}") for i in range(200)]
     proxy_env.assert_serving()
+
+
+BIG = (8 << 20) + 100_000
+
+
+def _big(req):
+    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % BIG + b"B" * BIG, False
+
+
+def test_upstream_connection_is_reused_after_a_response_slowed_by_back_pressure(proxy_env):
+    recorder = proxy_env.recorder
+    for i in range(3):
+        recorder.scripts[f"/big-{i}"] = _big
+    with RawClient(proxy_env.port) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        for i in range(3):
+            client.send(get(f"/rec/big-{i}"))
+            # A slow reader: the gateway's write buffer stays full, the upstream paused.
+            head = client.reader.until(b"\r\n\r\n")
+            assert b"content-length: %d" % BIG in head
+            left = BIG
+            while left:
+                take = min(left, 32768)
+                client.reader.exactly(take)
+                left -= take
+                time.sleep(0.0002)
+    seen = recorder.requests_for("/big-")
+    assert len(seen) == 3
+    assert len({r.connection for r in seen}) == 1, "the upstream connection was not reused"

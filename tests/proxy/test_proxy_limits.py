@@ -75,16 +75,32 @@ def test_body_at_the_limit_passes(proxy_env):
 
 def test_chunked_body_over_the_limit_in_one_send_is_413_and_not_forwarded(proxy_env):
     body = b"o" * (SMALL_LIMIT + 1)
-    head = b"POST /small/over-at-once HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = (
+        b"POST /small/over-at-once HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     reply = request(proxy_env.port, head + chunked(body))
     assert reply.status == 413
     assert proxy_env.recorder.requests_for("/over-at-once") == []
 
 
+def test_body_over_the_limit_while_connecting_upstream_is_413(proxy_env):
+    """The limit is crossed while the gateway still waits for the upstream connection."""
+    head = b"POST /blackhole/x HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with RawClient(proxy_env.port) as client:
+        client.send(head + chunked(b"a" * 100)[:-5])
+        time.sleep(0.1)
+        client.send(chunked(b"b" * SMALL_LIMIT)[:-5])
+        reply = client.read_response()
+        assert reply.status == 413
+        assert reply.get("connection") == "close"
+
+
 def test_chunked_body_crossing_the_limit_mid_stream_is_413(proxy_env):
     """The upstream may have seen the start of the request, never a complete one."""
-    piece = b"m" * 16384
-    head = b"POST /small/over-streamed HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    piece = b"m" * 2048
+    head = (
+        b"POST /small/over-streamed HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     with RawClient(proxy_env.port) as client:
         client.send(head)
         stop = threading.Event()
@@ -112,7 +128,7 @@ def test_chunked_body_crossing_the_limit_mid_stream_is_413(proxy_env):
     time.sleep(0.2)
     seen = proxy_env.recorder.requests_for("/over-streamed")
     assert all(not r.complete for r in seen), seen
-    assert all(len(r.body) <= SMALL_LIMIT + 16384 for r in seen)
+    assert all(len(r.body) <= SMALL_LIMIT + 2048 for r in seen)
     proxy_env.assert_serving()
 
 

@@ -38,6 +38,16 @@ def test_trickled_head_does_not_extend_the_header_timeout(proxy_env):
         assert client.read_response().status == 408
 
 
+def test_partial_head_behind_a_request_gets_408_not_the_idle_timeout(proxy_env):
+    with RawClient(proxy_env.port) as client:
+        client.send(get("/echo/delay/0.2") + b"GET /echo/next HTTP/1.1\r\nHost: gw")
+        assert client.read_response().status == 200
+        start = time.monotonic()
+        assert client.read_response().status == 408
+        assert time.monotonic() - start < 1.5
+        assert client.closed()
+
+
 def test_connection_that_never_sends_gets_408(proxy_env):
     with RawClient(proxy_env.port) as client:
         assert client.read_response().status == 408

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -225,7 +226,24 @@ def run_gateway(config_path: Path, workers: int = 1, reuse_port: bool = False) -
     if workers == 1:
         _run_one(config_path, reuse_port)
         return
+    for address in (config.listen, config.admin_listen):
+        if address is not None:
+            _check_bindable(address)
     _supervise(config_path, workers)
+
+
+def _check_bindable(address: str) -> None:
+    """Fail before starting workers on an address they cannot share: each would exit and be
+    restarted forever. Bound, never listening, so no connection is ever taken here."""
+    host, port = _split_listen(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise GatewayStartError(f"cannot listen on {address}: {exc.strerror}") from None
 
 
 def _supervise(config_path: Path, workers: int) -> None:

@@ -171,12 +171,15 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_size = 0
+        self._in_head = False
+        self._head_bytes = 0
         self._parsing: _Cycle | None = None
         self._current: _Cycle | None = None
         self._queue: deque[_Cycle] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._paused = 0
         self._write_paused = False
+        self._eof = False
         self._closed = False
         self._pending_error: Response | None = None
 
@@ -206,6 +209,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        in_head = self._in_head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -220,22 +224,32 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail(cycle, refusal)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeaderTooLarge):
-                self._parse_failed(
-                    problem(
-                        431,
-                        "Request Header Fields Too Large",
-                        f"the request head exceeds {self.settings.max_header_size} bytes",
-                    )
-                )
+                self._parse_failed(self._head_too_large())
             else:
                 log.exception("parser callback failed", exc_info=exc.__context__)
                 self._parse_failed(problem(500, "Internal Server Error"))
         except httptools.HttpParserError as exc:
             reason = str(exc) or "malformed request"
             self._parse_failed(problem(400, "Bad Request", f"malformed HTTP/1.1: {reason}"))
+        else:
+            if in_head and self._in_head:
+                # httptools holds a field until its line ends, out of on_header's sight:
+                # bound the bytes of a head that spans reads.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.settings.max_header_size:
+                    self._in_head = False
+                    self._parse_failed(self._head_too_large())
+
+    def _head_too_large(self) -> Response:
+        return problem(
+            431,
+            "Request Header Fields Too Large",
+            f"the request head exceeds {self.settings.max_header_size} bytes",
+        )
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still read the response it is waiting for.
+        # A half-closed client may still read the responses it is waiting for.
+        self._eof = True
         return self._current is not None
 
     def pause_writing(self) -> None:
@@ -256,6 +270,8 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_size = 0
+        self._in_head = True
+        self._head_bytes = 0
         if self._current is None and self._parsing is None:
             # First byte of a new request: the idle timer becomes the header timer.
             self._cancel_timer()
@@ -274,6 +290,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self._current is None:
             self._cancel_timer()
         parser = self.parser
@@ -306,9 +323,18 @@ class HttpProtocol(asyncio.Protocol):
                     expect = True
                 else:
                     failure = problem(417, "Expectation Failed", "only 100-continue is supported")
-        if chunked and content_length is not None:
-            failure = problem(400, "Bad Request", "both Content-Length and Transfer-Encoding")
         version = parser.get_http_version()
+        if chunked and (content_length is not None or version == "1.0"):
+            # RFC 9112 6.1: either way the framing is ambiguous; refuse, then close.
+            failure = problem(
+                400,
+                "Bad Request",
+                "ambiguous framing: Transfer-Encoding with Content-Length or in HTTP/1.0",
+            )
+        elif version != "1.1" and version != "1.0":
+            failure = failure or problem(
+                505, "HTTP Version Not Supported", "only HTTP/1.1 and 1.0 are served"
+            )
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             failure = failure or problem(400, "Bad Request", "exactly one Host field is required")
         try:
@@ -438,6 +464,10 @@ class HttpProtocol(asyncio.Protocol):
         pool = exchange.upstream
         request = exchange.request
         retry_allowed = not request.has_body
+        limit = exchange.max_body_size
+        if limit is not None and exchange.bytes_in > limit:
+            # Bytes that arrived with the head were read before the handler set the limit.
+            return problem(413, "Content Too Large", f"the request body exceeds {limit} bytes")
         conn = pool.take_idle()
         exchange.upstream_start = _now()
         while True:
@@ -445,14 +475,17 @@ class HttpProtocol(asyncio.Protocol):
                 try:
                     conn = await pool.connect()
                 except UpstreamError as exc:
-                    exchange.error = str(exc)
-                    return problem(502, "Bad Gateway", str(exc))
-                if self._closed:
+                    exchange.error = exchange.error or str(exc)
+                    return cycle.failure or problem(502, "Bad Gateway", str(exc))
+                if self._closed or cycle.failure is not None:
+                    # The client went away or broke the request while we connected.
                     pool.release(conn)
-                    return None
+                    return cycle.failure
             cycle.upstream = conn
             cycle.waiter = self.loop.create_future()
             conn.begin(self, request.method == "HEAD")
+            if self._write_paused:
+                conn.pause_reading()
             conn.write(self._request_head(exchange, pool.host_header, cycle))
             if cycle.expect_continue and not cycle.body_done:
                 self.transport.write(_CONTINUE)  # type: ignore[union-attr]
@@ -596,7 +629,8 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"0\r\n\r\n")
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
-            if cycle.upstream_reusable and cycle.body_done and not conn.paused:
+            if cycle.upstream_reusable and cycle.body_done:
+                conn.resume_reading()  # paused by the client's back pressure, now idle
                 conn.pool.release(conn)
             else:
                 conn.close()
@@ -778,8 +812,15 @@ class HttpProtocol(asyncio.Protocol):
         if self._pending_error is not None:
             self._write_error_and_close(self._pending_error)
             return
+        if self._eof:
+            self._close()
+            return
         self._resume(_PAUSE_QUEUE)
-        self._timer = self.loop.call_later(self.settings.idle_timeout, self._idle_timeout)
+        if self._in_head:
+            # The next request's head started arriving while this one was served.
+            self._timer = self.loop.call_later(self.settings.header_timeout, self._header_timeout)
+        else:
+            self._timer = self.loop.call_later(self.settings.idle_timeout, self._idle_timeout)
 
     # timers and flow control
 
@@ -846,7 +887,7 @@ class Server:
         self.loop = loop or asyncio.get_event_loop()
         self.connections: set[HttpProtocol] = set()
         self.draining = False
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         sock = bind_socket(host, port, reuse_port=reuse_port)

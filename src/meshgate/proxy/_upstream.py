@@ -166,7 +166,13 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.sink = self.sink, None
         if sink is None:
             return
-        if self._framing == FRAMING_CLOSE and self._status and not self._done and not self._skip:
+        if (
+            exc is None
+            and self._framing == FRAMING_CLOSE
+            and self._status
+            and not self._done
+            and not self._skip
+        ):
             self._done = True
             sink.upstream_done()
         else:

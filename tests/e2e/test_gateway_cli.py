@@ -1,0 +1,206 @@
+"""The ``meshgate`` command as a user runs it: validate, up, and refused starts."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import yaml
+from gateway_e2e_support import ETERNAL_PLANS, TIMEOUT, values, wait_for
+from harness import (
+    Proc,
+    echo_upstream,
+    example_product,
+    free_port,
+    gateway_config,
+    run_gateway,
+    wait_port,
+)
+
+KEY = {"X-API-Key": "k1"}
+EXAMPLE = Path(__file__).resolve().parents[2] / "src" / "meshgate" / "examples" / "gateway.yaml"
+
+
+def meshgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshgate", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_validate_prints_every_error_with_its_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        """\
+listen: nope
+products:
+  - name: echo
+    backend: ftp://somewhere
+    auth: {type: api_key}
+    plans:
+      - name: basic
+        limits:
+          - {metric: hits, period: fortnight, value: 5}
+          - {metric: hits, period: day, value: -1}
+    policies:
+      - bogus: {}
+"""
+    )
+    result = meshgate("validate", str(bad), cwd=tmp_path)
+    assert result.returncode != 0
+    errors = result.stderr.splitlines()
+    assert errors == [
+        "listen: must be HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
+        "products[0].backend: must be an http:// URL, e.g. http://127.0.0.1:9001",
+        "products[0].plans[0].limits[0].period: must be one of 'minute', 'hour', 'day', "
+        "'week', 'month', 'year', 'eternity'",
+        "products[0].plans[0].limits[1].value: must be at least 0",
+        "products[0].policies[0]: unknown policy 'bogus' (known: cors, headers, ip_filter, "
+        "maintenance, request_size_limit, url_rewrite)",
+    ]
+    assert "Traceback" not in result.stderr
+
+    references = tmp_path / "references.yaml"
+    references.write_text(
+        """\
+products:
+  - name: echo
+    backend: http://127.0.0.1:9
+    auth: {type: api_key}
+    mapping_rules: [{pattern: /, metric: nope}]
+    applications: [{id: app1, plan: gold, keys: [k1]}]
+"""
+    )
+    result = meshgate("validate", str(references), cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        "products[0]: mapping rule '/' names unknown metric 'nope'",
+        "products[0]: application 'app1' is on unknown plan 'gold'",
+    ]
+
+    missing = meshgate("validate", str(tmp_path / "absent.yaml"), cwd=tmp_path)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "absent.yaml" in missing.stderr
+
+
+def test_validate_accepts_the_example(tmp_path: Path) -> None:
+    result = meshgate("validate", str(EXAMPLE), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "valid (1 products)" in result.stdout
+
+
+def test_workers_on_memory_counters_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    config = gateway_config([example_product(free_port())])
+    path.write_text(yaml.safe_dump(config))
+    result = meshgate("gateway", "--config", str(path), "--workers", "2", cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --workers above 1 needs shared counters")
+    assert "redis" in lines[0]
+    # It refused before listening.
+    port = int(config["listen"].rpartition(":")[2])
+    assert httpx_refuses(port)
+
+
+def httpx_refuses(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_up_prints_a_curl_line_that_works_and_stops_on_sigterm(tmp_path: Path) -> None:
+    upstream = free_port()
+    config = gateway_config([example_product(upstream)])
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = Proc(
+        ["up", "--config", str(path), "--upstream", f"127.0.0.1:{upstream}"], tmp_path, "up"
+    )
+    try:
+        port = int(config["listen"].rpartition(":")[2])
+        wait_port(port, proc=proc.popen)
+        wait_for(lambda: "stop with Ctrl-C" in proc.stdout(), what="the banner")
+        out = proc.stdout()
+        curls = [line.strip() for line in out.splitlines() if line.strip().startswith("curl ")]
+        assert len(curls) == 2, out
+        request = shlex.split(curls[0])
+        assert request[:2] == ["curl", "-i"] and request[2] == "-H"
+        name, _, value = request[3].partition(": ")
+        answer = httpx.get(request[4], headers={name: value}, timeout=TIMEOUT)
+        assert answer.status_code == 200
+        assert answer.json()["path"] == "/hello"
+        assert answer.headers["ratelimit-policy"] == '"hits-minute";q=5;w=60'
+        usage_url = shlex.split(curls[1])[-1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/usage/app1", usage_url)
+        assert httpx.get(usage_url, timeout=TIMEOUT).json()["application"] == "app1"
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.stderr()
+    assert "Traceback" not in proc.stderr()
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
+    with echo_upstream(tmp_path) as upstream:
+        config = gateway_config([example_product(upstream, plans=ETERNAL_PLANS)])
+        with run_gateway(config, tmp_path) as gw:
+            results: list[httpx.Response | Exception] = []
+
+            def slow() -> None:
+                try:
+                    results.append(
+                        httpx.get(f"{gw.url}/echo/delay/1.5", headers=KEY, timeout=TIMEOUT)
+                    )
+                except httpx.HTTPError as exc:
+                    results.append(exc)
+
+            thread = threading.Thread(target=slow)
+            thread.start()
+            # Wait until the request is in flight: counted, so past the access phase.
+            wait_for(lambda: values(gw, "app1")[("hits", "eternity")] == 1, what="in flight")
+            gw.proc.signal(signal.SIGTERM)
+            thread.join(TIMEOUT)
+            assert gw.proc.popen.wait(TIMEOUT) == 0
+            (answer,) = results
+            assert isinstance(answer, httpx.Response), answer
+            assert answer.status_code == 200 and answer.json() == {"delayed": True}
+            assert answer.headers["connection"] == "close"
+            assert httpx_refuses(gw.port)
+
+
+def test_a_busy_port_is_one_clear_error_with_or_without_workers(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        # Redis is never contacted: the start fails before any request.
+        limits = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0"}
+        for listen, admin in (
+            (address, f"127.0.0.1:{free_port()}"),
+            (f"127.0.0.1:{free_port()}", address),
+        ):
+            path = tmp_path / "busy.yaml"
+            config = gateway_config(
+                [example_product(free_port())], listen=listen, admin_listen=admin, limits=limits
+            )
+            path.write_text(yaml.safe_dump(config))
+            for workers in ("1", "2"):
+                result = meshgate(
+                    "gateway", "--config", str(path), "--workers", workers, cwd=tmp_path
+                )
+                assert result.returncode == 1, (workers, result.stderr)
+                errors = [line for line in result.stderr.splitlines() if " INFO " not in line]
+                assert errors == [f"error: cannot listen on {address}: Address already in use"]
