@@ -94,6 +94,9 @@ def gateway(
     config: Annotated[Path, typer.Option("--config", "-c", help="Gateway configuration file.")],
     workers: Annotated[int, typer.Option(help="Processes sharing the port (SO_REUSEPORT).")] = 1,
     reuse_port: Annotated[bool, typer.Option(hidden=True)] = False,
+    watch: Annotated[
+        bool, typer.Option(help="Reload when the file changes (SIGHUP always reloads).")
+    ] = True,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the edge gateway from a declarative configuration file."""
@@ -101,7 +104,7 @@ def gateway(
 
     _logging(log_level.upper())
     try:
-        run_gateway(config, workers=workers, reuse_port=reuse_port)
+        run_gateway(config, workers=workers, reuse_port=reuse_port, watch=watch)
     except ConfigError as exc:
         raise _fail(f"invalid configuration: {exc}") from None
     except GatewayStartError as exc:

@@ -141,3 +141,18 @@ def test_upstream_request_id_does_not_duplicate_the_gateways(proxy_env):
     )
     reply = request(proxy_env.port, get("/rec/rid-echoed", "X-Request-Id: from-client"))
     assert reply.get_all("x-request-id") == ["from-client"]
+
+
+def test_absolute_form_target_overrides_the_host_field(proxy_env):
+    reply = request(
+        proxy_env.port,
+        b"GET http://api.example.com:8080/rec/absolute-host?q=1 HTTP/1.1\r\n"
+        b"Host: other.example\r\n\r\n",
+    )
+    assert reply.status == 200
+    (seen,) = proxy_env.recorder.requests_for("/absolute-host")
+    assert seen.target == "/absolute-host?q=1"
+    assert seen.header("x-forwarded-host") == "api.example.com:8080"
+    reply = request(proxy_env.port, get("http://user:pw@api.example.com/rec/absolute-userinfo"))
+    assert reply.status == 400
+    assert proxy_env.recorder.requests_for("/absolute-userinfo") == []

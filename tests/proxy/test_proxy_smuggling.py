@@ -147,6 +147,11 @@ CASES: dict[str, tuple[bytes, tuple[int, ...]]] = {
     ),
     "no-host": (b"GET /rec/smuggle-no-host HTTP/1.1\r\n\r\n", (400,)),
     "two-hosts": (b"GET /rec/smuggle-two-hosts HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", (400,)),
+    "connect-method": (
+        b"CONNECT smuggle-connect-method.example:443 HTTP/1.1\r\n"
+        b"Host: smuggle-connect-method.example:443\r\n\r\n",
+        (400, 501),
+    ),
     "expect-unknown": (
         b"GET /rec/smuggle-expect-unknown HTTP/1.1\r\nHost: a\r\nExpect: nope\r\n\r\n",
         (417,),
@@ -180,6 +185,21 @@ def test_smuggling_after_a_good_request_on_the_same_connection(proxy_env):
         assert client.closed()
     assert len(proxy_env.recorder.requests_for("/before-smuggle")) == 1
     assert proxy_env.recorder.requests_for("smuggle-after-good") == []
+    assert proxy_env.recorder.requests_for("/hidden") == []
+
+
+def test_bad_chunk_in_a_queued_request_after_a_good_one(proxy_env):
+    with RawClient(proxy_env.port) as client:
+        client.send(
+            b"GET /echo/delay/0.2 HTTP/1.1\r\nHost: gw.test\r\n\r\n"
+            + _post("queued-bad-chunk", "Transfer-Encoding: chunked\r\n", b"zz\r\n" + HIDDEN)
+        )
+        assert client.read_response().json() == {"delayed": True}
+        reply = client.read_response()
+        assert reply.status == 400
+        assert reply.get("connection") == "close"
+        assert client.closed()
+    assert proxy_env.recorder.requests_for("smuggle-queued-bad-chunk") == []
     assert proxy_env.recorder.requests_for("/hidden") == []
 
 

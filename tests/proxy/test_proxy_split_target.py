@@ -9,6 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshgate.proxy import BadTarget, split_target
+from meshgate.proxy._path import target_authority
 
 EXAMPLES = [
     (b"/", ("/", "")),
@@ -31,6 +32,7 @@ EXAMPLES = [
     (b"http://host.example/a/../b?q", ("/b", "q")),
     (b"HTTPS://host.example", ("/", "")),
     (b"http://host.example?q", ("/", "q")),
+    (b"http://user@host.example/a", None),
     (b"/a%2fb", None),
     (b"/a%2Fb", None),
     (b"/a%5cb", None),
@@ -131,3 +133,10 @@ def test_never_climbs_above_the_root(raw):
     except BadTarget:
         return
     assert not _depth_goes_negative(decoded), raw
+
+
+def test_target_authority():
+    assert target_authority(b"http://api.example.com:8080/a?b") == b"api.example.com:8080"
+    assert target_authority(b"HTTPS://[::1]:8443") == b"[::1]:8443"
+    assert target_authority(b"/a/b") == b""
+    assert target_authority(b"*") == b""

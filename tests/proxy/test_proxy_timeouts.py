@@ -105,6 +105,23 @@ def test_upload_longer_than_the_response_timeout_is_not_cut(proxy_env):
         assert reply.json()["length"] == 10000
 
 
+def test_client_stalling_its_body_is_408_not_blamed_on_the_upstream(proxy_env):
+    with RawClient(proxy_env.port) as client:
+        start = time.monotonic()
+        client.send(
+            b"POST /rslow/body-stall HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 100\r\n\r\n"
+        )
+        client.send(b"only part of it")
+        reply = client.read_response()
+        assert reply.status == 408
+        assert "body stalled" in reply.json()["detail"]
+        assert reply.get("connection") == "close"
+        assert 0.4 < time.monotonic() - start < 1.5
+        assert client.closed()
+    (seen,) = proxy_env.slow_recorder.requests_for("/body-stall")
+    assert not seen.complete
+
+
 def _stalling_body(req):
     def pieces():
         yield b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + b"s" * 100

@@ -17,7 +17,7 @@ from typing import IO
 from meshgate.config import Config, Product
 from meshgate.gateway.credentials import Authenticator, AuthError
 from meshgate.gateway.mapping import MappingRules
-from meshgate.limits import BackendUnavailable, CounterBackend, LimitCheck, Usage
+from meshgate.limits import BackendUnavailable, CounterBackend, LimitCheck, Usage, periods
 from meshgate.policies import PolicyChain
 from meshgate.proxy import (
     BadTarget,
@@ -34,14 +34,7 @@ __all__ = ["Gateway", "ProductRuntime"]
 
 log = logging.getLogger("meshgate.gateway")
 
-_WINDOW_SECONDS = {
-    "minute": 60,
-    "hour": 3600,
-    "day": 86400,
-    "week": 604800,
-    "month": 2592000,
-    "year": 31536000,
-}
+_WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 
 
 @dataclass(slots=True)
@@ -198,6 +191,10 @@ def _policy_name(u: Usage) -> str:
 def _ratelimit_fields(u: Usage) -> tuple[str, str]:
     name = _policy_name(u)
     window = _WINDOW_SECONDS.get(u.period)
+    if window is None and u.period != "eternity":
+        # Calendar months and years differ in length: give the current window's.
+        start, end = periods.window(u.period, time.time())
+        window = (end or start) - start
     policy = f'"{name}";q={u.limit}' + (f";w={window}" if window else "")
     current = f'"{name}";r={u.remaining}' + (
         f";t={u.reset_seconds}" if u.reset_seconds is not None else ""

@@ -67,8 +67,13 @@ class GatewayProcess:
         reuse_port: bool = False,
         on_ready: Callable[[GatewayProcess], None] | None = None,
         watch_interval: float = 1.0,
+        watch: bool = True,
+        supervised: bool = False,
     ) -> None:
         self.config_path = Path(config_path)
+        self.watch = watch
+        # A worker of a supervisor stops when the supervisor is gone (even after SIGKILL).
+        self.parent_pid = os.getppid() if supervised else None
         self.reuse_port = reuse_port
         self.on_ready = on_ready
         self.watch_interval = watch_interval
@@ -78,14 +83,15 @@ class GatewayProcess:
         self.pools: dict[tuple[str, int], UpstreamPool] = {}
         self.metrics = GatewayMetrics()
         self._stop = asyncio.Event()
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
 
-    def _file_stamp(self) -> tuple[float, int] | None:
+    def _file_stamp(self) -> tuple[int, int, int, int] | None:
         try:
             st = self.config_path.stat()
         except OSError:
             return None
-        return st.st_mtime, st.st_size
+        # ctime and inode catch an atomic replace or a same-size edit within one mtime tick.
+        return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
 
     def _build(self, config: Config, counters: CounterBackend) -> Gateway:
         gateway = Gateway(config, counters, self.metrics, self.pools)
@@ -195,6 +201,12 @@ class GatewayProcess:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.watch_interval)
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("supervisor %d is gone; stopping", self.parent_pid)
+                self._stop.set()
+                return
+            if not self.watch:
+                continue
             stamp = self._file_stamp()
             if stamp is not None and stamp != self._stamp:
                 self._stamp = stamp
@@ -206,14 +218,16 @@ class GatewayProcess:
             sys.stdout.flush()
 
 
-def _run_one(config_path: Path, reuse_port: bool) -> None:
+def _run_one(config_path: Path, reuse_port: bool, watch: bool) -> None:
     import uvloop
 
-    process = GatewayProcess(config_path, reuse_port=reuse_port)
+    process = GatewayProcess(config_path, reuse_port=reuse_port, watch=watch, supervised=reuse_port)
     uvloop.run(process.run())
 
 
-def run_gateway(config_path: Path, workers: int = 1, reuse_port: bool = False) -> None:
+def run_gateway(
+    config_path: Path, workers: int = 1, reuse_port: bool = False, watch: bool = True
+) -> None:
     """Serve until SIGTERM/SIGINT. Raises ConfigError or GatewayStartError with a clear message."""
     config = load_gateway_config(config_path)
     if workers < 1:
@@ -224,12 +238,12 @@ def run_gateway(config_path: Path, workers: int = 1, reuse_port: bool = False) -
             "(in-memory counters would let each process allow the full limit)"
         )
     if workers == 1:
-        _run_one(config_path, reuse_port)
+        _run_one(config_path, reuse_port, watch)
         return
     for address in (config.listen, config.admin_listen):
         if address is not None:
             _check_bindable(address)
-    _supervise(config_path, workers)
+    _supervise(config_path, workers, watch)
 
 
 def _check_bindable(address: str) -> None:
@@ -246,7 +260,7 @@ def _check_bindable(address: str) -> None:
             raise GatewayStartError(f"cannot listen on {address}: {exc.strerror}") from None
 
 
-def _supervise(config_path: Path, workers: int) -> None:
+def _supervise(config_path: Path, workers: int, watch: bool) -> None:
     metrics_dir = tempfile.mkdtemp(prefix="meshgate-metrics-")
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
     command = [
@@ -257,9 +271,12 @@ def _supervise(config_path: Path, workers: int) -> None:
         "--config",
         str(config_path),
         "--reuse-port",
+        "--watch" if watch else "--no-watch",
     ]
     children = [subprocess.Popen(command, env=env) for _ in range(workers)]
     stopping = False
+    # Restarts within the last minute: a worker that keeps dying is not restarted forever.
+    restarts: list[float] = []
 
     def forward(sig: int, _frame: object) -> None:
         nonlocal stopping
@@ -281,6 +298,15 @@ def _supervise(config_path: Path, workers: int) -> None:
             for i, child in enumerate(children):
                 code = child.poll()
                 if code is not None:
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < 60] + [now]
+                    if len(restarts) > 5 * workers:
+                        log.error("workers keep exiting (last code %s); stopping", code)
+                        stopping = True
+                        forward(signal.SIGTERM, None)
+                        for other in children:
+                            other.wait()
+                        raise GatewayStartError("workers keep exiting; see the log above")
                     log.error("worker %d exited with %s; starting a new one", child.pid, code)
                     time.sleep(0.5)
                     children[i] = subprocess.Popen(command, env=env)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["BadTarget", "split_target"]
+__all__ = ["BadTarget", "split_target", "target_authority"]
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _FORBIDDEN_ENCODED = {b"2F": "an encoded slash", b"5C": "an encoded backslash", b"00": "NUL"}
-_ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://[^/?#]*")
+_ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#]*)")
 
 
 class BadTarget(ValueError):
@@ -28,6 +28,8 @@ def split_target(raw: bytes) -> tuple[str, str]:
         m = _ABSOLUTE.match(raw)
         if m is None:
             raise BadTarget("the request target must be a path starting with /")
+        if b"@" in m.group(1):
+            raise BadTarget("a request target cannot hold user information (@)")
         raw = raw[m.end() :] or b"/"
         if raw[:1] != b"/":
             raw = b"/" + raw
@@ -86,3 +88,9 @@ def _remove_dot_segments(path: bytes) -> bytes:
     if trailing and stack:
         out += b"/"
     return out
+
+
+def target_authority(raw: bytes) -> bytes:
+    """The ``host[:port]`` of an absolute-form target, which overrides Host (RFC 9112 3.2.2)."""
+    m = _ABSOLUTE.match(raw)
+    return m.group(1) if m is not None else b""

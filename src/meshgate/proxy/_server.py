@@ -21,7 +21,7 @@ from http import HTTPStatus
 import httptools
 
 from meshgate.proxy._exchange import Exchange, Handler, Headers, Request, Response, problem
-from meshgate.proxy._path import BadTarget, split_target
+from meshgate.proxy._path import BadTarget, split_target, target_authority
 from meshgate.proxy._upstream import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
@@ -342,6 +342,9 @@ class HttpProtocol(asyncio.Protocol):
         except BadTarget as exc:
             path, query = "/", ""
             failure = failure or problem(400, "Bad Request", str(exc))
+        else:
+            if self._url[:1] != b"/":
+                host = target_authority(self._url) or host
         rid = (
             request_id.decode()
             if request_id and _REQUEST_ID.match(request_id)
@@ -677,6 +680,11 @@ class HttpProtocol(asyncio.Protocol):
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
             conn.abort()
+        if not cycle.body_done and not self._paused & _PAUSE_UPSTREAM:
+            # The client stopped sending its body; the upstream was waiting for it.
+            cycle.exchange.error = f"the request body stalled for {timeout}s"
+            cycle.waiter.set_result(problem(408, "Request Timeout", cycle.exchange.error))
+            return
         cycle.exchange.error = f"upstream sent no response within {timeout}s"
         cycle.keep_alive = cycle.keep_alive and cycle.body_done
         cycle.waiter.set_result(problem(504, "Gateway Timeout", cycle.exchange.error))
