@@ -10,6 +10,9 @@ Products (all plain proxies unless said otherwise):
 - ``/dead``      a port nothing listens on
 - ``/blackhole`` a listener whose accept queue is full: connecting never completes;
   max_body_size 8192
+
+Products with their own upstream timeouts get their own upstream: the gateway keeps one
+pool per backend address, and its timeouts are those of the last product built on it.
 """
 
 from __future__ import annotations
@@ -21,25 +24,7 @@ from pathlib import Path
 
 import pytest
 from harness import Gateway, echo_upstream, example_product, free_port, gateway_config, run_gateway
-from proxy_helpers import RecordingUpstream, get, request
-
-SMALL_LIMIT = 8192
-HEADER_LIMIT = 4096
-
-
-def plain_product(name: str, prefix: str, backend_port: int, **extra: object) -> dict[str, object]:
-    """A product that makes the gateway a plain proxy: no credentials, no limits."""
-    product: dict[str, object] = {
-        "name": name,
-        "hosts": ["*"],
-        "path_prefix": prefix,
-        "backend": f"http://127.0.0.1:{backend_port}",
-        "auth": {"type": "none", "default_application": "anon"},
-        "plans": [{"name": "open"}],
-        "applications": [{"id": "anon", "plan": "open"}],
-    }
-    product.update(extra)
-    return product
+from proxy_helpers import HEADER_LIMIT, SMALL_LIMIT, RecordingUpstream, get, plain_product, request
 
 
 @dataclass

@@ -222,6 +222,27 @@ def chunked(*pieces: bytes, trailers: bytes = b"") -> bytes:
     return out + b"0\r\n" + trailers + b"\r\n"
 
 
+# The gateway under test
+
+SMALL_LIMIT = 8192
+HEADER_LIMIT = 4096
+
+
+def plain_product(name: str, prefix: str, backend_port: int, **extra: object) -> dict[str, object]:
+    """A product that makes the gateway a plain proxy: no credentials, no limits."""
+    product: dict[str, object] = {
+        "name": name,
+        "hosts": ["*"],
+        "path_prefix": prefix,
+        "backend": f"http://127.0.0.1:{backend_port}",
+        "auth": {"type": "none", "default_application": "anon"},
+        "plans": [{"name": "open"}],
+        "applications": [{"id": "anon", "plan": "open"}],
+    }
+    product.update(extra)
+    return product
+
+
 # The recording upstream
 
 

@@ -8,9 +8,8 @@ import socket
 import threading
 import time
 
-from conftest import plain_product
 from harness import echo_upstream, gateway_config, run_gateway
-from proxy_helpers import RawClient, Reply, get
+from proxy_helpers import RawClient, Reply, get, plain_product
 
 
 def _refused(port: int) -> bool:

@@ -7,9 +7,8 @@ import socket
 import threading
 import time
 
-from conftest import HEADER_LIMIT, SMALL_LIMIT
 from harness import rss_kib
-from proxy_helpers import RawClient, chunked, get, request
+from proxy_helpers import HEADER_LIMIT, SMALL_LIMIT, RawClient, chunked, get, request
 
 
 def test_header_over_the_limit_is_431(proxy_env):
