@@ -99,7 +99,7 @@ def proxy_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyEnv]:
                 ),
                 api,
             ],
-            timeouts={"client_header": 1.0, "idle_keepalive": 2.0},
+            timeouts={"client_header": 1.0, "idle_keepalive": 2.0, "client_body": 1.0},
             max_header_size=HEADER_LIMIT,
         )
         with run_gateway(config, workdir, name="proxy-gateway") as gw:

@@ -152,3 +152,15 @@ def test_slow_reader_is_not_mistaken_for_a_stalled_upstream(proxy_env):
         reply = client.read_response()
         assert reply.status == 200
         assert len(reply.body) == size
+
+
+def test_client_body_timeout_applies_when_the_upstream_would_wait_longer(proxy_env):
+    # /rec keeps the default 60 s upstream timeout; timeouts.client_body is 1 s.
+    with RawClient(proxy_env.port) as client:
+        start = time.monotonic()
+        client.send(b"POST /rec/body-idle HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 100\r\n\r\n")
+        client.send(b"a few bytes")
+        reply = client.read_response()
+        assert reply.status == 408
+        assert "body stalled for 1.0s" in reply.json()["detail"]
+        assert 0.8 < time.monotonic() - start < 3.0

@@ -51,7 +51,10 @@ class ProductRuntime:
     """A product compiled for the request path: everything precomputed once per config."""
 
     def __init__(
-        self, product: Product, pools: dict[tuple[str, int], UpstreamPool], config: Config
+        self,
+        product: Product,
+        pools: dict[tuple[str, int, float, float], UpstreamPool],
+        config: Config,
     ):
         self.config = product
         self.name = product.name
@@ -59,20 +62,20 @@ class ProductRuntime:
         self.strip = product.strip_prefix
         host, port, base = _split_backend(product.backend)
         timeouts = config.timeouts
-        key = (host, port)
+        connect = product.upstream_connect_timeout or timeouts.upstream_connect
+        respond = product.upstream_response_timeout or timeouts.upstream_response
+        # Pools are shared across products and reloads, one per address and timeouts.
+        key = (host, port, connect, respond)
         pool = pools.get(key)
         if pool is None:
             pool = pools[key] = UpstreamPool(
                 host,
                 port,
-                connect_timeout=product.upstream_connect_timeout or timeouts.upstream_connect,
-                response_timeout=product.upstream_response_timeout or timeouts.upstream_response,
+                connect_timeout=connect,
+                response_timeout=respond,
                 max_idle=config.upstream_keepalive,
             )
-        else:
-            pool.connect_timeout = product.upstream_connect_timeout or timeouts.upstream_connect
-            pool.response_timeout = product.upstream_response_timeout or timeouts.upstream_response
-            pool.max_idle = config.upstream_keepalive
+        pool.max_idle = config.upstream_keepalive
         self.pool = pool
         self.base_path = base.rstrip("/")
         self.auth = Authenticator.for_product(product)
@@ -210,7 +213,7 @@ class Gateway:
         config: Config,
         counters: CounterBackend,
         metrics: GatewayMetrics,
-        pools: dict[tuple[str, int], UpstreamPool] | None = None,
+        pools: dict[tuple[str, int, float, float], UpstreamPool] | None = None,
         access_log: IO[str] | None = None,
     ) -> None:
         self.config = config

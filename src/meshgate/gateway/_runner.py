@@ -49,6 +49,7 @@ def _settings(config: Config, settings: ServerSettings | None = None) -> ServerS
     settings = settings or ServerSettings()
     settings.header_timeout = config.timeouts.client_header
     settings.idle_timeout = config.timeouts.idle_keepalive
+    settings.body_timeout = config.timeouts.client_body
     settings.max_header_size = config.max_header_size
     return settings
 
@@ -80,7 +81,7 @@ class GatewayProcess:
         self.version = ""
         self.loaded_at = 0.0
         self.last_error: str | None = None
-        self.pools: dict[tuple[str, int], UpstreamPool] = {}
+        self.pools: dict[tuple[str, int, float, float], UpstreamPool] = {}
         self.metrics = GatewayMetrics()
         self._stop = asyncio.Event()
         self._stamp: tuple[int, int, int, int] | None = None

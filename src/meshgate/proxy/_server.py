@@ -103,6 +103,7 @@ _clock = _Clock()
 class ServerSettings:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    body_timeout: float = 60.0
     max_header_size: int = 16384
     scheme: str = "http"
 
@@ -498,7 +499,10 @@ class HttpProtocol(asyncio.Protocol):
                 conn.write(b"0\r\n\r\n")
             cycle.forwarding = True
             self._resume(_PAUSE_BUFFER)
-            cycle.timer = self.loop.call_later(pool.response_timeout, self._upstream_timeout, cycle)
+            wait = pool.response_timeout
+            if not cycle.body_done:
+                wait = min(wait, self.settings.body_timeout)
+            cycle.timer = self.loop.call_later(wait, self._upstream_timeout, cycle)
             result = await cycle.waiter
             if cycle.head_received or self._closed:
                 break
@@ -672,17 +676,19 @@ class HttpProtocol(asyncio.Protocol):
         if cycle.head_received or cycle.waiter is None or cycle.waiter.done():
             return
         timeout = cycle.exchange.upstream.response_timeout
+        body_timeout = self.settings.body_timeout
         if not cycle.body_done and cycle.exchange.bytes_in != cycle.bytes_seen:
             # The request body is still flowing: the upstream is not late yet.
             cycle.bytes_seen = cycle.exchange.bytes_in
-            cycle.timer = self.loop.call_later(timeout, self._upstream_timeout, cycle)
+            wait = min(timeout, body_timeout)
+            cycle.timer = self.loop.call_later(wait, self._upstream_timeout, cycle)
             return
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
             conn.abort()
         if not cycle.body_done and not self._paused & _PAUSE_UPSTREAM:
             # The client stopped sending its body; the upstream was waiting for it.
-            cycle.exchange.error = f"the request body stalled for {timeout}s"
+            cycle.exchange.error = f"the request body stalled for {body_timeout}s"
             cycle.waiter.set_result(problem(408, "Request Timeout", cycle.exchange.error))
             return
         cycle.exchange.error = f"upstream sent no response within {timeout}s"
