@@ -29,7 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -102,7 +104,9 @@ class Gateway:
         os.replace(tmp, self.config_path)
 
     def access_log(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.proc.stdout().splitlines() if line.startswith("{")]
+        return [
+            json.loads(line) for line in self.proc.stdout().splitlines() if line.startswith("{")
+        ]
 
 
 def example_product(backend_port: int, **overrides: Any) -> dict[str, Any]:

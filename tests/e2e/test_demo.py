@@ -11,8 +11,7 @@ def test_example_config_counts_and_limits(tmp_path):
         config = gateway_config([example_product(upstream)])
         with run_gateway(config, tmp_path) as gw, httpx.Client(base_url=gw.url) as client:
             codes = [
-                client.get("/echo/hello", headers={"X-API-Key": "k1"}).status_code
-                for _ in range(6)
+                client.get("/echo/hello", headers={"X-API-Key": "k1"}).status_code for _ in range(6)
             ]
             assert codes == [200] * 5 + [429]
             assert client.get("/echo/hello").status_code == 401

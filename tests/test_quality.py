@@ -1,0 +1,56 @@
+"""The code stays lint-clean and type-checked, and the layout keeps its boundaries."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src" / "meshgate"
+
+
+def test_ruff_is_clean() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "src", "tests", "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_is_clean() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "src/meshgate"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _imports(package: str) -> set[str]:
+    found: set[str] = set()
+    for path in (SRC / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("meshgate.")}
+
+
+def test_the_engine_imports_no_role() -> None:
+    assert {m for m in _imports("proxy") if not m.startswith("meshgate.proxy")} == set()
+
+
+def test_config_is_shared_not_dependent() -> None:
+    assert {m for m in _imports("config") if not m.startswith("meshgate.config")} == set()
+
+
+def test_limits_and_policies_know_no_role() -> None:
+    roles = ("meshgate.gateway", "meshgate.mesh", "meshgate.control", "meshgate.integration")
+    for package in ("limits", "policies", "telemetry"):
+        assert not {m for m in _imports(package) if m.startswith(roles)}, package
