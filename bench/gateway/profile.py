@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, and Ctrl-C works even where SIGINT was ignored (a
+    # background job), so the servers are always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         preflight()
         if args.tool == "py-spy" and shutil.which("py-spy") is None:

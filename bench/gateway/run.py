@@ -867,8 +867,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
-    # SIGTERM unwinds like Ctrl-C, so the servers are stopped.
+    # SIGTERM unwinds like Ctrl-C, and Ctrl-C works even where SIGINT was ignored (a
+    # background job), so the servers are always stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         report = run(args)
     except BenchError as exc:
