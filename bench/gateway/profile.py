@@ -156,8 +156,7 @@ def profile(args: argparse.Namespace) -> str:
             if args.tool == "pyinstrument":
                 out = args.pyinstrument_out
                 command = [
-                    sys.executable, "-m", "pyinstrument", "--async-mode", "disabled",
-                    "-r", "text", "--show-all", "-o", str(out),
+                    sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(out),
                     "-m", "meshgate", "gateway", "--config", str(config),
                     "--log-level", "WARNING",
                 ]  # fmt: skip

@@ -441,7 +441,9 @@ def wrk(
     args.append(f"http://127.0.0.1:{port}{PATH}")
     before = meter.snapshot() if meter is not None else None
     rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=seconds + 60, preexec_fn=_die_with_parent
+    )
     rusage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = meter.snapshot() if meter is not None else None
     if done.returncode != 0:
@@ -575,7 +577,7 @@ def machine(redis_version: str | None) -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: "),
+        "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: nginx/"),
         "wrk": _first_line(["wrk", "-v"]).split(" [")[0],
         "redis": redis_version or "not reachable",
         "meshgate": f"{_version('meshgate')} @ {commit}"
