@@ -219,4 +219,29 @@ def service_url(name: str, default: str) -> str:
 
 
 def services_required() -> bool:
+    """Whether a missing service must fail the run instead of skipping (CI sets it)."""
     return os.environ.get("MESHGATE_REQUIRE_SERVICES") == "1"
+
+
+def unavailable(reason: str) -> None:
+    """Skip with ``reason``, or fail when MESHGATE_REQUIRE_SERVICES=1."""
+    import pytest
+
+    if services_required():
+        pytest.fail(f"{reason} (MESHGATE_REQUIRE_SERVICES=1)")
+    pytest.skip(reason)
+
+
+def shared_redis_url() -> str:
+    """The shared Redis (MESHGATE_REDIS_URL); tests write only under their own key prefix."""
+    import redis
+
+    url = service_url("REDIS", "redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as error:
+        unavailable(f"Redis not reachable at {url}: {error}")
+    finally:
+        client.close()
+    return url

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -30,6 +31,20 @@ def _example_path() -> Path:
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(1)
+
+
+def _serve_until_stopped(serve: Callable[[], None]) -> None:
+    """Run a server; a configuration or start-up problem becomes one line and exit 1."""
+    from meshgate.gateway import GatewayStartError
+
+    try:
+        serve()
+    except ConfigError as exc:
+        raise _fail(f"invalid configuration: {exc}") from None
+    except GatewayStartError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
 
 
 def _logging(level: str = "INFO") -> None:
@@ -79,14 +94,7 @@ def up(
             ) from None
         await GatewayProcess(path, on_ready=ready).run()
 
-    try:
-        uvloop.run(main())
-    except ConfigError as exc:
-        raise _fail(f"invalid configuration: {exc}") from None
-    except GatewayStartError as exc:
-        raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
-        pass
+    _serve_until_stopped(lambda: uvloop.run(main()))
 
 
 @app.command()
@@ -100,17 +108,12 @@ def gateway(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the edge gateway from a declarative configuration file."""
-    from meshgate.gateway import GatewayStartError, run_gateway
+    from meshgate.gateway import run_gateway
 
     _logging(log_level.upper())
-    try:
-        run_gateway(config, workers=workers, reuse_port=reuse_port, watch=watch)
-    except ConfigError as exc:
-        raise _fail(f"invalid configuration: {exc}") from None
-    except GatewayStartError as exc:
-        raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
-        pass
+    _serve_until_stopped(
+        lambda: run_gateway(config, workers=workers, reuse_port=reuse_port, watch=watch)
+    )
 
 
 @app.command()

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import pytest
 import redis
-from harness import Gateway, free_port, service_url, services_required
+from harness import Gateway, free_port, unavailable
 from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
@@ -145,26 +144,6 @@ def reset_bracket(period: str, before: float, after: float) -> range:
     return range(
         math.ceil(seconds_left(period, after)), math.ceil(seconds_left(period, before)) + 1
     )
-
-
-def unavailable(reason: str) -> None:
-    """Skip with ``reason``, or fail when MESHGATE_REQUIRE_SERVICES=1."""
-    if services_required():
-        pytest.fail(f"{reason} (MESHGATE_REQUIRE_SERVICES=1)")
-    pytest.skip(reason)
-
-
-def shared_redis_url() -> str:
-    """The shared Redis (MESHGATE_REDIS_URL); tests write only under their own key prefix."""
-    url = service_url("REDIS", "redis://127.0.0.1:6379/0")
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as error:
-        unavailable(f"Redis not reachable at {url}: {error}")
-    finally:
-        client.close()
-    return url
 
 
 def unique_prefix() -> str:

@@ -3,43 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis
+from harness import shared_redis_url, unavailable
 
 from meshgate.limits import CounterBackend, MemoryCounters, RedisCounters
 
 Scenario = Callable[[CounterBackend], Awaitable[None]]
 
 
-def require_services() -> bool:
-    """Whether a missing service must fail the run instead of skipping (CI sets it)."""
-    return os.environ.get("MESHGATE_REQUIRE_SERVICES") == "1"
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail when services are required."""
-    if require_services():
-        pytest.fail(f"{reason} (MESHGATE_REQUIRE_SERVICES=1)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The shared Redis the tests may write to (under their own key prefixes only)."""
-    url = os.environ.get("MESHGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as error:
-        unavailable(f"Redis not reachable at URL: {url} ({error})")
-    finally:
-        client.close()
-    return url
+    return shared_redis_url()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ With ``workers > 1`` a supervisor starts that many processes on one port
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -140,6 +141,9 @@ class GatewayProcess:
             len(config.products),
             self.version,
         )
+        # Startup objects live as long as the process: keep them out of every collection.
+        gc.collect()
+        gc.freeze()
         if self.on_ready is not None:
             self.on_ready(self)
         await self._stop.wait()

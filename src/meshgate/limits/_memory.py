@@ -41,6 +41,12 @@ class MemoryCounters:
         self, scope: str, checks: Sequence[LimitCheck], now: float | None = None
     ) -> Decision:
         """Refuse if any check does not fit, else add every increment; see CounterBackend."""
+        return self.check_and_increment_nowait(scope, checks, now)
+
+    def check_and_increment_nowait(
+        self, scope: str, checks: Sequence[LimitCheck], now: float | None = None
+    ) -> Decision:
+        """The same decision without a coroutine: nothing here ever waits."""
         if now is None:
             now = time()
         current = self._current
