@@ -13,12 +13,11 @@ from gateway_e2e_support import (
     TIMEOUT,
     drop_keys,
     seconds_left,
-    shared_redis_url,
     unique_prefix,
     usage,
     values,
 )
-from harness import echo_upstream, example_product, gateway_config, run_gateway
+from harness import echo_upstream, example_product, gateway_config, run_gateway, shared_redis_url
 
 KEY = {"X-API-Key": "k1"}
 

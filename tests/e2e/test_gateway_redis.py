@@ -15,12 +15,11 @@ from gateway_e2e_support import (
     drop_keys,
     private_redis,
     serving_workers,
-    shared_redis_url,
     unique_prefix,
     values,
     wait_for,
 )
-from harness import echo_upstream, example_product, gateway_config, run_gateway
+from harness import echo_upstream, example_product, gateway_config, run_gateway, shared_redis_url
 
 KEY = {"X-API-Key": "k1"}
 

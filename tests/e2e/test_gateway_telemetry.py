@@ -13,7 +13,6 @@ from gateway_e2e_support import (
     sample_sum,
     scrape,
     serving_workers,
-    shared_redis_url,
     unique_prefix,
     usage,
     wait_for,
@@ -25,6 +24,7 @@ from harness import (
     free_port,
     gateway_config,
     run_gateway,
+    shared_redis_url,
     wait_port,
 )
 

@@ -10,14 +10,21 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import IO
 
-from meshgate.config import Config, Product
+from meshgate.config import Application, Config, Product
 from meshgate.gateway.credentials import Authenticator, AuthError
 from meshgate.gateway.mapping import MappingRules
-from meshgate.limits import BackendUnavailable, CounterBackend, LimitCheck, Usage, periods
+from meshgate.limits import (
+    BackendUnavailable,
+    CounterBackend,
+    Decision,
+    LimitCheck,
+    Usage,
+    periods,
+)
 from meshgate.policies import PolicyChain
 from meshgate.proxy import (
     BadTarget,
@@ -187,22 +194,27 @@ def _by_prefix(products: list[ProductRuntime], path: str) -> ProductRuntime | No
     return None
 
 
-def _policy_name(u: Usage) -> str:
-    return f"{u.metric}-{u.period}"
+_POLICY_CACHE: dict[tuple[str, str, int, int | None], bytes] = {}
 
 
-def _ratelimit_fields(u: Usage) -> tuple[str, str]:
-    name = _policy_name(u)
+def _ratelimit_fields(u: Usage) -> tuple[bytes, bytes]:
+    """The ``RateLimit-Policy`` and ``RateLimit`` field values of one limit."""
     window = _WINDOW_SECONDS.get(u.period)
     if window is None and u.period != "eternity":
         # Calendar months and years differ in length: give the current window's.
         start, end = periods.window(u.period, time.time())
         window = (end or start) - start
-    policy = f'"{name}";q={u.limit}' + (f";w={window}" if window else "")
-    current = f'"{name}";r={u.remaining}' + (
-        f";t={u.reset_seconds}" if u.reset_seconds is not None else ""
-    )
-    return policy, current
+    key = (u.metric, u.period, u.limit, window)
+    policy = _POLICY_CACHE.get(key)
+    if policy is None:
+        if len(_POLICY_CACHE) > 4096:
+            _POLICY_CACHE.clear()
+        text = f'"{u.metric}-{u.period}";q={u.limit}' + (f";w={window}" if window else "")
+        policy = _POLICY_CACHE[key] = text.encode()
+    name = policy[: policy.index(b";")]
+    if u.reset_seconds is None:
+        return policy, b"%s;r=%d" % (name, u.remaining)
+    return policy, b"%s;r=%d;t=%d" % (name, u.remaining, u.reset_seconds)
 
 
 class Gateway:
@@ -223,14 +235,18 @@ class Gateway:
         self.products = [ProductRuntime(p, self.pools, config) for p in config.products]
         self.router = _Router(self.products)
         self.deny_on_backend_error = config.limits.on_backend_error == "deny"
+        # Counters that never wait (memory) are called without a coroutine.
+        self._check_nowait = getattr(counters, "check_and_increment_nowait", None)
         self.access_log = (access_log or sys.stdout) if config.access_log else None
 
-    async def handle(self, exchange: Exchange) -> Response | None:
+    def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
+        """Decide without a coroutine when nothing has to wait (memory counters, no JWKS
+        fetch); otherwise return an awaitable that finishes the decision."""
         request = exchange.request
         product = self.router.match(request.host, request.path)
         if product is None:
             return problem(404, "Not Found", "no API product serves this host and path")
-        state = exchange.state = _State(product)
+        exchange.state = _State(product)
         if product.prefix != "/":
             # Relative to the prefix either way: mapping rules and rewrites never see it, and
             # target() puts it back when it is not stripped.
@@ -256,35 +272,83 @@ class Gateway:
                 413, "Content Too Large", f"the request body exceeds {exchange.max_body_size} bytes"
             )
         try:
-            auth = product.auth
-            app = auth.authenticate_nowait(request) or await auth.authenticate(request)
+            app = product.auth.authenticate_nowait(request)
         except AuthError as exc:
             return exc.response()
-        state.application = app.id
+        if app is None:
+            return self._authenticate_then_count(exchange, product)
+        return self._count(exchange, product, app)
+
+    async def _authenticate_then_count(
+        self, exchange: Exchange, product: ProductRuntime
+    ) -> Response | None:
+        try:
+            app = await product.auth.authenticate(exchange.request)
+        except AuthError as exc:
+            return exc.response()
+        result = self._count(exchange, product, app)
+        if isinstance(result, Response) or result is None:
+            return result
+        return await result
+
+    def _count(
+        self, exchange: Exchange, product: ProductRuntime, app: Application
+    ) -> Response | None | Awaitable[Response | None]:
+        request = exchange.request
+        exchange.state.application = app.id
         deltas = product.rules.match(request.method, exchange.route_path, request.query)
         if deltas is None:
             return problem(404, "Not Found", "no mapping rule matches this method and path")
         checks = product.checks(app.plan, deltas)
         if checks:
-            try:
-                decision = await self.counters.check_and_increment(product.scopes[app.id], checks)
-            except BackendUnavailable as exc:
-                self.metrics.backend_errors.labels(self.config.limits.on_backend_error).inc()
-                if self.deny_on_backend_error:
-                    log.warning("usage limits unavailable, denying: %s", exc)
-                    response = problem(
-                        503, "Service Unavailable", "usage limits cannot be checked right now"
-                    )
-                    response.headers.set("retry-after", "1")
-                    return response
-            else:
-                state.usages = decision.usages
-                if not decision.allowed:
-                    return self._over_limit(product, app.id, decision.rejected, decision.usages)
-                state.usage = min(decision.usages, key=_constraint)
-        response = chain.access(exchange)
+            scope = product.scopes[app.id]
+            nowait = self._check_nowait
+            if nowait is None:
+                return self._count_async(exchange, product, app, scope, checks)
+            response = self._decide(product, app, nowait(scope, checks), exchange.state)
+            if response is not None:
+                return response
+        return self._forward(exchange, product)
+
+    async def _count_async(
+        self,
+        exchange: Exchange,
+        product: ProductRuntime,
+        app: Application,
+        scope: str,
+        checks: list[LimitCheck],
+    ) -> Response | None:
+        try:
+            decision = await self.counters.check_and_increment(scope, checks)
+        except BackendUnavailable as exc:
+            self.metrics.backend_errors.labels(self.config.limits.on_backend_error).inc()
+            if self.deny_on_backend_error:
+                log.warning("usage limits unavailable, denying: %s", exc)
+                unavailable = problem(
+                    503, "Service Unavailable", "usage limits cannot be checked right now"
+                )
+                unavailable.headers.set("retry-after", "1")
+                return unavailable
+        else:
+            refused = self._decide(product, app, decision, exchange.state)
+            if refused is not None:
+                return refused
+        return self._forward(exchange, product)
+
+    def _decide(
+        self, product: ProductRuntime, app: Application, decision: Decision, state: _State
+    ) -> Response | None:
+        usages = state.usages = decision.usages
+        if not decision.allowed:
+            return self._over_limit(product, app.id, decision.rejected, usages)
+        state.usage = usages[0] if len(usages) == 1 else min(usages, key=_constraint)
+        return None
+
+    def _forward(self, exchange: Exchange, product: ProductRuntime) -> Response | None:
+        response = product.chain.access(exchange)
         if response is not None:
             return response
+        request = exchange.request
         exchange.upstream = product.pool
         bare = exchange.route_path == "/" and request.path == product.prefix
         exchange.upstream_target = product.target(exchange.route_path, request.query, bare)
@@ -308,8 +372,9 @@ class Gateway:
         policy, current = _ratelimit_fields(rejected)
         if rejected.reset_seconds is not None:
             response.headers.set("retry-after", str(max(1, rejected.reset_seconds)))
-        response.headers.set("ratelimit-policy", policy)
-        response.headers.set("ratelimit", current)
+        raw = response.headers.raw()
+        raw.append((b"ratelimit-policy", policy))
+        raw.append((b"ratelimit", current))
         return response
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> None:
@@ -320,8 +385,8 @@ class Gateway:
         if usage is not None and status != 429:
             policy, current = _ratelimit_fields(usage)
             raw = headers.raw()
-            raw.append((b"ratelimit-policy", policy.encode()))
-            raw.append((b"ratelimit", current.encode()))
+            raw.append((b"ratelimit-policy", policy))
+            raw.append((b"ratelimit", current))
         state.product.chain.response(exchange, status, headers)
 
     def on_complete(self, exchange: Exchange) -> None:

@@ -2,7 +2,8 @@
 
 One Lua script checks every limit of a request and increments them only if all fit, so a
 decision is atomic and costs one round trip (EVALSHA; the script is reloaded if Redis
-answers NOSCRIPT, e.g. after a restart).
+answers NOSCRIPT, e.g. after a SCRIPT FLUSH). Decisions, the hot path, are pipelined on a
+connection of our own (``_pipeline``); redis-py serves the rest (MGET, PING).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from collections.abc import Sequence
 from functools import lru_cache
 from math import inf
 from time import time
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,6 +34,7 @@ from meshgate.limits._base import (
     Usage,
     make_usage,
 )
+from meshgate.limits._pipeline import Address, Pipeline, PipelineError, encode_command
 from meshgate.limits.periods import window
 
 # KEYS[i] is the counter of check i; ARGV holds max, increment and TTL (0: none) per check.
@@ -61,7 +66,11 @@ end
 return {0, values}
 """
 
+_SCRIPT_SHA = hashlib.sha1(_CHECK_AND_INCREMENT.encode()).hexdigest().encode()
+_SCRIPT_LOAD = encode_command("SCRIPT", "LOAD", _CHECK_AND_INCREMENT)
+
 _MAX_KEY_PART = 200
+_MAX_ENCODED_KEYS = 16384
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, TimeoutError)
 
 
@@ -77,6 +86,55 @@ def _key_part(text: str) -> str:
     return "#" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+@lru_cache(maxsize=4096)
+def _bulk_int(value: int) -> bytes:
+    """``value`` as a RESP bulk string."""
+    digits = b"%d" % value
+    return b"$%d\r\n%b\r\n" % (len(digits), digits)
+
+
+@lru_cache(maxsize=64)
+def _evalsha_head(checks: int) -> bytes:
+    """The start of an EVALSHA of ``checks`` keys, 3 arguments each, up to the keys."""
+    return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (
+        3 + 4 * checks,
+        _SCRIPT_SHA,
+        _bulk_int(checks),
+    )
+
+
+def _ignore(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _connection_setup(url: str) -> tuple[Address, list[bytes]]:
+    """Where to connect for ``url`` and the commands that set a connection up, as redis-py
+    reads the URL: TLS for ``rediss://``, a Unix socket for ``unix://``, AUTH, SELECT."""
+    options = parse_url(url)
+    kind = options.get("connection_class")
+    tls = None
+    if kind is not None and issubclass(kind, SSLConnection):
+        settings: dict[str, Any] = {
+            name: value for name, value in options.items() if name.startswith("ssl_")
+        }
+        tls = SSLConnection(**settings).ssl_context.get
+    if kind is not None and issubclass(kind, UnixDomainSocketConnection):
+        address = Address(path=options["path"])
+    else:
+        address = Address(options.get("host", "localhost"), options.get("port", 6379), tls=tls)
+    setup = []
+    password = options.get("password")
+    if password is not None:
+        username = options.get("username")
+        auth = ("AUTH", password) if username is None else ("AUTH", username, password)
+        setup.append(encode_command(*auth))
+    if options.get("db", 0):
+        setup.append(encode_command("SELECT", options["db"]))
+    setup.append(_SCRIPT_LOAD)
+    return address, setup
+
+
 def _redacted(url: str) -> str:
     """``url`` without its password or query, fit for an error message."""
     parts = urlsplit(url)
@@ -88,10 +146,14 @@ def _redacted(url: str) -> str:
 class RedisCounters:
     """Exact counters shared by every gateway process pointed at the same Redis.
 
-    Every call is bounded by ``timeout`` seconds (waiting for a pooled connection
-    included) and raises :class:`BackendUnavailable` past it or on any connection error.
-    Failed connections are dropped, so calls work again once Redis is back.
-    ``max_connections`` bounds concurrent commands per process; more wait for a connection.
+    Decisions are pipelined on one connection per process (see ``_pipeline``): concurrent
+    requests share its writes and reads, one EVALSHA each. Every call is bounded by
+    ``timeout`` seconds (connecting included) and raises :class:`BackendUnavailable` past it
+    or on any connection error, failing with it the calls that were waiting on the same
+    connection; the next call opens a new one, so calls work again once Redis is back.
+    After a failed connect, calls wait for the next attempt, at most one per 0.1 s.
+    ``max_connections`` bounds the connections of :meth:`usage` and :meth:`ping` only
+    (redis-py's pool); more calls at once wait for one.
     """
 
     def __init__(
@@ -114,16 +176,17 @@ class RedisCounters:
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            # A check-and-increment is not idempotent: a retry after a lost reply counts twice.
             retry=Retry(NoBackoff(), 0),
             # redis-py 8.x skips the pool's stale-connection check under RESP3 (its default),
             # so pooled connections stay dead after a Redis restart (redis/redis-py#4128,
-            # fixed by #4260). RESP2 replies are the same for this script and MGET.
+            # fixed by #4260). RESP2 replies are the same for MGET.
             protocol=2,
         )
         self._client = Redis.from_pool(pool)
-        self._script = self._client.register_script(_CHECK_AND_INCREMENT)
+        self._pipeline = Pipeline(*_connection_setup(url), timeout)
+        self._script_load: asyncio.Future[Any] | None = None
         self._windows: dict[str, tuple[int, int | None, float]] = {}
+        self._encoded_keys: dict[tuple[str, str, str, int], bytes] = {}
 
     async def check_and_increment(
         self, scope: str, checks: Sequence[LimitCheck], now: float | None = None
@@ -133,16 +196,14 @@ class RedisCounters:
             return Decision(True, [], None)
         if now is None:
             now = time()
-        keys, ends = self._keys(scope, checks, now)
-        args: list[int] = []
-        for check, end in zip(checks, ends, strict=True):
-            ttl = 0 if end is None else int(end - now) + 1 + WINDOW_GRACE
-            args += (check.max, check.increment, ttl)
+        evalsha, ends = self._evalsha(scope, checks, now)
         try:
-            async with asyncio.timeout(self._timeout):
-                rejected, values = await self._script(keys, args)
-        except _UNAVAILABLE as error:
+            reply = await self._pipeline.send(evalsha)
+            if type(reply) is not list:
+                reply = await self._retry(reply, evalsha)
+        except PipelineError as error:
             raise self._unavailable("check_and_increment", error) from error
+        rejected, values = reply
         usages = [
             make_usage(check, value, end, now)
             for check, value, end in zip(checks, values, ends, strict=True)
@@ -150,6 +211,21 @@ class RedisCounters:
         if rejected:
             return Decision(False, usages, usages[rejected - 1])
         return Decision(True, usages, None)
+
+    async def _retry(self, reply: object, evalsha: bytes) -> list[Any]:
+        """Run ``evalsha`` once more if Redis lost the script (NOSCRIPT: it did not run)."""
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            loading = self._script_load
+            # Commands run in order: one SCRIPT LOAD ahead of every retry is enough.
+            if loading is None or loading.done():
+                loading = self._pipeline.send(_SCRIPT_LOAD)
+                # Its failure is the retry's too; nobody awaits it.
+                loading.add_done_callback(_ignore)
+                self._script_load = loading
+            reply = await self._pipeline.send(evalsha)
+        if type(reply) is not list:
+            raise PipelineError(f"Redis answered: {reply}")
+        return reply
 
     async def usage(
         self, scope: str, checks: Sequence[LimitCheck], now: float | None = None
@@ -179,32 +255,67 @@ class RedisCounters:
             raise self._unavailable("ping", error) from error
 
     async def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every connection, failing the calls still waiting on one."""
+        self._pipeline.close()
         await self._client.aclose()
 
     def _keys(
         self, scope: str, checks: Sequence[LimitCheck], now: float
     ) -> tuple[list[str], list[int | None]]:
-        """The Redis key and window end of each check.
-
-        The scope is the hash tag, so one request's keys share a Redis Cluster slot.
-        """
-        base = f"{self._prefix}:{{{_key_part(scope)}}}:"
-        windows = self._windows
+        """The Redis key and window end of each check."""
         keys = []
         ends = []
         for check in checks:
-            period = check.period
-            cached = windows.get(period)
-            if cached is None or not cached[0] <= now < cached[2]:
-                start, end = window(period, now)
-                cached = windows[period] = (start, end, inf if end is None else end)
-            keys.append(f"{base}{_key_part(check.metric)}:{period}:{cached[0]}")
-            ends.append(cached[1])
+            start, end = self._window(check.period, now)
+            keys.append(self._key(scope, check.metric, check.period, start))
+            ends.append(end)
         return keys, ends
 
+    def _evalsha(
+        self, scope: str, checks: Sequence[LimitCheck], now: float
+    ) -> tuple[bytes, list[int | None]]:
+        """The EVALSHA command of a decision, and the window end of each check."""
+        encoded_keys = self._encoded_keys
+        parts = [_evalsha_head(len(checks))]
+        args: list[bytes] = []
+        ends = []
+        for check in checks:
+            period = check.period
+            start, end = self._window(period, now)
+            # Building and encoding keys is most of the client's work per call: keep them.
+            ident = (scope, check.metric, period, start)
+            key = encoded_keys.get(ident)
+            if key is None:
+                if len(encoded_keys) >= _MAX_ENCODED_KEYS:
+                    encoded_keys.clear()  # mostly windows that ended
+                name = self._key(scope, check.metric, period, start).encode()
+                key = encoded_keys[ident] = b"$%d\r\n%b\r\n" % (len(name), name)
+            parts.append(key)
+            ttl = 0 if end is None else int(end - now) + 1 + WINDOW_GRACE
+            args += (_bulk_int(check.max), _bulk_int(check.increment), _bulk_int(ttl))
+            ends.append(end)
+        parts += args
+        return b"".join(parts), ends
+
+    def _window(self, period: str, now: float) -> tuple[int, int | None]:
+        """Start and end (``None``: never) of the window of ``period`` at ``now``."""
+        cached = self._windows.get(period)
+        if cached is None or not cached[0] <= now < cached[2]:
+            start, end = window(period, now)
+            cached = self._windows[period] = (start, end, inf if end is None else end)
+        return cached[0], cached[1]
+
+    def _key(self, scope: str, metric: str, period: str, start: int) -> str:
+        """The counter of ``metric`` in the window of ``period`` from ``start``.
+
+        The scope is the hash tag, so one request's keys share a Redis Cluster slot.
+        """
+        return f"{self._prefix}:{{{_key_part(scope)}}}:{_key_part(metric)}:{period}:{start}"
+
     def _unavailable(self, operation: str, error: BaseException) -> BackendUnavailable:
-        if isinstance(error, TimeoutError | RedisTimeoutError):
+        if isinstance(error, PipelineError):
+            reason = str(error)
+        elif isinstance(error, TimeoutError | RedisTimeoutError):
             reason = f"no answer within {self._timeout}s"
         else:
             reason = f"{type(error).__name__}: {error}"

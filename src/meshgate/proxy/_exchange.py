@@ -7,7 +7,7 @@ The engine creates one :class:`Exchange` per request and hands it to the role's
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from typing import Any, Protocol
 
 __all__ = ["Headers", "Request", "Response", "Exchange", "Handler", "problem"]
@@ -36,6 +36,16 @@ class Headers:
                 return v.decode("latin-1")
         return default
 
+    def get_raw(self, name: bytes) -> bytes | None:
+        """The first value of ``name``, given as lowercase bytes (``b"origin"``), undecoded.
+
+        The hot-path lookup: no encoding of the name, no decoding of the value.
+        """
+        for k, v in self._items:
+            if k == name:
+                return v
+        return None
+
     def get_all(self, name: str) -> list[str]:
         key = name.lower().encode("latin-1")
         return [v.decode("latin-1") for k, v in self._items if k == key]
@@ -52,12 +62,18 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace every field of this name with one field of this value."""
         key = name.lower().encode("latin-1")
-        self._items = [(k, v) for k, v in self._items if k != key]
-        self._items.append((key, value.encode("latin-1")))
+        field = (key, value.encode("latin-1"))
+        items = self._items
+        for i, (k, _) in enumerate(items):
+            if k == key:
+                # In place: the field keeps its position, later duplicates go.
+                items[i] = field
+                _remove_from(items, key, i + 1)
+                return
+        items.append(field)
 
     def remove(self, name: str) -> None:
-        key = name.lower().encode("latin-1")
-        self._items = [(k, v) for k, v in self._items if k != key]
+        _remove_from(self._items, name.lower().encode("latin-1"), 0)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         for k, v in self._items:
@@ -68,6 +84,22 @@ class Headers:
 
     def __repr__(self) -> str:
         return f"Headers({list(self)!r})"
+
+
+def _remove_from(items: list[tuple[bytes, bytes]], key: bytes, start: int) -> None:
+    for i in range(len(items) - 1, start - 1, -1):
+        if items[i][0] == key:
+            del items[i]
+
+
+def wrap_headers(items: list[tuple[bytes, bytes]]) -> Headers:
+    """A :class:`Headers` over ``items`` itself, not a copy: the engine's parsed lists."""
+    headers = _new_headers(Headers)
+    headers._items = items
+    return headers
+
+
+_new_headers = object.__new__
 
 
 class Request:
@@ -200,12 +232,15 @@ class Handler(Protocol):
 
     ``handle`` runs once the request head is parsed and before any body byte is
     forwarded. It returns a :class:`Response` to answer locally, or ``None`` to forward
-    to ``exchange.upstream``. ``on_response`` may change the upstream's (or a local)
-    response head before it is sent. ``on_complete`` runs after the last byte was sent
-    (or the exchange failed) and must not raise.
+    to ``exchange.upstream`` -- either directly, or as an awaitable of one of those
+    (an ``async def handle`` is fine). Return directly whenever nothing has to wait: the
+    engine then continues in the same callback, without a task; only an awaitable costs
+    one task. ``on_response`` may change the upstream's (or a local) response head
+    before it is sent. ``on_complete`` runs exactly once per exchange that reached
+    ``handle``, after the last byte was sent (or the exchange failed), and must not raise.
     """
 
-    async def handle(self, exchange: Exchange) -> Response | None: ...
+    def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]: ...
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> None: ...
 

@@ -3,24 +3,37 @@
 Requests on a connection are served one at a time, in order; pipelined requests wait
 in a queue with reading paused. Bodies stream straight between the two transports:
 whichever side cannot keep up pauses reading on the other (``pause_writing``).
+
+An exchange is driven by callbacks, not by a task: the handler's decision, the upstream
+connection's events and one timer per connection move it from stage to stage. A task
+exists only while something really waits: an asynchronous handler, or a new upstream
+connection being opened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
+from random import getrandbits
 
 import httptools
 
-from meshgate.proxy._exchange import Exchange, Handler, Headers, Request, Response, problem
+from meshgate.proxy._exchange import (
+    Exchange,
+    Handler,
+    Request,
+    Response,
+    problem,
+    wrap_headers,
+)
 from meshgate.proxy._path import BadTarget, split_target, target_authority
 from meshgate.proxy._upstream import (
     FRAMING_CHUNKED,
@@ -28,6 +41,7 @@ from meshgate.proxy._upstream import (
     FRAMING_NONE,
     UpstreamConnection,
     UpstreamError,
+    UpstreamPool,
 )
 
 __all__ = ["Server", "ServerSettings"]
@@ -36,8 +50,8 @@ log = logging.getLogger("meshgate.proxy")
 _now = time.perf_counter
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward; framing fields
-# are regenerated, and Expect is answered here.
-_HOP_BY_HOP = frozenset(
+# are regenerated, Expect is answered here, and the forwarding fields are set here.
+_REQUEST_SKIP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -49,34 +63,57 @@ _HOP_BY_HOP = frozenset(
         b"content-length",
         b"expect",
         b"host",
-    }
-)
-# The gateway's X-Request-Id is the one returned, whatever the upstream says.
-_RESPONSE_DROP = frozenset(
-    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
         b"x-request-id",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"transfer-encoding",
     }
 )
+# Request fields the head parser looks at; every other field goes by with one lookup.
+_REQUEST_SPECIAL = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"x-request-id", b"expect", b"connection"}
+)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,200}$")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Below this size a body chunk is copied behind the held head into one buffer; above,
+# both go to one writev without the copy.
+_JOIN_LIMIT = 16384
 
 # Reasons to stop reading from the client, as bits: any set keeps reading paused.
 _PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
 _PAUSE_QUEUE = 2  # a pipelined request waits for the one in front of it
 _PAUSE_BUFFER = 4  # body bytes wait for the handler's decision
 
+# The stages of a cycle; each callback checks the stage it expects.
+_NEW = 0  # parsed, not yet handed to the handler
+_DECIDING = 1  # an asynchronous handler is running
+_CONNECTING = 2  # opening a new upstream connection
+_WAITING = 3  # the request went upstream, its response head has not come back
+_STREAMING = 4  # the response head is committed; the body flows
+_DONE = 5  # on_complete ran
+
 
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     return line if line is not None else f"HTTP/1.1 {status} Status\r\n".encode()
+
+
+def _method_bytes(method: str) -> bytes:
+    line = _METHOD_LINES.get(method)
+    return line if line is not None else method.encode("ascii") + b" "
+
+
+_COMMON_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_METHODS = {m.encode(): m for m in _COMMON_METHODS}
+_METHOD_LINES = {m: m.encode() + b" " for m in _COMMON_METHODS}
+
+
+def _request_id() -> str:
+    # 128 random bits from the process's PRNG, seeded from the OS at start and reseeded
+    # in forked children: unique across workers and restarts, without a syscall each.
+    return getrandbits(128).to_bytes(16).hex()
 
 
 class _Clock:
@@ -117,50 +154,79 @@ class _Cycle:
 
     __slots__ = (
         "exchange",
+        "handler",
+        "stage",
         "keep_alive",
         "expect_continue",
         "body_done",
         "buffered",
         "buffered_size",
-        "forwarding",
         "upstream",
         "upstream_chunked",
+        "upstream_reusable",
         "response_started",
         "response_chunked",
-        "head_received",
-        "waiter",
-        "finished",
+        "held",
         "failure",
-        "upstream_reusable",
-        "timer",
+        "skip",
+        "retry_allowed",
         "bytes_seen",
-        "handler",
     )
 
-    def __init__(self, exchange: Exchange, keep_alive: bool, expect_continue: bool) -> None:
+    def __init__(
+        self, exchange: Exchange, keep_alive: bool, expect_continue: bool, body_done: bool
+    ) -> None:
         self.exchange = exchange
+        self.handler: Handler | None = None
+        self.stage = _NEW
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
-        self.body_done = False
-        self.buffered: list[bytes] = []
+        self.body_done = body_done
+        self.buffered: list[bytes] | None = None
         self.buffered_size = 0
-        self.forwarding = False
         self.upstream: UpstreamConnection | None = None
         self.upstream_chunked = False
+        self.upstream_reusable = False
+        # True once a response head is committed: written, or held to leave with the body.
         self.response_started = False
         self.response_chunked = False
-        self.head_received = False
-        self.waiter: asyncio.Future[Response | None] | None = None
-        self.finished: asyncio.Future[None] | None = None
+        self.held: bytes | None = None
         self.failure: Response | None = None
-        self.upstream_reusable = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.skip = _REQUEST_SKIP
+        self.retry_allowed = False
         self.bytes_seen = 0
-        self.handler: Handler | None = None
 
 
 class HttpProtocol(asyncio.Protocol):
     """Serves one client connection."""
+
+    __slots__ = (
+        "server",
+        "settings",
+        "loop",
+        "transport",
+        "parser",
+        "client_ip",
+        "_client_ip",
+        "_url",
+        "_headers",
+        "_header_size",
+        "_in_head",
+        "_head_bytes",
+        "_parsing",
+        "_current",
+        "_queue",
+        "_paused",
+        "_write_paused",
+        "_eof",
+        "_closed",
+        "_pending_error",
+        "_hold",
+        "_timer",
+        "_timer_at",
+        "_deadline",
+        "_idle",
+    )
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -169,6 +235,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
+        self._client_ip = b""
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_size = 0
@@ -177,12 +244,21 @@ class HttpProtocol(asyncio.Protocol):
         self._parsing: _Cycle | None = None
         self._current: _Cycle | None = None
         self._queue: deque[_Cycle] = deque()
-        self._timer: asyncio.TimerHandle | None = None
         self._paused = 0
         self._write_paused = False
         self._eof = False
         self._closed = False
         self._pending_error: Response | None = None
+        # Set while a callback may start cycles: they start once it unwinds, in a loop,
+        # never by recursion.
+        self._hold = False
+        # One timer per connection. It fires no later than the deadline of whatever
+        # stage the connection is in, checks that stage, and re-arms; moving a deadline
+        # later costs nothing (see _arm).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._idle = False  # between requests: the deadline closes silently, no 408
 
     # connection events
 
@@ -190,27 +266,42 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else ""
+        self._client_ip = self.client_ip.encode("ascii")
         self.server.connections.add(self)
-        self._timer = self.loop.call_later(self.settings.header_timeout, self._header_timeout)
+        self._deadline = self.loop.time() + self.settings.header_timeout
+        self._arm(self._deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.server.connections.discard(self)
         self._cancel_timer()
         cycle = self._current
-        if cycle is not None:
-            if cycle.upstream is not None and not cycle.upstream.closed:
-                cycle.upstream.abort()
-            cycle.exchange.error = cycle.exchange.error or "client closed the connection"
-            if cycle.waiter is not None and not cycle.waiter.done():
-                cycle.waiter.set_result(None)
-            if cycle.finished is not None and not cycle.finished.done():
-                cycle.finished.set_result(None)
+        if cycle is None:
+            return
+        conn, cycle.upstream = cycle.upstream, None
+        if conn is not None and not conn.closed:
+            conn.abort()
+        cycle.exchange.error = cycle.exchange.error or "client closed the connection"
+        # A running handler completes the exchange when it returns.
+        if cycle.stage >= _CONNECTING:
+            self._complete(cycle)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
         in_head = self._in_head
+        self._hold = True
+        try:
+            self._feed(data, in_head)
+        finally:
+            self._hold = False
+        cycle = self._current
+        if cycle is not None and cycle.stage == _NEW and not self._closed:
+            # Started after the whole read is parsed: body bytes that came with the head
+            # are buffered by now and leave with it.
+            self._begin(cycle)
+
+    def _feed(self, data: bytes, in_head: bool) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -273,10 +364,12 @@ class HttpProtocol(asyncio.Protocol):
         self._header_size = 0
         self._in_head = True
         self._head_bytes = 0
-        if self._current is None and self._parsing is None:
-            # First byte of a new request: the idle timer becomes the header timer.
-            self._cancel_timer()
-            self._timer = self.loop.call_later(self.settings.header_timeout, self._header_timeout)
+        if self._current is None:
+            # First byte of a new request: the idle deadline becomes the header deadline.
+            self._idle = False
+            deadline = self._deadline = self.loop.time() + self.settings.header_timeout
+            if self._timer is None or deadline < self._timer_at:
+                self._arm(deadline)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -288,12 +381,11 @@ class HttpProtocol(asyncio.Protocol):
         self._header_size += len(name) + len(value) + 4
         if self._header_size > self.settings.max_header_size:
             raise _HeaderTooLarge
-        self._headers.append((name.lower(), value))
+        if self._in_head:  # not a chunked body's trailer: those are dropped
+            self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._current is None:
-            self._cancel_timer()
         parser = self.parser
         headers = self._headers
         content_length: int | None = None
@@ -302,8 +394,11 @@ class HttpProtocol(asyncio.Protocol):
         hosts = 0
         request_id = b""
         expect = False
+        skip = _REQUEST_SKIP
         failure: Response | None = None
         for name, value in headers:
+            if name not in _REQUEST_SPECIAL:
+                continue
             if name == b"content-length":
                 if content_length is not None:
                     failure = problem(400, "Bad Request", "more than one Content-Length field")
@@ -324,6 +419,9 @@ class HttpProtocol(asyncio.Protocol):
                     expect = True
                 else:
                     failure = problem(417, "Expectation Failed", "only 100-continue is supported")
+            elif value.lower() not in _PLAIN_CONNECTION:
+                # Connection nominates more hop-by-hop fields.
+                skip = skip | {t.strip().lower() for t in value.split(b",")}
         version = parser.get_http_version()
         if chunked and (content_length is not None or version == "1.0"):
             # RFC 9112 6.1: either way the framing is ambiguous; refuse, then close.
@@ -338,25 +436,23 @@ class HttpProtocol(asyncio.Protocol):
             )
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             failure = failure or problem(400, "Bad Request", "exactly one Host field is required")
+        url = self._url
         try:
-            path, query = split_target(self._url)
+            path, query = split_target(url)
         except BadTarget as exc:
             path, query = "/", ""
             failure = failure or problem(400, "Bad Request", str(exc))
         else:
-            if self._url[:1] != b"/":
-                host = target_authority(self._url) or host
-        rid = (
-            request_id.decode()
-            if request_id and _REQUEST_ID.match(request_id)
-            else os.urandom(16).hex()
-        )
+            if url[:1] != b"/":
+                host = target_authority(url) or host
+        rid = request_id.decode() if request_id and _REQUEST_ID.match(request_id) else _request_id()
+        method = parser.get_method()
         request = Request(
-            parser.get_method().decode("ascii"),
-            self._url,
+            _METHODS.get(method) or method.decode("ascii"),
+            url,
             path,
             query,
-            Headers(headers),
+            wrap_headers(headers),
             version,
             self.client_ip,
             self.settings.scheme,
@@ -365,16 +461,20 @@ class HttpProtocol(asyncio.Protocol):
             chunked,
             rid,
         )
-        exchange = Exchange(request, _now())
-        keep_alive = parser.should_keep_alive() and not self.server.draining
-        cycle = _Cycle(exchange, keep_alive, expect and version == "1.1")
+        body_done = not (chunked or content_length)
+        cycle = _Cycle(
+            Exchange(request, _now()),
+            parser.should_keep_alive() and not self.server.draining,
+            expect and version == "1.1",
+            body_done,
+        )
+        cycle.skip = skip
         if failure is not None:
             cycle.failure = failure
             cycle.keep_alive = False
-        cycle.body_done = not (chunked or content_length)
-        self._parsing = None if cycle.body_done else cycle
+        self._parsing = None if body_done else cycle
         if self._current is None:
-            self._start(cycle)
+            self._current = cycle  # started by data_received once this read is parsed
         else:
             self._queue.append(cycle)
             self._pause(_PAUSE_QUEUE)
@@ -394,16 +494,19 @@ class HttpProtocol(asyncio.Protocol):
             )
             return
         conn = cycle.upstream
-        if cycle.forwarding and conn is not None:
+        if conn is not None:
             if cycle.upstream_chunked:
                 conn.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))  # type: ignore[union-attr]
             else:
                 conn.write(body)
+            return
+        if cycle.buffered is None:
+            cycle.buffered = [body]
         else:
             cycle.buffered.append(body)
-            cycle.buffered_size += len(body)
-            if cycle.buffered_size > 262144:
-                self._pause(_PAUSE_BUFFER)
+        cycle.buffered_size += len(body)
+        if cycle.buffered_size > 262144:
+            self._pause(_PAUSE_BUFFER)
 
     def on_message_complete(self) -> None:
         cycle = self._parsing
@@ -411,153 +514,206 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._parsing = None
         cycle.body_done = True
-        if cycle.forwarding and cycle.upstream is not None:
+        conn = cycle.upstream
+        if conn is not None:
             if cycle.upstream_chunked:
-                cycle.upstream.write(b"0\r\n\r\n")
-            if not cycle.head_received and cycle.timer is not None:
+                conn.write(b"0\r\n\r\n")
+            if cycle.stage == _WAITING:
                 # The response timeout counts from the end of the request.
-                cycle.timer.cancel()
-                cycle.timer = self.loop.call_later(
-                    cycle.exchange.upstream.response_timeout, self._upstream_timeout, cycle
-                )
+                deadline = self.loop.time() + cycle.exchange.upstream.response_timeout
+                self._deadline = deadline
+                if self._timer is None or deadline < self._timer_at:
+                    self._arm(deadline)
 
-    # serving
+    # serving: handler -> local response, or upstream -> response head -> body -> done
 
-    def _start(self, cycle: _Cycle) -> None:
+    def _begin(self, cycle: _Cycle) -> None:
+        """Make ``cycle`` current and serve it, then any queued cycle it leads to."""
         self._current = cycle
-        self.loop.create_task(self._serve(cycle))
+        if self._hold:
+            return
+        self._hold = True
+        try:
+            while True:
+                self._serve(cycle)
+                following = self._current
+                if following is None or following.stage != _NEW or self._closed:
+                    break
+                cycle = following
+        finally:
+            self._hold = False
 
-    async def _serve(self, cycle: _Cycle) -> None:
-        exchange = cycle.exchange
+    def _serve(self, cycle: _Cycle) -> None:
         handler = cycle.handler = self.server.handler
-        response = cycle.failure
-        if response is None:
-            try:
-                response = await handler.handle(exchange)
-            except Exception:
-                log.exception(
-                    "handler failed on %s %s", exchange.request.method, exchange.request.path
-                )
-                response = problem(
-                    500, "Internal Server Error", "the gateway failed on this request"
-                )
-            if cycle.failure is not None:
-                response = cycle.failure
-            elif response is None and exchange.upstream is not None and not self._closed:
-                try:
-                    response = await self._forward(cycle, handler)
-                except Exception:
-                    log.exception("forwarding failed")
-                    response = problem(502, "Bad Gateway", "the gateway failed to forward")
-                    cycle.keep_alive = False
-                    if cycle.response_started and self.transport is not None:
-                        self.transport.abort()
-            elif response is None and exchange.upstream is None:
-                response = problem(500, "Internal Server Error", "no upstream chosen")
-        if response is not None and not self._closed and not cycle.response_started:
-            self._send_local(cycle, response, handler)
+        if cycle.failure is not None:
+            self._respond(cycle, cycle.failure)
+            return
+        cycle.stage = _DECIDING
+        exchange = cycle.exchange
+        try:
+            decision = handler.handle(exchange)
+        except Exception:
+            decision = self._handler_failed(exchange)
+        if decision is None or isinstance(decision, Response):
+            self._decided(cycle, decision)
+        else:
+            self.loop.create_task(self._decide_later(cycle, decision))
+
+    async def _decide_later(self, cycle: _Cycle, decision: Awaitable[Response | None]) -> None:
+        try:
+            response = await decision
+        except Exception:
+            response = self._handler_failed(cycle.exchange)
+        self._decided(cycle, response)
+
+    def _handler_failed(self, exchange: Exchange) -> Response:
+        request = exchange.request
+        log.exception("handler failed on %s %s", request.method, request.path)
+        return problem(500, "Internal Server Error", "the gateway failed on this request")
+
+    def _decided(self, cycle: _Cycle, response: Response | None) -> None:
+        if cycle.failure is not None:
+            response = cycle.failure
+        elif response is None:
+            if self._closed:
+                self._complete(cycle)
+                return
+            if cycle.exchange.upstream is not None:
+                self._forward(cycle)
+                return
+            response = problem(500, "Internal Server Error", "no upstream chosen")
+        self._respond(cycle, response)
+
+    def _respond(self, cycle: _Cycle, response: Response) -> None:
+        if not self._closed and not cycle.response_started:
+            self._send_local(cycle, response)
+        self._complete(cycle)
+
+    def _complete(self, cycle: _Cycle) -> None:
+        if cycle.stage == _DONE:
+            return
+        cycle.stage = _DONE
+        exchange = cycle.exchange
         exchange.end = _now()
         try:
-            handler.on_complete(exchange)
+            cycle.handler.on_complete(exchange)  # type: ignore[union-attr]
         except Exception:
             log.exception("log phase failed")
         self._finish(cycle)
 
-    async def _forward(self, cycle: _Cycle, handler: Handler) -> Response | None:
+    def _forward(self, cycle: _Cycle) -> None:
         exchange = cycle.exchange
-        pool = exchange.upstream
-        request = exchange.request
-        retry_allowed = not request.has_body
         limit = exchange.max_body_size
         if limit is not None and exchange.bytes_in > limit:
             # Bytes that arrived with the head were read before the handler set the limit.
-            return problem(413, "Content Too Large", f"the request body exceeds {limit} bytes")
-        conn = pool.take_idle()
-        exchange.upstream_start = _now()
-        while True:
+            self._respond(
+                cycle, problem(413, "Content Too Large", f"the request body exceeds {limit} bytes")
+            )
+            return
+        try:
+            pool: UpstreamPool = exchange.upstream
+            exchange.upstream_start = _now()
+            cycle.retry_allowed = not exchange.request.has_body
+            conn = pool.take_idle()
             if conn is None:
-                try:
-                    conn = await pool.connect()
-                except UpstreamError as exc:
-                    exchange.error = exchange.error or str(exc)
-                    return cycle.failure or problem(502, "Bad Gateway", str(exc))
-                if self._closed or cycle.failure is not None:
-                    # The client went away or broke the request while we connected.
-                    pool.release(conn)
-                    return cycle.failure
-            cycle.upstream = conn
-            cycle.waiter = self.loop.create_future()
-            conn.begin(self, request.method == "HEAD")
-            if self._write_paused:
-                conn.pause_reading()
-            conn.write(self._request_head(exchange, pool.host_header, cycle))
-            if cycle.expect_continue and not cycle.body_done:
-                self.transport.write(_CONTINUE)  # type: ignore[union-attr]
-            if cycle.buffered:
-                self._flush_buffered(cycle, conn)
-            if cycle.body_done and cycle.upstream_chunked:
-                conn.write(b"0\r\n\r\n")
-            cycle.forwarding = True
-            self._resume(_PAUSE_BUFFER)
-            wait = pool.response_timeout
-            if not cycle.body_done:
-                wait = min(wait, self.settings.body_timeout)
-            cycle.timer = self.loop.call_later(wait, self._upstream_timeout, cycle)
-            result = await cycle.waiter
-            if cycle.head_received or self._closed:
-                break
-            if result is not None:
-                return result
-            # The upstream closed a reused connection before answering: it was stale.
-            if conn.reused and retry_allowed:
-                retry_allowed = False
-                conn = None
-                cycle.forwarding = False
-                continue
-            return problem(502, "Bad Gateway", exchange.error or "upstream closed the connection")
-        finished = cycle.finished = self.loop.create_future()
-        if not self._closed and cycle.upstream is not None:
-            await finished
-        return None
+                cycle.stage = _CONNECTING
+                self.loop.create_task(self._connect(cycle, pool))
+            else:
+                self._send_request(cycle, conn)
+        except Exception:
+            self._forward_failed(cycle)
 
-    def _flush_buffered(self, cycle: _Cycle, conn: UpstreamConnection) -> None:
-        chunks, cycle.buffered, cycle.buffered_size = cycle.buffered, [], 0
-        if cycle.upstream_chunked:
-            for chunk in chunks:
-                conn.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
-        else:
-            conn.transport.writelines(chunks)  # type: ignore[union-attr]
+    async def _connect(self, cycle: _Cycle, pool: UpstreamPool) -> None:
+        try:
+            conn = await pool.connect()
+        except Exception as exc:
+            if cycle.stage != _CONNECTING:
+                return
+            if not isinstance(exc, UpstreamError):
+                self._forward_failed(cycle)
+                return
+            cycle.exchange.error = cycle.exchange.error or str(exc)
+            self._respond(cycle, problem(502, "Bad Gateway", str(exc)))
+            return
+        if cycle.stage != _CONNECTING or self._closed:
+            # The client went away, or its request failed, while we connected.
+            pool.release(conn)
+            return
+        try:
+            self._send_request(cycle, conn)
+        except Exception:
+            self._forward_failed(cycle)
 
-    def _request_head(self, exchange: Exchange, host_header: bytes, cycle: _Cycle) -> bytes:
+    def _forward_failed(self, cycle: _Cycle) -> None:
+        log.exception("forwarding failed")
+        cycle.keep_alive = False
+        conn, cycle.upstream = cycle.upstream, None
+        if conn is not None:
+            conn.abort()
+        if cycle.response_started and self.transport is not None:
+            self.transport.abort()
+        self._respond(cycle, problem(502, "Bad Gateway", "the gateway failed to forward"))
+
+    def _send_request(self, cycle: _Cycle, conn: UpstreamConnection) -> None:
+        exchange = cycle.exchange
         request = exchange.request
-        headers = request.headers.raw()
-        drop = _HOP_BY_HOP
-        xff = b""
-        for name, value in headers:
-            if name == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                drop = drop | tokens
+        pool = conn.pool
+        cycle.upstream = conn
+        cycle.stage = _WAITING
+        conn.begin(self, request.method == "HEAD")
+        if self._write_paused:
+            conn.pause_reading()
+        head = self._request_head(cycle, exchange, pool.host_header)
+        if cycle.expect_continue and not cycle.body_done:
+            self.transport.write(_CONTINUE)  # type: ignore[union-attr]
+        buffered = cycle.buffered
+        if buffered:
+            cycle.buffered, cycle.buffered_size = None, 0
+            if cycle.upstream_chunked:
+                out = [head]
+                for chunk in buffered:
+                    out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            else:
+                out = [head, *buffered]
+            if cycle.body_done and cycle.upstream_chunked:
+                out.append(b"0\r\n\r\n")
+            conn.transport.writelines(out)  # type: ignore[union-attr]
+        elif cycle.body_done and cycle.upstream_chunked:
+            conn.write(head + b"0\r\n\r\n")
+        else:
+            conn.write(head)
+        if self._paused:
+            self._resume(_PAUSE_BUFFER)
+        wait = pool.response_timeout
+        if wait < self.server.min_span:
+            self.server.min_span = wait
+        if not cycle.body_done:
+            wait = min(wait, self.settings.body_timeout)
+        deadline = self._deadline = self.loop.time() + wait
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
+
+    def _request_head(self, cycle: _Cycle, exchange: Exchange, host_header: bytes) -> bytes:
+        request = exchange.request
+        skip = cycle.skip
         parts = [
-            request.method.encode("ascii"),
-            b" ",
+            _method_bytes(request.method),
             exchange.upstream_target.encode("latin-1"),
             b" HTTP/1.1\r\nhost: ",
             host_header,
             b"\r\n",
         ]
-        for name, value in headers:
-            if name in drop:
-                continue
-            if name == b"x-forwarded-for":
+        xff = b""
+        for name, value in request.headers.raw():
+            if name not in skip:
+                parts += (name, b": ", value, b"\r\n")
+            elif name == b"x-forwarded-for":
                 xff += value + b", "
-                continue
-            if name in (b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"):
-                continue
-            parts += (name, b": ", value, b"\r\n")
+        client_ip = request.client_ip
         parts += (
             b"x-forwarded-for: ",
             xff,
-            request.client_ip.encode("ascii"),
+            self._client_ip if client_ip is self.client_ip else client_ip.encode("ascii"),
             b"\r\nx-forwarded-proto: ",
             request.scheme.encode("ascii"),
             b"\r\nx-request-id: ",
@@ -570,7 +726,7 @@ class HttpProtocol(asyncio.Protocol):
             cycle.upstream_chunked = True
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
         elif request.content_length is not None:
-            parts += (b"content-length: ", str(request.content_length).encode(), b"\r\n\r\n")
+            parts.append(b"content-length: %d\r\n\r\n" % request.content_length)
         else:
             parts.append(b"\r\n")
         return b"".join(parts)
@@ -581,90 +737,111 @@ class HttpProtocol(asyncio.Protocol):
         self, status: int, raw: list[tuple[bytes, bytes]], framing: int, keep_alive: bool
     ) -> None:
         cycle = self._current
-        if cycle is None or cycle.waiter is None or cycle.waiter.done():
+        if cycle is None or cycle.stage != _WAITING:
             return
-        if cycle.timer is not None:
-            cycle.timer.cancel()
+        cycle.stage = _STREAMING
         exchange = cycle.exchange
         exchange.status = status
         exchange.upstream_headers_at = _now()
-        cycle.head_received = True
         cycle.upstream_reusable = keep_alive
-        drop = _RESPONSE_DROP
-        for name, value in raw:
-            if name == b"connection":
-                drop = drop | {t.strip().lower() for t in value.split(b",")}
-        headers = Headers([(k, v) for k, v in raw if k not in drop])
-        exchange.response_headers = headers
+        headers = exchange.response_headers = wrap_headers(raw)
         try:
             cycle.handler.on_response(exchange, status, headers)  # type: ignore[union-attr]
         except Exception:
             log.exception("response phase failed")
-        http11 = exchange.request.http_version == "1.1"
-        if framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
-            if http11:
+        if framing == FRAMING_CHUNKED or framing == FRAMING_CLOSE:
+            if exchange.request.http_version == "1.1":
                 cycle.response_chunked = True
                 headers.raw().append((b"transfer-encoding", b"chunked"))
-                if framing == FRAMING_CHUNKED:
-                    headers.remove("content-length")
             else:
                 cycle.keep_alive = False
-        self._write_head(cycle, status, headers)
-        cycle.waiter.set_result(None)
+        # Held until the first body bytes or the end of this read from the upstream.
+        cycle.held = self._response_head(cycle, status, headers.raw())
+        cycle.response_started = True
         if framing != FRAMING_NONE:
-            cycle.timer = self.loop.call_later(
-                exchange.upstream.response_timeout, self._body_timeout, cycle
-            )
+            conn = cycle.upstream
+            assert conn is not None
+            deadline = self._deadline = conn.last_activity + exchange.upstream.response_timeout
+            if self._timer is None or deadline < self._timer_at:
+                self._arm(deadline)
 
     def upstream_body(self, data: bytes) -> None:
         cycle = self._current
-        if cycle is None or self.transport is None:
+        transport = self.transport
+        if cycle is None or transport is None:
             return
-        cycle.exchange.bytes_out += len(data)
+        size = len(data)
+        cycle.exchange.bytes_out += size
+        held = cycle.held
+        if held is None:
+            if cycle.response_chunked:
+                transport.writelines((b"%x\r\n" % size, data, b"\r\n"))
+            else:
+                transport.write(data)
+            return
+        cycle.held = None
         if cycle.response_chunked:
-            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            if size < _JOIN_LIMIT:
+                transport.write(b"".join((held, b"%x\r\n" % size, data, b"\r\n")))
+            else:
+                transport.writelines((held, b"%x\r\n" % size, data, b"\r\n"))
+        elif size < _JOIN_LIMIT:
+            transport.write(held + data)
         else:
-            self.transport.write(data)
+            transport.writelines((held, data))
+
+    def upstream_flush(self) -> None:
+        cycle = self._current
+        if cycle is not None and cycle.held is not None and self.transport is not None:
+            held, cycle.held = cycle.held, None
+            self.transport.write(held)
 
     def upstream_done(self) -> None:
         cycle = self._current
-        if cycle is None:
+        if cycle is None or cycle.stage != _STREAMING:
             return
-        if cycle.timer is not None:
-            cycle.timer.cancel()
-        if cycle.response_chunked and self.transport is not None:
-            self.transport.write(b"0\r\n\r\n")
+        held, cycle.held = cycle.held, None
+        transport = self.transport
+        if transport is not None:
+            if cycle.response_chunked:
+                transport.write(b"0\r\n\r\n" if held is None else held + b"0\r\n\r\n")
+            elif held is not None:
+                transport.write(held)
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
-            if cycle.upstream_reusable and cycle.body_done:
+            if cycle.upstream_reusable and cycle.body_done and not conn.closed:
                 conn.resume_reading()  # paused by the client's back pressure, now idle
                 conn.pool.release(conn)
             else:
                 conn.close()
-        if cycle.waiter is not None and not cycle.waiter.done():
-            cycle.waiter.set_result(None)
-        if cycle.finished is not None and not cycle.finished.done():
-            cycle.finished.set_result(None)
+        self._complete(cycle)
 
     def upstream_lost(self, exc: Exception | None) -> None:
         cycle = self._current
         if cycle is None:
             return
-        if cycle.timer is not None:
-            cycle.timer.cancel()
-        cycle.upstream = None
-        cycle.exchange.error = str(exc) if exc else "upstream closed the connection"
-        if not cycle.response_started:
-            if cycle.waiter is not None and not cycle.waiter.done():
-                cycle.waiter.set_result(None)
+        stage = cycle.stage
+        if stage != _WAITING and stage != _STREAMING:
+            return
+        conn, cycle.upstream = cycle.upstream, None
+        exchange = cycle.exchange
+        exchange.error = str(exc) if exc else "upstream closed the connection"
+        if stage == _WAITING:
+            if conn is not None and conn.reused and cycle.retry_allowed:
+                # The upstream closed a reused connection before answering: it was stale.
+                cycle.retry_allowed = False
+                cycle.stage = _CONNECTING
+                self.loop.create_task(self._connect(cycle, conn.pool))
+                return
+            self._respond(cycle, problem(502, "Bad Gateway", exchange.error))
             return
         # The response is cut short: the client must see a broken connection, not a
         # complete-looking truncated body.
         cycle.keep_alive = False
+        cycle.held = None
         if self.transport is not None:
             self.transport.abort()
-        if cycle.finished is not None and not cycle.finished.done():
-            cycle.finished.set_result(None)
+        self._complete(cycle)
 
     def upstream_pause(self) -> None:
         self._pause(_PAUSE_UPSTREAM)
@@ -672,85 +849,50 @@ class HttpProtocol(asyncio.Protocol):
     def upstream_resume(self) -> None:
         self._resume(_PAUSE_UPSTREAM)
 
-    def _upstream_timeout(self, cycle: _Cycle) -> None:
-        if cycle.head_received or cycle.waiter is None or cycle.waiter.done():
-            return
-        timeout = cycle.exchange.upstream.response_timeout
-        body_timeout = self.settings.body_timeout
-        if not cycle.body_done and cycle.exchange.bytes_in != cycle.bytes_seen:
-            # The request body is still flowing: the upstream is not late yet.
-            cycle.bytes_seen = cycle.exchange.bytes_in
-            wait = min(timeout, body_timeout)
-            cycle.timer = self.loop.call_later(wait, self._upstream_timeout, cycle)
-            return
-        conn, cycle.upstream = cycle.upstream, None
-        if conn is not None:
-            conn.abort()
-        if not cycle.body_done and not self._paused & _PAUSE_UPSTREAM:
-            # The client stopped sending its body; the upstream was waiting for it.
-            cycle.exchange.error = f"the request body stalled for {body_timeout}s"
-            cycle.waiter.set_result(problem(408, "Request Timeout", cycle.exchange.error))
-            return
-        cycle.exchange.error = f"upstream sent no response within {timeout}s"
-        cycle.keep_alive = cycle.keep_alive and cycle.body_done
-        cycle.waiter.set_result(problem(504, "Gateway Timeout", cycle.exchange.error))
-
-    def _body_timeout(self, cycle: _Cycle) -> None:
-        conn = cycle.upstream
-        if conn is None or self._current is not cycle:
-            return
-        timeout = cycle.exchange.upstream.response_timeout
-        # While paused by back pressure the upstream's silence is the client's doing.
-        idle = 0.0 if conn.paused else self.loop.time() - conn.last_activity
-        if idle < timeout:
-            cycle.timer = self.loop.call_later(timeout - idle, self._body_timeout, cycle)
-            return
-        conn.abort()
-        cycle.upstream = None
-        self.upstream_lost(UpstreamError(f"upstream body stalled for {timeout}s"))
-
     # responses
 
-    def _write_head(self, cycle: _Cycle, status: int, headers: Headers) -> None:
-        exchange = cycle.exchange
+    def _response_head(
+        self, cycle: _Cycle, status: int, fields: list[tuple[bytes, bytes]]
+    ) -> bytes:
+        request = cycle.exchange.request
         parts = [_status_line(status)]
-        has_date = False
-        for name, value in headers.raw():
+        dated = False
+        for name, value in fields:
             if name == b"date":
-                has_date = True
+                dated = True
             parts += (name, b": ", value, b"\r\n")
-        if not has_date:
+        if not dated:
             parts += (b"date: ", _clock.date(), b"\r\n")
-        parts += (b"x-request-id: ", exchange.request.request_id.encode("ascii"), b"\r\n")
+        parts += (b"x-request-id: ", request.request_id.encode("ascii"))
         if not cycle.keep_alive or self.server.draining:
             cycle.keep_alive = False
-            parts.append(b"connection: close\r\n\r\n")
-        elif exchange.request.http_version == "1.0":
-            parts.append(b"connection: keep-alive\r\n\r\n")
+            parts.append(b"\r\nconnection: close\r\n\r\n")
+        elif request.http_version == "1.0":
+            parts.append(b"\r\nconnection: keep-alive\r\n\r\n")
         else:
-            parts.append(b"\r\n")
-        cycle.response_started = True
-        self.transport.write(b"".join(parts))  # type: ignore[union-attr]
+            parts.append(b"\r\n\r\n")
+        return b"".join(parts)
 
-    def _send_local(self, cycle: _Cycle, response: Response, handler: Handler) -> None:
+    def _send_local(self, cycle: _Cycle, response: Response) -> None:
         exchange = cycle.exchange
-        exchange.status = response.status
-        headers = response.headers
-        exchange.response_headers = headers
+        status = exchange.status = response.status
+        headers = exchange.response_headers = response.headers
         try:
-            handler.on_response(exchange, response.status, headers)
+            cycle.handler.on_response(exchange, status, headers)  # type: ignore[union-attr]
         except Exception:
             log.exception("response phase failed")
         body = response.body
-        if response.status not in (204, 304) and not (100 <= response.status < 200):
+        if status != 204 and status != 304 and not (100 <= status < 200):
             headers.set("content-length", str(len(body)))
         if not cycle.body_done:
             # The rest of the request body will not be read: the connection cannot be reused.
             cycle.keep_alive = False
-        self._write_head(cycle, response.status, headers)
+        head = self._response_head(cycle, status, headers.raw())
+        cycle.response_started = True
         if body and exchange.request.method != "HEAD":
             exchange.bytes_out += len(body)
-            self.transport.write(body)  # type: ignore[union-attr]
+            head += body
+        self.transport.write(head)  # type: ignore[union-attr]
 
     def _fail(self, cycle: _Cycle, response: Response) -> None:
         """End an exchange early with an error, whatever stage it reached."""
@@ -759,18 +901,19 @@ class HttpProtocol(asyncio.Protocol):
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
             conn.abort()
-        if cycle.timer is not None:
-            cycle.timer.cancel()
+        stage = cycle.stage
+        if stage == _DONE:
+            return
         if cycle.response_started:
+            cycle.held = None
             if self.transport is not None:
                 self.transport.abort()
-            if cycle.finished is not None and not cycle.finished.done():
-                cycle.finished.set_result(None)
-        elif cycle.waiter is not None and not cycle.waiter.done():
-            cycle.head_received = False
-            cycle.waiter.set_result(response)
-        else:
+            self._complete(cycle)
+        elif stage <= _DECIDING:
+            # The handler has not decided yet: its decision is replaced by this one.
             cycle.failure = response
+        else:
+            self._respond(cycle, response)
 
     def _parse_failed(self, response: Response) -> None:
         # The bad bytes belong to the request whose body is being read, else to a new
@@ -805,8 +948,6 @@ class HttpProtocol(asyncio.Protocol):
         self._close()
 
     def _finish(self, cycle: _Cycle) -> None:
-        if cycle.timer is not None:
-            cycle.timer.cancel()
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
             conn.abort()
@@ -816,10 +957,11 @@ class HttpProtocol(asyncio.Protocol):
         if not cycle.keep_alive or not cycle.body_done or self.server.draining:
             self._close()
             return
-        # Pauses that belonged to this exchange's upstream or body must not outlive it.
-        self._resume(_PAUSE_UPSTREAM | _PAUSE_BUFFER)
+        if self._paused:
+            # Pauses that belonged to this exchange's upstream or body must not outlive it.
+            self._resume(_PAUSE_UPSTREAM | _PAUSE_BUFFER)
         if self._queue:
-            self._start(self._queue.popleft())
+            self._begin(self._queue.popleft())
             if not self._queue and self._pending_error is None:
                 self._resume(_PAUSE_QUEUE)
             return
@@ -829,35 +971,98 @@ class HttpProtocol(asyncio.Protocol):
         if self._eof:
             self._close()
             return
-        self._resume(_PAUSE_QUEUE)
-        if self._in_head:
-            # The next request's head started arriving while this one was served.
-            self._timer = self.loop.call_later(self.settings.header_timeout, self._header_timeout)
-        else:
-            self._timer = self.loop.call_later(self.settings.idle_timeout, self._idle_timeout)
+        if self._paused:
+            self._resume(_PAUSE_QUEUE)
+        # The next request's head may have started arriving while this one was served.
+        self._idle = not self._in_head
+        wait = self.settings.header_timeout if self._in_head else self.settings.idle_timeout
+        deadline = self._deadline = self.loop.time() + wait
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
 
-    # timers and flow control
+    # the connection's timer and flow control
+
+    def _arm(self, deadline: float) -> None:
+        """Have the timer fire at ``deadline``, or sooner to look again.
+
+        The timer fires at most ``server.min_span`` (the shortest timeout) from now, so a
+        deadline set later, never nearer than that span, needs no new timer: callers
+        only call this when no timer is set or the deadline is nearer than it.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self.loop
+        at = min(deadline, loop.time() + self.server.min_span)
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _header_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        if self._current is None and not self._closed:
-            self._write_error_and_close(
-                problem(
-                    408,
-                    "Request Timeout",
-                    f"no complete request head within {self.settings.header_timeout}s",
+        if self._closed:
+            return
+        cycle = self._current
+        if cycle is not None and cycle.stage != _WAITING and cycle.stage != _STREAMING:
+            return  # a handler or a connect is running: neither has a deadline here
+        now = self.loop.time()
+        if now < self._deadline:
+            self._arm(self._deadline)
+        elif cycle is None:
+            if self._idle:
+                self._close()
+            else:
+                self._write_error_and_close(
+                    problem(
+                        408,
+                        "Request Timeout",
+                        f"no complete request head within {self.settings.header_timeout}s",
+                    )
                 )
-            )
+        elif cycle.stage == _WAITING:
+            self._upstream_late(cycle, now)
+        else:
+            self._upstream_stalled(cycle, now)
 
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self._current is None:
-            self._close()
+    def _upstream_late(self, cycle: _Cycle, now: float) -> None:
+        exchange = cycle.exchange
+        timeout = exchange.upstream.response_timeout
+        body_timeout = self.settings.body_timeout
+        if not cycle.body_done and exchange.bytes_in != cycle.bytes_seen:
+            # The request body is still flowing: the upstream is not late yet.
+            cycle.bytes_seen = exchange.bytes_in
+            self._deadline = now + min(timeout, body_timeout)
+            self._arm(self._deadline)
+            return
+        conn, cycle.upstream = cycle.upstream, None
+        if conn is not None:
+            conn.abort()
+        if not cycle.body_done and not self._paused & _PAUSE_UPSTREAM:
+            # The client stopped sending its body; the upstream was waiting for it.
+            exchange.error = f"the request body stalled for {body_timeout}s"
+            self._respond(cycle, problem(408, "Request Timeout", exchange.error))
+            return
+        exchange.error = f"upstream sent no response within {timeout}s"
+        cycle.keep_alive = cycle.keep_alive and cycle.body_done
+        self._respond(cycle, problem(504, "Gateway Timeout", exchange.error))
+
+    def _upstream_stalled(self, cycle: _Cycle, now: float) -> None:
+        conn = cycle.upstream
+        if conn is None:
+            return
+        timeout = cycle.exchange.upstream.response_timeout
+        # While paused by back pressure the upstream's silence is the client's doing.
+        idle = 0.0 if conn.paused else now - conn.last_activity
+        if idle < timeout:
+            self._deadline = now + timeout - idle
+            self._arm(self._deadline)
+            return
+        conn.abort()
+        cycle.upstream = None
+        self.upstream_lost(UpstreamError(f"upstream body stalled for {timeout}s"))
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None:
@@ -897,10 +1102,13 @@ class Server:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.handler = handler
-        self.settings = settings or ServerSettings()
+        self.settings = settings = settings or ServerSettings()
         self.loop = loop or asyncio.get_event_loop()
         self.connections: set[HttpProtocol] = set()
         self.draining = False
+        # The shortest timeout in use, upstream ones included as they are met: no
+        # connection's timer is set further ahead than this (see HttpProtocol._arm).
+        self.min_span = min(settings.header_timeout, settings.idle_timeout, settings.body_timeout)
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:

@@ -20,10 +20,18 @@ class UpstreamError(Exception):
 
 
 class Sink(Protocol):
+    """The client side of an exchange, fed by its upstream connection.
+
+    Within one read from the upstream, ``upstream_head`` may hold the response head
+    back so that it leaves with the first body bytes; the read ends with
+    ``upstream_flush`` (head held, no body yet) or ``upstream_done``.
+    """
+
     def upstream_head(
         self, status: int, headers: list[tuple[bytes, bytes]], framing: int, keep_alive: bool
     ) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
+    def upstream_flush(self) -> None: ...
     def upstream_done(self) -> None: ...
     def upstream_lost(self, exc: Exception | None) -> None: ...
     def upstream_pause(self) -> None: ...
@@ -36,6 +44,26 @@ FRAMING_LENGTH = 1
 FRAMING_CHUNKED = 2
 FRAMING_CLOSE = 3  # delimited by the connection closing
 
+# Never delivered to the sink: hop-by-hop fields (RFC 9110 7.6.1) and framing, which the
+# engine regenerates, and X-Request-Id, since the gateway's own id is the one returned.
+_RESPONSE_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"transfer-encoding",
+        b"x-request-id",
+    }
+)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
+class _Desync(Exception):
+    """Bytes after a complete response that belong to no request."""
+
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
@@ -44,11 +72,16 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "sink",
         "head_request",
+        "_time",
         "_headers",
+        "_length",
+        "_chunked",
+        "_nominated",
         "_status",
         "_skip",
         "_framing",
         "_done",
+        "_held",
         "closed",
         "reused",
         "last_activity",
@@ -61,11 +94,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.sink: Sink | None = None
         self.head_request = False
+        self._time = pool.loop.time
         self._headers: list[tuple[bytes, bytes]] = []
+        self._length = False
+        self._chunked = False
+        # Field names a Connection header nominated as hop-by-hop (rare).
+        self._nominated: set[bytes] | None = None
         self._status = 0
         self._skip = False
         self._framing = FRAMING_LENGTH
         self._done = False
+        self._held = False
         self.closed = False
         self.reused = False
         self.last_activity = 0.0
@@ -78,84 +117,122 @@ class UpstreamConnection(asyncio.Protocol):
         """Attach the exchange that receives the next response."""
         self.sink = sink
         self.head_request = head_request
-        self._headers = []
         self._done = False
+        self._held = False
+        self._status = 0
+        self._headers = []
+        self._length = self._chunked = False
+        self._nominated = None
         if self.paused:
             self.paused = False
             assert self.transport is not None
             self.transport.resume_reading()
+
+    def _reset_fields(self) -> None:
+        # No on_message_begin callback (one Python call per response less): a response's
+        # fields start afresh when a request begins (see begin), and after an interim one.
+        self._headers = []
+        self._length = False
+        self._chunked = False
+        self._nominated = None
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.pool.loop.time()
-        if self.sink is None:
+        self.last_activity = self._time()
+        sink = self.sink
+        if sink is None:
             # Bytes while idle: the upstream broke HTTP; never reuse this connection.
             self.close()
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            sink = self.sink
             self.close()
-            if sink is not None and not self._done:
+            if not self._done:
                 sink.upstream_lost(UpstreamError(f"invalid response from upstream: {exc}"))
-            return
-        if self._done and self.head_request:
-            # llhttp cannot be told a response has no body; a HEAD response's parser
-            # would wait for Content-Length bytes, so start afresh.
-            self.parser = httptools.HttpResponseParser(self)
-
-    def on_message_begin(self) -> None:
-        self._headers = []
+                return
+            # The response is complete; what followed it only costs the connection.
+        # The end of the response is delivered after the parser returns, never from
+        # inside it: the sink may reuse this connection for its next request at once.
+        if self._done:
+            self.sink = None
+            if self.head_request:
+                # llhttp cannot be told a response has no body; a HEAD response's parser
+                # would wait for Content-Length bytes, so start afresh.
+                self.parser = httptools.HttpResponseParser(self)
+            sink.upstream_done()
+        elif self._held:
+            self._held = False
+            sink.upstream_flush()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        if self._status:
+            return  # a trailer, after the final head: dropped
+        name = name.lower()
+        if name in _RESPONSE_DROP:
+            if name == b"transfer-encoding":
+                self._chunked = value.lower().endswith(b"chunked")
+            elif name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                self._nominated = (self._nominated or set()) | tokens
+            return
+        if name == b"content-length":
+            self._length = True
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        if self._done:
+            raise _Desync
+        parser = self.parser
+        status = parser.get_status_code()
         if 100 <= status < 200:
             # Interim responses (100 Continue, 103) are not forwarded; the gateway
             # answers Expect itself.
             self._skip = True
+            self._reset_fields()
             return
+        headers = self._headers
+        chunked, length, nominated = self._chunked, self._length, self._nominated
         self._skip = False
         self._status = status
-        if self.head_request or status in (204, 304):
+        if self.head_request or status == 204 or status == 304:
             framing = FRAMING_NONE
+        elif chunked:
+            framing = FRAMING_CHUNKED
+            if length:
+                # RFC 9112 6.3: Transfer-Encoding overrides Content-Length.
+                headers = [(k, v) for k, v in headers if k != b"content-length"]
+        elif length:
+            framing = FRAMING_LENGTH
         else:
             framing = FRAMING_CLOSE
-            for k, v in self._headers:
-                if k == b"content-length":
-                    framing = FRAMING_LENGTH
-                elif k == b"transfer-encoding" and v.lower().endswith(b"chunked"):
-                    framing = FRAMING_CHUNKED
-                    break
+        if nominated is not None:
+            headers = [(k, v) for k, v in headers if k not in nominated]
         self._framing = framing
-        keep_alive = self.parser.should_keep_alive() and framing != FRAMING_CLOSE
-        assert self.sink is not None
-        self.sink.upstream_head(status, self._headers, framing, keep_alive)
+        keep_alive = framing != FRAMING_CLOSE and parser.should_keep_alive()
+        sink = self.sink
+        assert sink is not None
+        self._held = True
+        sink.upstream_head(status, headers, framing, keep_alive)
         if framing == FRAMING_NONE and self.head_request:
-            self._finish()
+            self._done = True
 
     def on_body(self, body: bytes) -> None:
-        if self.sink is not None and not self._skip:
-            self.sink.upstream_body(body)
+        if self._skip or self._done:
+            return
+        sink = self.sink
+        if sink is not None:
+            self._held = False
+            sink.upstream_body(body)
 
     def on_message_complete(self) -> None:
         if self._skip:
             self._skip = False
             return
-        if not self._done:
-            self._finish()
-
-    def _finish(self) -> None:
         self._done = True
-        sink, self.sink = self.sink, None
-        if sink is not None:
-            sink.upstream_done()
 
     def eof_received(self) -> bool | None:
         return None
@@ -196,7 +273,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.paused and self.transport is not None:
             self.paused = False
-            self.last_activity = self.pool.loop.time()  # silence while paused was ours
+            self.last_activity = self._time()  # silence while paused was ours
             self.transport.resume_reading()
 
     def close(self) -> None:

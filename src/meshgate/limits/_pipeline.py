@@ -1,0 +1,255 @@
+"""Commands pipelined to one Redis on one connection: the hot path of the Redis counters.
+
+Commands are written as they come, all those of one event loop iteration in one write, and
+replies (parsed by hiredis, as redis-py does) resolve one future each, in order. One timer
+bounds every command; a connection that times out, breaks or answers garbage fails all of
+its pending commands and is dropped, and the next command opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import hiredis
+
+# Connect attempts after a failed one wait this long (less when the timeout is shorter), so
+# that a dead Redis costs one attempt per interval, shared by every command meanwhile.
+RECONNECT_BACKOFF = 0.1
+
+# Timers may fire a little early (uvloop rounds to milliseconds).
+_TIMER_SLACK = 0.002
+
+
+class PipelineError(Exception):
+    """A command got no reply; its message says why. The command may or may not have run."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where Redis listens: ``path`` (a Unix socket) or ``host`` and ``port``; ``tls`` gives
+    the TLS context, built on first connect so that a bad certificate file is a failed
+    connect, not a failed start."""
+
+    host: str = "localhost"
+    port: int = 6379
+    path: str | None = None
+    tls: Callable[[], ssl.SSLContext] | None = None
+
+
+def encode_command(*parts: bytes | str | int) -> bytes:
+    """``parts`` as one RESP command (an array of bulk strings)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        if isinstance(part, int):
+            part = b"%d" % part
+        elif isinstance(part, str):
+            part = part.encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+class Pipeline:
+    """Sends commands to Redis at ``address`` on one connection, opened on first use.
+
+    ``handshake`` commands (AUTH, SELECT, SCRIPT LOAD...) start every connection; commands
+    are written only once each has answered without error, so that none runs on a
+    connection in the wrong state. ``timeout`` bounds each command from :meth:`send` to its
+    reply, connecting included.
+    """
+
+    def __init__(self, address: Address, handshake: Sequence[bytes], timeout: float) -> None:
+        self.address = address
+        self.handshake = list(handshake)
+        self.timeout = timeout
+        self.backoff = min(RECONNECT_BACKOFF, timeout / 2)
+        self.connection: _Connection | None = None
+        self.retry_at = 0.0
+
+    def send(self, data: bytes) -> asyncio.Future[Any]:
+        """Queue ``data`` (one encoded command); the future gets its reply.
+
+        An error reply is the result (a ``hiredis.ReplyError``), not an exception; the
+        future fails with :class:`PipelineError` when no reply can come.
+        """
+        connection = self.connection
+        if connection is None:
+            connection = self.connection = _Connection(self, asyncio.get_running_loop())
+        return connection.send(data)
+
+    def close(self) -> None:
+        """Drop the connection, failing its pending commands."""
+        if self.connection is not None:
+            self.connection.abort("the counters were closed")
+            self.retry_at = 0.0  # closing is no failed connect
+
+
+class _Connection(asyncio.Protocol):
+    """One connection and the futures of its commands, oldest first."""
+
+    def __init__(self, pipeline: Pipeline, loop: asyncio.AbstractEventLoop) -> None:
+        self._pipeline = pipeline
+        self._loop = loop
+        self._timeout = pipeline.timeout
+        self._reader = hiredis.Reader()
+        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._buffer: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self._handshake_sent = 0
+        self._ready = False
+        self._closed = False
+        # The send time of this loop iteration's commands, reset by the flush that ends it.
+        self._stamp: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._start: asyncio.TimerHandle | None = None
+        delay = pipeline.retry_at - loop.time()
+        if delay > 0:
+            self._start = loop.call_later(delay, self._open)
+        else:
+            self._open()
+
+    def send(self, data: bytes) -> asyncio.Future[Any]:
+        future = self._loop.create_future()
+        stamp = self._stamp
+        if stamp is None:
+            stamp = self._stamp = self._loop.time()
+            self._loop.call_soon(self._flush)
+            if self._timer is None:
+                self._timer = self._loop.call_at(stamp + self._timeout, self._expire)
+        self._buffer.append(data)
+        self._pending.append((future, stamp))
+        return future
+
+    def _flush(self) -> None:
+        self._stamp = None
+        transport = self._transport
+        # A transport that is closing (its connection_lost not called yet) takes no writes.
+        if self._ready and self._buffer and not transport.is_closing():  # type: ignore[union-attr]
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            transport.write(data)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        pending = self._pending
+        try:
+            reply = reader.gets()
+            while reply is not False:
+                future = pending.popleft()[0]
+                if not future.done():  # cancelled by its caller
+                    future.set_result(reply)
+                reply = reader.gets()
+        except hiredis.ProtocolError as error:
+            self.abort(f"invalid reply from Redis: {error}")
+        except IndexError:
+            self.abort("a reply from Redis to no command")
+
+    def eof_received(self) -> None:
+        self.abort("Redis closed the connection")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.abort("Redis closed the connection" if exc is None else _describe(exc))
+
+    def _open(self) -> None:
+        self._start = None
+        self._opening = self._loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        address = self._pipeline.address
+        try:
+            context = None if address.tls is None else address.tls()
+            if address.path is not None:
+                await self._loop.create_unix_connection(lambda: self, address.path, ssl=context)
+            else:
+                await self._loop.create_connection(
+                    lambda: self,
+                    address.host,
+                    address.port,
+                    ssl=context,
+                    server_hostname=None if context is None else address.host,
+                )
+            # The handshake goes ahead of the queued commands and shares their deadline.
+            started = self._pending[0][1] if self._pending else self._loop.time()
+            replies = await asyncio.gather(
+                *(self._handshake(data, started) for data in self._pipeline.handshake)
+            )
+        except asyncio.CancelledError:
+            return
+        except PipelineError as error:
+            self.abort(str(error))
+            return
+        except (OSError, ValueError) as error:  # refused, unreachable, TLS failed...
+            self.abort(_describe(error))
+            return
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                self.abort(f"Redis refused the connection setup: {reply}")
+                return
+        self._ready = True
+        self._opening = None
+        self._flush()
+
+    def _handshake(self, data: bytes, started: float) -> asyncio.Future[Any]:
+        """Send ``data`` ahead of every queued command; its reply comes first."""
+        future = self._loop.create_future()
+        self._pending.insert(self._handshake_sent, (future, started))
+        self._handshake_sent += 1
+        self._transport.write(data)  # type: ignore[union-attr]
+        return future
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)
+        if self._closed:  # timed out while connecting
+            stream.abort()
+            return
+        self._transport = stream
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self._pending:
+            return
+        oldest = self._pending[0][1]
+        now = self._loop.time()
+        if now + _TIMER_SLACK >= oldest + self._timeout:
+            if self._transport is None:
+                self.abort(f"could not connect within {self._timeout}s")
+            else:
+                self.abort(f"no answer within {self._timeout}s")
+        else:
+            self._timer = self._loop.call_at(oldest + self._timeout, self._expire)
+
+    def abort(self, reason: str) -> None:
+        """Fail every pending command with ``reason`` and close; the pipeline forgets us."""
+        if self._closed:
+            return
+        self._closed = True
+        pipeline = self._pipeline
+        if pipeline.connection is self:
+            pipeline.connection = None
+        if not self._ready:
+            pipeline.retry_at = self._loop.time() + pipeline.backoff
+        self._ready = False
+        for handle in (self._start, self._timer):
+            if handle is not None:
+                handle.cancel()
+        if self._opening is not None and self._transport is None:
+            self._opening.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+        pending = self._pending
+        while pending:
+            future = pending.popleft()[0]
+            if not future.done():
+                future.set_exception(PipelineError(reason))
+        self._buffer.clear()
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
