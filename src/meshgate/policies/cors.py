@@ -174,7 +174,7 @@ class CorsPolicy(Policy):
     def response(self, exchange: Exchange, status: int, headers: Headers) -> None:
         request = exchange.request
         req_headers = request.headers
-        if "origin" not in req_headers:
+        if req_headers.get_raw(b"origin") is None:
             if not self._constant:
                 _add_vary(headers, "Origin")
             return

@@ -30,7 +30,7 @@ class Headers:
         return self._items
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        key = name.lower().encode("latin-1")
+        key = _key(name)
         for k, v in self._items:
             if k == key:
                 return v.decode("latin-1")
@@ -47,21 +47,24 @@ class Headers:
         return None
 
     def get_all(self, name: str) -> list[str]:
-        key = name.lower().encode("latin-1")
+        key = _key(name)
         return [v.decode("latin-1") for k, v in self._items if k == key]
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        key = name.lower().encode("latin-1")
-        return any(k == key for k, _ in self._items)
+        key = _key(name)
+        for k, _ in self._items:
+            if k == key:
+                return True
+        return False
 
     def add(self, name: str, value: str) -> None:
-        self._items.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        self._items.append((_key(name), value.encode("latin-1")))
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of this name with one field of this value."""
-        key = name.lower().encode("latin-1")
+        key = _key(name)
         field = (key, value.encode("latin-1"))
         items = self._items
         for i, (k, _) in enumerate(items):
@@ -73,7 +76,7 @@ class Headers:
         items.append(field)
 
     def remove(self, name: str) -> None:
-        _remove_from(self._items, name.lower().encode("latin-1"), 0)
+        _remove_from(self._items, _key(name), 0)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         for k, v in self._items:
@@ -84,6 +87,20 @@ class Headers:
 
     def __repr__(self) -> str:
         return f"Headers({list(self)!r})"
+
+
+# Field names as stored, by the names callers use: the same few names come up on every
+# request. Bounded, in case names ever come from requests.
+_KEYS: dict[str, bytes] = {}
+
+
+def _key(name: str) -> bytes:
+    key = _KEYS.get(name)
+    if key is None:
+        key = name.lower().encode("latin-1")
+        if len(_KEYS) < 1024:
+            _KEYS[name] = key
+    return key
 
 
 def _remove_from(items: list[tuple[bytes, bytes]], key: bytes, start: int) -> None:

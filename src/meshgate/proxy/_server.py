@@ -71,7 +71,15 @@ _REQUEST_SKIP = frozenset(
 )
 # Request fields the head parser looks at; every other field goes by with one lookup.
 _REQUEST_SPECIAL = frozenset(
-    {b"content-length", b"transfer-encoding", b"host", b"x-request-id", b"expect", b"connection"}
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"x-request-id",
+        b"expect",
+        b"connection",
+        b"proxy-connection",
+    }
 )
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
@@ -88,7 +96,7 @@ _PAUSE_BUFFER = 4  # body bytes wait for the handler's decision
 
 # The stages of a cycle; each callback checks the stage it expects.
 _NEW = 0  # parsed, not yet handed to the handler
-_DECIDING = 1  # an asynchronous handler is running
+_DECIDING = 1  # in the handler; only an asynchronous one stays here across callbacks
 _CONNECTING = 2  # opening a new upstream connection
 _WAITING = 3  # the request went upstream, its response head has not come back
 _STREAMING = 4  # the response head is committed; the body flows
@@ -100,14 +108,15 @@ def _status_line(status: int) -> bytes:
     return line if line is not None else f"HTTP/1.1 {status} Status\r\n".encode()
 
 
-def _method_bytes(method: str) -> bytes:
-    line = _METHOD_LINES.get(method)
-    return line if line is not None else method.encode("ascii") + b" "
-
-
 _COMMON_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _METHODS = {m.encode(): m for m in _COMMON_METHODS}
-_METHOD_LINES = {m: m.encode() + b" " for m in _COMMON_METHODS}
+_METHOD_STARTS = {m: m.encode() + b" " for m in _COMMON_METHODS}
+
+
+def _request_line_start(method: str) -> bytes:
+    """``b"GET "`` for ``"GET"``: the method and its space, without encoding it each time."""
+    start = _METHOD_STARTS.get(method)
+    return start if start is not None else method.encode("ascii") + b" "
 
 
 def _request_id() -> str:
@@ -297,8 +306,9 @@ class HttpProtocol(asyncio.Protocol):
             self._hold = False
         cycle = self._current
         if cycle is not None and cycle.stage == _NEW and not self._closed:
-            # Started after the whole read is parsed: body bytes that came with the head
-            # are buffered by now and leave with it.
+            # Started once the whole read is parsed: body bytes that came with the head
+            # are buffered by now, so they leave with it, and a local answer finds the
+            # body complete and keeps the connection.
             self._begin(cycle)
 
     def _feed(self, data: bytes, in_head: bool) -> None:
@@ -394,6 +404,7 @@ class HttpProtocol(asyncio.Protocol):
         hosts = 0
         request_id = b""
         expect = False
+        connection = False
         skip = _REQUEST_SKIP
         failure: Response | None = None
         for name, value in headers:
@@ -419,10 +430,16 @@ class HttpProtocol(asyncio.Protocol):
                     expect = True
                 else:
                     failure = problem(417, "Expectation Failed", "only 100-continue is supported")
-            elif value.lower() not in _PLAIN_CONNECTION:
-                # Connection nominates more hop-by-hop fields.
-                skip = skip | {t.strip().lower() for t in value.split(b",")}
-        version = parser.get_http_version()
+            else:
+                connection = True
+                if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                    # Connection nominates more hop-by-hop fields.
+                    skip = skip | {t.strip().lower() for t in value.split(b",")}
+        keep_alive = parser.should_keep_alive()
+        # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0, and of those keeps only 1.1 alive
+        # without a (Proxy-)Connection field: then the version is known without asking
+        # the parser, which formats a new string on each call.
+        version = "1.1" if keep_alive and not connection else parser.get_http_version()
         if chunked and (content_length is not None or version == "1.0"):
             # RFC 9112 6.1: either way the framing is ambiguous; refuse, then close.
             failure = problem(
@@ -443,7 +460,7 @@ class HttpProtocol(asyncio.Protocol):
             path, query = "/", ""
             failure = failure or problem(400, "Bad Request", str(exc))
         else:
-            if url[:1] != b"/":
+            if url[0] != 0x2F:  # absolute form: its authority overrides Host
                 host = target_authority(url) or host
         rid = request_id.decode() if request_id and _REQUEST_ID.match(request_id) else _request_id()
         method = parser.get_method()
@@ -464,7 +481,7 @@ class HttpProtocol(asyncio.Protocol):
         body_done = not (chunked or content_length)
         cycle = _Cycle(
             Exchange(request, _now()),
-            parser.should_keep_alive() and not self.server.draining,
+            keep_alive and not self.server.draining,
             expect and version == "1.1",
             body_done,
         )
@@ -697,7 +714,7 @@ class HttpProtocol(asyncio.Protocol):
         request = exchange.request
         skip = cycle.skip
         parts = [
-            _method_bytes(request.method),
+            _request_line_start(request.method),
             exchange.upstream_target.encode("latin-1"),
             b" HTTP/1.1\r\nhost: ",
             host_header,
@@ -1094,6 +1111,8 @@ class Server:
     ``handler`` may be replaced at any time (configuration reload): requests already
     started finish with the handler they began with.
     """
+
+    __slots__ = ("handler", "settings", "loop", "connections", "draining", "min_span", "_server")
 
     def __init__(
         self,

@@ -174,7 +174,8 @@ class UpstreamConnection(asyncio.Protocol):
         name = name.lower()
         if name in _RESPONSE_DROP:
             if name == b"transfer-encoding":
-                self._chunked = value.lower().endswith(b"chunked")
+                if value.lower().endswith(b"chunked"):
+                    self._chunked = True
             elif name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 self._nominated = (self._nominated or set()) | tokens
@@ -294,6 +295,17 @@ class UpstreamConnection(asyncio.Protocol):
 
 class UpstreamPool:
     """Connections to one backend address, reused LIFO while they stay healthy."""
+
+    __slots__ = (
+        "host",
+        "port",
+        "connect_timeout",
+        "response_timeout",
+        "max_idle",
+        "loop",
+        "host_header",
+        "_idle",
+    )
 
     def __init__(
         self,
