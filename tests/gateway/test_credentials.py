@@ -121,6 +121,25 @@ def test_api_key_unknown_is_403_and_suspended_is_403_with_its_own_detail() -> No
     assert "suspended" in suspended.detail and "suspended" not in unknown.detail
 
 
+def test_api_key_empty_header_falls_back_to_the_query_parameter() -> None:
+    auth = Authenticator.for_product(product({"type": "api_key"}))
+    assert app_id(auth, request({"X-API-Key": ""}, query="user_key=k2")) == "app2"
+
+
+def test_api_key_matches_exact_bytes_including_non_ascii_keys() -> None:
+    apps = [
+        {"id": "app1", "plan": "basic", "keys": ["clé"]},
+        {"id": "app2", "plan": "basic", "keys": ["鍵"]},  # not latin-1: never in a field
+    ]
+    auth = Authenticator.for_product(product({"type": "api_key"}, apps))
+    field = [(b"x-api-key", "clé".encode("latin-1"))]
+    assert (
+        asyncio.run(auth.authenticate(Request("GET", b"/", "/", "", Headers(field)))).id == "app1"
+    )
+    assert refused(auth, request({"X-API-Key": "CLÉ"})).status == 403
+    assert app_id(auth, request(query="user_key=%E9%8D%B5")) == "app2"
+
+
 def test_api_key_decides_without_awaiting() -> None:
     auth = Authenticator.for_product(product({"type": "api_key"}))
     app = auth.authenticate_nowait(request({"X-API-Key": "k1"}))

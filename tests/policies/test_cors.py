@@ -156,6 +156,29 @@ def test_wildcard_actual_response(chain, make_exchange) -> None:
     assert len(bare) == 0
 
 
+def test_wildcard_replaces_the_upstreams_origin_fields_and_adds_expose(
+    chain, make_exchange
+) -> None:
+    policy = chain("cors", expose_headers=["X-Total"])
+    headers = Headers()
+    headers.add("Access-Control-Allow-Origin", "https://other.example")
+    headers.add("content-type", "text/plain")
+    headers.add("Access-Control-Allow-Origin", "https://third.example")
+    policy.response(make_exchange("GET", "/", [("Origin", APP)]), 200, headers)
+    assert headers.get_all("access-control-allow-origin") == ["*"]
+    assert headers.raw()[0] == (b"access-control-allow-origin", b"*")
+    assert headers.get("access-control-expose-headers") == "x-total"
+
+
+def test_wildcard_actual_response_to_repeated_origin_fields_has_no_cors_fields(
+    chain, make_exchange
+) -> None:
+    headers = Headers()
+    exchange = make_exchange("GET", "/", [("Origin", APP), ("Origin", APP)])
+    chain("cors").response(exchange, 200, headers)
+    assert len(headers) == 0
+
+
 def test_credentials_never_send_a_wildcard_origin(chain, make_exchange) -> None:
     policy = chain("cors", allow_credentials=True)
     headers = Headers()

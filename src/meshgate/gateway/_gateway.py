@@ -10,8 +10,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import IO
 
 from meshgate.config import Application, Config, Product
@@ -44,14 +43,16 @@ log = logging.getLogger("meshgate.gateway")
 _WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 
 
-@dataclass(slots=True)
 class _State:
     """What the gateway learned about one request, kept on ``exchange.state``."""
 
-    product: ProductRuntime
-    application: str = ""
-    usage: Usage | None = None
-    usages: list[Usage] = field(default_factory=list)
+    __slots__ = ("product", "application", "usage")
+
+    def __init__(self, product: ProductRuntime) -> None:
+        self.product = product
+        self.application = ""
+        # The most constrained limit: what the RateLimit fields report.
+        self.usage: Usage | None = None
 
 
 class ProductRuntime:
@@ -100,12 +101,18 @@ class ProductRuntime:
         # LimitCheck validates on construction: build each (plan, metric, increment) once.
         self._checks: dict[tuple[str, str, int], tuple[LimitCheck, ...]] = {}
 
-    def checks(self, plan: str, deltas: dict[str, int]) -> list[LimitCheck]:
+    def checks(self, plan: str, deltas: dict[str, int]) -> Sequence[LimitCheck]:
         by_metric = self.limits.get(plan)
         if not by_metric:
-            return []
-        out: list[LimitCheck] = []
+            return ()
         cache = self._checks
+        if len(deltas) == 1:
+            # Most requests count one metric: its checks as built, no list.
+            for metric, increment in deltas.items():
+                built = cache.get((plan, metric, increment))
+                if built is not None:
+                    return built
+        out: list[LimitCheck] = []
         for metric, increment in deltas.items():
             key = (plan, metric, increment)
             built = cache.get(key)
@@ -168,10 +175,17 @@ class _Router:
         # The most specific suffix first (*.a.example.com before *.example.com), then prefix.
         self.suffix = sorted(suffix, key=lambda sp: (len(sp[0]), len(sp[1].prefix)), reverse=True)
         self.anyhost = order(anyhost)
+        # Host field -> host without port, lowercased: the same few come on every request.
+        self._hosts: dict[str, str] = {}
 
     def match(self, host: str, path: str) -> ProductRuntime | None:
-        host = host.rpartition(":")[0] if host.rfind(":") > host.rfind("]") else host
-        host = host.lower()
+        name = self._hosts.get(host)
+        if name is None:
+            name = host.rpartition(":")[0] if host.rfind(":") > host.rfind("]") else host
+            name = name.lower()
+            if len(self._hosts) < 1024:
+                self._hosts[host] = name
+        host = name
         candidates = self.exact.get(host)
         if candidates:
             found = _by_prefix(candidates, path)
@@ -194,7 +208,8 @@ def _by_prefix(products: list[ProductRuntime], path: str) -> ProductRuntime | No
     return None
 
 
-_POLICY_CACHE: dict[tuple[str, str, int, int | None], bytes] = {}
+# (metric, period, limit, window) -> (RateLimit-Policy value, the policy's quoted name).
+_POLICY_CACHE: dict[tuple[str, str, int, int | None], tuple[bytes, bytes]] = {}
 
 
 def _ratelimit_fields(u: Usage) -> tuple[bytes, bytes]:
@@ -205,13 +220,14 @@ def _ratelimit_fields(u: Usage) -> tuple[bytes, bytes]:
         start, end = periods.window(u.period, time.time())
         window = (end or start) - start
     key = (u.metric, u.period, u.limit, window)
-    policy = _POLICY_CACHE.get(key)
-    if policy is None:
+    cached = _POLICY_CACHE.get(key)
+    if cached is None:
         if len(_POLICY_CACHE) > 4096:
             _POLICY_CACHE.clear()
         text = f'"{u.metric}-{u.period}";q={u.limit}' + (f";w={window}" if window else "")
-        policy = _POLICY_CACHE[key] = text.encode()
-    name = policy[: policy.index(b";")]
+        policy = text.encode()
+        cached = _POLICY_CACHE[key] = (policy, policy[: policy.index(b";")])
+    policy, name = cached
     if u.reset_seconds is None:
         return policy, b"%s;r=%d" % (name, u.remaining)
     return policy, b"%s;r=%d;t=%d" % (name, u.remaining, u.reset_seconds)
@@ -316,7 +332,7 @@ class Gateway:
         product: ProductRuntime,
         app: Application,
         scope: str,
-        checks: list[LimitCheck],
+        checks: Sequence[LimitCheck],
     ) -> Response | None:
         try:
             decision = await self.counters.check_and_increment(scope, checks)
@@ -338,7 +354,7 @@ class Gateway:
     def _decide(
         self, product: ProductRuntime, app: Application, decision: Decision, state: _State
     ) -> Response | None:
-        usages = state.usages = decision.usages
+        usages = decision.usages
         if not decision.allowed:
             return self._over_limit(product, app.id, decision.rejected, usages)
         state.usage = usages[0] if len(usages) == 1 else min(usages, key=_constraint)

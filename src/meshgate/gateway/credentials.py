@@ -150,10 +150,25 @@ class _ApiKey(Authenticator):
         self._header = auth.header
         self._param = auth.query
         self._by_key = {key: app for app in apps for key in app.keys}
+        # The hot path: the header's bytes as received, looked up without decoding. A key
+        # that is not latin-1 can never be received, so it has no entry here.
+        self._header_raw = auth.header.lower().encode("latin-1") if auth.header else None
+        self._by_raw: dict[bytes, Application] = {}
+        for key, app in self._by_key.items():
+            try:
+                self._by_raw[key.encode("latin-1")] = app
+            except UnicodeEncodeError:
+                pass
         self._missing = f"expected an API key in {_where(auth.header, auth.query)}"
         self._challenge = _key_challenge(realm)
 
     def authenticate_nowait(self, request: Request) -> Application:
+        if self._header_raw is not None:
+            raw = request.headers.get_raw(self._header_raw)
+            if raw:
+                known = self._by_raw.get(raw)
+                if known is not None:
+                    return _admit(known)
         key = _lookup(request, self._header, self._param)
         if key is None:
             raise AuthError(401, "credential missing", self._missing, self._challenge)

@@ -161,6 +161,25 @@ class CorsPolicy(Policy):
             out.add("access-control-max-age", self._max_age)
         return answer
 
+    def _allow_any(self, req_headers: Headers, headers: Headers) -> None:
+        """The response phase of ``_allowed`` and ``_allow_origin`` when every origin gets
+        ``"*"``: no decoding, and no search for a field the upstream rarely sends."""
+        origins = 0
+        for name, _ in req_headers.raw():
+            if name == b"origin":
+                origins += 1
+        if origins != 1:
+            return
+        raw = headers.raw()
+        for name, _ in raw:
+            if name == b"access-control-allow-origin":
+                headers.set("access-control-allow-origin", "*")
+                break
+        else:
+            raw.append((b"access-control-allow-origin", b"*"))
+        if self._expose:
+            headers.set("access-control-expose-headers", self._expose)
+
     def _allow_origin(self, headers: Headers, origin: str) -> None:
         # set, not add: a second Access-Control-Allow-Origin (say, the upstream's) fails CORS.
         if self._constant:
@@ -180,6 +199,9 @@ class CorsPolicy(Policy):
             return
         if request.method == "OPTIONS" and "access-control-request-method" in req_headers:
             return  # a preflight: the rewrite phase answered it with its own fields
+        if self._constant:
+            self._allow_any(req_headers, headers)
+            return
         origin = self._allowed(req_headers)
         if origin is None:
             if not self._constant:
