@@ -77,3 +77,23 @@ def test_sigterm_cuts_requests_that_outlast_the_grace_time(tmp_path):
             assert time.monotonic() - start < 2.0
             thread.join(5)
             assert "reply" not in out, "a cut request must not look answered"
+
+
+def test_a_refused_upload_is_drained_not_reset(proxy_env):
+    # The gateway answers 403 before reading the body. Closing at once with the body
+    # unread would make the kernel send a reset, which on a real network can destroy
+    # the answer before the client reads it: the gateway half-closes and drains instead.
+    with socket.create_connection(("127.0.0.1", proxy_env.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /api/upload HTTP/1.1\r\nHost: gw.test\r\nX-API-Key: wrong\r\n"
+            b"Content-Length: 4000000\r\n\r\n" + b"x" * 100_000
+        )
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 403 ")
+        assert b"connection: close" in received.lower()
+        # The client goes on sending its body: accepted and dropped, no reset.
+        for _ in range(10):
+            sock.sendall(b"x" * 20_000)
+            time.sleep(0.02)

@@ -47,6 +47,9 @@ from meshgate.proxy._upstream import (
 __all__ = ["Server", "ServerSettings"]
 
 log = logging.getLogger("meshgate.proxy")
+# After an answer that left request bytes unread: how long and how much to drop.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1 << 20
 _now = time.perf_counter
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward; framing fields
@@ -235,6 +238,7 @@ class HttpProtocol(asyncio.Protocol):
         "_timer_at",
         "_deadline",
         "_idle",
+        "_lingered",
     )
 
     def __init__(self, server: Server) -> None:
@@ -268,6 +272,7 @@ class HttpProtocol(asyncio.Protocol):
         self._timer_at = 0.0
         self._deadline = 0.0
         self._idle = False  # between requests: the deadline closes silently, no 408
+        self._lingered = 0
 
     # connection events
 
@@ -297,6 +302,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
+            # Lingering after an answer that left the request unread: drop what comes.
+            self._lingered += len(data)
+            if self._lingered > _LINGER_BYTES and self.transport is not None:
+                self.transport.abort()
             return
         in_head = self._in_head
         self._hold = True
@@ -350,6 +359,8 @@ class HttpProtocol(asyncio.Protocol):
         )
 
     def eof_received(self) -> bool | None:
+        if self._closed:
+            return False
         # A half-closed client may still read the responses it is waiting for.
         self._eof = True
         return self._current is not None
@@ -946,7 +957,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._write_error_and_close(response)
 
-    def _write_error_and_close(self, response: Response) -> None:
+    def _write_error_and_close(self, response: Response, linger: bool = True) -> None:
         if self.transport is None or self._closed:
             return
         head = [_status_line(response.status)]
@@ -962,7 +973,7 @@ class HttpProtocol(asyncio.Protocol):
             response.body,
         )
         self.transport.write(b"".join(head))
-        self._close()
+        self._close(linger=linger)
 
     def _finish(self, cycle: _Cycle) -> None:
         conn, cycle.upstream = cycle.upstream, None
@@ -972,7 +983,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._closed:
             return
         if not cycle.keep_alive or not cycle.body_done or self.server.draining:
-            self._close()
+            self._close(linger=not cycle.body_done)
             return
         if self._paused:
             # Pauses that belonged to this exchange's upstream or body must not outlive it.
@@ -1032,12 +1043,14 @@ class HttpProtocol(asyncio.Protocol):
             if self._idle:
                 self._close()
             else:
+                # No lingering: a client this slow gets no more time (slowloris).
                 self._write_error_and_close(
                     problem(
                         408,
                         "Request Timeout",
                         f"no complete request head within {self.settings.header_timeout}s",
-                    )
+                    ),
+                    linger=False,
                 )
         elif cycle.stage == _WAITING:
             self._upstream_late(cycle, now)
@@ -1092,12 +1105,22 @@ class HttpProtocol(asyncio.Protocol):
             if not self._paused and self.transport is not None and not self._closed:
                 self.transport.resume_reading()
 
-    def _close(self) -> None:
-        if not self._closed and self.transport is not None:
-            self._closed = True
-            self._cancel_timer()
-            self.transport.close()
-            self.server.connections.discard(self)
+    def _close(self, linger: bool = False) -> None:
+        transport = self.transport
+        if self._closed or transport is None:
+            return
+        self._closed = True
+        self._cancel_timer()
+        self.server.connections.discard(self)
+        if linger and transport.can_write_eof():
+            # The client may still be sending what we did not read. Closing now would
+            # make its kernel answer with a reset that can destroy our answer before it
+            # is read: send FIN after the answer, drop what arrives for a moment, close.
+            transport.write_eof()
+            transport.resume_reading()
+            self.loop.call_later(_LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
 
     def shutdown(self) -> None:
         """Stop after the current response; close now when idle."""
