@@ -11,7 +11,6 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import IO
 
 from meshgate.config import Application, Config, Product
 from meshgate.gateway.credentials import Authenticator, AuthError
@@ -34,6 +33,7 @@ from meshgate.proxy import (
     problem,
     split_target,
 )
+from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
 __all__ = ["Gateway", "ProductRuntime"]
@@ -242,7 +242,7 @@ class Gateway:
         counters: CounterBackend,
         metrics: GatewayMetrics,
         pools: dict[tuple[str, int, float, float], UpstreamPool] | None = None,
-        access_log: IO[str] | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
         self.counters = counters
@@ -253,7 +253,7 @@ class Gateway:
         self.deny_on_backend_error = config.limits.on_backend_error == "deny"
         # Counters that never wait (memory) are called without a coroutine.
         self._check_nowait = getattr(counters, "check_and_increment_nowait", None)
-        self.access_log = (access_log or sys.stdout) if config.access_log else None
+        self.access_log = (access_log or AccessLog()) if config.access_log else None
 
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
         """Decide without a coroutine when nothing has to wait (memory counters, no JWKS

@@ -26,6 +26,7 @@ from meshgate.gateway._gateway import Gateway
 from meshgate.limits import CounterBackend, create_backend
 from meshgate.policies import schemas
 from meshgate.proxy import Server, ServerSettings, UpstreamPool
+from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
 __all__ = ["GatewayProcess", "load_gateway_config", "run_gateway", "GatewayStartError"]
@@ -84,6 +85,7 @@ class GatewayProcess:
         self.last_error: str | None = None
         self.pools: dict[tuple[str, int, float, float], UpstreamPool] = {}
         self.metrics = GatewayMetrics()
+        self.access_log = AccessLog()
         self._stop = asyncio.Event()
         self._stamp: tuple[int, int, int, int] | None = None
 
@@ -96,7 +98,7 @@ class GatewayProcess:
         return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
 
     def _build(self, config: Config, counters: CounterBackend) -> Gateway:
-        gateway = Gateway(config, counters, self.metrics, self.pools)
+        gateway = Gateway(config, counters, self.metrics, self.pools, self.access_log)
         self.metrics.config_products.set(len(config.products))
         return gateway
 
@@ -154,7 +156,7 @@ class GatewayProcess:
             *(s.shutdown(self.gateway.config.timeouts.shutdown_grace) for s in servers)
         )
         flusher.cancel()
-        sys.stdout.flush()
+        self.access_log.flush()
         self.gateway.close_pools()
         await self.gateway.counters.close()
 
@@ -220,7 +222,7 @@ class GatewayProcess:
     async def _flush_logs(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            sys.stdout.flush()
+            self.access_log.flush()
 
 
 def _run_one(config_path: Path, reuse_port: bool, watch: bool) -> None:
