@@ -122,8 +122,34 @@ def test_literal_error_names_every_choice_at_its_path() -> None:
 
 def test_missing_field_is_required() -> None:
     data = example()
+    del data["products"][0]["auth"]
+    assert errors_of(data) == ["products[0].auth: is required"]
+
+
+def test_backend_or_backends() -> None:
+    data = example()
     del data["products"][0]["backend"]
-    assert errors_of(data) == ["products[0].backend: is required"]
+    assert errors_of(data) == ["products[0]: give either backend or backends (not both)"]
+    data["products"][0]["backends"] = [
+        {"path": "/", "url": "http://127.0.0.1:9001"},
+        {"path": "/v2/", "url": "ftp://x"},
+        {"path": "/", "url": "http://127.0.0.1:9002"},
+    ]
+    assert errors_of(data) == [
+        "products[0].backends[1].url: must be an http:// URL, e.g. http://127.0.0.1:9001"
+    ]
+    del data["products"][0]["backends"][1]
+    assert errors_of(data) == ["products[0]: two backends at the same path"]
+
+
+def test_key_hashes_need_a_salt() -> None:
+    data = example()
+    data["products"][0]["applications"][0]["key_hashes"] = ["sha256:" + "ab" * 32]
+    assert errors_of(data) == [
+        "products[0]: applications carry key_hashes: give the product's key_salt"
+    ]
+    data["products"][0]["applications"][0]["key_hashes"] = ["md5:00"]
+    assert errors_of(data)[0].startswith("products[0].applications[0].key_hashes[0]:")
 
 
 def test_unknown_field_lists_the_allowed_ones() -> None:
@@ -133,7 +159,7 @@ def test_unknown_field_lists_the_allowed_ones() -> None:
     assert errors_of(data) == [
         "products[0].plans[0].limits[0].window: unknown field (allowed: metric, period, value)",
         "limitz: unknown field (allowed: listen, admin_listen, limits, timeouts, "
-        "max_header_size, access_log, upstream_keepalive, products)",
+        "max_header_size, access_log, upstream_keepalive, products, version)",
     ]
 
 
@@ -300,7 +326,7 @@ def test_all_errors_are_reported_in_document_order() -> None:
     assert errors_of(data) == [
         "listen: must be HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
         f"products[0].plans[0].limits[1].period: must be one of {PERIODS}",
-        "products[0].applications[0].state: must be one of 'live', 'suspended'",
+        "products[0].applications[0].state: must be one of 'live', 'suspended', 'pending'",
         f"products[1].auth.type: must be one of {AUTH_TYPES}",
     ]
 

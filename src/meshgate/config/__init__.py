@@ -6,6 +6,7 @@ from meshgate.config.model import (
     ApiKeyAuth,
     AppIdKeyAuth,
     Application,
+    BackendUsage,
     Auth,
     Config,
     JwtAuth,
@@ -21,6 +22,7 @@ from meshgate.config.model import (
     Product,
     Timeouts,
 )
+from meshgate.config.secrets import hash_key, new_key, new_salt
 from meshgate.config.schema import json_schema, write_schema
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "ApiKeyAuth",
     "AppIdKeyAuth",
     "Application",
+    "BackendUsage",
     "Auth",
     "Config",
     "ConfigError",
@@ -43,7 +46,10 @@ __all__ = [
     "Plan",
     "Product",
     "Timeouts",
+    "hash_key",
     "json_schema",
+    "new_key",
+    "new_salt",
     "load_config",
     "parse_config",
     "write_schema",

@@ -88,12 +88,22 @@ class Plan(_Strict):
         return self
 
 
+KEY_HASH = r"^sha256:[0-9a-f]{64}$"
+
+
 class Application(_Strict):
     id: str = Field(min_length=1, max_length=200)
     plan: str
-    state: Literal["live", "suspended"] = "live"
+    state: Literal["live", "suspended", "pending"] = Field(
+        "live", description="Only live applications are admitted; the others get 403."
+    )
     keys: list[str] = Field(
         [], description="api_key: user keys; app_id_key: app keys for this application's id."
+    )
+    key_hashes: list[Annotated[str, Field(pattern=KEY_HASH)]] = Field(
+        [],
+        description="Keys as salted hashes (see the product's key_salt), as a control plane "
+        "distributes them: the gateway hashes what it receives and compares.",
     )
     client_id: str | None = Field(
         None, description="jwt: value of the application claim; defaults to the id."
@@ -184,14 +194,59 @@ PolicyEntry = Annotated[
 ]
 
 
+_BACKEND_URL = re.compile(r"^http://([^/:?#]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?(/[^?#]*)?$")
+
+
+def _check_backend_url(value: str) -> str:
+    if not _BACKEND_URL.match(value):
+        raise ValueError("must be an http:// URL, e.g. http://127.0.0.1:9001")
+    return value
+
+
+def _check_prefix(value: str) -> str:
+    if not value.startswith("/") or "//" in value or "/../" in value + "/":
+        raise ValueError("must start with / and hold no empty or .. segments")
+    return value.rstrip("/") or "/"
+
+
+class BackendUsage(_Strict):
+    """A backend serving the product's requests under a path, as 3scale's backend usages."""
+
+    path: str = Field("/", description="Requests under this path (after the product's prefix) "
+                      "go to this backend, with the path removed.")
+    url: str = Field(description="Upstream base URL, http://host:port[/base/path].")
+
+    _path = field_validator("path")(classmethod(lambda cls, v: _check_prefix(v)))
+    _url = field_validator("url")(classmethod(lambda cls, v: _check_backend_url(v)))
+
+
 class Product(_Strict):
+    # Merged with _Strict's settings: the schema says what _references checks for backends.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["backend"], "not": {"required": ["backends"]}},
+                {
+                    "required": ["backends"],
+                    "not": {"required": ["backend"]},
+                    "properties": {"backends": {"minItems": 1}},
+                },
+            ]
+        }
+    )
+
     name: str = Field(pattern=_NAME)
     hosts: list[str] = Field(
         ["*"], description="Host names; * matches any, *.example.com a suffix."
     )
     path_prefix: str = "/"
     strip_prefix: bool = True
-    backend: str = Field(description="Upstream base URL, http://host:port[/base/path].")
+    backend: str | None = Field(
+        None, description="Upstream base URL, http://host:port[/base/path]; or give backends."
+    )
+    backends: list[BackendUsage] = Field(
+        [], description="Several backends at path prefixes; the longest matching path wins."
+    )
     auth: Auth
     metrics: list[Metric] = [Metric(name="hits")]
     mapping_rules: list[MappingRule] = [MappingRule(method="ANY", pattern="/", metric="hits")]
@@ -203,27 +258,37 @@ class Product(_Strict):
     max_body_size: int | None = Field(None, ge=0, description="Largest request body in bytes.")
     upstream_connect_timeout: float | None = Field(None, gt=0)
     upstream_response_timeout: float | None = Field(None, gt=0)
+    key_salt: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{16,128}$",
+        description="Hex salt of the applications' key_hashes: sha256(salt bytes + key).",
+    )
 
-    @field_validator("path_prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        if not value.startswith("/") or "//" in value or "/../" in value + "/":
-            raise ValueError("must start with / and hold no empty or .. segments")
-        return value.rstrip("/") or "/"
+    _prefix = field_validator("path_prefix")(classmethod(lambda cls, v: _check_prefix(v)))
 
     @field_validator("backend")
     @classmethod
-    def _backend(cls, value: str) -> str:
-        m = re.match(r"^http://([^/:?#]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?(/[^?#]*)?$", value)
-        if not m:
-            raise ValueError("must be an http:// URL, e.g. http://127.0.0.1:9001")
-        return value
+    def _backend(cls, value: str | None) -> str | None:
+        return None if value is None else _check_backend_url(value)
+
+    def backend_usages(self) -> list[BackendUsage]:
+        """The backends by path, longest path first; ``backend`` is one at ``/``."""
+        if self.backend is not None:
+            return [BackendUsage(path="/", url=self.backend)]
+        return sorted(self.backends, key=lambda b: len(b.path), reverse=True)
 
     @model_validator(mode="after")
     def _references(self) -> Product:
         names = [m.name for m in self.metrics]
         known = set(names)
         problems = []
+        if (self.backend is None) == (not self.backends):
+            problems.append("give either backend or backends (not both)")
+        paths = [b.path for b in self.backends]
+        if len(set(paths)) != len(paths):
+            problems.append("two backends at the same path")
+        if self.key_salt is None and any(a.key_hashes for a in self.applications):
+            problems.append("applications carry key_hashes: give the product's key_salt")
         if len(known) != len(names):
             problems.append("metric names must be unique")
         for m in self.metrics:
@@ -262,6 +327,9 @@ class Product(_Strict):
             keys = [k for a in self.applications for k in a.keys]
             if len(set(keys)) != len(keys):
                 problems.append("a key belongs to two applications")
+            hashes = [h for a in self.applications for h in a.key_hashes]
+            if len(set(hashes)) != len(hashes):
+                problems.append("a key hash belongs to two applications")
         if isinstance(self.auth, NoAuth) and self.auth.default_application not in apps:
             problems.append(
                 f"default_application {self.auth.default_application!r} is not an application"
@@ -309,6 +377,9 @@ class Config(_Strict):
         64, ge=0, description="Idle upstream connections kept per backend."
     )
     products: list[Product] = []
+    version: str | None = Field(
+        None, description="Set by a control plane: the snapshot version this document is."
+    )
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 

@@ -107,7 +107,7 @@ class Authenticator:
 
 
 def _admit(app: Application) -> Application:
-    if app.state == "suspended":
+    if app.state != "live":
         raise AuthError(
             403, "application suspended", "the application this credential belongs to is suspended"
         )
