@@ -54,3 +54,16 @@ def test_limits_and_policies_know_no_role() -> None:
     roles = ("meshgate.gateway", "meshgate.mesh", "meshgate.control", "meshgate.integration")
     for package in ("limits", "policies", "telemetry"):
         assert not {m for m in _imports(package) if m.startswith(roles)}, package
+
+
+def test_control_plane_and_data_planes_share_only_config() -> None:
+    allowed = ("meshgate.control", "meshgate.config")
+    assert {m for m in _imports("control") if not m.startswith(allowed)} == set()
+    assert not {m for m in _imports("gateway") if m.startswith("meshgate.control")}
+
+
+def test_roles_do_not_import_each_other() -> None:
+    roles = ("gateway", "mesh", "control", "integration")
+    for role in roles:
+        others = tuple(f"meshgate.{r}" for r in roles if r != role)
+        assert not {m for m in _imports(role) if m.startswith(others)}, role

@@ -6,8 +6,8 @@ from meshgate.config.model import (
     ApiKeyAuth,
     AppIdKeyAuth,
     Application,
-    BackendUsage,
     Auth,
+    BackendUsage,
     Config,
     JwtAuth,
     JwtKey,
@@ -22,8 +22,8 @@ from meshgate.config.model import (
     Product,
     Timeouts,
 )
-from meshgate.config.secrets import hash_key, new_key, new_salt
 from meshgate.config.schema import json_schema, write_schema
+from meshgate.config.secrets import hash_key, new_key, new_salt
 
 __all__ = [
     "PERIODS",

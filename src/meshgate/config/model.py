@@ -197,13 +197,15 @@ PolicyEntry = Annotated[
 _BACKEND_URL = re.compile(r"^http://([^/:?#]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?(/[^?#]*)?$")
 
 
-def _check_backend_url(value: str) -> str:
+def check_backend_url(value: str) -> str:
+    """The URL, or ValueError saying what a backend URL must be."""
     if not _BACKEND_URL.match(value):
         raise ValueError("must be an http:// URL, e.g. http://127.0.0.1:9001")
     return value
 
 
-def _check_prefix(value: str) -> str:
+def check_path_prefix(value: str) -> str:
+    """The prefix without its trailing slash, or ValueError saying what it must be."""
     if not value.startswith("/") or "//" in value or "/../" in value + "/":
         raise ValueError("must start with / and hold no empty or .. segments")
     return value.rstrip("/") or "/"
@@ -216,8 +218,8 @@ class BackendUsage(_Strict):
                       "go to this backend, with the path removed.")
     url: str = Field(description="Upstream base URL, http://host:port[/base/path].")
 
-    _path = field_validator("path")(classmethod(lambda cls, v: _check_prefix(v)))
-    _url = field_validator("url")(classmethod(lambda cls, v: _check_backend_url(v)))
+    _path = field_validator("path")(classmethod(lambda cls, v: check_path_prefix(v)))
+    _url = field_validator("url")(classmethod(lambda cls, v: check_backend_url(v)))
 
 
 class Product(_Strict):
@@ -264,12 +266,12 @@ class Product(_Strict):
         description="Hex salt of the applications' key_hashes: sha256(salt bytes + key).",
     )
 
-    _prefix = field_validator("path_prefix")(classmethod(lambda cls, v: _check_prefix(v)))
+    _prefix = field_validator("path_prefix")(classmethod(lambda cls, v: check_path_prefix(v)))
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, value: str | None) -> str | None:
-        return None if value is None else _check_backend_url(value)
+        return None if value is None else check_backend_url(value)
 
     def backend_usages(self) -> list[BackendUsage]:
         """The backends by path, longest path first; ``backend`` is one at ``/``."""

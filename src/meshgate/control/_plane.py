@@ -1,0 +1,226 @@
+"""The control plane's process state: store, token cache, snapshot compiler and notifier.
+
+Changes are compiled in the background, coalesced (a burst of a thousand API calls makes a
+few snapshots, not a thousand); gateways waiting in a long poll are woken when a new
+version of their environment is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from meshgate.control import snapshots
+from meshgate.control._auth import TokenCache, hash_token, new_token
+from meshgate.control._db import Database
+from meshgate.control._problems import Problem
+from meshgate.control.models import AdminToken, Product, Snapshot
+
+__all__ = ["ControlPlane", "ControlSettings"]
+
+log = logging.getLogger("meshgate.control")
+
+
+@dataclass
+class ControlSettings:
+    database_url: str
+    listen: str = "127.0.0.1:8090"
+    admin_token: str | None = None
+    compile_delay: float = 0.05
+    max_wait: float = 60.0
+    data_dir: Path | None = None
+
+
+@dataclass
+class _Latest:
+    version: int
+    etag: str
+    body: bytes
+
+
+class ControlPlane:
+    def __init__(self, settings: ControlSettings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.tokens = TokenCache()
+        self.errors: dict[str, list[str]] = {env: [] for env in snapshots.ENVIRONMENTS}
+        self._pending: set[str] = set()
+        self._publish_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._versions: dict[str, asyncio.Event] = {}
+        self._latest: dict[str, _Latest] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.bootstrap_token: str | None = None
+        # When each gateway was last recorded as seen (monotonic), to write that rarely.
+        self.dataplane_seen: dict[str, float] = {}
+
+    # Start and stop
+
+    def prepare(self) -> None:
+        """Migrate the store, make sure an admin token exists, publish every environment."""
+        self.db.migrate()
+        self.bootstrap_token = self._bootstrap_token()
+        for env in snapshots.ENVIRONMENTS:
+            self.publish(env, "start")
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._versions = {env: asyncio.Event() for env in snapshots.ENVIRONMENTS}
+        self._task = self._loop.create_task(self._compile_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        # Whatever was pending is compiled before exit, so that no change waits for a restart.
+        for env in sorted(self._pending):
+            await asyncio.to_thread(self.publish, env, "change")
+        self.db.dispose()
+
+    def _bootstrap_token(self) -> str | None:
+        """The token given in the settings is registered; without one and with no token in
+        the store, a new one is made and returned (shown once by the caller)."""
+        wanted = self.settings.admin_token
+        with self.db.writer() as session, session.begin():
+            if wanted is not None:
+                digest = hash_token(wanted)
+                exists = session.scalar(select(AdminToken).where(AdminToken.token_hash == digest))
+                if exists is None:
+                    name = "bootstrap"
+                    if session.scalar(select(AdminToken).where(AdminToken.name == name)):
+                        name = f"bootstrap-{digest[:8]}"
+                    session.add(
+                        AdminToken(
+                            name=name, token_hash=digest, scopes=["read", "write", "dataplane"]
+                        )
+                    )
+                return wanted
+            if session.scalar(select(AdminToken.id).limit(1)) is not None:
+                return None
+            token = new_token()
+            session.add(
+                AdminToken(
+                    name="bootstrap",
+                    token_hash=hash_token(token),
+                    scopes=["read", "write", "dataplane"],
+                )
+            )
+            return token
+
+    # Changes
+
+    def stage(self, session: Session, product_id: int) -> None:
+        """Restage a product's configuration inside the change's transaction."""
+        product = session.get(Product, product_id)
+        if product is None:
+            return
+        try:
+            snapshots.stage_product(session, product)
+        except ValueError as exc:
+            raise Problem(422, f"a gateway could not run this product: {exc}") from None
+
+    def changed(self, scope: str) -> None:
+        """After a commit: schedule a compile of the environments the change reaches."""
+        envs = {"staging"} if scope == "config" else set(snapshots.ENVIRONMENTS)
+        self._pending |= envs
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _compile_forever(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.settings.compile_delay)
+            envs, self._pending = self._pending, set()
+            for env in sorted(envs):
+                try:
+                    await asyncio.to_thread(self.publish, env, "change")
+                except Exception:
+                    log.exception("compiling %s failed; will retry on the next change", env)
+                    self._pending.add(env)
+
+    def publish(self, env: str, reason: str) -> Snapshot | None:
+        """Compile ``env`` now and store a new version if it changed (thread-safe)."""
+        with self._publish_lock, self.db.writer() as session, session.begin():
+            compiled = snapshots.compile_environment(session, env)
+            snapshot = snapshots.publish(session, env, reason, compiled)
+        self.errors[env] = compiled.errors
+        for error in compiled.errors:
+            log.warning("%s: %s", env, error)
+        if snapshot is not None:
+            log.info(
+                "%s snapshot version %d (%d bytes): %s",
+                env,
+                snapshot.version,
+                snapshot.size,
+                reason,
+            )
+            self._remember(snapshot)
+        return snapshot
+
+    # Distribution
+
+    def _remember(self, snapshot: Snapshot) -> None:
+        latest = _Latest(snapshot.version, _etag(snapshot), snapshot.document.encode())
+        current = self._latest.get(snapshot.env)
+        if current is None or current.version < latest.version:
+            self._latest[snapshot.env] = latest
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._notify, snapshot.env)
+
+    def _notify(self, env: str) -> None:
+        event = self._versions.get(env)
+        if event is not None:
+            event.set()
+        self._versions[env] = asyncio.Event()
+
+    def latest(self, env: str) -> _Latest | None:
+        """The newest version of ``env``; read from the store, so other replicas' count."""
+        with self.db.session() as session:
+            row = session.execute(
+                select(Snapshot.version)
+                .where(Snapshot.env == env)
+                .order_by(Snapshot.version.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            cached = self._latest.get(env)
+            if cached is not None and cached.version == row.version:
+                return cached
+            snapshot = session.scalars(
+                select(Snapshot).where(Snapshot.env == env, Snapshot.version == row.version)
+            ).one()
+        latest = _Latest(snapshot.version, _etag(snapshot), snapshot.document.encode())
+        self._latest[env] = latest
+        return latest
+
+    async def wait_for_change(self, env: str, timeout: float) -> None:
+        event = self._versions.get(env)
+        if event is None:
+            await asyncio.sleep(timeout)
+            return
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def status(self) -> dict[str, Any]:
+        return {"pending": sorted(self._pending), "errors": self.errors}
+
+
+def _etag(snapshot: Snapshot) -> str:
+    return f'"{snapshot.env}-{snapshot.version}-{snapshot.digest[:12]}"'

@@ -1,0 +1,65 @@
+"""Run the control plane: migrate, publish, then serve the API with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+
+from meshgate.control._plane import ControlPlane, ControlSettings
+from meshgate.control.app import create_app
+
+__all__ = ["ControlStartError", "database_url_for", "run_control"]
+
+log = logging.getLogger("meshgate.control")
+
+
+class ControlStartError(Exception):
+    """The control plane cannot start as asked; the message says why."""
+
+
+def database_url_for(data_dir: Path) -> str:
+    """The embedded default: a SQLite file in the data directory (made if missing)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ControlStartError(f"cannot create the data directory {data_dir}: {exc}") from None
+    return f"sqlite:///{data_dir.resolve() / 'control.db'}"
+
+
+def run_control(
+    settings: ControlSettings, on_ready: Callable[[ControlPlane], None] | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    plane = ControlPlane(settings)
+    try:
+        plane.prepare()
+    except Exception as exc:  # the database is unreachable, or a migration failed
+        raise ControlStartError(
+            f"cannot open the database {plane.db.engine.url!r}: {str(exc).splitlines()[0]}"
+        ) from None
+    host, _, port = settings.listen.rpartition(":")
+    config = uvicorn.Config(
+        create_app(settings, plane),
+        host=host.strip("[]") or "127.0.0.1",
+        port=int(port),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        original = server.startup
+
+        async def startup(sockets: object = None) -> None:
+            await original(sockets)  # type: ignore[arg-type]
+            if server.started:
+                on_ready(plane)
+
+        server.startup = startup  # type: ignore[method-assign]
+    server.run()
+    if not server.started:
+        raise ControlStartError(f"cannot listen on {settings.listen}")

@@ -1,0 +1,100 @@
+"""The control plane's ASGI application: admin API under /admin/api, data-plane API under
+/dp/v1, health at /healthz."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from meshgate.control import _problems
+from meshgate.control._applications import router as applications
+from meshgate.control._environments import admin as environments
+from meshgate.control._environments import dataplane
+from meshgate.control._plane import ControlPlane, ControlSettings
+from meshgate.control._resources import router as resources
+
+__all__ = ["MAX_BODY", "create_app"]
+
+# A declarative file of 50,000 applications is a few MiB; an OpenAPI document less.
+MAX_BODY = 64 * 1024 * 1024
+
+
+class _BodyLimit:
+    """Refuse request bodies above a size with 413, counted as they arrive."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.limit:
+                    await _problems.problem_response(
+                        413, f"the request body exceeds {self.limit} bytes"
+                    )(scope, receive, send)
+                    return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _problems.problem_response(413, f"the request body exceeds {self.limit} bytes")(
+                scope, receive, send
+            )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> FastAPI:
+    """The application; the store is migrated and snapshots published before it serves."""
+    plane = plane or ControlPlane(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await plane.start()
+        try:
+            yield
+        finally:
+            await plane.stop()
+
+    app = FastAPI(
+        title="meshgate control plane",
+        version="1",
+        description="Manage API products, plans, applications and keys; gateways pull the "
+        "compiled configuration from /dp/v1.",
+        openapi_url="/admin/api/openapi.json",
+        docs_url="/admin/api/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.plane = plane
+    _problems.install(app)
+    for router in (resources, applications, environments):
+        app.include_router(router, prefix="/admin/api")
+    app.include_router(dataplane)
+
+    @app.get("/healthz", tags=["health"], operation_id="health")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", **plane.status()}
+
+    app.add_middleware(_BodyLimit, limit=MAX_BODY)
+    return app

@@ -1,0 +1,474 @@
+"""Request and response bodies of the admin API.
+
+Gateway-facing fields (auth, policies, mapping rule patterns, backend URLs, periods) reuse
+the configuration model's types, so that the control plane accepts exactly what a gateway
+can run.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from meshgate.config.model import (
+    Auth,
+    BackendUsage,
+    Method,
+    Period,
+    PolicyEntry,
+)
+from meshgate.config.model import MappingRule as ConfigMappingRule
+
+MAX_ID = 2**31 - 1
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every time the API shows is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
+MAX_BIG = 2**63 - 1
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refuse it everywhere so both stores behave alike.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"),
+]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
+Text = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(_no_nul)]
+Email = Annotated[str, StringConstraints(max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+Count = Annotated[int, Field(ge=0, le=MAX_BIG)]
+Fee = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=4)]
+Seconds = Annotated[float, Field(gt=0, le=86_400)]
+
+AccountState = Literal["pending", "approved", "suspended"]
+PlanState = Literal["draft", "published", "deprecated"]
+AppState = Literal["pending", "live", "suspended"]
+Scope = Literal["read", "write", "dataplane"]
+Env = Literal["staging", "production"]
+
+T = TypeVar("T")
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: Timestamp
+    updated_at: Timestamp
+    version: int
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    page: int
+    per_page: int
+    total: int
+
+
+# Accounts and users
+
+
+class AccountCreate(_In):
+    name: Label
+    email: Email | None = None
+    state: AccountState = "approved"
+    description: Text = ""
+
+
+class AccountUpdate(_In):
+    name: Label | None = None
+    email: Email | None = None
+    state: AccountState | None = None
+    description: Text | None = None
+
+
+class AccountOut(_Out):
+    name: str
+    email: str | None
+    state: str
+    description: str
+
+
+class UserCreate(_In):
+    username: Name
+    email: Email
+    role: Literal["admin", "member"] = "member"
+    state: Literal["pending", "active", "suspended"] = "active"
+
+
+class UserUpdate(_In):
+    username: Name | None = None
+    email: Email | None = None
+    role: Literal["admin", "member"] | None = None
+    state: Literal["pending", "active", "suspended"] | None = None
+
+
+class UserOut(_Out):
+    account_id: int
+    username: str
+    email: str
+    role: str
+    state: str
+
+
+# Products and what belongs to them
+
+
+class ProductCreate(_In):
+    name: Name
+    description: Text = ""
+    hosts: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(
+        ["*"], max_length=100
+    )
+    path_prefix: Annotated[str, StringConstraints(max_length=1000)] = "/"
+    strip_prefix: bool = True
+    auth: Auth
+    policies: list[PolicyEntry] = Field([], max_length=100)
+    max_body_size: Count | None = None
+    upstream_connect_timeout: Seconds | None = None
+    upstream_response_timeout: Seconds | None = None
+    backend: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+        None, description="Shorthand: one backend at / created with the product."
+    )
+
+
+class ProductUpdate(_In):
+    name: Name | None = None
+    description: Text | None = None
+    hosts: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] | None = Field(
+        None, max_length=100
+    )
+    path_prefix: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    strip_prefix: bool | None = None
+    auth: Auth | None = None
+    policies: list[PolicyEntry] | None = Field(None, max_length=100)
+    max_body_size: Count | None = None
+    upstream_connect_timeout: Seconds | None = None
+    upstream_response_timeout: Seconds | None = None
+
+
+class ProductOut(_Out):
+    name: str
+    description: str
+    hosts: list[str]
+    path_prefix: str
+    strip_prefix: bool
+    auth: dict[str, Any]
+    policies: list[dict[str, Any]]
+    max_body_size: int | None
+    upstream_connect_timeout: float | None
+    upstream_response_timeout: float | None
+
+
+class BackendCreate(_In):
+    path: Annotated[str, StringConstraints(max_length=1000)] = "/"
+    url: Annotated[str, StringConstraints(max_length=2000)]
+    name: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+class BackendUpdate(_In):
+    path: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    url: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    name: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+class BackendOut(_Out):
+    product_id: int
+    path: str
+    url: str
+    name: str
+
+
+class MetricCreate(_In):
+    name: Name
+    parent_id: Id | None = Field(
+        None, description="A method's parent metric (hits); none for a top-level metric."
+    )
+    friendly_name: Annotated[str, StringConstraints(max_length=200)] = ""
+    unit: Annotated[str, StringConstraints(max_length=50)] = "hit"
+    description: Text = ""
+
+
+class MetricUpdate(_In):
+    name: Name | None = None
+    friendly_name: Annotated[str, StringConstraints(max_length=200)] | None = None
+    unit: Annotated[str, StringConstraints(max_length=50)] | None = None
+    description: Text | None = None
+
+
+class MetricOut(_Out):
+    product_id: int
+    name: str
+    parent_id: int | None
+    friendly_name: str
+    unit: str
+    description: str
+
+
+class MappingRuleCreate(_In):
+    http_method: Method = "ANY"
+    pattern: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    metric_id: Id
+    delta: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+    last: bool = False
+    position: Annotated[int, Field(ge=0, le=MAX_ID)] = 0
+
+
+class MappingRuleUpdate(_In):
+    http_method: Method | None = None
+    pattern: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None
+    metric_id: Id | None = None
+    delta: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    last: bool | None = None
+    position: Annotated[int, Field(ge=0, le=MAX_ID)] | None = None
+
+
+class MappingRuleOut(_Out):
+    product_id: int
+    http_method: str
+    pattern: str
+    metric_id: int
+    delta: int
+    last: bool
+    position: int
+
+
+# Plans
+
+
+class PlanCreate(_In):
+    name: Name
+    description: Text = ""
+    state: PlanState = "draft"
+    is_default: bool = False
+    approval_required: bool = False
+    setup_fee: Fee = Decimal(0)
+    monthly_fee: Fee = Decimal(0)
+    trial_days: Annotated[int, Field(ge=0, le=3650)] = 0
+
+
+class PlanUpdate(_In):
+    name: Name | None = None
+    description: Text | None = None
+    state: PlanState | None = None
+    is_default: bool | None = None
+    approval_required: bool | None = None
+    setup_fee: Fee | None = None
+    monthly_fee: Fee | None = None
+    trial_days: Annotated[int, Field(ge=0, le=3650)] | None = None
+
+
+class PlanOut(_Out):
+    product_id: int
+    name: str
+    description: str
+    state: str
+    is_default: bool
+    approval_required: bool
+    setup_fee: Decimal
+    monthly_fee: Decimal
+    trial_days: int
+
+
+class LimitCreate(_In):
+    metric_id: Id
+    period: Period
+    value: Count
+
+
+class LimitUpdate(_In):
+    period: Period | None = None
+    value: Count | None = None
+
+
+class LimitOut(_Out):
+    plan_id: int
+    metric_id: int
+    period: str
+    value: int
+
+
+class PricingRuleCreate(_In):
+    metric_id: Id
+    min: Annotated[int, Field(ge=1, le=MAX_BIG)] = 1
+    max: Annotated[int, Field(ge=1, le=MAX_BIG)] | None = None
+    cost_per_unit: Fee
+
+
+class PricingRuleUpdate(_In):
+    min: Annotated[int, Field(ge=1, le=MAX_BIG)] | None = None
+    max: Annotated[int, Field(ge=1, le=MAX_BIG)] | None = None
+    cost_per_unit: Fee | None = None
+
+
+class PricingRuleOut(_Out):
+    plan_id: int
+    metric_id: int
+    min: int
+    max: int | None
+    cost_per_unit: Decimal
+
+
+# Applications and keys
+
+
+class ApplicationCreate(_In):
+    account_id: Id
+    plan_id: Id
+    name: Label
+    description: Text = ""
+    app_id: (
+        Annotated[
+            str, StringConstraints(min_length=4, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+        ]
+        | None
+    ) = Field(None, description="Public application id; generated when not given.")
+
+
+class ApplicationUpdate(_In):
+    name: Label | None = None
+    description: Text | None = None
+
+
+class ApplicationOut(_Out):
+    account_id: int
+    plan_id: int
+    product_id: int
+    name: str
+    description: str
+    state: str
+    app_id: str
+    trial_ends_at: Timestamp | None
+
+
+class ApplicationCreated(ApplicationOut):
+    key: str | None = Field(
+        None, description="The first key, shown only in this response (api_key and app_id_key)."
+    )
+
+
+class PlanChange(_In):
+    plan_id: Id
+
+
+class KeyCreate(_In):
+    key: (
+        Annotated[str, StringConstraints(min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$")]
+        | None
+    ) = Field(None, description="A key of your own; a random one when not given.")
+
+
+class KeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    hint: str = Field(description="The key's first characters, to tell keys apart.")
+    created_at: Timestamp
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The key in clear: shown once, never stored.")
+
+
+# Tokens, audit, environments, data planes
+
+
+class TokenCreate(_In):
+    name: Label
+    scopes: list[Scope] = Field(min_length=1)
+    expires_at: datetime | None = None
+
+
+class TokenOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    scopes: list[str]
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+    expires_at: Timestamp | None
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="The token in clear: shown once, never stored.")
+
+
+class AuditOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    at: Timestamp
+    actor: str
+    action: str
+    resource: str
+    resource_id: str | None
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+class SnapshotOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    env: str
+    version: int
+    created_at: Timestamp
+    digest: str
+    reason: str
+    size: int
+
+
+class EnvironmentOut(BaseModel):
+    name: str
+    version: int | None
+    created_at: Timestamp | None
+    products: list[str]
+    errors: list[str] = Field(description="Products left out of the last compile, and why.")
+
+
+class DataplaneStatus(_In):
+    id: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        pattern=r"^[\x21-\x7e]+$"
+    )
+    env: Env
+    version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    error: Annotated[str, StringConstraints(max_length=10_000)] | None = None
+    hostname: Annotated[str, StringConstraints(max_length=255)] = ""
+    listen: Annotated[str, StringConstraints(max_length=255)] = ""
+    pid: Annotated[int, Field(ge=0, le=MAX_ID)] | None = None
+
+
+class DataplaneOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    env: str
+    hostname: str
+    listen: str
+    pid: int | None
+    version: str | None
+    error: str | None
+    first_seen: Timestamp
+    last_seen: Timestamp
+    connected: bool = Field(False, description="Seen within the last 60 seconds.")
+
+
+def backend_usage(path: str, url: str) -> BackendUsage:
+    """The gateway's own check of a backend (raises pydantic's ValidationError)."""
+    return BackendUsage(path=path, url=url)
+
+
+def mapping_rule(method: str, pattern: str, metric: str) -> ConfigMappingRule:
+    return ConfigMappingRule(method=method, pattern=pattern, metric=metric)  # type: ignore[arg-type]

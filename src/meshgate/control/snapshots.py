@@ -1,0 +1,261 @@
+"""From the SQL model to the snapshot a gateway runs: one JSON ``Config`` document per
+environment and version, immutable once written.
+
+A product's gateway configuration (hosts, backends, auth, policies, metrics, mapping rules)
+is staged on every change and promoted to production explicitly; its plans, applications and
+keys are live data, current in every environment, as in 3scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from meshgate.config.model import Product as ProductConfig
+from meshgate.control.models import (
+    Application,
+    ApplicationKey,
+    Backend,
+    EnvironmentProduct,
+    Limit,
+    MappingRule,
+    Metric,
+    Plan,
+    Product,
+    Snapshot,
+)
+
+__all__ = [
+    "ENVIRONMENTS",
+    "Compiled",
+    "compile_environment",
+    "product_document",
+    "publish",
+    "stage_product",
+]
+
+ENVIRONMENTS = ("staging", "production")
+# Parts of a compiled product that are live data rather than promoted configuration.
+LIVE_PARTS = ("plans", "applications")
+
+
+def product_document(session: Session, product: Product) -> dict[str, Any]:
+    """The product's gateway configuration as the snapshot carries it (no plans or apps)."""
+    metrics = session.execute(
+        select(Metric.id, Metric.name, Metric.parent_id, Metric.description)
+        .where(Metric.product_id == product.id)
+        .order_by(Metric.id)
+    ).all()
+    names = {m.id: m.name for m in metrics}
+    rules = session.execute(
+        select(MappingRule)
+        .where(MappingRule.product_id == product.id)
+        .order_by(MappingRule.position, MappingRule.id)
+    ).scalars()
+    backends = session.execute(
+        select(Backend.path, Backend.url).where(Backend.product_id == product.id)
+    ).all()
+    doc: dict[str, Any] = {
+        "name": product.name,
+        "hosts": list(product.hosts),
+        "path_prefix": product.path_prefix,
+        "strip_prefix": product.strip_prefix,
+        "backends": [{"path": b.path, "url": b.url} for b in backends],
+        "auth": dict(product.auth),
+        "metrics": [
+            {"name": m.name, "parent": names.get(m.parent_id), "description": m.description}
+            for m in metrics
+        ],
+        "mapping_rules": [
+            {
+                "method": r.http_method,
+                "pattern": r.pattern,
+                "metric": names[r.metric_id],
+                "increment": r.delta,
+                "last": r.last,
+            }
+            for r in rules
+        ],
+        "policies": list(product.policies),
+        "key_salt": product.key_salt,
+    }
+    for name in ("max_body_size", "upstream_connect_timeout", "upstream_response_timeout"):
+        value = getattr(product, name)
+        if value is not None:
+            doc[name] = value
+    return doc
+
+
+def configuration_problems(doc: dict[str, Any]) -> list[str]:
+    """What a gateway would refuse in a product's configuration, live data aside."""
+    try:
+        ProductConfig.model_validate({**doc, "plans": [], "applications": []})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            for line in message.split("; "):
+                # These depend on data that comes later (a backend, the default application).
+                if "give either backend or backends" in line or "default_application" in line:
+                    continue
+                problems.append(f"{where}: {line}" if where else line)
+        return problems
+    return []
+
+
+def stage_product(session: Session, product: Product) -> dict[str, Any]:
+    """Write the product's configuration to staging; raise ValueError if a gateway could not
+    run it (the caller's transaction then rolls back)."""
+    doc = product_document(session, product)
+    problems = configuration_problems(doc)
+    if problems:
+        raise ValueError("; ".join(problems))
+    row = session.get(EnvironmentProduct, ("staging", product.id))
+    if row is None:
+        session.add(EnvironmentProduct(env="staging", product_id=product.id, document=doc))
+    else:
+        row.document = doc
+    return doc
+
+
+@dataclass
+class Compiled:
+    env: str
+    products: list[dict[str, Any]]
+    errors: list[str]
+
+
+def compile_environment(session: Session, env: str) -> Compiled:
+    """The environment's products with their current plans, applications and key hashes."""
+    configs = session.execute(
+        select(EnvironmentProduct.product_id, EnvironmentProduct.document)
+        .where(EnvironmentProduct.env == env)
+        .order_by(EnvironmentProduct.product_id)
+    ).all()
+    wanted = [c.product_id for c in configs]
+    plans_by_product: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for plan_id, product_id, name in session.execute(
+        select(Plan.id, Plan.product_id, Plan.name).order_by(Plan.id)
+    ):
+        plans_by_product[product_id].append((plan_id, name))
+    limits: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+    for plan_id, metric, period, value in session.execute(
+        select(Limit.plan_id, Metric.name, Limit.period, Limit.value)
+        .join(Metric, Metric.id == Limit.metric_id)
+        .order_by(Limit.id)
+    ):
+        limits[plan_id].append((metric, period, value))
+    key_hashes: dict[int, list[str]] = defaultdict(list)
+    for app_id, key_hash in session.execute(
+        select(ApplicationKey.application_id, ApplicationKey.key_hash).order_by(ApplicationKey.id)
+    ):
+        key_hashes[app_id].append(key_hash)
+    apps_by_product: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row_id, product_id, public_id, state, plan in session.execute(
+        select(
+            Application.id, Application.product_id, Application.app_id, Application.state, Plan.name
+        )
+        .join(Plan, Plan.id == Application.plan_id)
+        .order_by(Application.id)
+    ):
+        app: dict[str, Any] = {"id": public_id, "plan": plan}
+        if state != "live":
+            app["state"] = state
+        hashes = key_hashes.get(row_id)
+        if hashes:
+            app["key_hashes"] = hashes
+        apps_by_product[product_id].append(app)
+
+    products, errors = [], []
+    for product_id, config in zip(wanted, (c.document for c in configs), strict=True):
+        metrics = {m["name"] for m in config.get("metrics", ())}
+        plans = [
+            {
+                "name": name,
+                "limits": [
+                    {"metric": metric, "period": period, "value": value}
+                    for metric, period, value in limits.get(plan_id, ())
+                    # A limit on a metric this environment's configuration lacks yet.
+                    if metric in metrics
+                ],
+            }
+            for plan_id, name in plans_by_product.get(product_id, ())
+        ]
+        doc = {**config, "plans": plans, "applications": apps_by_product.get(product_id, [])}
+        if not doc.get("backends"):
+            errors.append(f"product {config['name']!r} has no backend yet: left out")
+            continue
+        try:
+            ProductConfig.model_validate(doc)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            message = str(first["msg"]).removeprefix("Value error, ")
+            errors.append(f"product {config['name']!r} left out: {message}")
+            continue
+        products.append(doc)
+    return Compiled(env, products, errors)
+
+
+def canonical(products: list[dict[str, Any]]) -> tuple[str, str]:
+    """The products as compact JSON, and its digest (equal content, equal digest)."""
+    body = json.dumps(products, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    return body, hashlib.sha256(body.encode()).hexdigest()
+
+
+def latest(session: Session, env: str) -> Snapshot | None:
+    return session.scalars(
+        select(Snapshot).where(Snapshot.env == env).order_by(Snapshot.version.desc()).limit(1)
+    ).first()
+
+
+def publish(
+    session: Session, env: str, reason: str, compiled: Compiled | None = None
+) -> Snapshot | None:
+    """Compile and store a new version when the content changed; None when it did not."""
+    compiled = compiled or compile_environment(session, env)
+    body, digest = canonical(compiled.products)
+    current = latest(session, env)
+    if current is not None and current.digest == digest:
+        return None
+    version = (current.version if current is not None else 0) + 1
+    document = f'{{"version":"{version}","products":{body}}}'
+    snapshot = Snapshot(
+        env=env,
+        version=version,
+        digest=digest,
+        reason=reason[:200],
+        size=len(document.encode()),
+        document=document,
+    )
+    session.add(snapshot)
+    session.flush()
+    return snapshot
+
+
+def restore(session: Session, env: str, document: dict[str, Any]) -> list[str]:
+    """Set the environment's product configurations to those of an older snapshot; products
+    deleted since are skipped (their names are returned)."""
+    by_name = dict(session.execute(select(Product.name, Product.id)).tuples().all())
+    session.execute(delete(EnvironmentProduct).where(EnvironmentProduct.env == env))
+    session.flush()
+    skipped = []
+    for product in document.get("products", ()):
+        product_id = by_name.get(product["name"])
+        if product_id is None:
+            skipped.append(product["name"])
+            continue
+        config = {k: v for k, v in product.items() if k not in LIVE_PARTS}
+        session.add(EnvironmentProduct(env=env, product_id=product_id, document=config))
+    return skipped
+
+
+def versions(session: Session, env: str) -> int:
+    return session.scalar(select(func.count()).where(Snapshot.env == env)) or 0
