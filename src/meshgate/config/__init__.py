@@ -1,6 +1,12 @@
 """The declarative gateway configuration: model, loading with precise errors, JSON Schema."""
 
-from meshgate.config.loader import ConfigError, load_config, parse_config
+from meshgate.config.loader import (
+    MAX_SNAPSHOT_BYTES,
+    ConfigError,
+    load_config,
+    parse_config,
+    parse_snapshot,
+)
 from meshgate.config.model import (
     PERIODS,
     ApiKeyAuth,
@@ -26,6 +32,7 @@ from meshgate.config.schema import json_schema, write_schema
 from meshgate.config.secrets import hash_key, new_key, new_salt
 
 __all__ = [
+    "MAX_SNAPSHOT_BYTES",
     "PERIODS",
     "ApiKeyAuth",
     "AppIdKeyAuth",
@@ -52,5 +59,6 @@ __all__ = [
     "new_salt",
     "load_config",
     "parse_config",
+    "parse_snapshot",
     "write_schema",
 ]

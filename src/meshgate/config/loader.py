@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import re
@@ -33,9 +34,20 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from meshgate.config.model import _NAME, Config, Problems, Product
 
-__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "ConfigError", "load_config", "parse_config"]
+__all__ = [
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_NODES",
+    "MAX_SNAPSHOT_BYTES",
+    "ConfigError",
+    "load_config",
+    "parse_config",
+    "parse_snapshot",
+]
 
 MAX_BYTES = 8 * 1024 * 1024
+# A snapshot of 100,000 keys is about 10 MiB; a control plane's snapshot may be far larger.
+MAX_SNAPSHOT_BYTES = 256 * 1024 * 1024
 MAX_DEPTH = 64
 MAX_NODES = 1_000_000
 
@@ -62,21 +74,80 @@ class ConfigError(Exception):
 
 
 def load_config(
-    path: str | os.PathLike[str], *, policy_schemas: PolicySchemas | None = None
+    path: str | os.PathLike[str],
+    *,
+    policy_schemas: PolicySchemas | None = None,
+    max_bytes: int = MAX_BYTES,
 ) -> Config:
     """Read and validate the configuration file at ``path``."""
     source = os.fspath(path)
-    return parse_config(_read(source), source, policy_schemas=policy_schemas)
+    return parse_config(
+        _read(source, max_bytes), source, policy_schemas=policy_schemas, max_bytes=max_bytes
+    )
 
 
 def parse_config(
-    text: str | bytes, source: str = "<string>", *, policy_schemas: PolicySchemas | None = None
+    text: str | bytes,
+    source: str = "<string>",
+    *,
+    policy_schemas: PolicySchemas | None = None,
+    max_bytes: int = MAX_BYTES,
 ) -> Config:
-    """Validate YAML or JSON ``text``; with ``policy_schemas``, check each policy's config too."""
-    data = _parse_yaml(text, source)
+    """Validate YAML or JSON ``text``; with ``policy_schemas``, check each policy's config too.
+
+    ``max_bytes`` is for hand-written files by default; a control plane's snapshot of a large
+    model is bigger (pass :data:`MAX_SNAPSHOT_BYTES`)."""
+    data = _parse_yaml(text, source, max_bytes)
     if policy_schemas is not None:
         _validate(_validation_model(tuple(policy_schemas.items())), data, source)
     return _validate(Config, data, source)
+
+
+def parse_snapshot(
+    text: str | bytes, source: str = "<snapshot>", *, policy_schemas: PolicySchemas | None = None
+) -> Config:
+    """Validate a control plane's snapshot: JSON written by a program, not by hand.
+
+    The same model and errors as :func:`parse_config`, without the checks that guard against
+    hand-written and hostile files at a cost a snapshot of 100,000 keys notices (duplicate
+    keys, YAML); its size limit is :data:`MAX_SNAPSHOT_BYTES`."""
+    if len(text) > MAX_SNAPSHOT_BYTES:
+        raise ConfigError([_too_large(len(text), MAX_SNAPSHOT_BYTES)], source)
+    # Hundreds of thousands of new objects, none in a cycle: without this the collector
+    # runs over and over during the parse and takes two thirds of its time.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse_snapshot(text, source, policy_schemas)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _parse_snapshot(text: str | bytes, source: str, policy_schemas: PolicySchemas | None) -> Config:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError([f"not a JSON snapshot: {exc}"], source) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level: must be a mapping, got {_kind_of(data)}"], source)
+    config = _validate(Config, data, source)
+    if policy_schemas is not None and any(p.policies for p in config.products):
+        # Policies are checked on the products alone: plans and applications were checked.
+        light = {
+            "products": [
+                {**p, "plans": [], "applications": []} if p.get("policies") else {}
+                for p in data["products"]
+            ]
+        }
+        model = _validation_model(tuple(policy_schemas.items()))
+        try:
+            model.model_validate(light, strict=True)
+        except ValidationError as exc:
+            problems = [m for m in _messages(exc, model) if ".policies" in m.split(":")[0]]
+            if problems:
+                raise ConfigError(problems, source) from None
+    return config
 
 
 def _validate(model: type[_M], data: dict[str, Any], source: str) -> _M:
@@ -87,7 +158,7 @@ def _validate(model: type[_M], data: dict[str, Any], source: str) -> _M:
         raise ConfigError(_messages(exc, model), source) from None
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, max_bytes: int = MAX_BYTES) -> bytes:
     def fail(message: str) -> ConfigError:
         return ConfigError([message], path)
 
@@ -108,28 +179,28 @@ def _read(path: str) -> bytes:
             raise fail("is a directory, not a file")
         if not stat.S_ISREG(info.st_mode):
             raise fail("is not a regular file")
-        if info.st_size > MAX_BYTES:
-            raise fail(_too_large(info.st_size))
+        if info.st_size > max_bytes:
+            raise fail(_too_large(info.st_size, max_bytes))
         # One byte past the limit tells a file that grew since fstat from one at the limit.
         with open(fd, "rb", closefd=False) as file:
-            data = file.read(MAX_BYTES + 1)
+            data = file.read(max_bytes + 1)
     except OSError as exc:
         raise fail(f"cannot read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise fail(_too_large(len(data)))
+    if len(data) > max_bytes:
+        raise fail(_too_large(len(data), max_bytes))
     return data
 
 
-def _too_large(size: int) -> str:
-    return f"too large: {size} bytes, the limit is {MAX_BYTES // 2**20} MiB"
+def _too_large(size: int, limit: int = MAX_BYTES) -> str:
+    return f"too large: {size} bytes, the limit is {limit // 2**20} MiB"
 
 
-def _parse_yaml(text: str | bytes, source: str) -> dict[str, Any]:
+def _parse_yaml(text: str | bytes, source: str, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
     if isinstance(text, bytes):
-        if len(text) > MAX_BYTES:
-            raise ConfigError([_too_large(len(text))], source)
+        if len(text) > max_bytes:
+            raise ConfigError([_too_large(len(text), max_bytes)], source)
         try:
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -138,9 +209,9 @@ def _parse_yaml(text: str | bytes, source: str) -> dict[str, Any]:
             message = f"not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}"
             raise ConfigError([message], source) from None
     else:
-        size = len(text) if len(text) > MAX_BYTES else len(text.encode("utf-8", "surrogatepass"))
-        if size > MAX_BYTES:
-            raise ConfigError([_too_large(size)], source)
+        size = len(text) if len(text) > max_bytes else len(text.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise ConfigError([_too_large(size, max_bytes)], source)
         text = text.removeprefix("\ufeff")
     if not text.strip():
         raise ConfigError(["the configuration is empty"], source)

@@ -75,7 +75,7 @@ class Limit(_Strict):
 
 class Plan(_Strict):
     name: str = Field(pattern=_NAME)
-    limits: list[Limit] = []
+    limits: list[Limit] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_limit_per_metric_period(self) -> Plan:
@@ -97,11 +97,14 @@ class Application(_Strict):
     state: Literal["live", "suspended", "pending"] = Field(
         "live", description="Only live applications are admitted; the others get 403."
     )
+    # default_factory, not []: a shared default is deep-copied per instance, and a snapshot
+    # holds tens of thousands of applications.
     keys: list[str] = Field(
-        [], description="api_key: user keys; app_id_key: app keys for this application's id."
+        default_factory=list,
+        description="api_key: user keys; app_id_key: app keys for this application's id.",
     )
     key_hashes: list[Annotated[str, Field(pattern=KEY_HASH)]] = Field(
-        [],
+        default_factory=list,
         description="Keys as salted hashes (see the product's key_salt), as a control plane "
         "distributes them: the gateway hashes what it receives and compares.",
     )
@@ -214,8 +217,11 @@ def check_path_prefix(value: str) -> str:
 class BackendUsage(_Strict):
     """A backend serving the product's requests under a path, as 3scale's backend usages."""
 
-    path: str = Field("/", description="Requests under this path (after the product's prefix) "
-                      "go to this backend, with the path removed.")
+    path: str = Field(
+        "/",
+        description="Requests under this path (after the product's prefix) "
+        "go to this backend, with the path removed.",
+    )
     url: str = Field(description="Upstream base URL, http://host:port[/base/path].")
 
     _path = field_validator("path")(classmethod(lambda cls, v: check_path_prefix(v)))
