@@ -18,12 +18,14 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import live  # noqa: E402
 from seed import Size, seed  # noqa: E402
 
 from meshgate.config import parse_snapshot  # noqa: E402
@@ -98,13 +100,28 @@ def main() -> int:
     parser.add_argument("--products", type=int, default=100)
     parser.add_argument("--apps-per-product", type=int, default=500)
     parser.add_argument("--json", action="store_true", help="Print the results as JSON")
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="Also measure the swap under load: real control plane, gateway and upstream",
+    )
+    live.add_arguments(parser)
     args = parser.parse_args()
     size = Size(products=args.products, apps_per_product=args.apps_per_product)
     with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as tmp:
         url = args.database_url or f"sqlite:///{tmp}/control.db"
-        timings = seed(url, size)
+        # With --live the backends point at the echo upstream that live.py starts.
+        echo_port = live.free_port() if args.live else 9001
+        timings = seed(url, size, backend=f"http://127.0.0.1:{echo_port}")
         compiled, document = measure_compile(url, args.rounds)
         applied = measure_apply(document, args.rounds)
+        swapped = None
+        if args.live:
+            try:
+                swapped = live.measure(url, echo_port, args, Path(tmp))
+            except live.BenchError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
     results = {
         "machine": f"{platform.machine()} {platform.processor() or ''} "
         f"Python {platform.python_version()}",
@@ -119,6 +136,8 @@ def main() -> int:
         "compile": compiled,
         "apply": applied,
     }
+    if swapped is not None:
+        results["live"] = asdict(swapped)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -142,6 +161,9 @@ def main() -> int:
     )
     if c["errors"]:
         print("compile errors:", *c["errors"], sep="\n  ")
+    if swapped is not None:
+        print()
+        print(live.markdown(swapped))
     return 0
 
 

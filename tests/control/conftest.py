@@ -33,3 +33,13 @@ def control_sqlite(tmp_path: Path) -> Iterator[ControlPlane]:
     cp = start_control(tmp_path, f"sqlite:///{tmp_path / 'control.db'}")
     yield cp
     cp.stop()
+
+
+@pytest.fixture(scope="module")
+def control_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """One SQLite control plane for a module's tests that each make their own, uniquely named
+    data and read nothing global (no counts of all rows, no snapshots, no audit totals)."""
+    workdir = tmp_path_factory.mktemp("control-shared")
+    cp = start_control(workdir, f"sqlite:///{workdir / 'control.db'}")
+    yield cp
+    cp.stop()

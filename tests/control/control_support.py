@@ -3,15 +3,19 @@ PostgreSQL (``MESHGATE_DATABASE_URL``, each test in a schema of its own)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-from harness import Proc, free_port, service_url, unavailable
+import yaml
+from harness import Proc, free_port, service_url, unavailable, wait_port
 
 TOKEN = "mgt_test-admin-token-0123456789abcdef"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -89,24 +93,35 @@ class ControlPlane:
         return self.proc.stop()
 
 
+class ScriptProc(Proc):
+    """A Python script run as a child process, with :class:`Proc`'s output files and stop."""
+
+    def __init__(self, script: Path, args: list[str], workdir: Path, name: str) -> None:
+        self.stdout_path = workdir / f"{name}.out"
+        self.stderr_path = workdir / f"{name}.err"
+        self._out = open(self.stdout_path, "wb")
+        self._err = open(self.stderr_path, "wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, str(script), *args], stdout=self._out, stderr=self._err, cwd=workdir
+        )
+
+
 def start_control(
-    workdir: Path, database_url: str, port: int | None = None, *extra: str
+    workdir: Path,
+    database_url: str,
+    port: int | None = None,
+    *extra: str,
+    script: Path | None = None,
 ) -> ControlPlane:
+    """``meshgate control`` on ``database_url``; or ``script DATABASE_URL HOST:PORT TOKEN``."""
     port = port or free_port()
-    proc = Proc(
-        [
-            "control",
-            "--database-url",
-            database_url,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin-token",
-            TOKEN,
-            *extra,
-        ],
-        workdir,
-        f"control-{port}",
-    )
+    listen = f"127.0.0.1:{port}"
+    proc: Proc
+    if script is not None:
+        proc = ScriptProc(script, [database_url, listen, TOKEN], workdir, f"control-{port}")
+    else:
+        args = ["--database-url", database_url, "--listen", listen, "--admin-token", TOKEN]
+        proc = Proc(["control", *args, *extra], workdir, f"control-{port}")
     deadline = time.monotonic() + 30
     while True:
         if proc.popen.poll() is not None:
@@ -145,3 +160,157 @@ def make_subscription(cp: ControlPlane, product_id: int) -> dict[str, Any]:
         "/applications", {"account_id": account["id"], "plan_id": plan["id"], "name": "app"}
     )
     return {"account": account, "plan": plan, "application": app}
+
+
+def problem(response: httpx.Response, status: int, field: str | None = None) -> dict[str, Any]:
+    """Assert ``response`` is an RFC 9457 problem with ``status`` naming ``field``; its body."""
+    assert response.status_code == status, (status, response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/problem+json"), response.text
+    body = dict(response.json())
+    assert body["status"] == status and body["detail"], body
+    if field is not None:
+        fields = [e["field"] for e in body.get("errors", ())]
+        assert field in fields, (field, body)
+    return body
+
+
+def etag_of(response: httpx.Response) -> str:
+    value = response.headers.get("etag")
+    assert value and value.startswith('"'), response.headers
+    return str(value)
+
+
+def dump_database(database_url: str) -> dict[str, list[dict[str, Any]]]:
+    """Every row of every table of the control plane's store, read with SQL (not the API)."""
+    from sqlalchemy import create_engine, inspect, text
+
+    from meshgate.control._db import normalize_url
+
+    engine = create_engine(normalize_url(database_url))
+    try:
+        with engine.connect() as conn:
+            tables = inspect(conn).get_table_names()
+            return {
+                table: [dict(r._mapping) for r in conn.execute(text(f'SELECT * FROM "{table}"'))]
+                for table in tables
+            }
+    finally:
+        engine.dispose()
+
+
+def count_rows(database_url: str, table: str) -> int:
+    return len(dump_database(database_url)[table])
+
+
+def audit(cp: ControlPlane, **filters: Any) -> list[dict[str, Any]]:
+    """The audit entries matching ``filters``, newest first."""
+    response = cp.api.get("/audit", params={"per_page": 500, **filters})
+    assert response.status_code == 200, response.text
+    return list(response.json()["items"])
+
+
+def full_product(cp: ControlPlane, name: str, backend_port: int = 9) -> dict[str, Any]:
+    """A product with a method, a backend, a rule, a published plan with a limit and a
+    pricing rule, an account and a live application: the ids of each."""
+    product = make_product(cp, backend_port, name=name, path_prefix=f"/{name}")
+    [hits] = cp.api.get(f"/products/{product['id']}/metrics").json()["items"]
+    method = cp.post(
+        f"/products/{product['id']}/metrics", {"name": "search", "parent_id": hits["id"]}
+    )
+    rule = cp.post(
+        f"/products/{product['id']}/mapping_rules",
+        {"http_method": "GET", "pattern": "/search", "metric_id": method["id"], "last": True},
+    )
+    plan = cp.post(f"/products/{product['id']}/plans", {"name": "basic", "state": "published"})
+    limit = cp.post(
+        f"/plans/{plan['id']}/limits", {"metric_id": hits["id"], "period": "minute", "value": 5}
+    )
+    pricing = cp.post(
+        f"/plans/{plan['id']}/pricing_rules",
+        {"metric_id": hits["id"], "min": 1, "max": 100, "cost_per_unit": "0.01"},
+    )
+    account = cp.post("/accounts", {"name": f"{name}-dev"})
+    app = cp.post(
+        "/applications", {"account_id": account["id"], "plan_id": plan["id"], "name": "app"}
+    )
+    return {
+        "product": product,
+        "hits": hits,
+        "method": method,
+        "rule": rule,
+        "plan": plan,
+        "limit": limit,
+        "pricing": pricing,
+        "account": account,
+        "application": app,
+    }
+
+
+# The issue's bound: what the admin changes is enforced at gateways within 2 s.
+PROPAGATION_S = 2.0
+
+
+class AttachedGateway:
+    def __init__(self, proc: Proc, port: int, admin_port: int) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
+
+    def get(self, path: str, key: str | None = None) -> httpx.Response:
+        headers = {"X-API-Key": key} if key else {}
+        return httpx.get(f"{self.url}{path}", headers=headers, timeout=10)
+
+    def config(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.admin_url}/config", timeout=10).json())
+
+
+@contextmanager
+def attached_gateway(
+    workdir: Path, cp_url: str, token: str, env: str = "production", name: str = "gw1"
+) -> Iterator[AttachedGateway]:
+    port, admin_port = free_port(), free_port()
+    settings = workdir / f"{name}-settings.yaml"
+    settings.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "admin_listen": f"127.0.0.1:{admin_port}",
+                "limits": {"backend": "memory"},
+            }
+        )
+    )
+    proc = Proc(
+        [
+            "gateway",
+            "--control-plane",
+            cp_url,
+            "--token",
+            token,
+            "--env",
+            env,
+            "--config",
+            str(settings),
+            "--cache-dir",
+            str(workdir / f"{name}-cache"),
+            "--name",
+            name,
+        ],
+        workdir,
+        name,
+    )
+    try:
+        wait_port(admin_port, proc=proc.popen, timeout=30)
+        wait_port(port, proc=proc.popen, timeout=30)
+        yield AttachedGateway(proc, port, admin_port)
+    finally:
+        proc.stop()
+
+
+def within(seconds: float, check: Any, what: str) -> float:
+    """Poll ``check`` until true; the time it took. Fails after ``seconds``."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > seconds:
+            raise AssertionError(f"{what}: not within {seconds}s")
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -6,6 +6,7 @@ from meshgate.config.loader import (
     load_config,
     parse_config,
     parse_snapshot,
+    validate_snapshot,
 )
 from meshgate.config.model import (
     PERIODS,
@@ -29,7 +30,7 @@ from meshgate.config.model import (
     Timeouts,
 )
 from meshgate.config.schema import json_schema, write_schema
-from meshgate.config.secrets import hash_key, new_key, new_salt
+from meshgate.config.secrets import hash_key, new_admin_token, new_key, new_salt
 
 __all__ = [
     "MAX_SNAPSHOT_BYTES",
@@ -55,10 +56,12 @@ __all__ = [
     "Timeouts",
     "hash_key",
     "json_schema",
+    "new_admin_token",
     "new_key",
     "new_salt",
     "load_config",
     "parse_config",
     "parse_snapshot",
+    "validate_snapshot",
     "write_schema",
 ]

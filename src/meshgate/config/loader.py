@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -9,7 +10,7 @@ import os
 import re
 import stat
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
@@ -43,6 +44,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_snapshot",
+    "validate_snapshot",
 ]
 
 MAX_BYTES = 8 * 1024 * 1024
@@ -113,41 +115,55 @@ def parse_snapshot(
     keys, YAML); its size limit is :data:`MAX_SNAPSHOT_BYTES`."""
     if len(text) > MAX_SNAPSHOT_BYTES:
         raise ConfigError([_too_large(len(text), MAX_SNAPSHOT_BYTES)], source)
-    # Hundreds of thousands of new objects, none in a cycle: without this the collector
-    # runs over and over during the parse and takes two thirds of its time.
+    with _no_collection():
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError([f"not a JSON snapshot: {exc}"], source) from None
+        return validate_snapshot(data, source, policy_schemas=policy_schemas)
+
+
+def validate_snapshot(
+    data: Any, source: str = "<snapshot>", *, policy_schemas: PolicySchemas | None = None
+) -> Config:
+    """:func:`parse_snapshot` for a document already parsed from JSON."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level: must be a mapping, got {_kind_of(data)}"], source)
+    with _no_collection():
+        config = _validate(Config, data, source)
+        if policy_schemas is not None and any(p.policies for p in config.products):
+            _check_policies(data, source, policy_schemas)
+    return config
+
+
+def _check_policies(data: dict[str, Any], source: str, policy_schemas: PolicySchemas) -> None:
+    # On the products alone: their plans and applications were checked already.
+    light = {
+        "products": [
+            {**p, "plans": [], "applications": []} if p.get("policies") else {}
+            for p in data["products"]
+        ]
+    }
+    model = _validation_model(tuple(policy_schemas.items()))
+    try:
+        model.model_validate(light, strict=True)
+    except ValidationError as exc:
+        problems = [m for m in _messages(exc, model) if ".policies" in m.split(":")[0]]
+        if problems:
+            raise ConfigError(problems, source) from None
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """Hundreds of thousands of new objects, none in a cycle: without this the collector
+    runs over and over while a large snapshot is parsed and takes most of its time."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _parse_snapshot(text, source, policy_schemas)
+        yield
     finally:
         if collecting:
             gc.enable()
-
-
-def _parse_snapshot(text: str | bytes, source: str, policy_schemas: PolicySchemas | None) -> Config:
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ConfigError([f"not a JSON snapshot: {exc}"], source) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"top level: must be a mapping, got {_kind_of(data)}"], source)
-    config = _validate(Config, data, source)
-    if policy_schemas is not None and any(p.policies for p in config.products):
-        # Policies are checked on the products alone: plans and applications were checked.
-        light = {
-            "products": [
-                {**p, "plans": [], "applications": []} if p.get("policies") else {}
-                for p in data["products"]
-            ]
-        }
-        model = _validation_model(tuple(policy_schemas.items()))
-        try:
-            model.model_validate(light, strict=True)
-        except ValidationError as exc:
-            problems = [m for m in _messages(exc, model) if ".policies" in m.split(":")[0]]
-            if problems:
-                raise ConfigError(problems, source) from None
-    return config
 
 
 def _validate(model: type[_M], data: dict[str, Any], source: str) -> _M:

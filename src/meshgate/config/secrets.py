@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-__all__ = ["hash_key", "new_key", "new_salt"]
+__all__ = ["hash_key", "new_admin_token", "new_key", "new_salt"]
 
 
 def hash_key(salt: str, key: str) -> str:
@@ -24,3 +24,8 @@ def new_salt() -> str:
 def new_key() -> str:
     """A new API key: 32 random bytes, URL-safe (43 characters)."""
     return secrets.token_urlsafe(32)
+
+
+def new_admin_token() -> str:
+    """A new admin or data-plane token for a control plane: 32 random bytes, recognisable."""
+    return "mgt_" + secrets.token_urlsafe(32)

@@ -110,6 +110,7 @@ def create_application(
 
 def _transition(
     request: Request,
+    response: Response,
     item_id: int,
     if_match: str | None,
     actor: Actor,
@@ -121,20 +122,23 @@ def _transition(
     with plane.db.writer() as session, session.begin():
         app = get_or_404(session, Application, item_id, "application")
         check_if_match(app, if_match)
+        response.headers["ETag"] = etag(app)
         if app.state == to:
             return s.ApplicationOut.model_validate(app)
         if app.state not in allowed_from:
-            raise Problem(409, f"a {app.state} application cannot be {action}ed")
+            raise Problem(409, f"a {app.state} application cannot be {_PAST[action]}")
         before = _dump(app)
         app.state = to
         session.flush()
         audit(session, actor, action, "application", app.id, before, _dump(app))
         result = s.ApplicationOut.model_validate(app)
     plane.changed("live")
+    response.headers["ETag"] = etag(app)
     return result
 
 
 IfMatch = Header(None, max_length=1000)
+_PAST = {"suspend": "suspended", "resume": "resumed", "accept": "accepted"}
 
 
 @router.post(
@@ -145,12 +149,13 @@ IfMatch = Header(None, max_length=1000)
 )
 def suspend(
     request: Request,
+    response: Response,
     actor: Writer,
     item_id: int = AppId,
     if_match: str | None = IfMatch,
 ) -> Any:
     return _transition(
-        request, item_id, if_match, actor, "suspend", ("live", "pending"), "suspended"
+        request, response, item_id, if_match, actor, "suspend", ("live", "pending"), "suspended"
     )
 
 
@@ -162,11 +167,14 @@ def suspend(
 )
 def resume(
     request: Request,
+    response: Response,
     actor: Writer,
     item_id: int = AppId,
     if_match: str | None = IfMatch,
 ) -> Any:
-    return _transition(request, item_id, if_match, actor, "resume", ("suspended",), "live")
+    return _transition(
+        request, response, item_id, if_match, actor, "resume", ("suspended",), "live"
+    )
 
 
 @router.post(
@@ -177,11 +185,12 @@ def resume(
 )
 def accept(
     request: Request,
+    response: Response,
     actor: Writer,
     item_id: int = AppId,
     if_match: str | None = IfMatch,
 ) -> Any:
-    return _transition(request, item_id, if_match, actor, "accept", ("pending",), "live")
+    return _transition(request, response, item_id, if_match, actor, "accept", ("pending",), "live")
 
 
 @router.post(
@@ -192,6 +201,7 @@ def accept(
 )
 def change_plan(
     request: Request,
+    response: Response,
     actor: Writer,
     body: s.PlanChange,
     item_id: int = AppId,
@@ -215,6 +225,7 @@ def change_plan(
             audit(session, actor, "change_plan", "application", app.id, before, _dump(app))
         result = s.ApplicationOut.model_validate(app)
     plane.changed("live")
+    response.headers["ETag"] = etag(app)
     return result
 
 

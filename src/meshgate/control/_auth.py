@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,6 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
 
+from meshgate.config import new_admin_token
 from meshgate.control._problems import Problem
 from meshgate.control.models import AdminToken, utcnow
 
@@ -41,7 +41,7 @@ def hash_token(token: str) -> str:
 
 
 def new_token() -> str:
-    return "mgt_" + secrets.token_urlsafe(32)
+    return new_admin_token()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from meshgate.control._auth import Actor, require
 from meshgate.control._problems import Problem
 from meshgate.control.models import AuditEntry, Base
-from meshgate.control.schemas import MAX_ID, Page
+from meshgate.control.schemas import MAX_ID, NO_NUL, Page
 
 __all__ = ["Change", "Parent", "Resource", "audit", "check_if_match", "etag", "get_or_404"]
 
@@ -73,6 +73,15 @@ class Resource:
         self.name = self.name or self.path.rstrip("s")
         self.tag = self.tag or self.path
 
+    @property
+    def label(self) -> str:
+        """The name as a reader says it: "mapping rule"."""
+        return self.name.replace("_", " ")
+
+    @property
+    def a_label(self) -> str:
+        return ("an " if self.label[0] in "aeiou" else "a ") + self.label
+
 
 def etag(row: Any) -> str:
     return f'"{row.version}"'
@@ -85,7 +94,8 @@ def check_if_match(row: Any, if_match: str | None) -> None:
     if "*" in wanted:
         return
     current = etag(row)
-    if not any(w.removeprefix("W/") == current for w in wanted):
+    # Strong comparison (RFC 9110 13.1.1): a weak tag never matches.
+    if current not in wanted:
         raise Problem(
             412,
             f"If-Match {if_match} does not hold: the resource is now at ETag {current}",
@@ -208,7 +218,11 @@ def routes(router: APIRouter, res: Resource) -> None:
         ),
     ]
     for name, tp in filter_params:
-        default = Query(None, ge=1, le=MAX_ID) if tp is int else Query(None, max_length=200)
+        default = (
+            Query(None, ge=1, le=MAX_ID)
+            if tp is int
+            else Query(None, max_length=200, pattern=NO_NUL)
+        )
         params.append(
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None, default=default
@@ -244,7 +258,7 @@ def routes(router: APIRouter, res: Resource) -> None:
         _actor: Actor = Depends(reader),
     ) -> Any:
         with session_for(request, False) as session:
-            row = get_or_404(session, model, item_id, res.name)
+            row = get_or_404(session, model, item_id, res.label)
             response.headers["ETag"] = etag(row)
             return out.model_validate(row)
 
@@ -253,7 +267,7 @@ def routes(router: APIRouter, res: Resource) -> None:
         get_item,
         methods=["GET"],
         response_model=out,
-        summary=f"Read a {res.name}",
+        summary=f"Read {res.a_label}",
         tags=[res.tag],
         operation_id=f"read_{res.name}",
         responses={404: {"description": "No such resource"}},
@@ -321,7 +335,7 @@ def routes(router: APIRouter, res: Resource) -> None:
             methods=["POST"],
             status_code=201,
             response_model=out,
-            summary=f"Create a {res.name}",
+            summary=f"Create {res.a_label}",
             tags=[res.tag],
             operation_id=f"create_{res.name}",
         )
@@ -337,7 +351,7 @@ def routes(router: APIRouter, res: Resource) -> None:
             data = body.model_dump(exclude_unset=True)
             with session_for(request, True) as session, session.begin():
                 change = Change(session, actor, request)
-                row = get_or_404(session, model, kwargs["item_id"], res.name)
+                row = get_or_404(session, model, kwargs["item_id"], res.label)
                 check_if_match(row, kwargs["if_match"])
                 before = _dump(out, row)
                 for key, value in list(data.items()):
@@ -391,7 +405,7 @@ def routes(router: APIRouter, res: Resource) -> None:
             update_impl,
             methods=["PATCH"],
             response_model=out,
-            summary=f"Update a {res.name}",
+            summary=f"Update {res.a_label}",
             tags=[res.tag],
             operation_id=f"update_{res.name}",
             responses={412: {"description": "If-Match does not hold"}},
@@ -405,7 +419,7 @@ def routes(router: APIRouter, res: Resource) -> None:
     ) -> Response:
         with session_for(request, True) as session, session.begin():
             change = Change(session, actor, request)
-            row = get_or_404(session, model, item_id, res.name)
+            row = get_or_404(session, model, item_id, res.label)
             check_if_match(row, if_match)
             if res.deleting is not None:
                 res.deleting(change, row)
@@ -413,10 +427,15 @@ def routes(router: APIRouter, res: Resource) -> None:
             product_id = res.product_of(session, row) if res.scope == "config" else None
             session.delete(row)
             session.flush()
-            if product_id is not None and res.model.__tablename__ != "products":
+            deleting_product = res.model.__tablename__ == "products"
+            if product_id is not None and not deleting_product:
                 change.plane.stage(session, product_id)
             audit(session, actor, "delete", res.name, item_id, before, None)
-        _after_commit(change, res)
+        if deleting_product:
+            # Its configuration left every environment with it (the rows cascade).
+            change.plane.changed("live")
+        else:
+            _after_commit(change, res)
         return Response(status_code=204)
 
     router.add_api_route(
@@ -424,7 +443,7 @@ def routes(router: APIRouter, res: Resource) -> None:
         delete_item,
         methods=["DELETE"],
         status_code=204,
-        summary=f"Delete a {res.name}",
+        summary=f"Delete {res.a_label}",
         tags=[res.tag],
         operation_id=f"delete_{res.name}",
         responses={412: {"description": "If-Match does not hold"}},

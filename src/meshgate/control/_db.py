@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from typing import Any
 
@@ -12,6 +13,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["Database", "normalize_url"]
+
+# Alembic announces each of its plugins at INFO on every start.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def normalize_url(url: str) -> str:

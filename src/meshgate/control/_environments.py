@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from meshgate.control import schemas as s
 from meshgate.control import snapshots
@@ -118,16 +119,20 @@ def read_snapshot(
         return Response(row.document, media_type="application/json")
 
 
-def _published(plane: Any, env: str, reason: str) -> dict[str, Any]:
-    snapshot = plane.publish(env, reason)
+def _version(session: Any, env: str) -> int | None:
+    last = snapshots.latest(session, env)
+    return None if last is None else last.version
+
+
+def _published(plane: Any, env: str, reason: str, since: int | None) -> s.Published:
+    """Publish ``env`` now; ``changed`` when its version moved past ``since`` (the background
+    compile may have published the change first)."""
+    plane.publish(env, reason)
     with plane.db.session() as session:
-        last = snapshots.latest(session, env)
-    return {
-        "env": env,
-        "version": last.version if last else None,
-        "changed": snapshot is not None,
-        "errors": plane.errors.get(env, []),
-    }
+        version = _version(session, env)
+    return s.Published(
+        env=env, version=version, changed=version != since, errors=plane.errors.get(env, [])
+    )
 
 
 @admin.post(
@@ -135,6 +140,7 @@ def _published(plane: Any, env: str, reason: str) -> dict[str, Any]:
     tags=["environments"],
     operation_id="promote_product",
     summary="Copy the product's staging configuration to production",
+    response_model=s.Published,
 )
 def promote(
     request: Request,
@@ -157,7 +163,8 @@ def promote(
             current.document = staged.document
         audit(session, actor, "promote", "product", item_id, before, staged.document)
         name = product.name
-    return _published(plane, "production", f"promote {name}")
+        since = _version(session, "production")
+    return _published(plane, "production", f"promote {name}", since)
 
 
 @admin.post(
@@ -166,6 +173,7 @@ def promote(
     operation_id="rollback_environment",
     summary="Return the environment's product configurations to those of a version; "
     "applications, keys and plans stay current",
+    response_model=s.Published,
 )
 def rollback(
     request: Request,
@@ -180,10 +188,19 @@ def rollback(
         ).first()
         if row is None:
             raise Problem(404, f"{env} has no version {to}", field="query.to")
+        since = _version(session, env)
         skipped = snapshots.restore(session, env, json.loads(row.document))
-        audit(session, actor, "rollback", "environment", env, None, {"to": to, "skipped": skipped})
-    result = _published(plane, env, f"rollback to {to}")
-    result["skipped"] = skipped
+        audit(
+            session,
+            actor,
+            "rollback",
+            "environment",
+            env,
+            {"version": since},
+            {"to": to, "skipped": skipped},
+        )
+    result = _published(plane, env, f"rollback to {to}", since)
+    result.skipped = skipped
     return result
 
 
@@ -218,19 +235,26 @@ def dataplanes(
 
 
 def _seen(plane: Any, status: s.DataplaneStatus | None, dp_id: str, env: str) -> None:
-    with plane.db.writer() as session, session.begin():
-        row = session.get(Dataplane, dp_id)
-        if row is None:
-            row = Dataplane(id=dp_id, env=env)
-            session.add(row)
-        row.env = env
-        row.last_seen = utcnow()
-        if status is not None:
-            row.version = status.version
-            row.error = status.error
-            row.hostname = status.hostname
-            row.listen = status.listen
-            row.pid = status.pid
+    # A gateway's first pull and first report can race to insert its row: the loser updates.
+    for attempt in (1, 2):
+        try:
+            with plane.db.writer() as session, session.begin():
+                row = session.get(Dataplane, dp_id)
+                if row is None:
+                    row = Dataplane(id=dp_id, env=env)
+                    session.add(row)
+                row.env = env
+                row.last_seen = utcnow()
+                if status is not None:
+                    row.version = status.version
+                    row.error = status.error
+                    row.hostname = status.hostname
+                    row.listen = status.listen
+                    row.pid = status.pid
+            return
+        except IntegrityError:
+            if attempt == 2:
+                raise
 
 
 @dataplane.get(
@@ -371,10 +395,10 @@ def delete_token(
 def audit_log(
     request: Request,
     _actor: Reader,
-    resource: str | None = Query(None, max_length=64),
-    resource_id: str | None = Query(None, max_length=64),
-    actor: str | None = Query(None, max_length=200),
-    action: str | None = Query(None, max_length=32),
+    resource: str | None = Query(None, max_length=64, pattern=s.NO_NUL),
+    resource_id: str | None = Query(None, max_length=64, pattern=s.NO_NUL),
+    actor: str | None = Query(None, max_length=200, pattern=s.NO_NUL),
+    action: str | None = Query(None, max_length=32, pattern=s.NO_NUL),
     page: int = Query(1, ge=1, le=1_000_000),
     per_page: int = Query(50, ge=1, le=500),
 ) -> Any:

@@ -36,6 +36,10 @@ class ControlSettings:
     compile_delay: float = 0.05
     max_wait: float = 60.0
     data_dir: Path | None = None
+    # The gateways' policy configuration models by name (meshgate.policies.schemas()), given
+    # by whoever starts the control plane: with them, a policy a gateway would refuse is
+    # refused here; without them, policies are stored unchecked.
+    policy_schemas: snapshots.PolicySchemas | None = None
 
 
 @dataclass
@@ -127,9 +131,16 @@ class ControlPlane:
         if product is None:
             return
         try:
-            snapshots.stage_product(session, product)
-        except ValueError as exc:
-            raise Problem(422, f"a gateway could not run this product: {exc}") from None
+            snapshots.stage_product(session, product, self.settings.policy_schemas)
+        except snapshots.StagingError as exc:
+            errors = [
+                # The product's own fields are the request's; the rest are its parts'.
+                {"field": _field(path), "message": message}
+                for path, message in exc.problems
+            ]
+            raise Problem(
+                422, f"a gateway could not run this product: {exc}", errors=errors
+            ) from None
 
     def changed(self, scope: str) -> None:
         """After a commit: schedule a compile of the environments the change reaches."""
@@ -220,6 +231,15 @@ class ControlPlane:
 
     def status(self) -> dict[str, Any]:
         return {"pending": sorted(self._pending), "errors": self.errors}
+
+
+def _field(path: str) -> str:
+    """A problem's field: ``body.`` for the product's own settings, else its part's path."""
+    head = path.partition(".")[0].partition("[")[0]
+    return path if head in _PARTS else f"body.{path}" if path else "body"
+
+
+_PARTS = ("backends", "metrics", "mapping_rules")
 
 
 def _etag(snapshot: Snapshot) -> str:

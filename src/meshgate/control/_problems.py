@@ -8,9 +8,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.sql.schema import ColumnCollectionConstraint
 from starlette.exceptions import HTTPException
+
+from meshgate.control.models import Base
 
 __all__ = ["Problem", "install", "problem_response"]
 
@@ -75,17 +78,57 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
-def _validation(_request: Request, exc: Exception) -> JSONResponse:
+def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = []
     for error in exc.errors():
-        # Union members add their tag to the location; a user knows the field, not the tag.
-        loc = tuple(
-            p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))
-        )
-        errors.append({"field": _field(loc), "message": str(error.get("msg", "invalid"))})
+        if error.get("type") == "json_invalid":
+            # FastAPI puts the character offset where the field goes.
+            where = error["loc"][-1]
+            reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+            errors.append({"field": "body", "message": f"not JSON: {reason} at {where}"})
+            continue
+        if error["loc"] == ("body",) and error["type"] != "missing" and not _json(request):
+            # The body was not parsed at all: it was not sent as JSON.
+            return problem_response(
+                415,
+                "send the body as application/json",
+                errors=[{"field": "header.content-type", "message": "must be application/json"}],
+            )
+        loc = _without_tags(error["loc"], {"body": exc.body}, error["type"] == "missing")
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        errors.append({"field": _field(loc), "message": message})
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return problem_response(422, detail, errors=errors)
+
+
+def _without_tags(loc: tuple[Any, ...], sent: Any, missing: bool) -> tuple[Any, ...]:
+    """The location as the request spells it: union members add their tag (``jwt`` of
+    ``{"type": "jwt"}``, ``function-after[...]``) to it; a user knows the field, not the tag."""
+    out = []
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        # A tag is a value of the object it stands in; a missing field is last, and absent.
+        tag = isinstance(sent, dict) and part not in sent and part in sent.values()
+        if tag and not (missing and i + 1 == len(loc)):
+            continue
+        out.append(part)
+        sent = sent[part] if _has(sent, part) else None
+    return tuple(out)
+
+
+def _has(container: Any, part: Any) -> bool:
+    if isinstance(container, dict):
+        return part in container
+    return isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container)
+
+
+def _json(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return kind.startswith("application/") and (
+        kind == "application/json" or kind.endswith("+json")
+    )
 
 
 def _problem(_request: Request, exc: Exception) -> JSONResponse:
@@ -96,17 +139,57 @@ def _problem(_request: Request, exc: Exception) -> JSONResponse:
 def _http(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
-    return problem_response(exc.status_code, detail, dict(exc.headers or {}))
+    extra: dict[str, Any] = {}
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's body parser failed past JSON syntax (a 5000-digit number, deep nesting).
+        reason = str(exc.__cause__).splitlines()[0][:200] if str(exc.__cause__) else detail
+        detail = f"the body cannot be read: {reason}"
+        extra["errors"] = [{"field": "body", "message": reason}]
+    return problem_response(exc.status_code, detail, dict(exc.headers or {}), **extra)
+
+
+def _unique_columns(exc: IntegrityError) -> tuple[str, list[str]] | None:
+    """The table and columns of the unique constraint a row violated, on either store."""
+    orig = exc.orig
+    diag = getattr(orig, "diag", None)
+    if diag is not None and diag.constraint_name:  # PostgreSQL names the constraint
+        for table in Base.metadata.tables.values():
+            for constraint in table.constraints:
+                if (
+                    isinstance(constraint, ColumnCollectionConstraint)
+                    and constraint.name == diag.constraint_name
+                ):
+                    return table.name, [c.name for c in constraint.columns]
+        return None
+    text = str(orig)
+    if text.startswith("UNIQUE constraint failed: "):  # SQLite names table.column, ...
+        columns = [c.strip() for c in text.removeprefix("UNIQUE constraint failed: ").split(",")]
+        return columns[0].partition(".")[0], [c.partition(".")[2] for c in columns]
+    return None
 
 
 def _integrity(_request: Request, exc: Exception) -> JSONResponse:
-    # The message of a unique or foreign key violation names the columns on both databases.
+    assert isinstance(exc, IntegrityError)
+    unique = _unique_columns(exc)
+    if unique is not None:
+        table, columns = unique
+        # The last column is the one a user chose; the ones before scope it (its product).
+        detail = f"{table}: another row has the same {', '.join(columns)}"
+        return problem_response(
+            409, detail, errors=[{"field": f"body.{columns[-1]}", "message": detail}]
+        )
     text = str(getattr(exc, "orig", exc)).splitlines()[0][:300]
     return problem_response(409, f"conflicts with existing data: {text}")
 
 
 def _stale(_request: Request, _exc: Exception) -> JSONResponse:
     return problem_response(412, "the resource was changed by another request; read it again")
+
+
+def _data(_request: Request, exc: Exception) -> JSONResponse:
+    # The API's own checks should have refused the value; the store is the last line.
+    log.warning("the store refused a value: %s", str(getattr(exc, "orig", exc)).splitlines()[0])
+    return problem_response(422, "a value cannot be stored (out of range or not text)")
 
 
 def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
@@ -125,5 +208,47 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(IntegrityError, _integrity)
     app.add_exception_handler(StaleDataError, _stale)
+    app.add_exception_handler(DataError, _data)
     app.add_exception_handler(OperationalError, _unavailable)
     app.add_exception_handler(Exception, _internal)
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An error (RFC 9457); `errors` names the offending fields.",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+def document_problems(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document, saying what errors really are: problem+json, not FastAPI's
+    validation error body, for every status an operation does not document otherwise."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)
+    schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, response in responses.items():
+                if status.startswith("4") or status.startswith("5"):
+                    response["content"] = problem
+            responses["default"] = {"description": "An error", "content": problem}
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(unused, None)
+    return schema

@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshgate.control import _problems
 from meshgate.control._applications import router as applications
+from meshgate.control._declarative_api import router as declarative
 from meshgate.control._environments import admin as environments
 from meshgate.control._environments import dataplane
 from meshgate.control._plane import ControlPlane, ControlSettings
@@ -49,19 +51,12 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    # An HTTPException: FastAPI's body reader lets it through (any other
+                    # exception there becomes a 400), and the problem handlers answer it.
+                    raise HTTPException(413, f"the request body exceeds {self.limit} bytes")
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _problems.problem_response(413, f"the request body exceeds {self.limit} bytes")(
-                scope, receive, send
-            )
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, counted, send)
 
 
 def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> FastAPI:
@@ -88,8 +83,10 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     )
     app.state.plane = plane
     _problems.install(app)
+    app.openapi = lambda: _problems.document_problems(app)  # type: ignore[method-assign]
     for router in (resources, applications, environments):
         app.include_router(router, prefix="/admin/api")
+    app.include_router(declarative, prefix="/admin/api")
     app.include_router(dataplane)
 
     @app.get("/healthz", tags=["health"], operation_id="health")

@@ -7,11 +7,20 @@ can run.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    field_validator,
+)
 
 from meshgate.config.model import (
     Auth,
@@ -23,6 +32,37 @@ from meshgate.config.model import (
 from meshgate.config.model import MappingRule as ConfigMappingRule
 
 MAX_ID = 2**31 - 1
+MAX_BIG = 2**63 - 1
+# For query parameters: PostgreSQL cannot compare text with NUL in it.
+NO_NUL = r"^[^\x00]*$"
+
+
+def storable(value: Any, where: str = "") -> None:
+    """Raise ValueError for what a store cannot hold faithfully, anywhere inside ``value``.
+
+    PostgreSQL text cannot hold NUL, neither store encodes a lone surrogate (JSON's
+    ``"\\ud800"``) and JSON columns cannot carry inf or nan: both stores refuse alike.
+    """
+    at = f"{where}: " if where else ""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{at}must not contain NUL characters")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{at}must be Unicode text, not a lone surrogate") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{at}must be a finite number")
+    elif isinstance(value, BaseModel):
+        storable(value.model_dump(), where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable(key, where)
+            storable(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            storable(item, f"{where}[{i}]")
 
 
 def _utc(value: datetime) -> datetime:
@@ -30,27 +70,36 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def _to_utc(value: datetime) -> datetime:
+    # Stored in UTC: SQLite keeps no offset, so 12:00+02:00 would read back as 12:00 UTC.
+    try:
+        return _utc(value).astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
+
+
 Timestamp = Annotated[datetime, AfterValidator(_utc)]
-MAX_BIG = 2**63 - 1
-
-
-def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; refuse it everywhere so both stores behave alike.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
+UtcTime = Annotated[datetime, Field(strict=False), AfterValidator(_to_utc)]
 
 Name = Annotated[
     str,
     StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"),
 ]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
-Text = Annotated[str, StringConstraints(max_length=10_000), AfterValidator(_no_nul)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Text = Annotated[str, StringConstraints(max_length=10_000)]
 Email = Annotated[str, StringConstraints(max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")]
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 Count = Annotated[int, Field(ge=0, le=MAX_BIG)]
-Fee = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=4)]
+Fee = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=4, strict=False)]
+
+
+def _money_text(value: Decimal) -> str:
+    # One spelling whatever the store gives back (SQLite 99, PostgreSQL 99.0000): 99, 0.0125.
+    text = f"{value + 0:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+Money = Annotated[Decimal, PlainSerializer(_money_text, return_type=str, when_used="json")]
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
 
 AccountState = Literal["pending", "approved", "suspended"]
@@ -63,7 +112,15 @@ T = TypeVar("T")
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict, as the document says and as a gateway reads its file: "5" is not an integer,
+    # "yes" not a boolean. Money and times are the exceptions, as JSON has no type for them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        storable(value)
+        return value
 
 
 class _Out(BaseModel):
@@ -282,8 +339,8 @@ class PlanOut(_Out):
     state: str
     is_default: bool
     approval_required: bool
-    setup_fee: Decimal
-    monthly_fee: Decimal
+    setup_fee: Money
+    monthly_fee: Money
     trial_days: int
 
 
@@ -323,7 +380,7 @@ class PricingRuleOut(_Out):
     metric_id: int
     min: int
     max: int | None
-    cost_per_unit: Decimal
+    cost_per_unit: Money
 
 
 # Applications and keys
@@ -392,7 +449,7 @@ class KeyCreated(KeyOut):
 class TokenCreate(_In):
     name: Label
     scopes: list[Scope] = Field(min_length=1)
-    expires_at: datetime | None = None
+    expires_at: UtcTime | None = None
 
 
 class TokenOut(BaseModel):
@@ -429,6 +486,16 @@ class SnapshotOut(BaseModel):
     digest: str
     reason: str
     size: int
+
+
+class Published(BaseModel):
+    env: str
+    version: int | None = Field(description="The environment's version now.")
+    changed: bool = Field(description="Whether a new version was published.")
+    errors: list[str] = Field(description="Products left out of the compile, and why.")
+    skipped: list[str] = Field(
+        [], description="Rollback: products of that version deleted since, left out."
+    )
 
 
 class EnvironmentOut(BaseModel):

@@ -11,15 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from meshgate.config import ConfigError, parse_config
 from meshgate.config.model import Product as ProductConfig
 from meshgate.control.models import (
+    Account,
     Application,
     ApplicationKey,
     Backend,
@@ -35,12 +38,14 @@ from meshgate.control.models import (
 __all__ = [
     "ENVIRONMENTS",
     "Compiled",
+    "StagingError",
     "compile_environment",
     "product_document",
     "publish",
     "stage_product",
 ]
 
+PolicySchemas = Mapping[str, type[BaseModel]]
 ENVIRONMENTS = ("staging", "production")
 # Parts of a compiled product that are live data rather than promoted configuration.
 LIVE_PARTS = ("plans", "applications")
@@ -93,31 +98,50 @@ def product_document(session: Session, product: Product) -> dict[str, Any]:
     return doc
 
 
-def configuration_problems(doc: dict[str, Any]) -> list[str]:
-    """What a gateway would refuse in a product's configuration, live data aside."""
+class StagingError(ValueError):
+    """A product configuration a gateway would refuse; ``problems`` are (path, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(
+            "; ".join(f"{path}: {message}" if path else message for path, message in problems)
+        )
+        self.problems = problems
+
+
+# What staging accepts although a gateway would not yet: it depends on data that comes later
+# (a backend, the default application), and the compile leaves such a product out meanwhile.
+_LATER = ("give either backend or backends", "default_application")
+
+
+def configuration_problems(
+    doc: dict[str, Any], policy_schemas: PolicySchemas | None = None
+) -> list[tuple[str, str]]:
+    """What a gateway would refuse in a product's configuration, live data aside: checked as
+    the gateway checks a snapshot (strictly, and each policy against its schema when given)."""
+    config = {"products": [{**doc, "plans": [], "applications": []}]}
     try:
-        ProductConfig.model_validate({**doc, "plans": [], "applications": []})
-    except ValidationError as exc:
+        parse_config(json.dumps(config), "product", policy_schemas=policy_schemas)
+    except ConfigError as exc:
         problems = []
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"])
-            message = str(error["msg"]).removeprefix("Value error, ")
-            for line in message.split("; "):
-                # These depend on data that comes later (a backend, the default application).
-                if "give either backend or backends" in line or "default_application" in line:
-                    continue
-                problems.append(f"{where}: {line}" if where else line)
+        for line in exc.errors:
+            path, _, message = line.partition(": ")
+            if any(later in message for later in _LATER):
+                continue
+            path = path.removeprefix("products[0]").removeprefix(".")
+            problems.append((path, message))
         return problems
     return []
 
 
-def stage_product(session: Session, product: Product) -> dict[str, Any]:
-    """Write the product's configuration to staging; raise ValueError if a gateway could not
-    run it (the caller's transaction then rolls back)."""
+def stage_product(
+    session: Session, product: Product, policy_schemas: PolicySchemas | None = None
+) -> dict[str, Any]:
+    """Write the product's configuration to staging; raise :class:`StagingError` if a gateway
+    could not run it (the caller's transaction then rolls back)."""
     doc = product_document(session, product)
-    problems = configuration_problems(doc)
+    problems = configuration_problems(doc, policy_schemas)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise StagingError(problems)
     row = session.get(EnvironmentProduct, ("staging", product.id))
     if row is None:
         session.add(EnvironmentProduct(env="staging", product_id=product.id, document=doc))
@@ -159,13 +183,22 @@ def compile_environment(session: Session, env: str) -> Compiled:
     ):
         key_hashes[app_id].append(key_hash)
     apps_by_product: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for row_id, product_id, public_id, state, plan in session.execute(
+    for row_id, product_id, public_id, state, plan, account_state in session.execute(
         select(
-            Application.id, Application.product_id, Application.app_id, Application.state, Plan.name
+            Application.id,
+            Application.product_id,
+            Application.app_id,
+            Application.state,
+            Plan.name,
+            Account.state,
         )
         .join(Plan, Plan.id == Application.plan_id)
+        .join(Account, Account.id == Application.account_id)
         .order_by(Application.id)
     ):
+        # As 3scale: a suspended (or not yet approved) account's applications are refused.
+        if account_state != "approved" and state == "live":
+            state = "suspended" if account_state == "suspended" else "pending"
         app: dict[str, Any] = {"id": public_id, "plan": plan}
         if state != "live":
             app["state"] = state
@@ -242,13 +275,16 @@ def publish(
 
 def restore(session: Session, env: str, document: dict[str, Any]) -> list[str]:
     """Set the environment's product configurations to those of an older snapshot; products
-    deleted since are skipped (their names are returned)."""
-    by_name = dict(session.execute(select(Product.name, Product.id)).tuples().all())
+    deleted since are skipped (their names are returned), renamed ones found by their salt."""
+    # A product's salt is made with it and never changes, its name may: the salt finds a
+    # renamed product, and never a new product that took a deleted one's name (the old
+    # configuration's salt would not match its keys).
+    by_salt = dict(session.execute(select(Product.key_salt, Product.id)).tuples().all())
     session.execute(delete(EnvironmentProduct).where(EnvironmentProduct.env == env))
     session.flush()
     skipped = []
     for product in document.get("products", ()):
-        product_id = by_name.get(product["name"])
+        product_id = by_salt.get(product.get("key_salt"))
         if product_id is None:
             skipped.append(product["name"])
             continue

@@ -36,24 +36,43 @@ class AdminHandler:
             return Response(200, gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
         if path == "/healthz":
             return _json(200, {"status": "ok"})
+        process = self.process
+        sync = process.control_plane
         if path == "/readyz":
+            if not process.ready:
+                doc: dict[str, object] = {
+                    "status": "unavailable",
+                    "reason": "no configuration snapshot applied yet",
+                }
+                if sync is not None:
+                    doc["last_error"] = process.last_error
+                    doc["control_plane"] = sync.describe()
+                return _json(503, doc)
             try:
                 await gateway.counters.ping()
             except BackendUnavailable as exc:
                 if gateway.deny_on_backend_error:
                     return _json(503, {"status": "unavailable", "reason": str(exc)})
-            return _json(200, {"status": "ready", "config_version": self.process.version})
+            ready: dict[str, object] = {
+                "status": "ready",
+                "config_version": process.version,
+                "source": process.source,
+            }
+            if sync is not None:
+                ready["last_error"] = process.last_error
+                ready["last_contact"] = sync.last_contact
+            return _json(200, ready)
         if path == "/config":
-            return _json(
-                200,
-                {
-                    "version": self.process.version,
-                    "source": str(self.process.config_path),
-                    "loaded_at": self.process.loaded_at,
-                    "last_error": self.process.last_error,
-                    "products": [p.name for p in gateway.products],
-                },
-            )
+            config: dict[str, object] = {
+                "version": process.version or None,
+                "source": process.source,
+                "loaded_at": process.loaded_at,
+                "last_error": process.last_error,
+                "products": [p.name for p in gateway.products],
+            }
+            if sync is not None:
+                config["control_plane"] = sync.describe()
+            return _json(200, config)
         if path.startswith("/usage/"):
             application = unquote(path[len("/usage/") :])
             try:

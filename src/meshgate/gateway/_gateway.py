@@ -46,13 +46,26 @@ _WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 class _State:
     """What the gateway learned about one request, kept on ``exchange.state``."""
 
-    __slots__ = ("product", "application", "usage")
+    __slots__ = ("product", "application", "usage", "backend")
 
     def __init__(self, product: ProductRuntime) -> None:
         self.product = product
         self.application = ""
         # The most constrained limit: what the RateLimit fields report.
         self.usage: Usage | None = None
+        # With several backends: the one chosen and the path it is sent.
+        self.backend: tuple[_Backend, str] | None = None
+
+
+class _Backend:
+    """One of a product's backends: requests under ``path`` go to ``pool`` below ``base``."""
+
+    __slots__ = ("path", "pool", "base")
+
+    def __init__(self, path: str, pool: UpstreamPool, base: str) -> None:
+        self.path = path
+        self.pool = pool
+        self.base = base
 
 
 class ProductRuntime:
@@ -68,24 +81,30 @@ class ProductRuntime:
         self.name = product.name
         self.prefix = product.path_prefix
         self.strip = product.strip_prefix
-        host, port, base = _split_backend(product.backend)
         timeouts = config.timeouts
         connect = product.upstream_connect_timeout or timeouts.upstream_connect
         respond = product.upstream_response_timeout or timeouts.upstream_response
-        # Pools are shared across products and reloads, one per address and timeouts.
-        key = (host, port, connect, respond)
-        pool = pools.get(key)
-        if pool is None:
-            pool = pools[key] = UpstreamPool(
-                host,
-                port,
-                connect_timeout=connect,
-                response_timeout=respond,
-                max_idle=config.upstream_keepalive,
-            )
-        pool.max_idle = config.upstream_keepalive
-        self.pool = pool
-        self.base_path = base.rstrip("/")
+        backends = []
+        for usage in product.backend_usages():
+            host, port, base = _split_backend(usage.url)
+            # Pools are shared across products and reloads, one per address and timeouts.
+            key = (host, port, connect, respond)
+            pool = pools.get(key)
+            if pool is None:
+                pool = pools[key] = UpstreamPool(
+                    host,
+                    port,
+                    connect_timeout=connect,
+                    response_timeout=respond,
+                    max_idle=config.upstream_keepalive,
+                )
+            pool.max_idle = config.upstream_keepalive
+            backends.append(_Backend(usage.path, pool, base.rstrip("/")))
+        # One backend at / (the common case) is the hot path: no routing by backend path.
+        single = len(backends) == 1 and backends[0].path == "/"
+        self.backends: tuple[_Backend, ...] | None = None if single else tuple(backends)
+        self.pool = backends[0].pool
+        self.base_path = backends[0].base
         self.auth = Authenticator.for_product(product)
         self.rules = MappingRules(product)
         self.chain = PolicyChain.build(product.policies)
@@ -132,15 +151,29 @@ class ProductRuntime:
         ]
 
     def target(self, route_path: str, query: str, bare_prefix: bool = False) -> str:
-        if self.strip:
-            path = self.base_path + route_path
-        elif bare_prefix:
-            path = self.base_path + self.prefix  # /v1 stays /v1, not /v1/
-        else:
-            path = self.base_path + self.prefix.rstrip("/") + route_path
+        path = self.base_path + self.forwarded_path(route_path, bare_prefix)
         if query:
             return f"{path}?{query}"
         return path or "/"
+
+    def forwarded_path(self, route_path: str, bare_prefix: bool = False) -> str:
+        """The path below the backend: without the prefix if stripped, else with it."""
+        if self.strip:
+            return route_path
+        if bare_prefix:
+            return self.prefix  # /v1 stays /v1, not /v1/
+        return self.prefix.rstrip("/") + route_path
+
+    def route(self, path: str) -> tuple[_Backend, str] | None:
+        """The backend whose path is the longest prefix of ``path`` (a forwarded path), and
+        what remains of it below that backend; None when no backend serves it."""
+        for backend in self.backends or ():
+            prefix = backend.path
+            if prefix == "/":
+                return backend, path
+            if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+                return backend, path[len(prefix) :] or "/"
+        return None
 
 
 def _split_backend(url: str) -> tuple[str, int, str]:
@@ -279,6 +312,13 @@ class Gateway:
                 exchange.route_path, _ = split_target(exchange.route_path.encode("latin-1"))
             except (BadTarget, UnicodeEncodeError) as exc:
                 return problem(400, "Bad Request", f"the rewritten path is invalid: {exc}")
+        if product.backends is not None:
+            bare = exchange.route_path == "/" and request.path == product.prefix
+            exchange.state.backend = product.route(
+                product.forwarded_path(exchange.route_path, bare)
+            )
+            if exchange.state.backend is None:
+                return problem(404, "Not Found", "no backend of this API product serves this path")
         # Body bytes that arrived with the head were read before the limit was known: the
         # engine checks only later ones, so a chunked body's early bytes are checked here.
         if exchange.max_body_size is not None and (
@@ -365,6 +405,13 @@ class Gateway:
         if response is not None:
             return response
         request = exchange.request
+        routed = exchange.state.backend
+        if routed is not None:
+            backend, path = routed
+            exchange.upstream = backend.pool
+            path = backend.base + path
+            exchange.upstream_target = f"{path}?{request.query}" if request.query else path
+            return None
         exchange.upstream = product.pool
         bare = exchange.route_path == "/" and request.path == product.prefix
         exchange.upstream_target = product.target(exchange.route_path, request.query, bare)

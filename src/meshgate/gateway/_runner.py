@@ -1,7 +1,9 @@
 """A gateway process: load, serve, reload on SIGHUP or file change, drain on SIGTERM.
 
-With ``workers > 1`` a supervisor starts that many processes on one port
-(SO_REUSEPORT) and forwards signals to them; metrics are aggregated across them.
+The configuration comes from a file, or in control-plane mode from snapshots pulled from
+the control plane (see ``_controlplane``) over local settings. With ``workers > 1`` a
+supervisor starts that many processes on one port (SO_REUSEPORT) and forwards signals to
+them; metrics are aggregated across them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import gc
 import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +25,11 @@ from pathlib import Path
 
 from meshgate.config import Config, ConfigError, load_config
 from meshgate.gateway._admin import AdminHandler
+from meshgate.gateway._controlplane import (
+    ControlPlaneOptions,
+    ControlPlaneSync,
+    default_dataplane_id,
+)
 from meshgate.gateway._gateway import Gateway
 from meshgate.limits import CounterBackend, create_backend
 from meshgate.policies import schemas
@@ -29,9 +37,20 @@ from meshgate.proxy import Server, ServerSettings, UpstreamPool
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
-__all__ = ["GatewayProcess", "load_gateway_config", "run_gateway", "GatewayStartError"]
+__all__ = [
+    "GatewayProcess",
+    "GatewayStartError",
+    "TOKEN_ENV",
+    "load_gateway_config",
+    "load_local_settings",
+    "run_gateway",
+]
 
 log = logging.getLogger("meshgate.gateway")
+
+# Where workers of a supervisor find the control plane token (not on their command line).
+TOKEN_ENV = "MESHGATE_CONTROL_PLANE_TOKEN"
+_ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 class GatewayStartError(Exception):
@@ -40,6 +59,40 @@ class GatewayStartError(Exception):
 
 def load_gateway_config(path: Path) -> Config:
     return load_config(path, policy_schemas=schemas())
+
+
+def load_local_settings(path: Path | None) -> Config:
+    """Control-plane mode: the gateway's own settings (listen, limits, timeouts...) from
+    ``path``, or the defaults; products come from the control plane only."""
+    if path is None:
+        return Config()
+    settings = load_gateway_config(path)
+    if settings.products:
+        names = ", ".join(p.name for p in settings.products)
+        raise GatewayStartError(
+            f"{path} holds products ({names}): with --control-plane the products come from "
+            "the control plane; keep only local settings (listen, limits, timeouts...) there"
+        )
+    return settings
+
+
+def _check_control_plane(options: ControlPlaneOptions) -> None:
+    if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", options.url):
+        raise GatewayStartError(
+            f"--control-plane must be an http:// or https:// URL, not {options.url!r}"
+        )
+    if not options.token:
+        raise GatewayStartError(f"--control-plane needs --token (or {TOKEN_ENV})")
+    if not re.fullmatch(r"[\x21-\x7e]+", options.token):
+        raise GatewayStartError("the control plane token must be printable ASCII, no spaces")
+    if not _ENV_NAME.fullmatch(options.env):
+        raise GatewayStartError(
+            f"--env must be a name of letters, digits, '_', '.' and '-', not {options.env!r}"
+        )
+    if options.name is not None and not re.fullmatch(r"[\x21-\x7e]{1,190}", options.name):
+        raise GatewayStartError(
+            f"--name must be 1 to 190 printable ASCII characters, no spaces: {options.name!r}"
+        )
 
 
 def _split_listen(value: str) -> tuple[str, int]:
@@ -65,16 +118,24 @@ class GatewayProcess:
 
     def __init__(
         self,
-        config_path: Path,
+        config_path: Path | None,
         *,
         reuse_port: bool = False,
         on_ready: Callable[[GatewayProcess], None] | None = None,
         watch_interval: float = 1.0,
         watch: bool = True,
         supervised: bool = False,
+        control_plane: ControlPlaneOptions | None = None,
     ) -> None:
-        self.config_path = Path(config_path)
-        self.watch = watch
+        """Serve ``config_path``; with ``control_plane``, serve its snapshots over the local
+        settings in ``config_path`` (or the defaults when None)."""
+        if config_path is None and control_plane is None:
+            raise GatewayStartError("give a configuration file or a control plane")
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.control_plane_options = control_plane
+        self.control_plane: ControlPlaneSync | None = None
+        # The settings file is not watched in control-plane mode: snapshots replace products.
+        self.watch = watch and control_plane is None
         # A worker of a supervisor stops when the supervisor is gone (even after SIGKILL).
         self.parent_pid = os.getppid() if supervised else None
         self.reuse_port = reuse_port
@@ -89,7 +150,21 @@ class GatewayProcess:
         self._stop = asyncio.Event()
         self._stamp: tuple[int, int, int, int] | None = None
 
+    @property
+    def ready(self) -> bool:
+        """Whether a configuration is being served: in control-plane mode, a snapshot."""
+        return self.control_plane is None or self.control_plane.source is not None
+
+    @property
+    def source(self) -> str | None:
+        """Where the configuration comes from: the file, or control_plane / cache."""
+        if self.control_plane_options is not None:
+            return self.control_plane.source if self.control_plane is not None else None
+        return str(self.config_path)
+
     def _file_stamp(self) -> tuple[int, int, int, int] | None:
+        if self.config_path is None:
+            return None
         try:
             st = self.config_path.stat()
         except OSError:
@@ -104,17 +179,23 @@ class GatewayProcess:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._stamp = self._file_stamp()
-        config = load_gateway_config(self.config_path)
-        self.version = _digest(self.config_path)
+        options = self.control_plane_options
+        if options is None:
+            assert self.config_path is not None
+            self._stamp = self._file_stamp()
+            config = load_gateway_config(self.config_path)
+            self.version = _digest(self.config_path)
+            counters = _counters(config)
+            self.gateway = self._build(config, counters)
+        else:
+            settings = load_local_settings(self.config_path)
+            self.control_plane = ControlPlaneSync(options, settings)
+            counters = _counters(settings)
+            self.gateway, self.version = await self.control_plane.initial(
+                self, lambda config: self._build(config, counters)
+            )
+            config = self.gateway.config
         self.loaded_at = time.time()
-        counters = create_backend(
-            config.limits.backend,
-            config.limits.redis_url,
-            config.limits.redis_timeout,
-            config.limits.key_prefix,
-        )
-        self.gateway = self._build(config, counters)
         self.server = Server(self.gateway, _settings(config))
         host, port = _split_listen(config.listen)
         try:
@@ -136,12 +217,14 @@ class GatewayProcess:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         watcher = loop.create_task(self._watch())
         flusher = loop.create_task(self._flush_logs())
+        if self.control_plane is not None:
+            self.control_plane.start()
         log.info(
             "gateway serving on http://%s (admin %s), %d products, config %s",
             config.listen,
             config.admin_listen or "off",
             len(config.products),
-            self.version,
+            self.version or "(none yet)",
         )
         # Startup objects live as long as the process: keep them out of every collection.
         gc.collect()
@@ -151,6 +234,8 @@ class GatewayProcess:
         await self._stop.wait()
         log.info("draining in-flight requests (up to %ss)", config.timeouts.shutdown_grace)
         watcher.cancel()
+        if self.control_plane is not None:
+            await self.control_plane.stop()
         servers = [self.server] + ([self.admin] if self.admin else [])
         await asyncio.gather(
             *(s.shutdown(self.gateway.config.timeouts.shutdown_grace) for s in servers)
@@ -165,34 +250,46 @@ class GatewayProcess:
 
     def reload(self) -> bool:
         """Swap in the file's configuration; an invalid file is refused and the old one kept."""
+        if self.config_path is None or self.control_plane_options is not None:
+            log.info("control-plane mode: the configuration comes from the control plane")
+            return False
         try:
             config = load_gateway_config(self.config_path)
             version = _digest(self.config_path)
         except (ConfigError, OSError) as exc:
-            self.last_error = str(exc)
-            self.metrics.reloads.labels("refused").inc()
-            log.error("configuration refused, still serving %s: %s", self.version, exc)
+            self.refuse(str(exc))
             return False
+        return self.apply(config, version)
+
+    def refuse(self, reason: str) -> None:
+        """Count and report a configuration that will not be served."""
+        self.last_error = reason
+        self.metrics.reloads.labels("refused").inc()
+        log.error("configuration refused, still serving %s: %s", self.version or "nothing", reason)
+
+    def apply(self, config: Config, version: str) -> bool:
+        """Build ``config`` and swap it in; requests in flight finish on the old gateway.
+        One that fails to build is refused and the old one kept."""
         old = self.gateway
         counters = old.counters
         if config.limits != old.config.limits:
-            counters = create_backend(
-                config.limits.backend,
-                config.limits.redis_url,
-                config.limits.redis_timeout,
-                config.limits.key_prefix,
-            )
+            counters = _counters(config)
             asyncio.get_running_loop().call_later(
                 old.config.timeouts.shutdown_grace,
                 lambda: asyncio.ensure_future(old.counters.close()),
             )
+        # The build runs on the loop; with a large snapshot the collector would run over and
+        # over during it (none of what it makes is in a cycle), stalling requests.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             gateway = self._build(config, counters)
         except Exception as exc:  # a policy or credential that fails to build
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self.metrics.reloads.labels("refused").inc()
-            log.error("configuration refused, still serving %s: %s", self.version, exc)
+            self.refuse(f"{type(exc).__name__}: {exc}")
             return False
+        finally:
+            if collecting:
+                gc.enable()
         if config.listen != old.config.listen or config.admin_listen != old.config.admin_listen:
             log.warning("listen addresses change only on restart")
         _settings(config, self.server.settings)
@@ -225,18 +322,50 @@ class GatewayProcess:
             self.access_log.flush()
 
 
-def _run_one(config_path: Path, reuse_port: bool, watch: bool) -> None:
+def _counters(config: Config) -> CounterBackend:
+    return create_backend(
+        config.limits.backend,
+        config.limits.redis_url,
+        config.limits.redis_timeout,
+        config.limits.key_prefix,
+    )
+
+
+def _run_one(
+    config_path: Path | None,
+    reuse_port: bool,
+    watch: bool,
+    control_plane: ControlPlaneOptions | None,
+) -> None:
     import uvloop
 
-    process = GatewayProcess(config_path, reuse_port=reuse_port, watch=watch, supervised=reuse_port)
+    process = GatewayProcess(
+        config_path,
+        reuse_port=reuse_port,
+        watch=watch,
+        supervised=reuse_port,
+        control_plane=control_plane,
+    )
     uvloop.run(process.run())
 
 
 def run_gateway(
-    config_path: Path, workers: int = 1, reuse_port: bool = False, watch: bool = True
+    config_path: Path | None,
+    workers: int = 1,
+    reuse_port: bool = False,
+    watch: bool = True,
+    control_plane: ControlPlaneOptions | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT. Raises ConfigError or GatewayStartError with a clear message."""
-    config = load_gateway_config(config_path)
+    """Serve until SIGTERM/SIGINT, from ``config_path`` or, with ``control_plane``, from its
+    snapshots over the local settings in ``config_path``. Raises ConfigError or
+    GatewayStartError with a clear message."""
+    if control_plane is None:
+        if config_path is None:
+            raise GatewayStartError("give --config FILE, or --control-plane URL")
+        config = load_gateway_config(config_path)
+    else:
+        _check_control_plane(control_plane)
+        config = load_local_settings(config_path)
     if workers < 1:
         raise GatewayStartError("--workers must be at least 1")
     if workers > 1 and config.limits.backend == "memory":
@@ -245,12 +374,25 @@ def run_gateway(
             "(in-memory counters would let each process allow the full limit)"
         )
     if workers == 1:
-        _run_one(config_path, reuse_port, watch)
+        _run_one(config_path, reuse_port, watch, control_plane)
         return
     for address in (config.listen, config.admin_listen):
         if address is not None:
             _check_bindable(address)
-    _supervise(config_path, workers, watch)
+    env = dict(os.environ)
+    base = [sys.executable, "-m", "meshgate", "gateway", "--reuse-port"]
+    if config_path is not None:
+        base += ["--config", str(config_path)]
+    if control_plane is None:
+        commands = [[*base, "--watch" if watch else "--no-watch"]] * workers
+    else:
+        # Each worker polls on its own, under its own data-plane id.
+        env[TOKEN_ENV] = control_plane.token
+        name = control_plane.name or default_dataplane_id(config)
+        base += ["--control-plane", control_plane.url, "--env", control_plane.env]
+        base += ["--cache-dir", str(control_plane.cache_dir)]
+        commands = [[*base, "--name", f"{name}-{i + 1}"] for i in range(workers)]
+    _supervise(commands, env)
 
 
 def _check_bindable(address: str) -> None:
@@ -267,20 +409,12 @@ def _check_bindable(address: str) -> None:
             raise GatewayStartError(f"cannot listen on {address}: {exc.strerror}") from None
 
 
-def _supervise(config_path: Path, workers: int, watch: bool) -> None:
+def _supervise(commands: list[list[str]], env: dict[str, str]) -> None:
+    """Run one worker per command, restarting those that exit, until SIGTERM/SIGINT."""
+    workers = len(commands)
     metrics_dir = tempfile.mkdtemp(prefix="meshgate-metrics-")
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
-    command = [
-        sys.executable,
-        "-m",
-        "meshgate",
-        "gateway",
-        "--config",
-        str(config_path),
-        "--reuse-port",
-        "--watch" if watch else "--no-watch",
-    ]
-    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    env = dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    children = [subprocess.Popen(command, env=env) for command in commands]
     stopping = False
     # Restarts within the last minute: a worker that keeps dying is not restarted forever.
     restarts: list[float] = []
@@ -316,7 +450,7 @@ def _supervise(config_path: Path, workers: int, watch: bool) -> None:
                         raise GatewayStartError("workers keep exiting; see the log above")
                     log.error("worker %d exited with %s; starting a new one", child.pid, code)
                     time.sleep(0.5)
-                    children[i] = subprocess.Popen(command, env=env)
+                    children[i] = subprocess.Popen(commands[i], env=env)
     finally:
         for name in os.listdir(metrics_dir):
             os.unlink(os.path.join(metrics_dir, name))

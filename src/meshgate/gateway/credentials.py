@@ -10,6 +10,7 @@ the common path free of a coroutine per request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -86,9 +87,9 @@ class Authenticator:
         """The authenticator for ``product.auth``; ValueError for unusable JWT keys."""
         auth = product.auth
         if isinstance(auth, ApiKeyAuth):
-            return _ApiKey(auth, product.applications, product.name)
+            return _ApiKey(auth, product.applications, product.name, product.key_salt)
         if isinstance(auth, AppIdKeyAuth):
-            return _AppIdKey(auth, product.applications, product.name)
+            return _AppIdKey(auth, product.applications, product.name, product.key_salt)
         if isinstance(auth, JwtAuth):
             return _Jwt(auth, product.applications, product.name)
         if isinstance(auth, NoAuth):
@@ -145,8 +146,31 @@ def _key_challenge(realm: str) -> str:
     return f'Key realm="{realm}"'
 
 
+class _KeyHasher:
+    """``sha256:<hex>`` of a received key under the product's salt, as ``hash_key`` computes
+    it (the salt's bytes, then the key's UTF-8 bytes: what a header carries as received)."""
+
+    __slots__ = ("_salted",)
+
+    def __init__(self, salt: str) -> None:
+        self._salted = hashlib.sha256(bytes.fromhex(salt))
+
+    def __call__(self, key: bytes) -> str:
+        digest = self._salted.copy()
+        digest.update(key)
+        return "sha256:" + digest.hexdigest()
+
+
+# Keys found through their hash, kept per authenticator (rebuilt with each configuration):
+# a known key is hashed once, not on every request. Bounded; unknown keys are never kept.
+_HASHED_CACHE_SIZE = 4096
+
+
 class _ApiKey(Authenticator):
-    def __init__(self, auth: ApiKeyAuth, apps: Iterable[Application], realm: str) -> None:
+    def __init__(
+        self, auth: ApiKeyAuth, apps: Iterable[Application], realm: str, salt: str | None
+    ) -> None:
+        apps = list(apps)
         self._header = auth.header
         self._param = auth.query
         self._by_key = {key: app for app in apps for key in app.keys}
@@ -159,30 +183,55 @@ class _ApiKey(Authenticator):
                 self._by_raw[key.encode("latin-1")] = app
             except UnicodeEncodeError:
                 pass
+        self._by_hash = {digest: app for app in apps for digest in app.key_hashes}
+        # Only a product with hashed keys hashes what it receives.
+        self._hasher = _KeyHasher(salt) if salt is not None and self._by_hash else None
+        self._hashed: dict[bytes, Application] = {}
         self._missing = f"expected an API key in {_where(auth.header, auth.query)}"
         self._challenge = _key_challenge(realm)
 
     def authenticate_nowait(self, request: Request) -> Application:
+        raw = None
         if self._header_raw is not None:
             raw = request.headers.get_raw(self._header_raw)
             if raw:
                 known = self._by_raw.get(raw)
+                if known is None and self._hasher is not None:
+                    known = self._by_hashed_key(raw)
                 if known is not None:
                     return _admit(known)
         key = _lookup(request, self._header, self._param)
         if key is None:
             raise AuthError(401, "credential missing", self._missing, self._challenge)
         app = self._by_key.get(key)
+        if app is None and self._hasher is not None and not raw:
+            # From the query string (a header key was hashed above): its UTF-8 bytes.
+            app = self._by_hashed_key(key.encode())
         if app is None:
             raise AuthError(403, "credential invalid", "the API key is not valid")
         return _admit(app)
 
+    def _by_hashed_key(self, key: bytes) -> Application | None:
+        assert self._hasher is not None
+        app = self._hashed.get(key)
+        if app is None:
+            app = self._by_hash.get(self._hasher(key))
+            if app is not None and len(self._hashed) < _HASHED_CACHE_SIZE:
+                self._hashed[key] = app
+        return app
+
 
 class _AppIdKey(Authenticator):
-    def __init__(self, auth: AppIdKeyAuth, apps: Iterable[Application], realm: str) -> None:
+    def __init__(
+        self, auth: AppIdKeyAuth, apps: Iterable[Application], realm: str, salt: str | None
+    ) -> None:
         self._id_at = (auth.app_id_header, auth.app_id_query)
         self._key_at = (auth.app_key_header, auth.app_key_query)
-        self._by_id = {app.id: (app, frozenset(app.keys)) for app in apps}
+        self._by_id = {
+            app.id: (app, frozenset(app.keys), frozenset(app.key_hashes)) for app in apps
+        }
+        hashed = any(found[2] for found in self._by_id.values())
+        self._hasher = _KeyHasher(salt) if salt is not None and hashed else None
         self._id_missing = f"expected an application id in {_where(*self._id_at)}"
         self._key_missing = f"expected an application key in {_where(*self._key_at)}"
         self._challenge = _key_challenge(realm)
@@ -194,13 +243,32 @@ class _AppIdKey(Authenticator):
         app_key = _lookup(request, *self._key_at)
         found = self._by_id.get(app_id)
         # Like Apisonator, an application without keys is identified by its id alone.
-        if found is not None and not found[1]:
+        if found is not None and not found[1] and not found[2]:
             return _admit(found[0])
         if app_key is None:
             raise AuthError(401, "credential missing", self._key_missing, self._challenge)
-        if found is None or app_key not in found[1]:
+        if found is None or (app_key not in found[1] and not self._hash_matches(request, found[2])):
             raise AuthError(403, "credential invalid", "the application id or key is not valid")
         return _admit(found[0])
+
+    def _hash_matches(self, request: Request, hashes: frozenset[str]) -> bool:
+        if not hashes or self._hasher is None:
+            return False
+        key = _lookup_bytes(request, *self._key_at)
+        return key is not None and self._hasher(key) in hashes
+
+
+def _lookup_bytes(request: Request, header: str | None, param: str | None) -> bytes | None:
+    """What :func:`_lookup` finds, as the bytes a key was sent as: a header's bytes as
+    received (decoded as latin-1 by the engine), a query parameter's UTF-8."""
+    value = request.headers.get(header) if header is not None else None
+    if value:
+        return value.encode("latin-1")
+    if param is not None:
+        found = _query_param(request.query, param)
+        if found:
+            return found.encode()
+    return None
 
 
 class _NoAuth(Authenticator):

@@ -10,7 +10,16 @@ import json
 from collections.abc import Awaitable, Iterable, Iterator
 from typing import Any, Protocol
 
-__all__ = ["Headers", "Request", "Response", "Exchange", "Handler", "problem"]
+__all__ = [
+    "ClientDisconnected",
+    "Exchange",
+    "Handler",
+    "Headers",
+    "Request",
+    "RequestBodyError",
+    "Response",
+    "problem",
+]
 
 
 class Headers:
@@ -198,13 +207,38 @@ def problem(status: int, title: str, detail: str = "", **extra: Any) -> Response
     return Response(status, json.dumps(doc).encode(), content_type="application/problem+json")
 
 
+class RequestBodyError(Exception):
+    """The request body could not be read whole; ``status`` is what the engine answers.
+
+    413 (over the limit), 408 (the client went silent for ``body_timeout``) or 400
+    (malformed, or cut short). The engine sends that answer itself, whatever the
+    handler then returns, and closes the connection.
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ClientDisconnected(RequestBodyError):
+    """The client closed the connection (or its sending side) before the body was complete."""
+
+
+class _BodySource(Protocol):
+    """The connection an exchange reads its request body from (the engine's protocol)."""
+
+    def request_body(self, exchange: Exchange, limit: int | None) -> bytes | Awaitable[bytes]: ...
+
+
 class Exchange:
     """One request's journey through the engine, shared by the handler's phases.
 
     The handler sets ``upstream`` (an :class:`~meshgate.proxy.UpstreamPool`) and
     ``upstream_target`` (path and query sent upstream) to forward; the engine fills in
     ``status``, byte counts and timings as the exchange proceeds. ``state`` belongs to
-    the role (product, application, usage...).
+    the role (product, application, usage...). A handler that must see the request body
+    before it answers awaits :meth:`read_body`.
     """
 
     __slots__ = (
@@ -223,9 +257,12 @@ class Exchange:
         "error",
         "state",
         "response_headers",
+        "_body_source",
     )
 
-    def __init__(self, request: Request, start: float) -> None:
+    def __init__(
+        self, request: Request, start: float, body_source: _BodySource | None = None
+    ) -> None:
         self.request = request
         # The path relative to the matched route's prefix; rewrite policies change it.
         self.route_path: str = request.path
@@ -242,6 +279,32 @@ class Exchange:
         self.error: str | None = None
         self.state: Any = None
         self.response_headers: Headers | None = None
+        self._body_source = body_source
+
+    async def read_body(self, limit: int | None = None) -> bytes:
+        """The whole request body, once it has arrived: for a handler that needs it to answer.
+
+        Call it from ``handle`` (an ``async def``, or the awaitable it returns), before
+        answering. ``Content-Length`` and chunked bodies alike; ``b""`` without a body. The
+        bytes are held in memory, bounded by ``limit`` and ``max_body_size`` (the smaller
+        applies; neither means no bound): a declared length above it is refused before a
+        byte is read, a chunked body as soon as its count passes it. ``Expect:
+        100-continue`` is answered here, and only here when the handler answers without
+        forwarding. A second call returns the same bytes. Forwarding afterwards (returning
+        ``None``) sends these bytes upstream, once.
+
+        Raises :class:`RequestBodyError` (413, 408, 400) or :class:`ClientDisconnected`;
+        the engine then answers that status itself and closes the connection.
+        """
+        source = self._body_source
+        if source is None:
+            if self.request.has_body:
+                raise RuntimeError("this exchange is not served by the engine: no body to read")
+            return b""
+        body = source.request_body(self, limit)
+        if isinstance(body, bytes):
+            return body
+        return await body
 
 
 class Handler(Protocol):
@@ -252,9 +315,11 @@ class Handler(Protocol):
     to ``exchange.upstream`` -- either directly, or as an awaitable of one of those
     (an ``async def handle`` is fine). Return directly whenever nothing has to wait: the
     engine then continues in the same callback, without a task; only an awaitable costs
-    one task. ``on_response`` may change the upstream's (or a local) response head
-    before it is sent. ``on_complete`` runs exactly once per exchange that reached
-    ``handle``, after the last byte was sent (or the exchange failed), and must not raise.
+    one task. An asynchronous ``handle`` may first await ``exchange.read_body()`` to
+    answer from the request body. ``on_response`` may change the upstream's (or a local)
+    response head before it is sent. ``on_complete`` runs exactly once per exchange that
+    reached ``handle``, after the last byte was sent (or the exchange failed), and must not
+    raise.
     """
 
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]: ...

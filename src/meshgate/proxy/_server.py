@@ -8,11 +8,16 @@ An exchange is driven by callbacks, not by a task: the handler's decision, the u
 connection's events and one timer per connection move it from stage to stage. A task
 exists only while something really waits: an asynchronous handler, or a new upstream
 connection being opened.
+
+A handler that needs the request body before it answers awaits ``Exchange.read_body``:
+the body is then collected for it (no pause, bounded by its limit, watched by the body
+timeout); a handler that does not call it costs nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import socket
@@ -27,9 +32,11 @@ from random import getrandbits
 import httptools
 
 from meshgate.proxy._exchange import (
+    ClientDisconnected,
     Exchange,
     Handler,
     Request,
+    RequestBodyError,
     Response,
     problem,
     wrap_headers,
@@ -128,6 +135,38 @@ def _request_id() -> str:
     return getrandbits(128).to_bytes(16).hex()
 
 
+def _too_large(limit: int) -> RequestBodyError:
+    return RequestBodyError(413, f"the request body exceeds {limit} bytes")
+
+
+def _cut_short() -> ClientDisconnected:
+    return ClientDisconnected(
+        400, "the client closed the connection before the request body was complete"
+    )
+
+
+def _body_problem(error: RequestBodyError) -> Response:
+    """The answer to a failed body read (a handler may raise a status of its own)."""
+    title = _BODY_TITLES.get(error.status)
+    if title is None:
+        try:
+            title = HTTPStatus(error.status).phrase
+        except ValueError:
+            title = "Error"
+    return problem(error.status, title, error.detail)
+
+
+_BODY_TITLES = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"}
+
+
+def _detail(response: Response) -> str:
+    """The ``detail`` of a problem response, for the exception a body reader gets."""
+    try:
+        return str(json.loads(response.body).get("detail") or response.status)
+    except (ValueError, AttributeError):
+        return response.body.decode(errors="replace")
+
+
 class _Clock:
     """The Date header value, computed at most once a second."""
 
@@ -161,6 +200,19 @@ class _HeaderTooLarge(Exception):
     pass
 
 
+class _BodyRead:
+    """A handler's read of the whole request body (``Exchange.read_body``): made on demand."""
+
+    __slots__ = ("limit", "waiter", "last_at", "body", "error")
+
+    def __init__(self, limit: int | None, now: float) -> None:
+        self.limit = limit
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.last_at = now  # the last body bytes (or the start): the body timeout counts from it
+        self.body: bytes | None = None
+        self.error: RequestBodyError | None = None
+
+
 class _Cycle:
     """One request on a connection, from its head to the last byte of its response."""
 
@@ -183,6 +235,7 @@ class _Cycle:
         "skip",
         "retry_allowed",
         "bytes_seen",
+        "reading",
     )
 
     def __init__(
@@ -207,6 +260,7 @@ class _Cycle:
         self.skip = _REQUEST_SKIP
         self.retry_allowed = False
         self.bytes_seen = 0
+        self.reading: _BodyRead | None = None
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -296,6 +350,9 @@ class HttpProtocol(asyncio.Protocol):
         if conn is not None and not conn.closed:
             conn.abort()
         cycle.exchange.error = cycle.exchange.error or "client closed the connection"
+        reading = cycle.reading
+        if reading is not None and reading.waiter is not None:
+            self._body_failed(cycle, _cut_short())
         # A running handler completes the exchange when it returns.
         if cycle.stage >= _CONNECTING:
             self._complete(cycle)
@@ -363,7 +420,13 @@ class HttpProtocol(asyncio.Protocol):
             return False
         # A half-closed client may still read the responses it is waiting for.
         self._eof = True
-        return self._current is not None
+        cycle = self._current
+        if cycle is None:
+            return False
+        reading = cycle.reading
+        if reading is not None and reading.waiter is not None:
+            self._body_failed(cycle, _cut_short())
+        return True
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -491,7 +554,7 @@ class HttpProtocol(asyncio.Protocol):
         )
         body_done = not (chunked or content_length)
         cycle = _Cycle(
-            Exchange(request, _now()),
+            Exchange(request, _now(), self),
             keep_alive and not self.server.draining,
             expect and version == "1.1",
             body_done,
@@ -533,6 +596,15 @@ class HttpProtocol(asyncio.Protocol):
         else:
             cycle.buffered.append(body)
         cycle.buffered_size += len(body)
+        reading = cycle.reading
+        if reading is not None:
+            # The handler is consuming the body: no pause; its limit bounds the buffer.
+            limit = reading.limit
+            if limit is not None and cycle.buffered_size > limit:
+                self._body_failed(cycle, _too_large(limit))
+            else:
+                reading.last_at = self.loop.time()
+            return
         if cycle.buffered_size > 262144:
             self._pause(_PAUSE_BUFFER)
 
@@ -552,6 +624,95 @@ class HttpProtocol(asyncio.Protocol):
                 self._deadline = deadline
                 if self._timer is None or deadline < self._timer_at:
                     self._arm(deadline)
+            return
+        reading = cycle.reading
+        if reading is not None and reading.waiter is not None:
+            waiter, reading.waiter = reading.waiter, None
+            body = self._body_read(cycle, reading)
+            if not waiter.done():
+                waiter.set_result(body)
+
+    # the handler reads the request body (Exchange.read_body)
+
+    def request_body(self, exchange: Exchange, limit: int | None) -> bytes | Awaitable[bytes]:
+        """The whole body of the request being decided: the bytes, or a future of them."""
+        cycle = self._current
+        if cycle is None or cycle.exchange is not exchange or cycle.stage != _DECIDING:
+            raise RuntimeError("read_body() is for the handler, before it answers")
+        reading = cycle.reading
+        if reading is not None:
+            if reading.error is not None:
+                raise reading.error
+            if reading.body is not None:
+                return reading.body
+            raise RuntimeError("read_body() is already waiting for this request's body")
+        failure = cycle.failure
+        if failure is not None:
+            # The request failed while the handler decided (a malformed chunk, say).
+            raise self._body_failed(cycle, RequestBodyError(failure.status, _detail(failure)))
+        most = exchange.max_body_size
+        if most is not None and (limit is None or most < limit):
+            limit = most
+        reading = cycle.reading = _BodyRead(limit, self.loop.time())
+        if limit is not None:
+            length = exchange.request.content_length
+            if exchange.bytes_in > limit or (length is not None and length > limit):
+                raise self._body_failed(cycle, _too_large(limit))
+        if cycle.body_done:
+            return self._body_read(cycle, reading)
+        if self._closed or self._eof:
+            raise self._body_failed(cycle, _cut_short())
+        if cycle.expect_continue:
+            cycle.expect_continue = False
+            self.transport.write(_CONTINUE)  # type: ignore[union-attr]
+        if self._paused:
+            self._resume(_PAUSE_BUFFER)
+        waiter = reading.waiter = self.loop.create_future()
+        deadline = self._deadline = reading.last_at + self.settings.body_timeout
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
+        return waiter
+
+    def _body_read(self, cycle: _Cycle, reading: _BodyRead) -> bytes:
+        buffered = cycle.buffered
+        if not buffered:
+            body = b""
+        elif len(buffered) == 1:
+            body = buffered[0]
+        else:
+            body = b"".join(buffered)
+            # Kept, joined, so that forwarding afterwards sends these bytes.
+            cycle.buffered = [body]
+        reading.body = body
+        return body
+
+    def _body_failed(self, cycle: _Cycle, error: RequestBodyError) -> RequestBodyError:
+        """End the handler's body read with ``error``: the engine answers its status, closes."""
+        reading = cycle.reading
+        if reading is None:
+            reading = cycle.reading = _BodyRead(None, 0.0)
+        reading.error = error
+        exchange = cycle.exchange
+        exchange.error = exchange.error or error.detail
+        cycle.keep_alive = False
+        cycle.buffered, cycle.buffered_size = None, 0
+        if self._parsing is cycle:
+            self._parsing = None  # the rest of this body is dropped as it arrives
+        if cycle.failure is None:
+            cycle.failure = _body_problem(error)
+        waiter, reading.waiter = reading.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        return error
+
+    def _body_late(self, cycle: _Cycle, reading: _BodyRead) -> None:
+        timeout = self.settings.body_timeout
+        deadline = reading.last_at + timeout
+        if self.loop.time() < deadline:
+            self._deadline = deadline
+            self._arm(deadline)
+            return
+        self._body_failed(cycle, RequestBodyError(408, f"no request body bytes for {timeout}s"))
 
     # serving: handler -> local response, or upstream -> response head -> body -> done
 
@@ -590,6 +751,9 @@ class HttpProtocol(asyncio.Protocol):
     async def _decide_later(self, cycle: _Cycle, decision: Awaitable[Response | None]) -> None:
         try:
             response = await decision
+        except RequestBodyError as exc:
+            # Answered by the engine (cycle.failure), as read_body said: not a handler bug.
+            response = _body_problem(exc)
         except Exception:
             response = self._handler_failed(cycle.exchange)
         self._decided(cycle, response)
@@ -600,6 +764,12 @@ class HttpProtocol(asyncio.Protocol):
         return problem(500, "Internal Server Error", "the gateway failed on this request")
 
     def _decided(self, cycle: _Cycle, response: Response | None) -> None:
+        reading = cycle.reading
+        if reading is not None and reading.waiter is not None:
+            # The handler answered without waiting for the body read it started.
+            waiter, reading.waiter = reading.waiter, None
+            waiter.cancel()
+            cycle.reading = None
         if cycle.failure is not None:
             response = cycle.failure
         elif response is None:
@@ -940,6 +1110,9 @@ class HttpProtocol(asyncio.Protocol):
         elif stage <= _DECIDING:
             # The handler has not decided yet: its decision is replaced by this one.
             cycle.failure = response
+            reading = cycle.reading
+            if reading is not None and reading.waiter is not None:
+                self._body_failed(cycle, RequestBodyError(response.status, _detail(response)))
         else:
             self._respond(cycle, response)
 
@@ -1035,7 +1208,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         cycle = self._current
         if cycle is not None and cycle.stage != _WAITING and cycle.stage != _STREAMING:
-            return  # a handler or a connect is running: neither has a deadline here
+            # A handler or a connect is running: neither has a deadline here, unless the
+            # handler waits for the request body.
+            reading = cycle.reading
+            if reading is not None and reading.waiter is not None:
+                self._body_late(cycle, reading)
+            return
         now = self.loop.time()
         if now < self._deadline:
             self._arm(self._deadline)

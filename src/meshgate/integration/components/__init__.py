@@ -1,0 +1,31 @@
+"""The connectors: one module per scheme family, registered by scheme."""
+
+from __future__ import annotations
+
+from meshgate.integration._component import Component
+
+__all__ = ["default_components"]
+
+
+def default_components() -> dict[str, Component]:
+    """Every built-in component by scheme. Broker clients are imported when first used."""
+    from meshgate.integration.components.amqp import AmqpComponent
+    from meshgate.integration.components.core import (
+        DirectComponent,
+        LogComponent,
+        SedaComponent,
+        TimerComponent,
+    )
+    from meshgate.integration.components.http import HttpComponent
+    from meshgate.integration.components.mock import MockComponent
+
+    components: dict[str, Component] = {
+        "direct": DirectComponent(),
+        "seda": SedaComponent(),
+        "timer": TimerComponent(),
+        "log": LogComponent(),
+        "mock": MockComponent(),
+        "http": HttpComponent(),
+        "amqp": AmqpComponent(),
+    }
+    return components

@@ -1,0 +1,334 @@
+"""In-process connectors: ``direct`` (synchronous call), ``seda`` (queue), ``timer``, ``log``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import TYPE_CHECKING
+
+from meshgate.integration._component import Component, Consumer, Endpoint, Processor, Producer
+from meshgate.integration._errors import EndpointError, IntegrationError, NoConsumerError
+from meshgate.integration._message import Exchange, ExchangePattern, Message
+from meshgate.integration._uri import EndpointUri, Options
+
+if TYPE_CHECKING:
+    from meshgate.integration._context import IntegrationContext
+
+__all__ = ["DirectComponent", "LogComponent", "SedaComponent", "TimerComponent"]
+
+#: Nested direct calls allowed before an exchange is taken to be in a loop.
+MAX_DIRECT_DEPTH = 64
+_DEPTH = "direct_depth"
+
+
+def _name(uri: EndpointUri) -> str:
+    name = uri.path
+    if not name or name.startswith("/"):
+        raise EndpointError(f"{uri.text}: give a name, e.g. {uri.scheme}:orders")
+    return name
+
+
+class DirectComponent(Component):
+    def create_endpoint(self, uri: EndpointUri, context: IntegrationContext) -> Endpoint:
+        endpoint = DirectEndpoint(uri, context)
+        Options(uri).finish()
+        return endpoint
+
+
+class DirectEndpoint(Endpoint):
+    """The route consuming ``direct:name`` runs in the caller's task, on the same exchange."""
+
+    def __init__(self, uri: EndpointUri, context: IntegrationContext) -> None:
+        super().__init__(uri, context)
+        self.name = _name(uri)
+
+    def create_consumer(self, processor: Processor) -> Consumer:
+        return _DirectConsumer(self, processor)
+
+    def create_producer(self) -> Producer:
+        return _DirectProducer(self)
+
+
+class _DirectConsumer(Consumer):
+    endpoint: DirectEndpoint
+
+    async def start(self) -> None:
+        self.endpoint.context.register_direct(self.endpoint.name, self.processor)
+
+    async def stop(self) -> None:
+        self.endpoint.context.unregister_direct(self.endpoint.name)
+
+
+class _DirectProducer(Producer):
+    endpoint: DirectEndpoint
+
+    async def process(self, exchange: Exchange) -> None:
+        endpoint = self.endpoint
+        route = endpoint.context.direct_consumer(endpoint.name)
+        if route is None:
+            raise NoConsumerError(f"no started route consumes {endpoint.uri.text}")
+        depth = exchange.properties.get(_DEPTH, 0)
+        if depth >= MAX_DIRECT_DEPTH:
+            raise IntegrationError(
+                f"{endpoint.uri.text}: more than {MAX_DIRECT_DEPTH} nested direct calls"
+                " (do direct endpoints call each other in a loop?)"
+            )
+        exchange.properties[_DEPTH] = depth + 1
+        try:
+            await route(exchange)
+        finally:
+            exchange.properties[_DEPTH] = depth
+        if exchange.exception is not None:
+            # The called route did not handle it: the caller's error handling does.
+            exc, exchange.exception = exchange.exception, None
+            raise exc
+
+
+_Queue = asyncio.Queue[tuple[Exchange, "asyncio.Future[None] | None"]]
+
+
+class SedaComponent(Component):
+    """Queues by name: ``seda:q?size=5`` and ``seda:q`` are the same queue."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, _Queue] = {}
+
+    def queue(self, name: str, size: int) -> _Queue:
+        # Created on first use, inside the running loop; the first size given wins.
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = asyncio.Queue(size)
+        return queue
+
+    def create_endpoint(self, uri: EndpointUri, context: IntegrationContext) -> Endpoint:
+        options = Options(uri)
+        endpoint = SedaEndpoint(
+            uri,
+            context,
+            self,
+            size=options.integer("size", 1000, minimum=1, maximum=10_000_000),
+            concurrent_consumers=options.integer("concurrent_consumers", 1, 1, 1000),
+            block_when_full=options.boolean("block_when_full", True),
+            timeout=options.duration("timeout", 30.0),
+        )
+        options.finish()
+        return endpoint
+
+
+class SedaEndpoint(Endpoint):
+    """An in-memory queue: producers return at once (in-only) or when the consumer is done."""
+
+    def __init__(
+        self,
+        uri: EndpointUri,
+        context: IntegrationContext,
+        component: SedaComponent,
+        *,
+        size: int,
+        concurrent_consumers: int,
+        block_when_full: bool,
+        timeout: float,
+    ) -> None:
+        super().__init__(uri, context)
+        self.name = _name(uri)
+        self.size = size
+        self.concurrent_consumers = concurrent_consumers
+        self.block_when_full = block_when_full
+        self.timeout = timeout
+        self.component = component
+
+    @property
+    def queue(self) -> _Queue:
+        return self.component.queue(self.name, self.size)
+
+    def create_consumer(self, processor: Processor) -> Consumer:
+        return _SedaConsumer(self, processor)
+
+    def create_producer(self) -> Producer:
+        return _SedaProducer(self)
+
+
+class _SedaConsumer(Consumer):
+    endpoint: SedaEndpoint
+
+    def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
+        super().__init__(endpoint, processor)
+        self._workers: list[asyncio.Task[None]] = []
+        self._busy = 0
+
+    async def start(self) -> None:
+        self._workers = [
+            asyncio.ensure_future(self._work()) for _ in range(self.endpoint.concurrent_consumers)
+        ]
+
+    async def _work(self) -> None:
+        queue = self.endpoint.queue
+        while True:
+            exchange, done = await queue.get()
+            self._busy += 1
+            try:
+                await self.processor(exchange)
+            except Exception as exc:
+                exchange.exception = exc
+            finally:
+                self._busy -= 1
+                queue.task_done()
+                if done is not None and not done.done():
+                    done.set_result(None)
+
+    async def stop(self) -> None:
+        # Idle workers stop now; busy ones finish the exchange they hold first.
+        while self._busy:
+            await asyncio.sleep(0.005)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
+
+class _SedaProducer(Producer):
+    endpoint: SedaEndpoint
+
+    async def process(self, exchange: Exchange) -> None:
+        endpoint = self.endpoint
+        if exchange.pattern is ExchangePattern.IN_OUT:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            await self._put(exchange, done)
+            await asyncio.wait_for(done, endpoint.timeout)
+            return
+        await self._put(exchange.copy(new_id=False), None)
+
+    async def _put(self, exchange: Exchange, done: asyncio.Future[None] | None) -> None:
+        queue = self.endpoint.queue
+        if self.endpoint.block_when_full:
+            await queue.put((exchange, done))
+        else:
+            try:
+                queue.put_nowait((exchange, done))
+            except asyncio.QueueFull:
+                raise IntegrationError(f"{self.endpoint.uri.text}: the queue is full") from None
+
+
+class TimerComponent(Component):
+    def create_endpoint(self, uri: EndpointUri, context: IntegrationContext) -> Endpoint:
+        options = Options(uri)
+        endpoint = TimerEndpoint(
+            uri,
+            context,
+            period=options.duration("period", 1.0),
+            delay=options.duration("delay", 1.0),
+            repeat_count=options.integer("repeat_count", 0, minimum=0),
+        )
+        options.finish()
+        if endpoint.period <= 0 and endpoint.repeat_count != 1:
+            raise EndpointError(f"{uri.text}: option 'period' must be more than 0")
+        return endpoint
+
+
+class TimerEndpoint(Endpoint):
+    """Fires an empty in-only exchange every ``period`` (``repeat_count`` 0: forever)."""
+
+    def __init__(
+        self,
+        uri: EndpointUri,
+        context: IntegrationContext,
+        *,
+        period: float,
+        delay: float,
+        repeat_count: int,
+    ) -> None:
+        super().__init__(uri, context)
+        self.name = _name(uri)
+        self.period = period
+        self.delay = delay
+        self.repeat_count = repeat_count
+
+    def create_consumer(self, processor: Processor) -> Consumer:
+        return _TimerConsumer(self, processor)
+
+
+class _TimerConsumer(Consumer):
+    endpoint: TimerEndpoint
+
+    def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
+        super().__init__(endpoint, processor)
+        self._task: asyncio.Task[None] | None = None
+        self._firing = False
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        endpoint = self.endpoint
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + endpoint.delay
+        counter = itertools.count(1)
+        for fired in counter:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            exchange = Exchange(Message(None, {}), ExchangePattern.IN_ONLY)
+            exchange.properties["timer_name"] = endpoint.name
+            exchange.properties["timer_counter"] = fired
+            self._firing = True
+            try:
+                await self.processor(exchange)
+            except Exception:
+                logging.getLogger("meshgate.integration").exception("timer route failed")
+            finally:
+                self._firing = False
+            if endpoint.repeat_count and fired >= endpoint.repeat_count:
+                return
+            # Fixed rate, as Camel's timer: a slow route does not shift later firings.
+            next_at = max(next_at + endpoint.period, loop.time())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        while self._firing and not task.done():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class LogComponent(Component):
+    def create_endpoint(self, uri: EndpointUri, context: IntegrationContext) -> Endpoint:
+        options = Options(uri)
+        level = options.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+        show_headers = options.boolean("show_headers", False)
+        options.finish()
+        return LogEndpoint(uri, context, level=level, show_headers=show_headers)
+
+
+class LogEndpoint(Endpoint):
+    """Logs each exchange's body (and headers) to the logger named by the path."""
+
+    def __init__(
+        self, uri: EndpointUri, context: IntegrationContext, *, level: str, show_headers: bool
+    ) -> None:
+        super().__init__(uri, context)
+        self.logger = logging.getLogger(_name(uri))
+        self.level = logging.getLevelName(level)
+        self.show_headers = show_headers
+
+    def create_producer(self) -> Producer:
+        return _LogProducer(self)
+
+
+class _LogProducer(Producer):
+    endpoint: LogEndpoint
+
+    async def process(self, exchange: Exchange) -> None:
+        endpoint = self.endpoint
+        if not endpoint.logger.isEnabledFor(endpoint.level):
+            return
+        body = exchange.message.body
+        shown = body if isinstance(body, str) else repr(body)
+        if len(shown) > 1000:
+            shown = shown[:1000] + "..."
+        if endpoint.show_headers:
+            endpoint.logger.log(
+                endpoint.level, "Exchange[headers: %r, body: %s]", exchange.headers, shown
+            )
+        else:
+            endpoint.logger.log(endpoint.level, "Exchange[body: %s]", shown)

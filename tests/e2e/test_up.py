@@ -1,0 +1,103 @@
+"""``meshgate up``: the control plane on SQLite, the echo upstream and an attached gateway,
+as the README's first command starts them."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from importlib import resources
+from pathlib import Path
+
+import httpx
+import yaml
+from harness import Proc, free_port
+
+
+def example_path() -> Path:
+    return Path(str(resources.files("meshgate").joinpath("examples/gateway.yaml")))
+
+
+def _wait_for(text: str, proc: Proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proc.stdout():
+        assert proc.popen.poll() is None, proc.stderr()[-3000:]
+        assert time.monotonic() < deadline, proc.stdout() + proc.stderr()[-3000:]
+        time.sleep(0.1)
+
+
+def _closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
+    example = yaml.safe_load(example_path().read_text())
+    upstream, control_port = free_port(), free_port()
+    example["listen"] = f"127.0.0.1:{free_port()}"
+    example["admin_listen"] = f"127.0.0.1:{free_port()}"
+    example["products"][0]["backend"] = f"http://127.0.0.1:{upstream}"
+    config = tmp_path / "example.yaml"
+    config.write_text(yaml.safe_dump(example))
+    data = tmp_path / "data"
+    args = [
+        "up",
+        "--config",
+        str(config),
+        "--upstream",
+        f"127.0.0.1:{upstream}",
+        "--control-listen",
+        f"127.0.0.1:{control_port}",
+        "--data-dir",
+        str(data),
+    ]
+    proc = Proc(args, tmp_path, "up")
+    try:
+        _wait_for("stop with Ctrl-C", proc)
+        token = (data / "admin-token").read_text().strip()
+        assert token in proc.stdout()
+        gateway = f"http://{example['listen']}"
+        assert httpx.get(f"{gateway}/echo/hello", headers={"X-API-Key": "k1"}).status_code == 200
+
+        api = httpx.Client(
+            base_url=f"http://127.0.0.1:{control_port}/admin/api",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        [product] = api.get("/products").json()["items"]
+        assert product["name"] == "echo"
+        [plan] = api.get(f"/products/{product['id']}/plans").json()["items"]
+        account = api.post("/accounts", json={"name": "walkthrough"}).json()
+        app = api.post(
+            "/applications",
+            json={"account_id": account["id"], "plan_id": plan["id"], "name": "mine"},
+        ).json()
+        deadline = time.monotonic() + 2
+        while True:
+            status = httpx.get(
+                f"{gateway}/echo/hello", headers={"X-API-Key": app["key"]}
+            ).status_code
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, f"new application still {status} after 2 s"
+            time.sleep(0.05)
+        api.close()
+    finally:
+        proc.signal(signal.SIGINT)
+        assert proc.stop() in (0, 130)
+    assert _closed(control_port), "the control plane outlived meshgate up"
+
+    # A second start keeps the data and the token, and seeds nothing again.
+    proc = Proc(args, tmp_path, "up-again")
+    try:
+        _wait_for("stop with Ctrl-C", proc)
+        assert (data / "admin-token").read_text().strip() == token
+        api = httpx.Client(
+            base_url=f"http://127.0.0.1:{control_port}/admin/api",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert api.get("/products").json()["total"] == 1
+        assert api.get("/applications").json()["total"] == 2
+        api.close()
+    finally:
+        proc.signal(signal.SIGINT)
+        proc.stop()

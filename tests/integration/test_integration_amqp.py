@@ -1,0 +1,195 @@
+"""The amqp connector against a real RabbitMQ: publish, consume, acknowledge at least once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from integration_kit import run_routes
+
+from meshgate.integration import Exchange, IntegrationContext, from_
+from meshgate.integration._model import ErrorHandler
+from meshgate.integration.testing import mock_endpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def queue(amqp_url: str) -> Iterator[str]:
+    """A queue name of this test alone, deleted afterwards."""
+    import aio_pika
+
+    name = f"meshgate-test-{uuid.uuid4().hex[:10]}"
+    yield name
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            for suffix in ("", "-dead"):
+                await channel.queue_delete(name + suffix)
+
+    asyncio.run(delete())
+
+
+async def _count(amqp_url: str, name: str) -> int:
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(name, durable=True, passive=True)
+        return int(declared.declaration_result.message_count)
+
+
+def test_publish_and_consume_with_headers(amqp_url: str, queue: str) -> None:
+    routes = [
+        from_("direct:in", id="publish").to(f"amqp:queue:{queue}").build(),
+        from_(f"amqp:queue:{queue}", id="consume").unmarshal("json").to("mock:out").build(),
+    ]
+
+    async def scenario(context: IntegrationContext) -> None:
+        await context.send("direct:in", {"id": 1}, {"tenant": "acme"})
+        received = await mock_endpoint(context, "mock:out").wait_for(1)
+        assert received[0].body == {"id": 1}
+        assert received[0].headers["tenant"] == "acme"
+        assert received[0].headers["content-type"] == "application/json"
+        await asyncio.sleep(0.05)
+        assert await _count(amqp_url, queue) == 0
+
+    run_routes(routes, scenario, settings={"amqp_url": amqp_url})
+
+
+def test_a_failed_route_returns_the_message_for_redelivery(amqp_url: str, queue: str) -> None:
+    attempts = 0
+
+    def flaky(exchange: Exchange) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionError("database down")
+
+    routes = [
+        from_("direct:in", id="publish").to(f"amqp:queue:{queue}").build(),
+        from_(f"amqp:queue:{queue}", id="consume").process(flaky).to("mock:out").build(),
+    ]
+
+    async def scenario(context: IntegrationContext) -> None:
+        await context.send("direct:in", "m")
+        received = await mock_endpoint(context, "mock:out").wait_for(1)
+        assert received[0].properties["redelivered"] is True
+        assert attempts == 2
+
+    run_routes(routes, scenario, settings={"amqp_url": amqp_url})
+
+
+def test_the_dead_letter_channel_ends_redelivery(amqp_url: str, queue: str) -> None:
+    handler = ErrorHandler(dead_letter=f"amqp:queue:{queue}-dead", maximum_redeliveries=1)
+
+    def broken(exchange: Exchange) -> None:
+        raise ValueError("cannot process")
+
+    routes = [
+        from_("direct:in", id="publish").to(f"amqp:queue:{queue}").build(),
+        from_(f"amqp:queue:{queue}", id="consume", error_handler=handler)
+        .transform("changed")
+        .process(broken)
+        .build(),
+        from_(f"amqp:queue:{queue}-dead", id="dead").to("mock:dead").build(),
+    ]
+
+    async def scenario(context: IntegrationContext) -> None:
+        await context.send("direct:in", b"original")
+        dead = (await mock_endpoint(context, "mock:dead").wait_for(1))[0]
+        assert dead.body == b"original"
+        assert dead.headers["dead_letter_cause"] == "ValueError: cannot process"
+        assert dead.headers["dead_letter_route"] == "consume"
+        assert dead.headers["dead_letter_step"] == "steps[1].process"
+        await asyncio.sleep(0.1)
+        assert await _count(amqp_url, queue) == 0
+        assert len(mock_endpoint(context, "mock:dead").received) == 1
+
+    run_routes(routes, scenario, settings={"amqp_url": amqp_url})
+
+
+def test_a_runtime_killed_mid_route_loses_nothing(
+    amqp_url: str, queue: str, tmp_path: Path
+) -> None:
+    done = tmp_path / "done.txt"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        f"""
+amqp_url: "{amqp_url}"
+routes:
+  - id: slow
+    from: amqp:queue:{queue}
+    steps:
+      - delay: 300ms
+      - to: direct:record
+  - id: record
+    from: direct:record
+    steps:
+      - log: "done {{{{ body }}}}"
+"""
+    )
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from meshgate.integration.cli import app; app()",
+                "run",
+                str(routes),
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=open(done, "ab"),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    async def publish() -> None:
+        context = IntegrationContext(settings={"amqp_url": amqp_url})
+        try:
+            exchange = await context.send(f"amqp:queue:{queue}", b"precious")
+            assert exchange.exception is None
+        finally:
+            await context.stop()
+
+    first = start()
+    try:
+        _wait_for(done, "integration routes started", first)
+        asyncio.run(publish())
+        time.sleep(0.15)  # the message is in the delay step now
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert "done precious" not in done.read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = start()
+    try:
+        _wait_for(done, "done precious", second)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(15) == 0
+    assert asyncio.run(_count(amqp_url, queue)) == 0
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"runtime exited {proc.returncode}: {path.read_text()}")
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not logged in {timeout}s: {path.read_text()}")
