@@ -203,7 +203,7 @@ class Requests:
         see its release lag). Times in seconds after ``origin``."""
         done = self.completions
         i = bisect.bisect_left(done, start)
-        out = []
+        out: list[Pause] = []
         while i + 1 < len(done) and done[i] < end:
             if done[i + 1] - done[i] >= min_s:
                 if out and done[i] - origin - out[-1].end_s < min_s / 5:
@@ -619,9 +619,10 @@ def _run(
     settle(api, gateway_version, servers)
 
     out = workdir / "requests.bin"
-    load_args = ["--port", str(port), "--rate", str(args.rate), "--host", HOST, "--path", PATH]
-    load_args += ["--key", key, "--connections", str(args.connections), "--timeout", "30"]
-    load_args += ["--out", str(out)]
+    # name=value: a key may begin with "-"
+    load_args = [f"--port={port}", f"--rate={args.rate}", f"--host={HOST}", f"--path={PATH}"]
+    load_args += [f"--key={key}", f"--connections={args.connections}", "--timeout=30"]
+    load_args += [f"--out={out}"]
     load = subprocess.Popen(
         ["taskset", "-c", LOAD_CORE, *nice, sys.executable, __file__, "generate", *load_args],
         stdout=subprocess.PIPE,
@@ -863,14 +864,14 @@ def _profile_bucket(stack: str) -> str:
 
 def summarize_profile(path: Path, rate: float) -> dict[str, float]:
     """Seconds of samples per activity, from py-spy's raw (collapsed) output."""
-    seconds: Counter[str] = Counter()
+    samples: Counter[str] = Counter()
     if not path.exists():
         return {}
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if count.isdigit():
-            seconds[_profile_bucket(stack)] += int(count) / rate
-    return dict(sorted(seconds.items()))
+            samples[_profile_bucket(stack)] += int(count)
+    return {name: n / rate for name, n in sorted(samples.items())}
 
 
 # output

@@ -28,6 +28,7 @@ from meshgate.gateway._admin import AdminHandler
 from meshgate.gateway._controlplane import (
     ControlPlaneOptions,
     ControlPlaneSync,
+    collector_paused,
     default_dataplane_id,
 )
 from meshgate.gateway._gateway import Gateway
@@ -278,18 +279,12 @@ class GatewayProcess:
                 old.config.timeouts.shutdown_grace,
                 lambda: asyncio.ensure_future(old.counters.close()),
             )
-        # The build runs on the loop; with a large snapshot the collector would run over and
-        # over during it (none of what it makes is in a cycle), stalling requests.
-        collecting = gc.isenabled()
-        gc.disable()
         try:
-            gateway = self._build(config, counters)
+            with collector_paused():
+                gateway = self._build(config, counters)
         except Exception as exc:  # a policy or credential that fails to build
             self.refuse(f"{type(exc).__name__}: {exc}")
             return False
-        finally:
-            if collecting:
-                gc.enable()
         if config.listen != old.config.listen or config.admin_listen != old.config.admin_listen:
             log.warning("listen addresses change only on restart")
         _settings(config, self.server.settings)
