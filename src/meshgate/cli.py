@@ -77,9 +77,13 @@ def up(
     data_dir: Annotated[
         Path, typer.Option(help="The control plane's SQLite file, its token, the gateway cache.")
     ] = Path("meshgate-data"),
+    integration_listen: Annotated[
+        str, typer.Option(help="Where the example integration route serves POST /orders.")
+    ] = "127.0.0.1:8088",
 ) -> None:
-    """Start the demo: the control plane (SQLite), the echo upstream, and a gateway attached
-    to the control plane, seeded with the example products on the first start."""
+    """Start the demo: the control plane (SQLite), the echo upstream, a gateway attached to
+    the control plane (seeded with the example products on the first start), and the
+    example integration routes."""
     import uvloop
 
     from meshgate.demo.echo import serve
@@ -89,6 +93,8 @@ def up(
         GatewayStartError,
         load_gateway_config,
     )
+    from meshgate.integration import IntegrationError
+    from meshgate.integration.example import RunningExample, start_example
 
     _logging()
     path = config or _example_path()
@@ -112,6 +118,7 @@ def up(
             name="demo-gateway",
         )
         host, _, port = upstream.rpartition(":")
+        running: list[RunningExample] = []
 
         def ready(process: GatewayProcess) -> None:
             cfg = process.gateway.config
@@ -129,6 +136,9 @@ def up(
                 typer.echo(
                     f"  curl -s -H 'Authorization: Bearer {token}' {base}/admin/api/products"
                 )
+            for example_run in running:
+                for line in example_run.usage():
+                    typer.echo(line)
             typer.echo("stop with Ctrl-C")
 
         async def main() -> None:
@@ -138,8 +148,15 @@ def up(
                 raise GatewayStartError(
                     f"cannot start the echo upstream on {upstream}: {exc.strerror}"
                 ) from None
+            try:
+                running.append(await start_example(integration_listen))
+            except IntegrationError as exc:
+                raise GatewayStartError(f"the example integration routes: {exc}") from None
             process = GatewayProcess(settings, on_ready=ready, watch=False, control_plane=options)
-            await process.run()
+            try:
+                await process.run()
+            finally:
+                await running[0].stop()
 
         _serve_until_stopped(lambda: uvloop.run(main()))
     finally:

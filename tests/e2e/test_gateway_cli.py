@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 import signal
 import socket
@@ -122,31 +121,40 @@ def httpx_refuses(port: int) -> bool:
     return False
 
 
-def test_up_prints_a_curl_line_that_works_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> None:
     upstream = free_port()
     config = gateway_config([example_product(upstream)])
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = Proc(
-        ["up", "--config", str(path), "--upstream", f"127.0.0.1:{upstream}"], tmp_path, "up"
-    )
+    args = ["up", "--config", str(path), "--upstream", f"127.0.0.1:{upstream}"]
+    args += ["--control-listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "d")]
+    args += ["--integration-listen", f"127.0.0.1:{free_port()}"]
+    proc = Proc(args, tmp_path, "up")
     try:
         port = int(config["listen"].rpartition(":")[2])
-        wait_port(port, proc=proc.popen)
+        wait_port(port, proc=proc.popen, timeout=60)
         wait_for(lambda: "stop with Ctrl-C" in proc.stdout(), what="the banner")
         out = proc.stdout()
-        curls = [line.strip() for line in out.splitlines() if line.strip().startswith("curl ")]
-        assert len(curls) == 2, out
-        request = shlex.split(curls[0])
-        assert request[:2] == ["curl", "-i"] and request[2] == "-H"
-        name, _, value = request[3].partition(": ")
-        answer = httpx.get(request[4], headers={name: value}, timeout=TIMEOUT)
+        curls = [shlex.split(line) for line in out.splitlines() if line.strip().startswith("curl ")]
+        assert len(curls) == 3, out
+        gateway, admin, orders = curls
+        assert gateway[:3] == ["curl", "-i", "-H"]
+        name, _, value = gateway[3].partition(": ")
+        answer = httpx.get(gateway[4], headers={name: value}, timeout=TIMEOUT)
         assert answer.status_code == 200
         assert answer.json()["path"] == "/hello"
         assert answer.headers["ratelimit-policy"] == '"hits-minute";q=5;w=60'
-        usage_url = shlex.split(curls[1])[-1]
-        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/usage/app1", usage_url)
-        assert httpx.get(usage_url, timeout=TIMEOUT).json()["application"] == "app1"
+        name, _, value = admin[3].partition(": ")
+        products = httpx.get(admin[4], headers={name: value}, timeout=TIMEOUT).json()
+        assert [p["name"] for p in products["items"]] == ["echo"]
+        assert orders[-1].endswith("/orders")
+        accepted = httpx.post(
+            orders[-1],
+            content=orders[-2],
+            timeout=TIMEOUT,
+            headers={"content-type": "application/json"},
+        )
+        assert accepted.status_code == 200 and accepted.json() == {"accepted": True, "id": "o-1"}
     finally:
         code = proc.stop()
     assert code == 0, proc.stderr()

@@ -50,6 +50,8 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         f"127.0.0.1:{control_port}",
         "--data-dir",
         str(data),
+        "--integration-listen",
+        f"127.0.0.1:{free_port()}",
     ]
     proc = Proc(args, tmp_path, "up")
     try:

@@ -52,7 +52,21 @@ class BodyHandler:
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
         if exchange.request.path == "/answer":
             return Response(200, b"answered without reading")
+        if exchange.request.path == "/abandon":
+            return self._abandon(exchange)
         return self._read(exchange)
+
+    async def _abandon(self, exchange: Exchange) -> Response:
+        """Starts a read, answers without waiting for it."""
+        case = exchange.request.headers.get("x-case") or ""
+        read = asyncio.ensure_future(exchange.read_body())
+
+        def done(task: asyncio.Future[bytes]) -> None:
+            self.outcomes[case] = "cancelled" if task.cancelled() else repr(task.exception())
+
+        read.add_done_callback(done)
+        await asyncio.sleep(0.05)
+        return Response(200, b"abandoned")
 
     async def _read(self, exchange: Exchange) -> Response | None:
         request = exchange.request
@@ -361,6 +375,16 @@ def test_forwarding_after_a_read_sends_the_bytes_read_once(engine):
     assert ch.body == b"ab" + b"cd" * 5000
     assert ch.header("transfer-encoding") == "chunked"
     assert engine.outcome("fwd-cl") == f"read {len(body)}"
+
+
+def test_a_read_the_handler_does_not_wait_for_is_cancelled_when_it_answers(engine):
+    with RawClient(engine.port) as client:
+        client.send(post("/abandon", "abandon", b"part", length=100))
+        reply = client.read_response()
+        assert (reply.status, reply.body) == (200, b"abandoned")
+        assert reply.get("connection") == "close"  # the body was not read
+    assert engine.outcome("abandon") == "cancelled"
+    assert wait_until(lambda: engine.tasks() == 0)
 
 
 def test_a_malformed_chunk_during_a_read_is_400(engine):

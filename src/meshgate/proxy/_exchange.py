@@ -260,9 +260,9 @@ class Exchange:
         "_body_source",
     )
 
-    def __init__(
-        self, request: Request, start: float, body_source: _BodySource | None = None
-    ) -> None:
+    _body_source: _BodySource  # set by the engine on requests with a body, else unset
+
+    def __init__(self, request: Request, start: float) -> None:
         self.request = request
         # The path relative to the matched route's prefix; rewrite policies change it.
         self.route_path: str = request.path
@@ -279,24 +279,25 @@ class Exchange:
         self.error: str | None = None
         self.state: Any = None
         self.response_headers: Headers | None = None
-        self._body_source = body_source
 
     async def read_body(self, limit: int | None = None) -> bytes:
         """The whole request body, once it has arrived: for a handler that needs it to answer.
 
-        Call it from ``handle`` (an ``async def``, or the awaitable it returns), before
-        answering. ``Content-Length`` and chunked bodies alike; ``b""`` without a body. The
-        bytes are held in memory, bounded by ``limit`` and ``max_body_size`` (the smaller
-        applies; neither means no bound): a declared length above it is refused before a
-        byte is read, a chunked body as soon as its count passes it. ``Expect:
-        100-continue`` is answered here, and only here when the handler answers without
-        forwarding. A second call returns the same bytes. Forwarding afterwards (returning
-        ``None``) sends these bytes upstream, once.
+        Await it in ``handle`` (an ``async def``, or the awaitable it returns) before
+        answering; later it raises ``RuntimeError``. ``Content-Length`` and chunked bodies
+        alike; ``b""`` without a body. The bytes are held in memory, bounded by ``limit``
+        and ``max_body_size`` (the smaller applies; neither means no bound): a declared
+        length above it is refused before a byte is read, a chunked body as soon as its
+        count passes it. ``Expect: 100-continue`` is answered when the read starts (a
+        handler that answers without reading sends no 100). A second call returns the
+        same bytes. Forwarding afterwards (returning ``None``) sends these bytes
+        upstream, once, framed as the client framed them.
 
         Raises :class:`RequestBodyError` (413, 408, 400) or :class:`ClientDisconnected`;
-        the engine then answers that status itself and closes the connection.
+        the engine then answers that status itself, whatever the handler returns, and
+        closes the connection.
         """
-        source = self._body_source
+        source: _BodySource | None = getattr(self, "_body_source", None)
         if source is None:
             if self.request.has_body:
                 raise RuntimeError("this exchange is not served by the engine: no body to read")

@@ -554,7 +554,7 @@ class HttpProtocol(asyncio.Protocol):
         )
         body_done = not (chunked or content_length)
         cycle = _Cycle(
-            Exchange(request, _now(), self),
+            Exchange(request, _now()),
             keep_alive and not self.server.draining,
             expect and version == "1.1",
             body_done,
@@ -563,7 +563,12 @@ class HttpProtocol(asyncio.Protocol):
         if failure is not None:
             cycle.failure = failure
             cycle.keep_alive = False
-        self._parsing = None if body_done else cycle
+        if body_done:
+            self._parsing = None
+        else:
+            self._parsing = cycle
+            # Only a request with a body has one to read (``Exchange.read_body``).
+            cycle.exchange._body_source = self
         if self._current is None:
             self._current = cycle  # started by data_received once this read is parsed
         else:
@@ -756,6 +761,13 @@ class HttpProtocol(asyncio.Protocol):
             response = _body_problem(exc)
         except Exception:
             response = self._handler_failed(cycle.exchange)
+        reading = cycle.reading
+        if reading is not None and reading.waiter is not None:
+            # The handler answered without waiting for the body read it started (only an
+            # asynchronous one can start a read).
+            waiter, reading.waiter = reading.waiter, None
+            waiter.cancel()
+            cycle.reading = None
         self._decided(cycle, response)
 
     def _handler_failed(self, exchange: Exchange) -> Response:
@@ -764,12 +776,6 @@ class HttpProtocol(asyncio.Protocol):
         return problem(500, "Internal Server Error", "the gateway failed on this request")
 
     def _decided(self, cycle: _Cycle, response: Response | None) -> None:
-        reading = cycle.reading
-        if reading is not None and reading.waiter is not None:
-            # The handler answered without waiting for the body read it started.
-            waiter, reading.waiter = reading.waiter, None
-            waiter.cancel()
-            cycle.reading = None
         if cycle.failure is not None:
             response = cycle.failure
         elif response is None:
