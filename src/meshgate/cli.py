@@ -318,16 +318,31 @@ def control(
             "makes one and prints it once.",
         ),
     ] = None,
+    custom_policies: Annotated[
+        bool,
+        typer.Option(
+            "--custom-policies",
+            help="Accept policies this control plane does not know (custom policies installed "
+            "on your gateways); policy configurations are then checked by gateways only.",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the control plane: admin API, snapshots, and the data-plane API gateways pull."""
     from meshgate.control import ControlPlane, ControlSettings
     from meshgate.control._runner import ControlStartError, database_url_for, run_control
+    from meshgate.policies import schemas
 
     _logging(log_level.upper())
     try:
         url = database_url or database_url_for(data_dir)
-        settings = ControlSettings(database_url=url, listen=listen, admin_token=admin_token)
+        settings = ControlSettings(
+            database_url=url,
+            listen=listen,
+            admin_token=admin_token,
+            # Products are checked as gateways check them, policy configurations included.
+            policy_schemas=None if custom_policies else schemas(),
+        )
 
         def ready(plane: ControlPlane) -> None:
             typer.echo(

@@ -3,8 +3,6 @@ PostgreSQL (``MESHGATE_DATABASE_URL``, each test in a schema of its own)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -93,35 +91,17 @@ class ControlPlane:
         return self.proc.stop()
 
 
-class ScriptProc(Proc):
-    """A Python script run as a child process, with :class:`Proc`'s output files and stop."""
-
-    def __init__(self, script: Path, args: list[str], workdir: Path, name: str) -> None:
-        self.stdout_path = workdir / f"{name}.out"
-        self.stderr_path = workdir / f"{name}.err"
-        self._out = open(self.stdout_path, "wb")
-        self._err = open(self.stderr_path, "wb")
-        self.popen = subprocess.Popen(
-            [sys.executable, str(script), *args], stdout=self._out, stderr=self._err, cwd=workdir
-        )
-
-
 def start_control(
     workdir: Path,
     database_url: str,
     port: int | None = None,
     *extra: str,
-    script: Path | None = None,
 ) -> ControlPlane:
-    """``meshgate control`` on ``database_url``; or ``script DATABASE_URL HOST:PORT TOKEN``."""
+    """``meshgate control`` on ``database_url``, with ``extra`` options."""
     port = port or free_port()
     listen = f"127.0.0.1:{port}"
-    proc: Proc
-    if script is not None:
-        proc = ScriptProc(script, [database_url, listen, TOKEN], workdir, f"control-{port}")
-    else:
-        args = ["--database-url", database_url, "--listen", listen, "--admin-token", TOKEN]
-        proc = Proc(["control", *args, *extra], workdir, f"control-{port}")
+    args = ["--database-url", database_url, "--listen", listen, "--admin-token", TOKEN]
+    proc = Proc(["control", *args, *extra], workdir, f"control-{port}")
     deadline = time.monotonic() + 30
     while True:
         if proc.popen.poll() is not None:

@@ -4,15 +4,10 @@ what it had: the store, the staged configuration and the snapshot are unchanged.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from control_support import ControlPlane, dump_database, full_product, problem, start_control
-
-HERE = Path(__file__).resolve().parent
+from control_support import ControlPlane, dump_database, full_product, problem
 
 
 def _staging(cp: ControlPlane) -> tuple[str, dict[str, Any]]:
@@ -80,19 +75,10 @@ def _backend(cp: ControlPlane, product_id: int) -> int:
     return int(cp.api.get(f"/products/{product_id}/backends").json()["items"][0]["id"])
 
 
-@pytest.fixture
-def control_with_policies(tmp_path: Path) -> Iterator[ControlPlane]:
-    """A control plane given the gateways' policy schemas (SQLite)."""
-    url = f"sqlite:///{tmp_path / 'control.db'}"
-    cp = start_control(tmp_path, url, script=HERE / "control_with_policies.py")
-    yield cp
-    cp.stop()
-
-
 def test_a_policy_a_gateway_would_refuse_is_refused_naming_it(
-    control_with_policies: ControlPlane,
+    control_sqlite: ControlPlane,
 ) -> None:
-    cp = control_with_policies
+    cp = control_sqlite
     ids = full_product(cp, "shop")
     product_id = ids["product"]["id"]
     good = [{"cors": {"allow_origins": ["https://app.example.com"]}}]

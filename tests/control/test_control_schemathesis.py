@@ -1,5 +1,6 @@
 """Schemathesis against the live admin API document, on each store: no operation answers
-5xx, and every answer (status, content type, headers, body) is one the document declares."""
+5xx, every answer (status, content type, headers, body) is one the document declares, and
+a request the document says is invalid is refused."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ CHECKS = ",".join(
         "content_type_conformance",
         "response_headers_conformance",
         "response_schema_conformance",
+        "negative_data_rejection",
+        "missing_required_header",
+        "unsupported_method",
+        "allow_header_conformance",
     ]
 )
 

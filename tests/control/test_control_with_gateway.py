@@ -122,16 +122,27 @@ def test_promote_and_rollback_reach_the_gateway(
 
 
 def test_an_unusable_snapshot_is_reported_and_the_last_good_one_kept(
-    control: ControlPlane, upstream: int, tmp_path: Path
+    upstream: int, tmp_path: Path
 ) -> None:
+    # A control plane told to accept custom policies, in front of a gateway that lacks one.
+    control = start_control(
+        tmp_path, f"sqlite:///{tmp_path / 'control.db'}", None, "--custom-policies"
+    )
+    try:
+        _unusable_snapshot(control, upstream, tmp_path)
+    finally:
+        control.stop()
+
+
+def _unusable_snapshot(control: ControlPlane, upstream: int, tmp_path: Path) -> None:
     product = make_product(control, upstream)
     key = make_subscription(control, product["id"])["application"]["key"]
     control.post(f"/products/{product['id']}/promote")
     with attached_gateway(tmp_path, control.url, control.token) as gw:
         within(PROPAGATION_S, lambda: gw.get("/echo/hello", key).status_code == 200, "served")
         good = control.snapshot("production").json()["version"]
-        # Gateways may carry custom policies, so the control plane accepts an unknown one;
-        # this gateway does not know it and must refuse the snapshot, not serve without it.
+        # This gateway does not have the policy: it must refuse the snapshot, not serve
+        # the product without it.
         response = control.api.patch(
             f"/products/{product['id']}", json={"policies": [{"not_installed_here": {}}]}
         )

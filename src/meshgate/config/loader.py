@@ -41,10 +41,12 @@ __all__ = [
     "MAX_NODES",
     "MAX_SNAPSHOT_BYTES",
     "ConfigError",
+    "assemble_snapshot",
     "load_config",
     "parse_config",
     "parse_snapshot",
     "validate_snapshot",
+    "validate_snapshot_product",
 ]
 
 MAX_BYTES = 8 * 1024 * 1024
@@ -134,6 +136,43 @@ def validate_snapshot(
         if policy_schemas is not None and any(p.policies for p in config.products):
             _check_policies(data, source, policy_schemas)
     return config
+
+
+def validate_snapshot_product(
+    data: Any,
+    index: int,
+    source: str = "<snapshot>",
+    *,
+    policy_schemas: PolicySchemas | None = None,
+) -> Product:
+    """Product ``index`` of a snapshot, validated alone as :func:`validate_snapshot` validates
+    it in the document (strictly, its policies against ``policy_schemas``): the same errors,
+    at ``products[index]``. A large snapshot validated product by product never holds the GIL
+    for long; :func:`assemble_snapshot` then makes the ``Config`` of the products."""
+    wrapped = {"products": [data]}
+    try:
+        with _no_collection():
+            config = _validate(Config, wrapped, source)
+            if policy_schemas is not None and config.products[0].policies:
+                _check_policies(wrapped, source, policy_schemas)
+    except ConfigError as exc:
+        raise ConfigError([_renumber(error, index) for error in exc.errors], source) from None
+    return config.products[0]
+
+
+def assemble_snapshot(
+    products: list[Product], fields: Mapping[str, Any], source: str = "<snapshot>"
+) -> Config:
+    """The snapshot of ``products`` (each from :func:`validate_snapshot_product`) and its
+    other ``fields`` (its version): checked as a whole as :func:`validate_snapshot` checks it
+    (unique product names, the version) without validating the products again."""
+    # Validated instances of the model's class are taken as they are (not revalidated).
+    return _validate(Config, {**fields, "products": products}, source)
+
+
+def _renumber(error: str, index: int) -> str:
+    first = "products[0]"
+    return f"products[{index}]{error[len(first) :]}" if error.startswith(first) else error
 
 
 def _check_policies(data: dict[str, Any], source: str, policy_schemas: PolicySchemas) -> None:

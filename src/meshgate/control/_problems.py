@@ -8,10 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import PrimaryKeyConstraint, UniqueConstraint
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm.exc import StaleDataError
-from sqlalchemy.sql.schema import ColumnCollectionConstraint
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from meshgate.control.models import Base
 
@@ -136,16 +137,29 @@ def _problem(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status, exc.detail, exc.headers, **exc.extra)
 
 
-def _http(_request: Request, exc: Exception) -> JSONResponse:
+def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
     extra: dict[str, Any] = {}
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the first route of the path; each method is a route here.
+        headers["Allow"] = ", ".join(sorted(_allowed(request)))
     if exc.status_code == 400 and exc.__cause__ is not None:
         # FastAPI's body parser failed past JSON syntax (a 5000-digit number, deep nesting).
         reason = str(exc.__cause__).splitlines()[0][:200] if str(exc.__cause__) else detail
         detail = f"the body cannot be read: {reason}"
         extra["errors"] = [{"field": "body", "message": reason}]
-    return problem_response(exc.status_code, detail, dict(exc.headers or {}), **extra)
+    return problem_response(exc.status_code, detail, headers, **extra)
+
+
+def _allowed(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
 
 
 def _unique_columns(exc: IntegrityError) -> tuple[str, list[str]] | None:
@@ -156,7 +170,7 @@ def _unique_columns(exc: IntegrityError) -> tuple[str, list[str]] | None:
         for table in Base.metadata.tables.values():
             for constraint in table.constraints:
                 if (
-                    isinstance(constraint, ColumnCollectionConstraint)
+                    isinstance(constraint, UniqueConstraint | PrimaryKeyConstraint)
                     and constraint.name == diag.constraint_name
                 ):
                     return table.name, [c.name for c in constraint.columns]

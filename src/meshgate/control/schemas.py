@@ -15,6 +15,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -70,6 +71,13 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def _time_text(value: Any) -> Any:
+    # As the document says, a date-time string: not a number of seconds that means 1970.
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be a date-time string, e.g. 2030-01-01T00:00:00Z")
+    return value
+
+
 def _to_utc(value: datetime) -> datetime:
     # Stored in UTC: SQLite keeps no offset, so 12:00+02:00 would read back as 12:00 UTC.
     try:
@@ -79,7 +87,9 @@ def _to_utc(value: datetime) -> datetime:
 
 
 Timestamp = Annotated[datetime, AfterValidator(_utc)]
-UtcTime = Annotated[datetime, Field(strict=False), AfterValidator(_to_utc)]
+UtcTime = Annotated[
+    datetime, Field(strict=False), BeforeValidator(_time_text), AfterValidator(_to_utc)
+]
 
 Name = Annotated[
     str,

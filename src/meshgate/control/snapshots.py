@@ -239,8 +239,12 @@ def compile_environment(session: Session, env: str) -> Compiled:
 
 def canonical(products: list[dict[str, Any]]) -> tuple[str, str]:
     """The products as compact JSON, and its digest (equal content, equal digest)."""
-    body = json.dumps(products, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    body = _compact(products)
     return body, hashlib.sha256(body.encode()).hexdigest()
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
 
 
 def latest(session: Session, env: str) -> Snapshot | None:
@@ -254,12 +258,19 @@ def publish(
 ) -> Snapshot | None:
     """Compile and store a new version when the content changed; None when it did not."""
     compiled = compiled or compile_environment(session, env)
-    body, digest = canonical(compiled.products)
+    # Each product on its own line: a gateway parses and validates the document product by
+    # product, never holding the GIL for the whole of it. Joined without the line breaks,
+    # the parts are canonical's body (json.dumps of a list is its items joined by commas):
+    # the digest, and so the versions, are those of canonical.
+    parts = [_compact(product) for product in compiled.products]
+    body = "[" + ",".join(parts) + "]"
+    digest = hashlib.sha256(body.encode()).hexdigest()
     current = latest(session, env)
     if current is not None and current.digest == digest:
         return None
     version = (current.version if current is not None else 0) + 1
-    document = f'{{"version":"{version}","products":{body}}}'
+    lines = "[\n" + ",\n".join(parts) + "\n]" if parts else "[]"
+    document = f'{{"version":"{version}","products":{lines}}}'
     snapshot = Snapshot(
         env=env,
         version=version,

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from meshgate.config import Config, ConfigError, validate_snapshot
+from meshgate.config import Config, ConfigError, Product, validate_snapshot
+from meshgate.config.loader import assemble_snapshot, validate_snapshot_product
 from meshgate.gateway._gateway import Gateway
 from meshgate.gateway._http_client import HttpError, HttpResponse, ResponseTooLarge, request
 from meshgate.policies import schemas
@@ -106,11 +107,88 @@ def merge_snapshot(settings: Config, snapshot: Any, source: str) -> Config:
     )
 
 
-def decode_snapshot(settings: Config, body: bytes, source: str) -> tuple[Any, Config]:
-    """The snapshot as received and as merged with the local settings (run off the loop)."""
+def decode_snapshot(settings: Config, body: bytes, source: str) -> Config:
+    """The snapshot merged with the local settings (run off the loop).
+
+    A control plane writes each product on a line of its own: such a body is parsed and
+    validated product by product, handing the GIL over between products (one ``json.loads``
+    and one validation of 10 MB would hold it for tens of milliseconds each, stalling the
+    requests of the event loop). Any other body, or one with any problem, is decoded as a
+    whole: a refusal says what is wrong as it always did, every problem listed."""
     with collector_paused():
-        snapshot = _parse_body(body, source)
-        return snapshot, merge_snapshot(settings, snapshot, source)
+        config = _decode_by_product(settings, body, source)
+        if config is not None:
+            return config
+        return merge_snapshot(settings, _parse_body(body, source), source)
+
+
+_PRODUCTS_OPEN = b'"products":['
+_PRODUCTS_CLOSE = b"\n]}"
+
+
+def _decode_by_product(settings: Config, body: bytes, source: str) -> Config | None:
+    """``{...,"products":[`` NL, a product a line ending with a comma but the last, NL ``]}``:
+    the same ``Config`` as the whole document; None for any other layout or any problem."""
+    head_end = body.find(b"\n")
+    stop = len(body) - len(_PRODUCTS_CLOSE)  # the line break before ]}
+    if (
+        head_end < 0
+        or head_end >= stop
+        or not body.endswith(_PRODUCTS_CLOSE)
+        or not body[:head_end].endswith(_PRODUCTS_OPEN)
+    ):
+        return None
+    top: list[tuple[str, Any]] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        top[:] = pairs  # the top level is the last object to end
+        return dict(pairs)
+
+    try:
+        head = json.loads(body[:head_end] + b"]}", object_pairs_hook=pairs_hook)
+    except (ValueError, RecursionError):
+        return None
+    # The array opened at the end of the first line must be the last value of products.
+    if not isinstance(head, dict) or not top or top[-1] != ("products", []):
+        return None
+    if set(head) - _SNAPSHOT_FIELDS:
+        return None
+    policy_schemas = schemas()
+    products: list[Product] = []
+    start = head_end + 1
+    while True:
+        end = body.find(b"\n", start, stop)
+        last = end < 0
+        if last:
+            line = body[start:stop]
+        elif body[end - 1 : end] == b",":
+            line = body[start : end - 1]
+        else:
+            return None
+        try:
+            data = json.loads(line)
+            del line
+            products.append(
+                validate_snapshot_product(
+                    data, len(products), source, policy_schemas=policy_schemas
+                )
+            )
+        except (ValueError, RecursionError, ConfigError):
+            return None
+        del data
+        # Hand the GIL over: the event loop waiting for it serves its requests.
+        time.sleep(0)
+        if last:
+            break
+        start = end + 1
+    del head["products"]
+    try:
+        validated = assemble_snapshot(products, head, source)
+    except ConfigError:
+        return None
+    return settings.model_copy(
+        update={"products": validated.products, "version": validated.version}
+    )
 
 
 @contextlib.contextmanager
@@ -398,11 +476,11 @@ class ControlPlaneSync:
         source = self._source_name(etag)
         # Off the loop: decoding a large snapshot must not stall requests.
         try:
-            _, config = await asyncio.to_thread(decode_snapshot, self.settings, body, source)
+            config = await asyncio.to_thread(decode_snapshot, self.settings, body, source)
         except SnapshotRefused as exc:
             self._refused(str(exc), etag)
             return
-        if process.apply(config, self.version_of(config, etag)):
+        if await process.apply_async(config, self.version_of(config, etag)):
             self._applied("control_plane", etag)
             await self._save(body, etag)
         else:

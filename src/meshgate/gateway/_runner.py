@@ -31,7 +31,7 @@ from meshgate.gateway._controlplane import (
     collector_paused,
     default_dataplane_id,
 )
-from meshgate.gateway._gateway import Gateway
+from meshgate.gateway._gateway import Gateway, ProductRuntime, build_products
 from meshgate.limits import CounterBackend, create_backend
 from meshgate.policies import schemas
 from meshgate.proxy import Server, ServerSettings, UpstreamPool
@@ -173,8 +173,13 @@ class GatewayProcess:
         # ctime and inode catch an atomic replace or a same-size edit within one mtime tick.
         return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
 
-    def _build(self, config: Config, counters: CounterBackend) -> Gateway:
-        gateway = Gateway(config, counters, self.metrics, self.pools, self.access_log)
+    def _build(
+        self,
+        config: Config,
+        counters: CounterBackend,
+        products: list[ProductRuntime] | None = None,
+    ) -> Gateway:
+        gateway = Gateway(config, counters, self.metrics, self.pools, self.access_log, products)
         self.metrics.config_products.set(len(config.products))
         return gateway
 
@@ -271,20 +276,49 @@ class GatewayProcess:
     def apply(self, config: Config, version: str) -> bool:
         """Build ``config`` and swap it in; requests in flight finish on the old gateway.
         One that fails to build is refused and the old one kept."""
-        old = self.gateway
-        counters = old.counters
-        if config.limits != old.config.limits:
-            counters = _counters(config)
-            asyncio.get_running_loop().call_later(
-                old.config.timeouts.shutdown_grace,
-                lambda: asyncio.ensure_future(old.counters.close()),
-            )
+        counters = self._counters_for(config)
         try:
             with collector_paused():
                 gateway = self._build(config, counters)
         except Exception as exc:  # a policy or credential that fails to build
-            self.refuse(f"{type(exc).__name__}: {exc}")
-            return False
+            return self._not_built(exc, counters)
+        self._swap(gateway, version)
+        return True
+
+    async def apply_async(self, config: Config, version: str) -> bool:
+        """:meth:`apply`, building the products one at a time and serving requests between
+        them: no single step holds the event loop for long (a control plane's snapshot)."""
+        counters = self._counters_for(config)
+        try:
+            with collector_paused():
+                products = await build_products(config, self.pools)
+                gateway = self._build(config, counters, products)
+        except Exception as exc:  # a policy or credential that fails to build
+            return self._not_built(exc, counters)
+        self._swap(gateway, version)
+        return True
+
+    def _counters_for(self, config: Config) -> CounterBackend:
+        """The counters of the current gateway, or new ones when the limits settings differ."""
+        old = self.gateway
+        if config.limits != old.config.limits:
+            return _counters(config)
+        return old.counters
+
+    def _not_built(self, exc: Exception, counters: CounterBackend) -> bool:
+        if counters is not self.gateway.counters:
+            asyncio.ensure_future(counters.close())
+        self.refuse(f"{type(exc).__name__}: {exc}")
+        return False
+
+    def _swap(self, gateway: Gateway, version: str) -> None:
+        old = self.gateway
+        config = gateway.config
+        if gateway.counters is not old.counters:
+            asyncio.get_running_loop().call_later(
+                old.config.timeouts.shutdown_grace,
+                lambda: asyncio.ensure_future(old.counters.close()),
+            )
         if config.listen != old.config.listen or config.admin_listen != old.config.admin_listen:
             log.warning("listen addresses change only on restart")
         _settings(config, self.server.settings)
@@ -295,7 +329,6 @@ class GatewayProcess:
         self.last_error = None
         self.metrics.reloads.labels("applied").inc()
         log.info("configuration %s applied", version)
-        return True
 
     async def _watch(self) -> None:
         while True:
