@@ -250,7 +250,10 @@ def test_auth_tag_is_not_part_of_the_path() -> None:
     data = {
         "products": [
             product(auth={"type": "api_key", "header": 1, "cookie": "k"}),
-            product(name="j", auth={"type": "jwt", "keys": [{"secret": "s", "pem": "p"}]}),
+            product(
+                name="j",
+                auth={"type": "jwt", "keys": [{"secret": "s", "jwk": {"kty": "oct", "k": "cw"}}]},
+            ),
             product(name="k", auth={"type": "jwt", "audience": 5, "jwks_url": "http://x"}),
             product(name="n", auth={"type": "none"}),
         ]
@@ -417,3 +420,17 @@ def test_config_error_lists_every_error_under_its_source() -> None:
         parse_config("listen: 1\nbogus: 2\n", "gw.yaml")
     assert info.value.source == "gw.yaml"
     assert str(info.value).startswith("gw.yaml: 2 errors\n  listen: must be a string")
+
+
+def test_jwt_keys_a_gateway_could_not_use_are_refused() -> None:
+    data = {
+        "products": [
+            product(name="a", auth={"type": "jwt", "keys": [{"pem": "-----BEGIN nonsense"}]}),
+            product(name="b", auth={"type": "jwt", "keys": [{"jwk": {"kty": "RSA", "n": "x"}}]}),
+            product(name="c", auth={"type": "jwt", "jwks_url": "file:///etc/passwd"}),
+        ]
+    }
+    errors = errors_of(data)
+    assert errors[0] == "products[0].auth.keys[0].pem: not a PEM public key or certificate"
+    assert errors[1].startswith("products[1].auth.keys[0].jwk: not a usable JWK:")
+    assert errors[2] == "products[2].auth.jwks_url: must be an http:// or https:// URL"

@@ -166,8 +166,13 @@ def assemble_snapshot(
     """The snapshot of ``products`` (each from :func:`validate_snapshot_product`) and its
     other ``fields`` (its version): checked as a whole as :func:`validate_snapshot` checks it
     (unique product names, the version) without validating the products again."""
-    # Validated instances of the model's class are taken as they are (not revalidated).
-    return _validate(Config, {**fields, "products": products}, source)
+    # Validating the products again, even as instances, would run each product's checks
+    # again in one call holding the GIL: the other fields alone, then the products' names.
+    config = _validate(Config, {**fields, "products": []}, source)
+    names = [p.name for p in products]
+    if len(set(names)) != len(names):
+        _validate(Config, {**fields, "products": products}, source)  # says what is wrong
+    return config.model_copy(update={"products": products})
 
 
 def _renumber(error: str, index: int) -> str:

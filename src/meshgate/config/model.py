@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
+import jwt
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -142,6 +146,32 @@ class JwtKey(_Strict):
     secret: str | None = Field(None, description="Shared secret (HS*).")
     jwk: dict[str, Any] | None = None
 
+    @field_validator("pem")
+    @classmethod
+    def _loadable_pem(cls, value: str | None) -> str | None:
+        # Checked here, not only when a gateway builds the product: a control plane must
+        # refuse a key that would make its gateways refuse the whole snapshot.
+        if value is not None:
+            data = value.encode()
+            try:
+                if b"CERTIFICATE" in data:
+                    x509.load_pem_x509_certificate(data)
+                else:
+                    load_pem_public_key(data)
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                raise ValueError("not a PEM public key or certificate") from None
+        return value
+
+    @field_validator("jwk")
+    @classmethod
+    def _loadable_jwk(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                jwt.PyJWK(value)
+            except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"not a usable JWK: {exc}") from None
+        return value
+
     @model_validator(mode="after")
     def _exactly_one(self) -> JwtKey:
         given = [x for x in (self.pem, self.secret, self.jwk) if x is not None]
@@ -161,6 +191,13 @@ class JwtAuth(_Strict):
     app_claim: str = Field("azp", description="Claim that names the application.")
     header: str = "Authorization"
     leeway_seconds: float = Field(0, ge=0, le=300)
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
     @model_validator(mode="after")
     def _has_keys(self) -> JwtAuth:

@@ -206,7 +206,18 @@ def _data(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(422, "a value cannot be stored (out of range or not text)")
 
 
+# SQLSTATEs of a transaction that lost to a concurrent one (serialization failure, deadlock):
+# the request is fine and can be sent again.
+_CONFLICTS = {"40001", "40P01"}
+
+
 def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _CONFLICTS:
+        return problem_response(
+            409,
+            "a concurrent change got there first; send the request again",
+            {"Retry-After": "0"},
+        )
     log.error("database error: %s", exc)
     return problem_response(503, "the database is unavailable; try again", {"Retry-After": "1"})
 
