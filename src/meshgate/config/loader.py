@@ -41,6 +41,7 @@ __all__ = [
     "MAX_NODES",
     "MAX_SNAPSHOT_BYTES",
     "ConfigError",
+    "DepthLimitedLoader",
     "assemble_snapshot",
     "load_config",
     "parse_config",
@@ -371,8 +372,10 @@ def _tag_name(tag: str) -> str:
     return "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org") else tag
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing duplicate or non-string keys, deep nesting and bombs."""
+class DepthLimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than ``max_depth``."""
+
+    max_depth = MAX_DEPTH
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -382,12 +385,17 @@ class _Loader(yaml.SafeLoader):
         # The composer recurses per level; refuse before Python's own stack limit does.
         self._depth += 1
         try:
-            if self._depth > MAX_DEPTH:
+            if self._depth > self.max_depth:
                 mark = self.peek_event().start_mark
-                raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+                message = f"nested deeper than {self.max_depth} levels"
+                raise ComposerError(None, None, message, mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+class _Loader(DepthLimitedLoader):
+    """The configuration's loader: also refuses duplicate or non-string keys and bombs."""
 
     def get_single_data(self) -> Any:
         node = self.get_single_node()

@@ -25,11 +25,9 @@ import yaml
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from yaml.composer import ComposerError
-from yaml.nodes import Node
 
 from meshgate.config import Config
-from meshgate.config.loader import MAX_BYTES
+from meshgate.config.loader import MAX_BYTES, DepthLimitedLoader
 from meshgate.config.model import check_backend_url, check_path_prefix
 from meshgate.control._auth import Actor
 from meshgate.control._crud import audit
@@ -74,22 +72,9 @@ def _join(path: str, key: str | int) -> str:
 # Reading the document
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing nesting deeper than MAX_DEPTH before Python's stack does."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
-                raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+class _Loader(DepthLimitedLoader):
+    # Not the configuration's loader: OpenAPI documents have keys such as 200, and nest deeper.
+    max_depth = MAX_DEPTH
 
 
 def parse_document(body: bytes, media_type: str | None) -> dict[str, Any]:
