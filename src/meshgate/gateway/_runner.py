@@ -150,6 +150,7 @@ class GatewayProcess:
         self.access_log = AccessLog()
         self._stop = asyncio.Event()
         self._stamp: tuple[int, int, int, int] | None = None
+        self._dismantling: set[asyncio.Task[None]] = set()
 
     @property
     def ready(self) -> bool:
@@ -295,7 +296,12 @@ class GatewayProcess:
                 gateway = self._build(config, counters, products)
         except Exception as exc:  # a policy or credential that fails to build
             return self._not_built(exc, counters)
+        old = self.gateway
         self._swap(gateway, version)
+        # Freed in pieces too; a reference is kept until done (the loop's is a weak one).
+        task = asyncio.get_running_loop().create_task(old.dismantle())
+        self._dismantling.add(task)
+        task.add_done_callback(self._dismantling.discard)
         return True
 
     def _counters_for(self, config: Config) -> CounterBackend:
