@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 
@@ -174,7 +175,17 @@ class Plan(_Resource, Base):
     """An application plan: limits and pricing of a product for the applications on it."""
 
     __tablename__ = "plans"
-    __table_args__ = (UniqueConstraint("product_id", "name"),)
+    __table_args__ = (
+        UniqueConstraint("product_id", "name"),
+        # One default plan per product, even when two requests make one at the same time.
+        Index(
+            "uq_plans_one_default",
+            "product_id",
+            unique=True,
+            sqlite_where=text("is_default"),
+            postgresql_where=text("is_default"),
+        ),
+    )
     product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
