@@ -160,7 +160,7 @@ def test_bad_routes_are_refused_before_anything_starts() -> None:
         )
     assert caught.value.errors == [
         "route 'a': unknown endpoint scheme 'nope' in 'nope:x' (known: amqp, direct, http, log,"
-        " mock, seda, timer)",
+        " mock, mqtt, nats, redis, seda, timer)",
         "route 'b': seda:q?size=x: option 'size' must be an integer",
         "route 'a': a route with this id exists already",
     ]

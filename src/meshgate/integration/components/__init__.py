@@ -18,6 +18,9 @@ def default_components() -> dict[str, Component]:
     )
     from meshgate.integration.components.http import HttpComponent
     from meshgate.integration.components.mock import MockComponent
+    from meshgate.integration.components.mqtt import MqttComponent
+    from meshgate.integration.components.nats import NatsComponent
+    from meshgate.integration.components.redis_streams import RedisStreamsComponent
 
     components: dict[str, Component] = {
         "direct": DirectComponent(),
@@ -27,5 +30,8 @@ def default_components() -> dict[str, Component]:
         "mock": MockComponent(),
         "http": HttpComponent(),
         "amqp": AmqpComponent(),
+        "nats": NatsComponent(),
+        "redis": RedisStreamsComponent(),
+        "mqtt": MqttComponent(),
     }
     return components
