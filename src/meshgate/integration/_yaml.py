@@ -23,7 +23,8 @@ from meshgate.integration._uri import parse_duration
 __all__ = ["RoutesFile", "load_routes", "parse_routes"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
-_TOP_LEVEL = ("routes", "error_handler", "http", "redis_url", "amqp_url")
+_BROKER_URLS = ("redis_url", "amqp_url", "nats_url", "mqtt_url")
+_TOP_LEVEL = ("routes", "error_handler", "http", *_BROKER_URLS)
 
 
 @dataclass
@@ -236,7 +237,7 @@ class _Parser:
                         self.error("http.listen", "must be host:port, e.g. 127.0.0.1:8088")
                     else:
                         settings["http_listen"] = listen
-        for key in ("redis_url", "amqp_url"):
+        for key in _BROKER_URLS:
             if key in data:
                 url = self.string(data[key], key)
                 if url is not None:
