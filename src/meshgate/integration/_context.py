@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from time import perf_counter
 from typing import Any, Literal
 
 from meshgate.integration._component import Component, Consumer, Endpoint, Processor, Producer
 from meshgate.integration._errors import DefinitionError, EndpointError, IntegrationError
 from meshgate.integration._message import Exchange, ExchangePattern, Message
+from meshgate.integration._metrics import IntegrationMetrics
 from meshgate.integration._model import ErrorHandler, Route
 from meshgate.integration._processors import Compiled, compile_route
 from meshgate.integration._state import (
@@ -32,7 +34,7 @@ __all__ = ["IntegrationContext", "RouteStartError", "RouteStatus"]
 
 log = logging.getLogger("meshgate.integration")
 
-RouteStatus = Literal["stopped", "started", "failed"]
+RouteStatus = Literal["stopped", "started", "suspended", "failed"]
 
 
 class RouteStartError(IntegrationError):
@@ -55,8 +57,7 @@ class _RouteRunner:
         self.status: RouteStatus = "stopped"
         self.error: BaseException | None = None
         self.inflight = 0
-        self.completed = 0
-        self.failed = 0
+        self.series = context.metrics.route(route.id)
         handler = route.error_handler or context.error_handler
         self.dead_letter: Producer | None = None
         if handler is not None and handler.dead_letter is not None:
@@ -66,14 +67,16 @@ class _RouteRunner:
         previous, exchange.route_id = exchange.route_id, self.route.id
         original = exchange.message.copy()
         self.inflight += 1
+        started = perf_counter()
         try:
             await self.compiled.processor(exchange)
-            if exchange.exception is not None:
-                self.failed += 1
-                if self.dead_letter is not None:
-                    await self._dead_letter(exchange, original)
-            else:
-                self.completed += 1
+            failed = exchange.exception is not None
+            if failed and self.dead_letter is not None:
+                await self._dead_letter(exchange, original)
+            # Counted once done, so that completed (exchanges - failures) never dips.
+            self.series.observe(perf_counter() - started)
+            if failed:
+                self.series.failures += 1
         finally:
             self.inflight -= 1
             exchange.route_id = previous
@@ -111,14 +114,17 @@ class _RouteRunner:
             for service in self.compiled.services:
                 await service.start()
                 started.append(service)
-            endpoint = self.context.endpoint(self.route.from_uri)
-            self.consumer = endpoint.create_consumer(self.process)
-            await self.consumer.start()
+            await self.start_consumer()
         except BaseException:
-            self.consumer = None
             for service in reversed(started):
                 await _quietly(service.stop())
             raise
+
+    async def start_consumer(self) -> None:
+        """Start taking messages (again, after a suspension): the services are running."""
+        consumer = self.context.endpoint(self.route.from_uri).create_consumer(self.process)
+        await consumer.start()
+        self.consumer = consumer
         self.status, self.error = "started", None
 
     async def stop_consumer(self) -> None:
@@ -154,6 +160,8 @@ class IntegrationContext:
         from meshgate.integration.components import default_components
 
         self.components: dict[str, Component] = dict(default_components())
+        #: Per-route and per-step series, rendered by :meth:`IntegrationMetrics.render`.
+        self.metrics = IntegrationMetrics()
         if components:
             self.components.update(components)
         #: The error handler of routes that have none.
@@ -263,11 +271,17 @@ class IntegrationContext:
 
     def route_stats(self, route_id: str) -> dict[str, int]:
         runner = self._runner(route_id)
+        series = runner.series
         return {
             "inflight": runner.inflight,
-            "completed": runner.completed,
-            "failed": runner.failed,
+            "completed": series.exchanges - series.failures,
+            "failed": series.failures,
         }
+
+    def route_error(self, route_id: str) -> str | None:
+        """Why the route failed to start, while its status is ``failed``."""
+        runner = self._runner(route_id)
+        return None if runner.error is None else f"{type(runner.error).__name__}: {runner.error}"
 
     def _runner(self, route_id: str) -> _RouteRunner:
         try:
@@ -291,19 +305,38 @@ class IntegrationContext:
             raise RouteStartError(failures)
 
     async def start_route(self, route_id: str) -> None:
+        """Start a route, or resume a suspended one."""
         runner = self._runner(route_id)
         if runner.status != "started":
             try:
-                await runner.start()
+                if runner.status == "suspended":
+                    await runner.start_consumer()
+                else:
+                    await runner.start()
             except Exception as exc:
                 runner.status, runner.error = "failed", exc
                 raise
+
+    async def suspend_route(self, route_id: str, grace: float = 10.0) -> None:
+        """Stop taking new messages and let in-flight ones finish; resume with start_route."""
+        runner = self._runner(route_id)
+        if runner.status != "started":
+            return
+        await runner.stop_consumer()
+        runner.status = "suspended"
+        await self._drain(lambda: runner.inflight == 0, grace)
 
     async def stop_route(self, route_id: str, grace: float = 10.0) -> None:
         runner = self._runner(route_id)
         await runner.stop_consumer()
         await self._drain(lambda: runner.inflight == 0, grace)
         await runner.stop_services()
+
+    async def remove_route(self, route_id: str, grace: float = 10.0) -> None:
+        """Stop a route (draining its in-flight exchanges) and forget it and its series."""
+        await self.stop_route(route_id, grace)
+        del self._routes[route_id]
+        self.metrics.forget(route_id)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop consuming, drain in-flight exchanges (up to ``grace`` seconds), release all."""

@@ -15,6 +15,7 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
@@ -32,6 +33,7 @@ from meshgate.integration._errors import (
 )
 from meshgate.integration._expressions import evaluate
 from meshgate.integration._message import Exchange, ExchangePattern, Message
+from meshgate.integration._metrics import Series
 from meshgate.integration._state import (
     AggregationRepository,
     message_from_item,
@@ -121,7 +123,8 @@ class _Compiler:
             | m.Aggregate,
         )
         redeliveries = self.handler.maximum_redeliveries if self.handler and leaf else 0
-        return _Channel(processor, where, redeliveries, self.handler)
+        series = self.context.metrics.step(self.route.id, where)
+        return _Channel(processor, where, redeliveries, self.handler, series)
 
     def producer(self, uri: str) -> Producer:
         producer = self.context.endpoint(uri).create_producer()
@@ -449,19 +452,26 @@ class _Pipeline:
 
 
 class _Channel:
-    """Runs one step: redelivers a failure, then records it on the exchange."""
+    """Runs one step: redelivers a failure, then records it on the exchange and its series."""
 
-    __slots__ = ("processor", "where", "redeliveries", "handler")
+    __slots__ = ("processor", "where", "redeliveries", "handler", "series")
 
     def __init__(
-        self, processor: Processor, where: str, redeliveries: int, handler: m.ErrorHandler | None
+        self,
+        processor: Processor,
+        where: str,
+        redeliveries: int,
+        handler: m.ErrorHandler | None,
+        series: Series,
     ) -> None:
         self.processor = processor
         self.where = where
         self.redeliveries = redeliveries
         self.handler = handler
+        self.series = series
 
     async def __call__(self, exchange: Exchange) -> None:
+        started = perf_counter()
         attempt = 0
         while True:
             try:
@@ -470,6 +480,8 @@ class _Channel:
                 if attempt >= self.redeliveries or not _retryable(exc):
                     exchange.exception = exc
                     exchange.failed_step = self.where
+                    self.series.observe(perf_counter() - started)
+                    self.series.failures += 1
                     return
                 attempt += 1
                 exchange.properties["redelivery_counter"] = attempt
@@ -486,8 +498,11 @@ class _Channel:
                 )
                 await asyncio.sleep(delay)
                 continue
-            if exchange.exception is not None and exchange.failed_step is None:
-                exchange.failed_step = self.where
+            self.series.observe(perf_counter() - started)
+            if exchange.exception is not None:
+                self.series.failures += 1
+                if exchange.failed_step is None:
+                    exchange.failed_step = self.where
             return
 
 

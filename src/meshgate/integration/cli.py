@@ -13,7 +13,9 @@ import typer
 
 # The runtime is imported when a command runs, not whenever `meshgate` starts.
 if TYPE_CHECKING:
+    from meshgate.integration._admin import AdminListener
     from meshgate.integration._context import IntegrationContext
+    from meshgate.integration._reload import RoutesReloader
     from meshgate.integration._yaml import RoutesFile
 
 __all__ = ["app"]
@@ -66,9 +68,18 @@ def run(
     grace: Annotated[
         float, typer.Option(help="Seconds in-flight exchanges get to finish on SIGTERM.")
     ] = 10.0,
+    admin_listen: Annotated[
+        str | None,
+        typer.Option(help="Serve /metrics, /healthz and /routes (start, stop, suspend) here."),
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option(help="Reload the routes whose definition changed when the file does.")
+    ] = True,
 ) -> None:
     """Run the routes of a file until SIGTERM or SIGINT."""
-    from meshgate.integration._errors import DefinitionError
+    from meshgate.integration._admin import AdminListener
+    from meshgate.integration._errors import DefinitionError, EndpointError
+    from meshgate.integration._reload import RoutesReloader
 
     logging.basicConfig(
         level="INFO", stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -76,24 +87,42 @@ def run(
     try:
         routes, context = _load(file, http_listen)
         context.add_routes(routes.routes)
-    except DefinitionError as exc:
+        admin = AdminListener(context, admin_listen, grace=grace) if admin_listen else None
+        overrides = {"http_listen": http_listen} if http_listen else {}
+        reloader = (
+            RoutesReloader(context, file, overrides=overrides, grace=grace) if watch else None
+        )
+    except (DefinitionError, EndpointError) as exc:
         raise _fail(str(exc)) from None
     import uvloop
 
     try:
-        code = uvloop.run(_serve(context, grace))
+        code = uvloop.run(_serve(context, grace, admin, reloader))
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)
 
 
-async def _serve(context: IntegrationContext, grace: float) -> int:
+async def _serve(
+    context: IntegrationContext,
+    grace: float,
+    admin: AdminListener | None,
+    reloader: RoutesReloader | None,
+) -> int:
     from meshgate.integration._context import RouteStartError
+    from meshgate.integration._errors import EndpointError
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if admin is not None:
+        try:
+            await admin.start()
+        except EndpointError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            return 1
+        typer.echo(f"admin API on {admin.url} (/metrics, /healthz, /routes)", err=True)
     try:
         await context.start()
     except RouteStartError as exc:
@@ -101,10 +130,20 @@ async def _serve(context: IntegrationContext, grace: float) -> int:
             typer.echo(f"error: route {route_id!r} failed to start: {cause}", err=True)
         if all(context.route_status(r.id) != "started" for r in context.routes):
             await context.stop(grace)
+            if admin is not None:
+                await admin.stop()
             return 1
     started = [r.id for r in context.routes if context.route_status(r.id) == "started"]
     typer.echo(f"integration routes started: {', '.join(started)}", err=True)
+    watching = None
+    if reloader is not None:
+        watching = loop.create_task(reloader.watch())
+        loop.add_signal_handler(signal.SIGHUP, lambda: context.background(reloader.reload()))
     await stopping.wait()
     typer.echo("stopping: draining in-flight exchanges", err=True)
+    if watching is not None:
+        watching.cancel()
     await context.stop(grace)
+    if admin is not None:
+        await admin.stop()
     return 0
