@@ -130,9 +130,12 @@ class _RedisStreamConsumer(Consumer):
         self._stopping = False
         name = endpoint.uri.text
         self._tasks = [asyncio.create_task(self._claim(), name=f"redis claimer {name}")]
+
+    def _start_readers(self) -> None:
+        name = self.endpoint.uri.text
         self._tasks += [
             asyncio.create_task(self._read(), name=f"redis consumer {name}")
-            for _ in range(endpoint.concurrent_consumers)
+            for _ in range(self.endpoint.concurrent_consumers)
         ]
 
     async def _read(self) -> None:
@@ -151,7 +154,8 @@ class _RedisStreamConsumer(Consumer):
                 await self._deliver_all(entries, redelivered=False)
 
     async def _claim(self) -> None:
-        """Takes back this consumer's pending entries, then entries idle for ``claim_idle``."""
+        """Takes back this consumer's pending entries, starts the readers, then takes entries
+        idle for ``claim_idle``."""
         endpoint = self.endpoint
         after: Any = "0"
         while not self._stopping:
@@ -165,6 +169,10 @@ class _RedisStreamConsumer(Consumer):
                 break
             await self._deliver_all(entries, redelivered=True)
             after = entries[-1][0]
+        # New entries only once our own pending ones are back: a reader started earlier
+        # could take an entry whose first delivery this history read then returns as well.
+        if not self._stopping:
+            self._start_readers()
         while not self._stopping:
             await self._idly(asyncio.sleep(endpoint.claim_idle / 2))
             cursor: Any = "0-0"
