@@ -368,6 +368,13 @@ def delete_token(
     plane = request.app.state.plane
     with plane.db.writer() as session, session.begin():
         row = get_or_404(session, AdminToken, item_id, "token")
+        if "write" in row.scopes:
+            writers = session.scalars(select(AdminToken.scopes)).all()
+            if sum("write" in scopes for scopes in writers) == 1:
+                # Nobody could make a token again: the control plane would be read-only.
+                raise Problem(
+                    409, "this is the last token with the write scope: make another first"
+                )
         audit(
             session,
             actor,
