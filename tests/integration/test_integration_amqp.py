@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from integration_kit import run_routes
+from integration_kit import killed_mid_route_then_restarted, run_routes
 
 from meshgate.integration import Exchange, IntegrationContext, from_
 from meshgate.integration._model import ErrorHandler
@@ -141,55 +136,5 @@ routes:
 """
     )
 
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from meshgate.integration.cli import app; app()",
-                "run",
-                str(routes),
-            ],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=open(done, "ab"),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    async def publish() -> None:
-        context = IntegrationContext(settings={"amqp_url": amqp_url})
-        try:
-            exchange = await context.send(f"amqp:queue:{queue}", b"precious")
-            assert exchange.exception is None
-        finally:
-            await context.stop()
-
-    first = start()
-    try:
-        _wait_for(done, "integration routes started", first)
-        asyncio.run(publish())
-        time.sleep(0.15)  # the message is in the delay step now
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-        assert "done precious" not in done.read_text()
-    finally:
-        if first.poll() is None:
-            first.kill()
-    second = start()
-    try:
-        _wait_for(done, "done precious", second)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(15) == 0
+    killed_mid_route_then_restarted(routes, done, f"amqp:queue:{queue}", {"amqp_url": amqp_url})
     assert asyncio.run(_count(amqp_url, queue)) == 0
-
-
-def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"runtime exited {proc.returncode}: {path.read_text()}")
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not logged in {timeout}s: {path.read_text()}")

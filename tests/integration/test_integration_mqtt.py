@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from harness import service_url, unavailable
-from integration_kit import run_routes
+from integration_kit import killed_mid_route_then_restarted, run_routes
 
 from meshgate.integration import Exchange, IntegrationContext, from_
 from meshgate.integration._errors import EndpointError
@@ -186,49 +181,5 @@ routes:
 """
     )
 
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "meshgate", "integration", "run", str(routes)],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=open(log_path, "ab"),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    async def publish() -> None:
-        context = IntegrationContext(settings={"mqtt_url": mqtt_url})
-        try:
-            exchange = await context.send(f"mqtt:{topic}", b"precious")
-            assert exchange.exception is None
-        finally:
-            await context.stop()
-
-    first = start()
-    try:
-        _wait_for(log_path, "integration routes started", first)
-        asyncio.run(publish())
-        time.sleep(0.15)  # the message is in the delay step now
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-        assert "done precious" not in log_path.read_text()
-    finally:
-        if first.poll() is None:
-            first.kill()
-    second = start()
-    try:
-        _wait_for(log_path, "done precious", second)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(15) == 0
+    killed_mid_route_then_restarted(routes, log_path, f"mqtt:{topic}", {"mqtt_url": mqtt_url})
     assert log_path.read_text().count("done precious") == 1
-
-
-def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"runtime exited {proc.returncode}: {path.read_text()}")
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not logged in {timeout}s: {path.read_text()}")
