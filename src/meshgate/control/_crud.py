@@ -187,35 +187,10 @@ def routes(router: APIRouter, res: Resource) -> None:
     filter_params = list(res.filters.items())
 
     # The signature FastAPI reads: parent id in the path, filters in the query.
-    params = [
-        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
-        inspect.Parameter("response", inspect.Parameter.KEYWORD_ONLY, annotation=Response),
-    ]
-    if res.parent is not None:
-        params.append(
-            inspect.Parameter(
-                res.parent.key,
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=int,
-                default=Path(ge=1, le=MAX_ID),
-            )
-        )
-    params += [
-        inspect.Parameter(
-            "page",
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=int,
-            default=Query(1, ge=1, le=1_000_000),
-        ),
-        inspect.Parameter(
-            "per_page",
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=int,
-            default=Query(50, ge=1, le=500),
-        ),
-        inspect.Parameter(
-            "_actor", inspect.Parameter.KEYWORD_ONLY, annotation=Actor, default=Depends(reader)
-        ),
+    params = _collection_params(res) + [
+        _param("page", int, Query(1, ge=1, le=1_000_000)),
+        _param("per_page", int, Query(50, ge=1, le=500)),
+        _param("_actor", Actor, Depends(reader)),
     ]
     for name, tp in filter_params:
         default = (
@@ -223,11 +198,7 @@ def routes(router: APIRouter, res: Resource) -> None:
             if tp is int
             else Query(None, max_length=200, pattern=NO_NUL)
         )
-        params.append(
-            inspect.Parameter(
-                name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None, default=default
-            )
-        )
+        params.append(_param(name, tp | None, default))
 
     def list_impl(**kwargs: Any) -> dict[str, Any]:
         filters = {name: kwargs[name] for name, _ in filter_params}
@@ -309,24 +280,9 @@ def routes(router: APIRouter, res: Resource) -> None:
             response.headers["Location"] = f"/admin/api/{res.path}/{row.id}"
             return result
 
-        params = [
-            inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
-            inspect.Parameter("response", inspect.Parameter.KEYWORD_ONLY, annotation=Response),
-        ]
-        if res.parent is not None:
-            params.append(
-                inspect.Parameter(
-                    res.parent.key,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    annotation=int,
-                    default=Path(ge=1, le=MAX_ID),
-                )
-            )
-        params += [
-            inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=create_model),
-            inspect.Parameter(
-                "actor", inspect.Parameter.KEYWORD_ONLY, annotation=Actor, default=Depends(writer)
-            ),
+        params = _collection_params(res) + [
+            _param("body", create_model),
+            _param("actor", Actor, Depends(writer)),
         ]
         create_impl.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         router.add_api_route(
@@ -376,28 +332,20 @@ def routes(router: APIRouter, res: Resource) -> None:
 
         update_impl.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [
-                inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
-                inspect.Parameter("response", inspect.Parameter.KEYWORD_ONLY, annotation=Response),
-                inspect.Parameter(
-                    "item_id", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=ItemId
-                ),
-                inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=update_model),
-                inspect.Parameter(
+                _param("request", Request),
+                _param("response", Response),
+                _param("item_id", int, ItemId),
+                _param("body", update_model),
+                _param(
                     "if_match",
-                    inspect.Parameter.KEYWORD_ONLY,
-                    annotation=str | None,
-                    default=Header(
+                    str | None,
+                    Header(
                         None,
                         max_length=1000,
                         description="ETag from a read: 412 when the resource changed since.",
                     ),
                 ),
-                inspect.Parameter(
-                    "actor",
-                    inspect.Parameter.KEYWORD_ONLY,
-                    annotation=Actor,
-                    default=Depends(writer),
-                ),
+                _param("actor", Actor, Depends(writer)),
             ]
         )
         router.add_api_route(
@@ -448,6 +396,20 @@ def routes(router: APIRouter, res: Resource) -> None:
         operation_id=f"delete_{res.name}",
         responses={412: {"description": "If-Match does not hold"}},
     )
+
+
+def _param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> Any:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
+    )
+
+
+def _collection_params(res: Resource) -> list[Any]:
+    """request, response, and the parent's id in the path of a nested collection."""
+    params = [_param("request", Request), _param("response", Response)]
+    if res.parent is not None:
+        params.append(_param(res.parent.key, int, Path(ge=1, le=MAX_ID)))
+    return params
 
 
 def _nullable(model: type[Base], key: str) -> bool:
