@@ -66,10 +66,14 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+# One decoder for every message: json.loads with an option builds a new one per call.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def _json_loads(raw: bytes | str) -> Any:
     try:
         text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
-        return json.loads(text, parse_constant=_not_json)
+        return _JSON_DECODER.decode(text)
     except UnicodeDecodeError as exc:
         raise PayloadError(f"malformed JSON: not UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:

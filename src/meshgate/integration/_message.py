@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import time
-import uuid
 from enum import StrEnum
 from typing import Any
 
 __all__ = ["Exchange", "ExchangePattern", "Message"]
+
+
+# Exchange ids: this process's random prefix and a counter, 32 hex digits as a UUID's
+# (uuid4 costs a getrandom call per exchange). A forked child draws its own prefix.
+_ids = itertools.count()
+_prefix = os.urandom(8).hex()
+
+
+def _new_prefix() -> None:
+    global _prefix, _ids
+    _prefix, _ids = os.urandom(8).hex(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 class ExchangePattern(StrEnum):
@@ -82,7 +97,7 @@ class Exchange:
         properties: dict[str, Any] | None = None,
         exchange_id: str | None = None,
     ) -> None:
-        self.id = exchange_id or uuid.uuid4().hex
+        self.id = exchange_id or f"{_prefix}{next(_ids):016x}"
         self.pattern = pattern
         self.properties: dict[str, Any] = properties if properties is not None else {}
         self.message = message if message is not None else Message()

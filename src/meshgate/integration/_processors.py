@@ -18,8 +18,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
-
 from meshgate.integration import _model as m
 from meshgate.integration._component import Processor, Producer
 from meshgate.integration._dataformats import marshal, unmarshal
@@ -34,6 +32,7 @@ from meshgate.integration._errors import (
 from meshgate.integration._expressions import evaluate
 from meshgate.integration._message import Exchange, ExchangePattern, Message
 from meshgate.integration._metrics import Series
+from meshgate.integration._schemas import SchemaValidator
 from meshgate.integration._state import (
     AggregationRepository,
     message_from_item,
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["Compiled", "Service", "compile_route", "combine", "step_name"]
 
 log = logging.getLogger("meshgate.integration")
-_MAX_SCHEMA_ERRORS = 5
 
 
 class Service:
@@ -194,10 +192,7 @@ class _Compiler:
         return process
 
     def _validate(self, step: m.Validate, where: str) -> Processor:
-        validator: Any = None
-        if step.schema is not None:
-            cls = jsonschema.validators.validator_for(step.schema)
-            validator = cls(step.schema, format_checker=cls.FORMAT_CHECKER)
+        validator = None if step.schema is None else SchemaValidator(step.schema)
         expr = step.expr
 
         async def process(exchange: Exchange) -> None:
@@ -207,9 +202,11 @@ class _Compiler:
                     raise SchemaValidationError(
                         "validate: the body is text, not data; unmarshal it first"
                     )
-                errors = sorted(validator.iter_errors(body), key=lambda e: list(e.path))
-                if errors:
-                    raise SchemaValidationError(_schema_message(errors))
+                problems = validator.errors(body)
+                if problems:
+                    raise SchemaValidationError(
+                        "the body does not match its schema: " + "; ".join(problems)
+                    )
             if expr is not None and not expr.matches(exchange):
                 raise SchemaValidationError(f"validate: {expr.source!r} is not true")
 
@@ -504,18 +501,6 @@ class _Channel:
                 if exchange.failed_step is None:
                     exchange.failed_step = self.where
             return
-
-
-def _schema_message(errors: list[Any]) -> str:
-    parts = []
-    for error in errors[:_MAX_SCHEMA_ERRORS]:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.path)
-        message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
-        parts.append(f"body{where}: {message}")
-    more = len(errors) - _MAX_SCHEMA_ERRORS
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "the body does not match its schema: " + "; ".join(parts)
 
 
 def _rethrow(exchange: Exchange) -> None:

