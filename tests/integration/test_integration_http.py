@@ -177,3 +177,36 @@ def test_two_routes_cannot_serve_the_same_path_and_method() -> None:
     import asyncio
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-split", "a\r\nset-cookie: stolen=1"),
+        ("x-line", "a\nb"),
+        ("bad name", "v"),
+        ("x-colon:", "v"),
+        ("x-city", "東京"),
+    ],
+)
+def test_a_reply_header_that_would_break_the_response_is_refused(name: str, value: str) -> None:
+    port = free_port()
+    routes = [
+        from_("http:/h?method=POST", id="h")
+        .unmarshal("json")
+        .set_header(name, expr="v")
+        .transform("ok")
+        .build()
+    ]
+
+    async def scenario(context: IntegrationContext) -> None:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            reply = await client.post("/h", json={"v": value})
+            assert reply.status_code == 500
+            assert f"the reply header {name!r} is not a valid HTTP field" in reply.text
+            assert "set-cookie" not in reply.headers
+            if name.startswith("x-") and not name.endswith(":"):
+                ok = await client.post("/h", json={"v": "Zürich"})  # latin-1: sent as is
+                assert ok.status_code == 200 and ok.headers[name] == "Zürich"
+
+    run_routes(routes, scenario, settings={"http_listen": f"127.0.0.1:{port}"})

@@ -382,10 +382,10 @@ def _render_plan(plan: tuple[_Part, ...], roots: tuple[Any, ...]) -> str | None:
     """The plan's text, or None where a path needs Jinja2 (a missing field, an object)."""
     out: list[str] = []
     for part in plan:
-        if type(part) is str:
+        if isinstance(part, str):
             out.append(part)
             continue
-        root, path = part  # type: ignore[misc]
+        root, path = part
         value = roots[root]
         for attribute, key in path:
             kind = type(value)

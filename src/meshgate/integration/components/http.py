@@ -10,6 +10,7 @@ service over the engine's pooled keep-alive upstream connections.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -242,14 +243,18 @@ class _Handler:
             # engine answers it (413, 400, 408) and the route never sees the request.
             body = await http.read_body(consumer.endpoint.max_body_size)
         headers: dict[str, Any] = {}
-        for name, value in request.headers:
+        for raw_name, raw_value in request.headers.raw():
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
             headers[name] = value if name not in headers else f"{headers[name]}, {value}"
-        received = dict(headers)
+        received = headers.copy()
         headers["http_method"] = request.method
         headers["http_path"] = request.path
         headers["http_query"] = request.query
-        exchange = Exchange(Message(body, headers), ExchangePattern.IN_OUT)
-        exchange.properties["request_id"] = request.request_id
+        exchange = Exchange(
+            Message(body, headers),
+            ExchangePattern.IN_OUT,
+            properties={"request_id": request.request_id},
+        )
         await consumer.processor(exchange)
         return _response(exchange, received)
 
@@ -267,25 +272,50 @@ def _response(exchange: Exchange, received: dict[str, Any]) -> Response:
         detail = str(failure) if status < 500 or isinstance(failure, IntegrationError) else ""
         return problem(status, _TITLES.get(status, "Error"), detail or "the route failed")
     message = exchange.message
-    out = Headers()
+    # The message's headers, but those of the request it still carries unchanged, the
+    # component's own and the connection's; one field per name, the last value winning.
+    fields: dict[bytes, bytes] = {}
     for name, value in message.headers.items():
-        lowered = name.lower()
-        if lowered in _HOP or lowered.startswith(_INTERNAL) or received.get(name) == value:
+        if received.get(name) == value:
             continue
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            out.set(lowered, str(value))
+        lowered = name.lower()
+        if lowered in _HOP or lowered.startswith(_INTERNAL):
+            continue
+        if isinstance(value, str | int | float) and type(value) is not bool:
+            text = str(value)
+            try:
+                if "\r" in text or "\n" in text or not _is_token(lowered):
+                    raise ValueError
+                fields[lowered.encode("latin-1")] = text.encode("latin-1")
+            except ValueError:  # UnicodeEncodeError too: HTTP field values are latin-1
+                detail = f"the reply header {name!r} is not a valid HTTP field"
+                return problem(500, "Internal Server Error", detail)
     try:
         body = message.body_bytes()
     except (TypeError, ValueError) as exc:
         return problem(500, "Internal Server Error", f"the reply body cannot be sent: {exc}")
-    if "content-type" not in out:
-        out.set(
-            "content-type", str(message.headers.get("content-type") or _content_type(message.body))
-        )
+    if b"content-type" not in fields:
+        content_type = message.headers.get("content-type") or _content_type(message.body)
+        fields[b"content-type"] = str(content_type).encode("latin-1")
     status = message.headers.get("http_response_code", 200 if body else 204)
     if not isinstance(status, int) or not 200 <= status <= 599:
         status = 200
-    return Response(status, body, out)
+    return Response(status, body, Headers(fields.items()))
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_TOKENS: set[str] = set()
+
+
+def _is_token(name: str) -> bool:
+    """Whether ``name`` (lowercase) may be an HTTP field name; the good ones are remembered."""
+    if name in _TOKENS:
+        return True
+    if _TOKEN.fullmatch(name) is None:
+        return False
+    if len(_TOKENS) < 1024:
+        _TOKENS.add(name)
+    return True
 
 
 _TITLES = {
