@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from meshgate.integration import IntegrationContext, Route
 
@@ -78,10 +79,60 @@ def killed_mid_route_then_restarted(
         assert second.wait(15) == 0
 
 
-def _runtime(routes: Path, log: Path) -> subprocess.Popen[bytes]:
+def stopped_mid_route_then_restarted(
+    routes: Path, log: Path, endpoint: str, settings: dict[str, str], count: int = 3
+) -> None:
+    """Exactly once across a graceful stop: run ``meshgate integration run ROUTES``, send
+    ``m0`` .. ``m<count-1>`` to ``endpoint``, SIGTERM it once ``m0`` is in the route. The
+    route logs ``start {{ body }}``, waits in a ``delay`` step, logs ``done {{ body }}``.
+    The runtime must take no message after the signal, finish and acknowledge those it
+    took, and exit 0; a second runtime must then get the messages left in the broker, and
+    only those: every message is done once over both runs."""
+
+    async def send() -> None:
+        context = IntegrationContext(settings=settings)
+        try:
+            for index in range(count):
+                exchange = await context.send(endpoint, f"m{index}".encode())
+                assert exchange.exception is None
+        finally:
+            await context.stop()
+
+    bodies = [f"m{index}" for index in range(count)]
+    first_log = log.with_suffix(".first")
+    first = _runtime(routes, first_log)
+    try:
+        wait_for_log(first_log, "integration routes started", first)
+        asyncio.run(send())
+        wait_for_log(first_log, "start m0", first)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(10) == 0, first_log.read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    text = first_log.read_text()
+    stopping = text.index("stopping: draining")
+    taken = {body for body in bodies if f"start {body}" in text}
+    assert all(text.rindex(f"start {body}") < stopping for body in taken), text
+    assert taken == {body for body in bodies if f"done {body}" in text}, text
+    left = [body for body in bodies if body not in taken]
+    assert left, f"every message was taken before the signal; nothing was left: {text}"
+    second = _runtime(routes, log)
+    try:
+        for body in left:
+            wait_for_log(log, f"done {body}", second)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(15) == 0, log.read_text()
+    again = log.read_text()
+    for body in bodies:
+        assert (text + again).count(f"done {body}") == 1, (body, text, again)
+
+
+def _runtime(routes: Path, log: Path, *options: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "meshgate", "integration", "run", str(routes)],
+            [sys.executable, "-m", "meshgate", "integration", "run", str(routes), *options],
             cwd=routes.parent,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -98,3 +149,18 @@ def wait_for_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: 
             raise AssertionError(f"runtime exited {proc.returncode}: {path.read_text()}")
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not logged in {timeout}s: {path.read_text()}")
+
+
+def run_sql(url: str, statement: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Runs one statement outside the runtime, in its own transaction; its rows, if any."""
+    from sqlalchemy import create_engine, text
+
+    from meshgate.integration._sql_state import database_url
+
+    engine = create_engine(database_url(url))
+    try:
+        with engine.begin() as connection:
+            result = connection.execute(text(statement), params)
+            return [tuple(row) for row in result] if result.returns_rows else []
+    finally:
+        engine.dispose()

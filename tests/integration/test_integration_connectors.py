@@ -159,8 +159,8 @@ def test_bad_routes_are_refused_before_anything_starts() -> None:
             ]
         )
     assert caught.value.errors == [
-        "route 'a': unknown endpoint scheme 'nope' in 'nope:x' (known: amqp, direct, http, log,"
-        " mock, mqtt, nats, redis, seda, timer)",
+        "route 'a': unknown endpoint scheme 'nope' in 'nope:x' (known: amqp, cron, direct,"
+        " file, http, kafka, log, mock, mqtt, nats, redis, seda, sql, timer)",
         "route 'b': seda:q?size=x: option 'size' must be an integer",
         "route 'a': a route with this id exists already",
     ]

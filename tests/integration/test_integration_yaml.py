@@ -185,7 +185,7 @@ routes:
         "routes[0].steps[2].choice.when[0].expr: invalid JMESPath: Incomplete expression:"
         ' "total >" ^',
         "routes[0].steps[3].to: unknown endpoint scheme 'ftp' in 'ftp:files' (known: amqp,"
-        " direct, http, log, mock, mqtt, nats, redis, seda, timer)",
+        " cron, direct, file, http, kafka, log, mock, mqtt, nats, redis, seda, sql, timer)",
         "routes[0].steps[4].to: seda:q?sise=1: unknown option 'sise' (allowed: size,"
         " concurrent_consumers, block_when_full, timeout)",
         "routes[0].steps[5].split.steps: must hold at least one step",

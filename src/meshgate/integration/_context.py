@@ -9,6 +9,7 @@ a grace period, then releases producers, endpoints and components.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from time import perf_counter
@@ -35,6 +36,9 @@ __all__ = ["IntegrationContext", "RouteStartError", "RouteStatus"]
 log = logging.getLogger("meshgate.integration")
 
 RouteStatus = Literal["stopped", "started", "suspended", "failed"]
+#: Routes consuming what other routes send stop after them, direct ones (which run in
+#: their caller's task) last; the others first.
+_STOP_WAVE = {"seda": 1, "direct": 2}
 
 
 class RouteStartError(IntegrationError):
@@ -65,13 +69,15 @@ class _RouteRunner:
 
     async def process(self, exchange: Exchange) -> None:
         previous, exchange.route_id = exchange.route_id, self.route.id
-        original = exchange.message.copy()
+        # The message as received, for the dead letter channel, if there is one.
+        original = exchange.message.copy() if self.dead_letter is not None else None
         self.inflight += 1
         started = perf_counter()
         try:
             await self.compiled.processor(exchange)
             failed = exchange.exception is not None
             if failed and self.dead_letter is not None:
+                assert original is not None
                 await self._dead_letter(exchange, original)
             # Counted once done, so that completed (exchanges - failures) never dips.
             self.series.observe(perf_counter() - started)
@@ -140,6 +146,10 @@ class _RouteRunner:
         self.status = "stopped"
 
 
+def _idle(runners: list[_RouteRunner]) -> bool:
+    return all(runner.inflight == 0 for runner in runners)
+
+
 async def _quietly(stopping: Coroutine[Any, Any, None]) -> None:
     try:
         await stopping
@@ -206,6 +216,10 @@ class IntegrationContext:
     def aggregation_repository(self, name: str, prefix: str) -> AggregationRepository:
         if name == "memory":
             return MemoryAggregationRepository()
+        if sql_url := self._sql_url(name):
+            from meshgate.integration._sql_state import SqlAggregationRepository
+
+            return SqlAggregationRepository(sql_url, prefix)
         return RedisAggregationRepository(self._redis_url(name), f"meshgate:aggregate:{prefix}")
 
     def idempotent_repository(
@@ -213,16 +227,38 @@ class IntegrationContext:
     ) -> IdempotentRepository:
         if name == "memory":
             return MemoryIdempotentRepository(ttl=ttl)
+        if sql_url := self._sql_url(name):
+            from meshgate.integration._sql_state import SqlIdempotentRepository
+
+            return SqlIdempotentRepository(sql_url, prefix, ttl)
         return RedisIdempotentRepository(
             self._redis_url(name), f"meshgate:idempotent:{prefix}", ttl
         )
+
+    def _sql_url(self, name: str) -> str | None:
+        """The database of a ``sql`` repository (the ``database_url`` setting) or of a
+        database URL; None for other repositories."""
+        from meshgate.integration._sql_state import is_database_url
+
+        if name == "sql":
+            url = self.settings.get("database_url")
+            if not url:
+                raise EndpointError(
+                    "repository 'sql' needs the database_url setting"
+                    " (e.g. postgresql://user@host/db or sqlite:///state.db)"
+                )
+            return str(url)
+        return name if is_database_url(name) else None
 
     def _redis_url(self, name: str) -> str:
         if name == "redis":
             return str(self.settings.get("redis_url", "redis://127.0.0.1:6379/0"))
         if name.startswith(("redis://", "rediss://", "unix://")):
             return name
-        raise EndpointError(f"unknown repository {name!r} (known: memory, redis, a redis:// URL)")
+        raise EndpointError(
+            f"unknown repository {name!r}"
+            " (known: memory, redis, a redis:// URL, sql, a postgresql:// or sqlite:/// URL)"
+        )
 
     # direct endpoints
 
@@ -322,14 +358,16 @@ class IntegrationContext:
         runner = self._runner(route_id)
         if runner.status != "started":
             return
-        await runner.stop_consumer()
+        deadline = asyncio.get_running_loop().time() + grace
+        await self._stop_consumers([runner], deadline)
         runner.status = "suspended"
-        await self._drain(lambda: runner.inflight == 0, grace)
+        await self._drain(lambda: runner.inflight == 0, deadline)
 
     async def stop_route(self, route_id: str, grace: float = 10.0) -> None:
         runner = self._runner(route_id)
-        await runner.stop_consumer()
-        await self._drain(lambda: runner.inflight == 0, grace)
+        deadline = asyncio.get_running_loop().time() + grace
+        await self._stop_consumers([runner], deadline)
+        await self._drain(lambda: runner.inflight == 0, deadline)
         await runner.stop_services()
 
     async def remove_route(self, route_id: str, grace: float = 10.0) -> None:
@@ -338,12 +376,25 @@ class IntegrationContext:
         del self._routes[route_id]
         self.metrics.forget(route_id)
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Stop consuming, drain in-flight exchanges (up to ``grace`` seconds), release all."""
+    async def stop(self, grace: float = 10.0) -> bool:
+        """Stop consuming, drain in-flight exchanges (up to ``grace`` seconds), release all.
+
+        Returns whether everything in flight finished within ``grace``.
+        """
+        deadline = asyncio.get_running_loop().time() + grace
         runners = list(self._routes.values())
-        for runner in reversed(runners):
-            await runner.stop_consumer()
-        await self._drain(lambda: all(r.inflight == 0 for r in runners) and not self._tasks, grace)
+        # Routes fed by other routes stop after them: exchanges in flight may still call them.
+        waves: dict[int, list[_RouteRunner]] = {}
+        for runner in runners:
+            scheme = self.endpoint(runner.route.from_uri).uri.scheme
+            waves.setdefault(_STOP_WAVE.get(scheme, 0), []).append(runner)
+        drained = True
+        for _, wave in sorted(waves.items()):
+            drained &= await self._stop_consumers(wave, deadline)
+            await self._drain(functools.partial(_idle, wave), deadline)
+        drained &= await self._drain(
+            lambda: all(r.inflight == 0 for r in runners) and not self._tasks, deadline
+        )
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -358,12 +409,30 @@ class IntegrationContext:
         for component in self.components.values():
             await _quietly(component.stop())
         self.started = False
+        return drained
 
-    async def _drain(self, idle: Callable[[], bool], grace: float) -> None:
+    async def _stop_consumers(self, runners: list[_RouteRunner], deadline: float) -> bool:
+        """Stop taking messages, all at once; a consumer's stop returns once what it took is
+        done and acknowledged. Past ``deadline`` those still running are cancelled,
+        unacknowledged, for their broker to redeliver; then this returns False."""
+        if not runners:
+            return True
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        stopping = {asyncio.ensure_future(runner.stop_consumer()) for runner in runners}
+        # Each stop runs at least its first step (no new messages) even past the deadline.
+        _, late = await asyncio.wait(stopping, timeout=timeout)
+        if late:
+            log.warning("%d route(s): exchanges in flight cancelled at the deadline", len(late))
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        return not late
+
+    async def _drain(self, idle: Callable[[], bool], deadline: float) -> bool:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
         while not idle() and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        return idle()
 
     async def __aenter__(self) -> IntegrationContext:
         await self.start()

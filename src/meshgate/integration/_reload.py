@@ -5,22 +5,29 @@ running is touched: a file that fails is refused and the running routes are kept
 only what changed moves: routes gone from the file or redefined are stopped, their
 in-flight exchanges drained, the redefined and new ones are started; a route that fails
 to start is reported (its status ``failed`` with the cause) and the others keep running.
+
+Changed top-level settings (``http.listen``, the broker and database URLs) apply too:
+the routes that read one are drained and restarted against the new value (a setting
+no scheme claims restarts every route). A new HTTP address is bound before any route
+moves to it; when it cannot be, the routes stay on the old one and the error is reported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meshgate.integration._context import IntegrationContext
-from meshgate.integration._errors import DefinitionError
+from meshgate.integration._errors import DefinitionError, EndpointError
 from meshgate.integration._model import ErrorHandler, Route
 from meshgate.integration._yaml import load_routes
+from meshgate.integration.components.http import HttpComponent
 
 __all__ = ["ReloadResult", "RoutesReloader"]
 
@@ -29,12 +36,54 @@ log = logging.getLogger("meshgate.integration")
 
 @dataclass
 class ReloadResult:
-    """What a reload did; ``refused`` holds the new file's errors when it was not applied."""
+    """What a reload did; ``refused`` holds the new file's errors when it was not applied,
+    ``settings`` the settings it changed, ``kept`` those it could not (setting: why)."""
 
     stopped: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+#: The settings that the endpoints of a scheme, or a repository of that name, read.
+_SETTINGS_OF = {
+    "http": ("http_listen",),
+    "amqp": ("amqp_url",),
+    "nats": ("nats_url",),
+    "mqtt": ("mqtt_url",),
+    "redis": ("redis_url",),
+    "kafka": ("kafka_url",),
+    "sql": ("database_url", "sql_statements"),
+}
+_CLAIMED = {key for keys in _SETTINGS_OF.values() for key in keys}
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every string of a route definition (URIs, repository names), nested steps included."""
+    if isinstance(value, str):
+        yield value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            yield from _texts(getattr(value, item.name))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _texts(item)
+
+
+def _settings_read(route: Route, handler: ErrorHandler | None) -> set[str]:
+    """The settings a route reads: through its endpoints, repositories, dead letter channel."""
+    read: set[str] = set()
+    for text in _texts((route, handler)):
+        scheme = text.partition(":")[0] if ":" in text else text
+        if scheme == "http" and text.startswith(("http://", "https://")):
+            continue  # a call to a service: no setting
+        read.update(_SETTINGS_OF.get(scheme, ()))
+    return read
 
 
 def _effective(route: Route, default: ErrorHandler | None) -> tuple[Route, ErrorHandler | None]:
@@ -85,6 +134,8 @@ class RoutesReloader:
         try:
             scratch = IntegrationContext(settings=self.overrides)
             loaded = load_routes(self.file, context=scratch)
+            # Compiled as they will run: with the file's settings (repositories read them).
+            settings = scratch.settings = {**loaded.settings, **self.overrides}
             scratch.error_handler = loaded.error_handler
             scratch.add_routes(loaded.routes)
         except DefinitionError as exc:
@@ -93,14 +144,43 @@ class RoutesReloader:
                 "%s: refused, the running routes are kept: %s", self.file, "; ".join(exc.errors)
             )
             return result
-        settings = {**loaded.settings, **self.overrides}
-        if settings != context.settings:
-            log.warning("%s: settings changed; they apply at the next start", self.file)
-        running = {r.id: _effective(r, context.error_handler) for r in context.routes}
         wanted = {r.id: _effective(r, loaded.error_handler) for r in loaded.routes}
-        result.stopped = [rid for rid in running if wanted.get(rid) != running[rid]]
-        added = [route for rid, (route, _) in wanted.items() if running.get(rid) != wanted[rid]]
+        if settings.get("http_listen") != context.settings.get("http_listen"):
+            serves_http = any("http_listen" in _settings_read(*w) for w in wanted.values())
+            error = await self._bind(scratch) if serves_http else None
+            if error is not None:
+                result.kept["http.listen"] = error
+                settings.pop("http_listen", None)
+                if "http_listen" in context.settings:
+                    settings["http_listen"] = context.settings["http_listen"]
+                log.error(
+                    "%s: http.listen not changed, the routes stay where they are: %s",
+                    self.file,
+                    error,
+                )
+        changed = {
+            key
+            for key in settings.keys() | context.settings.keys()
+            if settings.get(key) != context.settings.get(key)
+        }
+        result.settings = sorted(changed)
+        running = {r.id: _effective(r, context.error_handler) for r in context.routes}
+
+        def moves(rid: str) -> bool:
+            """Redefined, gone, or reads a changed setting (any setting no scheme claims)."""
+            if wanted.get(rid) != running[rid]:
+                return True
+            return bool(changed - _CLAIMED or changed & _settings_read(*running[rid]))
+
+        result.stopped = [rid for rid in running if moves(rid)]
+        added = [
+            route
+            for rid, (route, _) in wanted.items()
+            if rid not in running or rid in result.stopped
+        ]
+        # Stopped under the settings they started with (an HTTP route leaves its listener).
         await asyncio.gather(*(context.remove_route(rid, self.grace) for rid in result.stopped))
+        context.settings = settings
         context.error_handler = loaded.error_handler
         context.add_routes(added)
         for route in added:
@@ -114,11 +194,24 @@ class RoutesReloader:
             else:
                 result.started.append(route.id)
         log.info(
-            "%s reloaded: %d route(s) stopped, %d started, %d failed, %d unchanged",
+            "%s reloaded: %d route(s) stopped, %d started, %d failed, %d unchanged%s",
             self.file,
             len(result.stopped),
             len(result.started),
             len(result.failed),
             len(wanted) - len(added),
+            f"; settings changed: {', '.join(result.settings)}" if result.settings else "",
         )
         return result
+
+    async def _bind(self, scratch: IntegrationContext) -> str | None:
+        """Opens the HTTP listener of the new settings (``scratch``'s) in the running HTTP
+        component, before any route moves there; the error when it cannot."""
+        http = self.context.components.get("http")
+        if not isinstance(http, HttpComponent):
+            return None
+        try:
+            await http.listener(scratch).open()
+        except EndpointError as exc:
+            return str(exc)
+        return None

@@ -23,8 +23,8 @@ from meshgate.integration._uri import parse_duration
 __all__ = ["RoutesFile", "load_routes", "parse_routes"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
-_BROKER_URLS = ("redis_url", "amqp_url", "nats_url", "mqtt_url")
-_TOP_LEVEL = ("routes", "error_handler", "http", *_BROKER_URLS)
+_BROKER_URLS = ("redis_url", "database_url", "amqp_url", "nats_url", "mqtt_url", "kafka_url")
+_TOP_LEVEL = ("routes", "error_handler", "http", "sql_statements", *_BROKER_URLS)
 
 
 @dataclass
@@ -242,6 +242,14 @@ class _Parser:
                 url = self.string(data[key], key)
                 if url is not None:
                     settings[key] = url
+        if "sql_statements" in data:
+            statements = data["sql_statements"]
+            if not isinstance(statements, dict):
+                self.error("sql_statements", f"must be a mapping, got {_kind(statements)}")
+            else:
+                for name, sql in statements.items():
+                    if self.string(sql, f"sql_statements.{name}") is not None:
+                        settings.setdefault("sql_statements", {})[str(name)] = sql
         routes: list[m.Route] = []
         raw = data.get("routes")
         if raw is not None and "routes" in data:
@@ -621,8 +629,16 @@ class _Parser:
         return m.Aggregate(correlation, steps, **options)
 
     def _repository(self, name: str, path: str) -> None:
-        if name not in ("memory", "redis") and not name.startswith(("redis://", "rediss://")):
-            self.error(path, "must be memory, redis or a redis:// URL")
+        from meshgate.integration._sql_state import is_database_url
+
+        if name in ("memory", "redis", "sql") or is_database_url(name):
+            return
+        if not name.startswith(("redis://", "rediss://")):
+            self.error(
+                path,
+                "must be memory, redis, a redis:// URL, sql (the database_url setting)"
+                " or a postgresql:// or sqlite:/// URL",
+            )
 
     def multicast(self, config: Any, path: str) -> m.Step | None:
         spec = {

@@ -66,7 +66,12 @@ def run(
         str | None, typer.Option(help="Where http: consumers are served (host:port).")
     ] = None,
     grace: Annotated[
-        float, typer.Option(help="Seconds in-flight exchanges get to finish on SIGTERM.")
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds in-flight exchanges get to finish on SIGTERM (and on a reload);"
+            " those still running then are left unacknowledged, for the broker to redeliver.",
+        ),
     ] = 10.0,
     admin_listen: Annotated[
         str | None,
@@ -112,10 +117,11 @@ async def _serve(
     from meshgate.integration._context import RouteStartError
     from meshgate.integration._errors import EndpointError
 
-    stopping = asyncio.Event()
+    stopping, forced = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        # The first signal drains; a second one cuts the drain short.
+        loop.add_signal_handler(sig, lambda: (forced if stopping.is_set() else stopping).set())
     if admin is not None:
         try:
             await admin.start()
@@ -140,10 +146,39 @@ async def _serve(
         watching = loop.create_task(reloader.watch())
         loop.add_signal_handler(signal.SIGHUP, lambda: context.background(reloader.reload()))
     await stopping.wait()
-    typer.echo("stopping: draining in-flight exchanges", err=True)
+    typer.echo(
+        f"stopping: draining in-flight exchanges (up to {grace:g}s; signal again to force)",
+        err=True,
+    )
     if watching is not None:
         watching.cancel()
-    await context.stop(grace)
+        loop.remove_signal_handler(signal.SIGHUP)
+    return await _drain(context, grace, forced, admin)
+
+
+async def _drain(
+    context: IntegrationContext, grace: float, forced: asyncio.Event, admin: AdminListener | None
+) -> int:
+    """Stop the context; 0 when every exchange in flight finished and was acknowledged."""
+    stopping = asyncio.ensure_future(context.stop(grace))
+    forcing = asyncio.ensure_future(forced.wait())
+    await asyncio.wait({stopping, forcing}, return_when=asyncio.FIRST_COMPLETED)
+    forcing.cancel()
+    if not stopping.done():
+        # Exchanges in flight are cancelled unacknowledged; the brokers redeliver them.
+        stopping.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
+        typer.echo("error: forced to stop; unfinished exchanges were not acknowledged", err=True)
+        return 1
+    drained = stopping.result()
     if admin is not None:
         await admin.stop()
+    if not drained:
+        typer.echo(
+            f"error: in-flight exchanges did not finish within {grace:g}s;"
+            " they were not acknowledged",
+            err=True,
+        )
+        return 1
+    typer.echo("stopped: every in-flight exchange finished", err=True)
     return 0

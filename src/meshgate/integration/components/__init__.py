@@ -16,11 +16,15 @@ def default_components() -> dict[str, Component]:
         SedaComponent,
         TimerComponent,
     )
+    from meshgate.integration.components.cron import CronComponent
+    from meshgate.integration.components.file import FileComponent
     from meshgate.integration.components.http import HttpComponent
+    from meshgate.integration.components.kafka import KafkaComponent
     from meshgate.integration.components.mock import MockComponent
     from meshgate.integration.components.mqtt import MqttComponent
     from meshgate.integration.components.nats import NatsComponent
     from meshgate.integration.components.redis_streams import RedisStreamsComponent
+    from meshgate.integration.components.sql import SqlComponent
 
     components: dict[str, Component] = {
         "direct": DirectComponent(),
@@ -33,5 +37,9 @@ def default_components() -> dict[str, Component]:
         "nats": NatsComponent(),
         "redis": RedisStreamsComponent(),
         "mqtt": MqttComponent(),
+        "kafka": KafkaComponent(),
+        "file": FileComponent(),
+        "cron": CronComponent(),
+        "sql": SqlComponent(),
     }
     return components

@@ -96,7 +96,7 @@ class _AmqpConsumer(Consumer):
         self._channel: Any = None
         self._queue: Any = None
         self._tags: list[str] = []
-        self._busy = 0
+        self._running: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         endpoint = self.endpoint
@@ -108,16 +108,20 @@ class _AmqpConsumer(Consumer):
             self._tags.append(await self._queue.consume(self._on_message, no_ack=False))
 
     async def _on_message(self, incoming: Any) -> None:
-        self._busy += 1
+        # aio-pika runs each delivery (up to ``prefetch``) in a task of its own.
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
         try:
             exchange = _exchange_of(incoming)
             try:
                 await self.processor(exchange)
             except Exception as exc:
                 exchange.exception = exc
-            if exchange.exception is None:
-                await incoming.ack()
-            else:
+            try:
+                if exchange.exception is None:
+                    await incoming.ack()
+                    return
                 log.warning(
                     "%s: message %s failed (%s); returned to the queue",
                     self.endpoint.uri.text,
@@ -125,19 +129,34 @@ class _AmqpConsumer(Consumer):
                     exchange.exception,
                 )
                 await incoming.nack(requeue=True)
+            except Exception as exc:
+                # The channel is gone: the broker requeued the message with it.
+                log.warning(
+                    "%s: message %s not settled (%s); the broker redelivers it",
+                    self.endpoint.uri.text,
+                    incoming.message_id,
+                    exc,
+                )
         finally:
-            self._busy -= 1
+            self._running.discard(task)
 
     async def stop(self) -> None:
-        if self._queue is not None:
-            for tag in self._tags:
-                await self._queue.cancel(tag)
-        self._tags = []
-        while self._busy:
-            await asyncio.sleep(0.005)
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-        self._channel = self._queue = None
+        """Cancel the subscriptions, wait for the deliveries taken to be settled, close the
+        channel. Cancelled (the drain deadline), the deliveries are cancelled unsettled and
+        the closed channel returns them to the queue."""
+        try:
+            if self._queue is not None:
+                for tag in self._tags:
+                    await self._queue.cancel(tag)
+            self._tags = []
+            while self._running:
+                await asyncio.wait(set(self._running))
+        finally:
+            for task in self._running:
+                task.cancel()
+            channel, self._channel, self._queue = self._channel, None, None
+            if channel is not None and not channel.is_closed:
+                await channel.close()
 
 
 def _exchange_of(incoming: Any) -> Exchange:

@@ -15,7 +15,13 @@ from meshgate.integration._uri import EndpointUri, Options
 if TYPE_CHECKING:
     from meshgate.integration._context import IntegrationContext
 
-__all__ = ["DirectComponent", "LogComponent", "SedaComponent", "TimerComponent"]
+__all__ = [
+    "DirectComponent",
+    "FiringConsumer",
+    "LogComponent",
+    "SedaComponent",
+    "TimerComponent",
+]
 
 #: Nested direct calls allowed before an exchange is taken to be in a loop.
 MAX_DIRECT_DEPTH = 64
@@ -155,36 +161,49 @@ class _SedaConsumer(Consumer):
     def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
         super().__init__(endpoint, processor)
         self._workers: list[asyncio.Task[None]] = []
-        self._busy = 0
+        self._waiting: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def start(self) -> None:
+        self._stopping = False
         self._workers = [
             asyncio.ensure_future(self._work()) for _ in range(self.endpoint.concurrent_consumers)
         ]
 
     async def _work(self) -> None:
         queue = self.endpoint.queue
-        while True:
-            exchange, done = await queue.get()
-            self._busy += 1
+        task = asyncio.current_task()
+        assert task is not None
+        while not self._stopping:
+            self._waiting.add(task)
+            try:
+                exchange, done = await queue.get()
+            finally:
+                self._waiting.discard(task)
             try:
                 await self.processor(exchange)
             except Exception as exc:
                 exchange.exception = exc
             finally:
-                self._busy -= 1
                 queue.task_done()
                 if done is not None and not done.done():
                     done.set_result(None)
 
     async def stop(self) -> None:
-        # Idle workers stop now; busy ones finish the exchange they hold first.
-        while self._busy:
-            await asyncio.sleep(0.005)
-        for worker in self._workers:
+        # Waiting workers stop now, so that none takes another message (a cancelled get
+        # leaves its message queued); busy ones finish the exchange they hold first.
+        self._stopping = True
+        for worker in self._waiting:
             worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
+        try:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        finally:
+            self._workers = []
+        left = self.endpoint.queue.qsize()
+        if left:
+            logging.getLogger("meshgate.integration").warning(
+                "%s: %d message(s) left queued for the next consumer", self.endpoint.uri.text, left
+            )
 
 
 class _SedaProducer(Producer):
@@ -248,8 +267,11 @@ class TimerEndpoint(Endpoint):
         return _TimerConsumer(self, processor)
 
 
-class _TimerConsumer(Consumer):
-    endpoint: TimerEndpoint
+class FiringConsumer(Consumer):
+    """A consumer that fires exchanges on a schedule (timer, cron) from one task.
+
+    Stopping lets a firing in progress finish its route and cancels the wait for the next.
+    """
 
     def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
         super().__init__(endpoint, processor)
@@ -257,7 +279,34 @@ class _TimerConsumer(Consumer):
         self._firing = False
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+        self._task = asyncio.create_task(self._run(), name=f"fire {self.endpoint.uri.text}")
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def fire(self, exchange: Exchange) -> None:
+        self._firing = True
+        try:
+            await self.processor(exchange)
+        except Exception:
+            logging.getLogger("meshgate.integration").exception(
+                "%s: the route failed", self.endpoint.uri.text
+            )
+        finally:
+            self._firing = False
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        while self._firing and not task.done():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class _TimerConsumer(FiringConsumer):
+    endpoint: TimerEndpoint
 
     async def _run(self) -> None:
         endpoint = self.endpoint
@@ -269,26 +318,11 @@ class _TimerConsumer(Consumer):
             exchange = Exchange(Message(None, {}), ExchangePattern.IN_ONLY)
             exchange.properties["timer_name"] = endpoint.name
             exchange.properties["timer_counter"] = fired
-            self._firing = True
-            try:
-                await self.processor(exchange)
-            except Exception:
-                logging.getLogger("meshgate.integration").exception("timer route failed")
-            finally:
-                self._firing = False
+            await self.fire(exchange)
             if endpoint.repeat_count and fired >= endpoint.repeat_count:
                 return
             # Fixed rate, as Camel's timer: a slow route does not shift later firings.
             next_at = max(next_at + endpoint.period, loop.time())
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        while self._firing and not task.done():
-            await asyncio.sleep(0.005)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 class LogComponent(Component):

@@ -117,6 +117,7 @@ class _MqttConsumer(Consumer):
         self._task: asyncio.Task[None] | None = None
         self._idle = False
         self._stopping = False
+        self._duplicates: dict[int, bool] = {}
 
     async def start(self) -> None:
         self._stopping = False
@@ -128,6 +129,16 @@ class _MqttConsumer(Consumer):
         client = endpoint.client(endpoint.client_id, persistent=not endpoint.clean_session)
         # aiomqtt has no manual acknowledgement of its own: paho's, under it, sends PUBACK.
         client._client.manual_ack_set(True)
+        # Nor does it keep the DUP flag (a resend of an unacknowledged message): noted here.
+        self._duplicates.clear()
+        queue_message = client._client.on_message
+
+        def on_message(paho: Any, userdata: Any, message: Any) -> None:
+            if message.qos > 0:
+                self._duplicates[message.mid] = bool(message.dup)
+            queue_message(paho, userdata, message)
+
+        client._client.on_message = on_message
         await endpoint.connect(client)
         self._client = client
         await client.subscribe(endpoint.topic, qos=endpoint.qos)
@@ -177,6 +188,7 @@ class _MqttConsumer(Consumer):
 
     async def _deliver(self, incoming: Any) -> bool:
         exchange = _exchange_of(incoming)
+        exchange.properties["redelivered"] = self._duplicates.pop(incoming.mid, False)
         try:
             await self.processor(exchange)
         except Exception as exc:
@@ -195,12 +207,16 @@ class _MqttConsumer(Consumer):
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            if self._idle:
-                self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            if self._task is not None:
+                if self._idle:
+                    self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        finally:
+            # Cancelled (the drain deadline), the message in flight stays unacknowledged:
+            # the broker resends it when the session reconnects.
             self._task = None
-        await self._disconnect()
+            await self._disconnect()
 
 
 def _exchange_of(incoming: Any) -> Exchange:

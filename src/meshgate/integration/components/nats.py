@@ -13,6 +13,7 @@ the ``servers`` option, else the context's ``nats_url`` setting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from typing import TYPE_CHECKING, Any
@@ -205,6 +206,11 @@ class _NatsConsumer(Consumer):
                 await self.processor(exchange)
             except Exception as exc:
                 exchange.exception = exc
+            except asyncio.CancelledError:
+                # Cut short by the drain deadline: back to JetStream now, not after ack_wait.
+                with contextlib.suppress(Exception):
+                    await incoming.nak()
+                raise
         finally:
             progress.cancel()
         if exchange.exception is None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from meshgate.integration._component import Component, Consumer, Endpoint, Processor, Producer
@@ -210,7 +209,8 @@ class _RedisStreamConsumer(Consumer):
         finally:
             self._idle.discard(task)
 
-    async def _deliver_all(self, entries: Iterable[Any], redelivered: bool) -> None:
+    async def _deliver_all(self, entries: list[Any], redelivered: bool) -> None:
+        counts = await self._delivery_counts(entries) if redelivered and entries else {}
         for entry_id, fields in entries:
             if self._stopping:
                 return
@@ -220,13 +220,29 @@ class _RedisStreamConsumer(Consumer):
                 # A trimmed entry still pending: nothing to deliver, only to forget.
                 await self._client.xack(self.endpoint.stream, self.endpoint.group, entry_id)
                 continue
-            await self._deliver(entry_id, fields, redelivered)
+            await self._deliver(entry_id, fields, counts.get(entry_id, 2 if redelivered else 1))
 
-    async def _deliver(
-        self, entry_id: bytes, fields: dict[bytes, bytes], redelivered: bool
-    ) -> None:
+    async def _delivery_counts(self, entries: list[Any]) -> dict[bytes, int]:
+        """How many times each pending entry was delivered, this time included (XPENDING)."""
         endpoint = self.endpoint
-        exchange = _exchange_of(endpoint.stream, entry_id, fields, redelivered)
+        try:
+            pending = await self._client.xpending_range(
+                endpoint.stream,
+                endpoint.group,
+                min=entries[0][0],
+                max=entries[-1][0],
+                # Other entries of this consumer may lie between (in flight, failed).
+                count=len(entries) + 100,
+                consumername=endpoint.consumer_name,
+            )
+        except Exception as exc:
+            log.warning("%s: delivery counts unknown (%s)", endpoint.uri.text, exc)
+            return {}
+        return {item["message_id"]: int(item["times_delivered"]) for item in pending}
+
+    async def _deliver(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+        endpoint = self.endpoint
+        exchange = _exchange_of(endpoint.stream, entry_id, fields, deliveries)
         self._in_flight.add(entry_id)
         progress = asyncio.create_task(self._keep_claimed(entry_id))
         try:
@@ -266,7 +282,7 @@ class _RedisStreamConsumer(Consumer):
 
 
 def _exchange_of(
-    stream: str, entry_id: bytes, fields: dict[bytes, bytes], redelivered: bool
+    stream: str, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int
 ) -> Exchange:
     decoded = {
         key.decode("utf-8", "replace"): value.decode("utf-8", "replace")
@@ -281,7 +297,9 @@ def _exchange_of(
     headers["redis_stream"] = stream
     headers["redis_id"] = entry_id.decode()
     exchange = Exchange(Message(body, headers), ExchangePattern.IN_ONLY)
-    exchange.properties["redelivered"] = redelivered
+    # As amqp and nats: delivered before (by this consumer or one that died or failed).
+    exchange.properties["redelivered"] = deliveries > 1
+    exchange.properties["delivery_count"] = deliveries
     return exchange
 
 

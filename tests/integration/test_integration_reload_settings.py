@@ -1,0 +1,209 @@
+"""A reload applies a routes file's top-level settings: the routes that read a changed one
+are drained and restarted against the new value; a new HTTP address is bound first."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+from harness import free_port
+from integration_kit import run
+
+from meshgate.integration import IntegrationContext
+from meshgate.integration._reload import RoutesReloader
+from meshgate.integration._yaml import load_routes
+from meshgate.integration.testing import mock_endpoint
+
+WEB = """
+http: {{listen: "127.0.0.1:{port}"}}
+routes:
+  - id: web
+    from: "http:/ping"
+    steps: [{{delay: 300ms}}, {{transform: {{value: pong}}}}]
+  - id: other
+    from: direct:other
+    steps: [{{to: "mock:other"}}]
+"""
+
+
+async def _running(file: Path) -> tuple[IntegrationContext, RoutesReloader]:
+    """The routes of ``file`` started with its settings, as ``meshgate integration run`` does."""
+    context = IntegrationContext()
+    loaded = load_routes(file, context=context)
+    context.settings = dict(loaded.settings)
+    context.add_routes(loaded.routes)
+    await context.start()
+    return context, RoutesReloader(context, file, grace=5.0)
+
+
+async def _refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+def test_a_changed_listen_address_moves_the_http_routes_after_their_requests_finish(
+    tmp_path: Path,
+) -> None:
+    old, new = free_port(), free_port()
+    file = tmp_path / "routes.yaml"
+    file.write_text(WEB.format(port=old))
+
+    async def main() -> None:
+        context, reloader = await _running(file)
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                in_flight = asyncio.ensure_future(client.get(f"http://127.0.0.1:{old}/ping"))
+                while context.route_stats("web")["inflight"] == 0:
+                    await asyncio.sleep(0.005)
+                file.write_text(WEB.format(port=new))
+                result = await reloader.reload()
+                assert (result.settings, result.kept) == (["http_listen"], {})
+                assert (result.stopped, result.started, result.failed) == (["web"], ["web"], {})
+                answer = await in_flight
+                assert (answer.status_code, answer.text) == (200, "pong")
+                moved = await client.get(f"http://127.0.0.1:{new}/ping")
+                assert (moved.status_code, moved.text) == (200, "pong")
+            assert await _refused(old)
+            # The route that reads no changed setting kept running.
+            await context.send("direct:other", "still")
+            assert mock_endpoint(context, "mock:other").bodies == ["still"]
+            assert context.settings["http_listen"] == f"127.0.0.1:{new}"
+        finally:
+            await context.stop(grace=2.0)
+
+    run(main)
+
+
+def test_an_address_that_cannot_be_bound_keeps_the_routes_on_the_old_one(
+    tmp_path: Path,
+) -> None:
+    old = free_port()
+    file = tmp_path / "routes.yaml"
+    file.write_text(WEB.format(port=old))
+
+    async def main() -> None:
+        busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        taken = busy.sockets[0].getsockname()[1]
+        context, reloader = await _running(file)
+        try:
+            file.write_text(WEB.format(port=taken))
+            result = await reloader.reload()
+            assert f"cannot listen on 127.0.0.1:{taken}" in result.kept["http.listen"]
+            assert (result.settings, result.stopped, result.started) == ([], [], [])
+            assert context.settings["http_listen"] == f"127.0.0.1:{old}"
+            assert context.route_status("web") == "started"
+            async with httpx.AsyncClient(timeout=5) as client:
+                answer = await client.get(f"http://127.0.0.1:{old}/ping")
+            assert (answer.status_code, answer.text) == (200, "pong")
+        finally:
+            await context.stop(grace=2.0)
+            busy.close()
+
+    run(main)
+
+
+def _other_db(redis_url: str) -> str:
+    parts = urlsplit(redis_url)
+    db = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{(db + 1) % 16}"))
+
+
+REDIS = """
+redis_url: "{url}"
+routes:
+  - id: produce
+    from: direct:in
+    steps: [{{to: "redis:{stream}"}}]
+  - id: consume
+    from: "redis:{stream}?group=g&block=50ms"
+    steps: [{{to: "mock:got"}}]
+  - id: other
+    from: direct:other
+    steps: [{{to: "mock:other"}}]
+"""
+
+
+@pytest.fixture
+def stream(redis_url: str) -> Iterator[str]:
+    import redis
+
+    name = f"meshgate-reload-{uuid.uuid4().hex[:10]}"
+    yield name
+    for url in (redis_url, _other_db(redis_url)):
+        client = redis.Redis.from_url(url)
+        client.delete(name)
+        client.close()
+
+
+def test_a_changed_redis_url_restarts_the_routes_that_use_redis_against_it(
+    redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    import redis
+
+    moved_to = _other_db(redis_url)
+    file = tmp_path / "routes.yaml"
+    file.write_text(REDIS.format(url=redis_url, stream=stream))
+
+    async def main() -> None:
+        context, reloader = await _running(file)
+        got = mock_endpoint(context, "mock:got")
+        try:
+            await context.send("direct:in", "first")
+            await got.wait_for(1)
+            file.write_text(REDIS.format(url=moved_to, stream=stream))
+            result = await reloader.reload()
+            assert result.settings == ["redis_url"]
+            assert (result.stopped, result.started) == (
+                ["produce", "consume"],
+                ["produce", "consume"],
+            )
+            await context.send("direct:in", "second")
+            await got.wait_for(2)
+            assert got.bodies == [b"first", b"second"]
+            await context.send("direct:other", "untouched")
+            assert mock_endpoint(context, "mock:other").bodies == ["untouched"]
+        finally:
+            await context.stop(grace=2.0)
+
+    run(main)
+    for url, body in ((redis_url, b"first"), (moved_to, b"second")):
+        client = redis.Redis.from_url(url)
+        try:
+            assert [fields[b"body"] for _, fields in client.xrange(stream)] == [body]
+        finally:
+            client.close()
+
+
+def test_a_setting_read_by_no_route_restarts_none_and_an_unknown_one_restarts_all(
+    tmp_path: Path,
+) -> None:
+    routes = "routes: [{id: a, from: 'direct:a', steps: [{to: 'mock:a'}]}]\n"
+    file = tmp_path / "routes.yaml"
+    file.write_text(routes)
+
+    async def main() -> None:
+        context, reloader = await _running(file)
+        try:
+            file.write_text('amqp_url: "amqp://guest:guest@127.0.0.1:1/"\n' + routes)
+            result = await reloader.reload()
+            assert (result.settings, result.stopped) == (["amqp_url"], [])
+            # A setting of which no scheme is known to read (set by an embedding program):
+            # every route may read it, so every route restarts.
+            context.settings["custom"] = "before"
+            result = await reloader.reload()
+            assert (result.settings, result.stopped, result.started) == (["custom"], ["a"], ["a"])
+            await context.send("direct:a", "after")
+            assert mock_endpoint(context, "mock:a").bodies == ["after"]
+        finally:
+            await context.stop(grace=2.0)
+
+    run(main)
