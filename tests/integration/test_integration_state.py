@@ -113,3 +113,44 @@ def test_an_unreachable_redis_fails_the_exchange_clearly(redis_prefix: str) -> N
         assert "idempotent repository (Redis)" in str(result.exception)
 
     run(main)
+
+
+def test_a_route_restarted_closes_and_reopens_its_redis_idempotency(
+    redis_url: str, redis_prefix: str
+) -> None:
+    import redis
+
+    name = f"mg-idem-{redis_prefix}"
+    route_id = f"restart-{redis_prefix}"
+
+    def connections() -> int:
+        # The repository's connections, told apart by the client name in its URL.
+        with redis.Redis.from_url(redis_url) as admin:
+            return sum(1 for c in admin.client_list() if c.get("name") == name)
+
+    async def main() -> None:
+        sep = "&" if "?" in redis_url else "?"
+        context = IntegrationContext()
+        context.add_route(
+            from_("direct:in", id=route_id)
+            .idempotent_consumer("id", repository=f"{redis_url}{sep}client_name={name}")
+            .to("mock:once")
+            .end()
+            .build()
+        )
+        await context.start()
+        await context.send("direct:in", {"id": "a"})
+        assert connections() == 1
+        await context.stop_route(route_id)
+        assert connections() == 0  # closed with its route
+        await context.start_route(route_id)
+        await context.send("direct:in", {"id": "a"})  # a duplicate: the key is in Redis
+        await context.send("direct:in", {"id": "b"})
+        assert [m.body for m in mock_endpoint(context, "mock:once").received] == [
+            {"id": "a"},
+            {"id": "b"},
+        ]
+        await context.stop()
+        assert connections() == 0
+
+    run(main)

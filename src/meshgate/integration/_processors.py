@@ -35,6 +35,7 @@ from meshgate.integration._metrics import Series
 from meshgate.integration._schemas import SchemaValidator
 from meshgate.integration._state import (
     AggregationRepository,
+    IdempotentRepository,
     message_from_item,
     message_to_item,
 )
@@ -66,6 +67,16 @@ class _ProducerService(Service):
 
     async def stop(self) -> None:
         await self.producer.stop()
+
+
+class _Closing(Service):
+    """Closes a repository's connections when its route stops."""
+
+    def __init__(self, repository: IdempotentRepository) -> None:
+        self.repository = repository
+
+    async def stop(self) -> None:
+        await self.repository.close()
 
 
 class Compiled:
@@ -416,6 +427,7 @@ class _Compiler:
         repository = self.context.idempotent_repository(
             step.repository, f"{self.route.id}:{where}", step.ttl
         )
+        self.services.append(_Closing(repository))
         expr = step.expr
 
         async def process(exchange: Exchange) -> None:
