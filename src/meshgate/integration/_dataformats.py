@@ -6,6 +6,7 @@ billion laughs, no external entities), JSON's NaN, and nesting deeper than Pytho
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -72,7 +73,11 @@ _JSON_DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 def _json_loads(raw: bytes | str) -> Any:
     try:
-        text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
+        if isinstance(raw, bytes):
+            # utf-8-sig's decoder is written in Python: strip the BOM, decode in C.
+            text = (raw[3:] if raw.startswith(codecs.BOM_UTF8) else raw).decode()
+        else:
+            text = raw
         return _JSON_DECODER.decode(text)
     except UnicodeDecodeError as exc:
         raise PayloadError(f"malformed JSON: not UTF-8 (byte {exc.start})") from None
@@ -114,7 +119,11 @@ def _xml_dumps(body: Any, options: Mapping[str, Any]) -> bytes:
 
 def _csv_loads(raw: bytes | str, options: Mapping[str, Any]) -> list[Any]:
     try:
-        text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
+        if isinstance(raw, bytes):
+            # utf-8-sig's decoder is written in Python: strip the BOM, decode in C.
+            text = (raw[3:] if raw.startswith(codecs.BOM_UTF8) else raw).decode()
+        else:
+            text = raw
     except UnicodeDecodeError as exc:
         raise PayloadError(f"malformed CSV: not UTF-8 (byte {exc.start})") from None
     delimiter = options.get("delimiter", ",")

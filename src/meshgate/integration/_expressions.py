@@ -107,6 +107,7 @@ class _Interpreted(Exception):
 
 
 _COMPARATORS = TreeInterpreter.COMPARATOR_FUNC
+_ORDERED = (int, float, str)
 
 
 def _compile(node: dict[str, Any]) -> Callable[[Any], Any]:
@@ -180,8 +181,11 @@ def _comparator(
 
     def ordering(value: Any) -> Any:
         a, b = left(value), right(value)
-        # Ordering is defined for numbers and strings only; otherwise null.
-        if not (_is_comparable(a) and _is_comparable(b)):
+        # Ordering is defined for numbers and strings only; otherwise null. (int, float
+        # and str first: jmespath's check is an ABC isinstance, slow on the common case.)
+        if not (type(a) in _ORDERED or _is_comparable(a)) or not (
+            type(b) in _ORDERED or _is_comparable(b)
+        ):
             return None
         return compare(a, b)
 
@@ -332,6 +336,8 @@ class Template:
         except (ArithmeticError, TypeError, ValueError, LookupError) as exc:
             raise ExpressionError(f"template failed: {type(exc).__name__}: {exc}") from None
 
+    evaluate = render
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Template) and other.source == self.source
 
@@ -418,6 +424,9 @@ class Constant:
     def __init__(self, value: Any) -> None:
         self.value = value
 
+    def evaluate(self, exchange: Exchange) -> Any:
+        return self.value
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Constant) and other.value == self.value
 
@@ -433,11 +442,7 @@ Value = Constant | Expression | Template
 
 def evaluate(value: Value, exchange: Exchange) -> Any:
     """What a constant, expression or template yields for ``exchange``."""
-    if isinstance(value, Constant):
-        return value.value
-    if isinstance(value, Expression):
-        return value.evaluate(exchange)
-    return value.render(exchange)
+    return value.evaluate(exchange)
 
 
 def _one_line(text: str) -> str:

@@ -29,7 +29,6 @@ from meshgate.integration._errors import (
     PayloadError,
     SchemaValidationError,
 )
-from meshgate.integration._expressions import evaluate
 from meshgate.integration._message import Exchange, ExchangePattern, Message
 from meshgate.integration._metrics import Series
 from meshgate.integration._schemas import SchemaValidator
@@ -155,10 +154,10 @@ class _Compiler:
         return process
 
     def _set_header(self, step: m.SetHeader, where: str) -> Processor:
-        name, value = step.name, step.value
+        name, value = step.name, step.value.evaluate
 
         async def process(exchange: Exchange) -> None:
-            exchange.message.headers[name] = evaluate(value, exchange)
+            exchange.message.headers[name] = value(exchange)
 
         return process
 
@@ -171,18 +170,18 @@ class _Compiler:
         return process
 
     def _set_property(self, step: m.SetProperty, where: str) -> Processor:
-        name, value = step.name, step.value
+        name, value = step.name, step.value.evaluate
 
         async def process(exchange: Exchange) -> None:
-            exchange.properties[name] = evaluate(value, exchange)
+            exchange.properties[name] = value(exchange)
 
         return process
 
     def _transform(self, step: m.Transform, where: str) -> Processor:
-        value = step.value
+        value = step.value.evaluate
 
         async def process(exchange: Exchange) -> None:
-            exchange.message.body = evaluate(value, exchange)
+            exchange.message.body = value(exchange)
 
         return process
 
