@@ -346,3 +346,47 @@ def test_a_context_stop_drains_a_route_before_the_direct_route_it_calls() -> Non
         assert context.route_stats("first") == {"inflight": 0, "completed": 1, "failed": 0}
 
     run(main)
+
+
+def test_a_seda_exchange_cut_off_at_the_deadline_fails_for_its_in_out_caller() -> None:
+    routes = [
+        from_("seda:slow", id="slow").delay("2s").to("mock:never").build(),
+        from_("direct:call", id="caller").to("seda:slow").to("mock:after").build(),
+    ]
+
+    async def main() -> None:
+        context = IntegrationContext()
+        context.add_routes(routes)
+        await context.start()
+        try:
+            calling = asyncio.ensure_future(context.request("direct:call", "m"))
+            while context.route_stats("slow")["inflight"] == 0:
+                await asyncio.sleep(0.005)
+            await context.stop_route("slow", grace=0.1)
+            with pytest.raises(Exception, match="the route stopped before the exchange completed"):
+                await calling
+            assert mock_endpoint(context, "mock:after").bodies == []
+        finally:
+            await context.stop(grace=1)
+
+    run(main)
+
+
+def test_a_timer_whose_stop_is_cut_off_fires_no_more() -> None:
+    route = from_("timer:t?period=50ms&delay=0", id="t").to("mock:fired").delay("200ms").build()
+
+    async def main() -> None:
+        context = IntegrationContext()
+        context.add_routes([route])
+        await context.start()
+        fired = mock_endpoint(context, "mock:fired")
+        try:
+            await fired.wait_for(1)
+            await context.remove_route("t", grace=0.05)  # the firing in progress is cut off
+            count = len(fired.bodies)
+            await asyncio.sleep(0.5)  # a timer still running would fire twice meanwhile
+            assert len(fired.bodies) == count
+        finally:
+            await context.stop(grace=1)
+
+    run(main)

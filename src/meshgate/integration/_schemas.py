@@ -49,10 +49,15 @@ class SchemaValidator:
 
     jsonschema-rs, compiled once, accepts valid data fast (about 0.5 µs for a small
     order, against 25 µs for the pure-Python validator). Data it refuses goes to the
-    reference implementation, ``jsonschema``, which decides and names each failing field:
-    the answer is always the reference's. Should the compiled validator refuse a schema
-    (one with a reference it may not fetch) or data it cannot read (bytes, non-string
-    keys), the reference implementation checks alone.
+    reference implementation, ``jsonschema``, which names each failing field. So data is
+    valid when either accepts it. The two differ only in corners where jsonschema-rs
+    follows the specification more closely (``multipleOf: 0.1`` accepts 0.3, where
+    floating point makes jsonschema refuse it; ``format: regex`` is ECMA 262, so named
+    groups ``(?<n>...)`` are regular expressions) or checks more (formats jsonschema
+    checks only with optional packages, such as ``date-time``, refused by jsonschema-rs
+    alone, are accepted). Should the compiled validator refuse a schema (one with a
+    reference it may not fetch) or data it cannot read (bytes, non-string keys), the
+    reference implementation checks alone.
     """
 
     __slots__ = ("_fast", "_reference")

@@ -184,6 +184,13 @@ class _SedaConsumer(Consumer):
                 await self.processor(exchange)
             except Exception as exc:
                 exchange.exception = exc
+            except asyncio.CancelledError:
+                # Cut off at the drain deadline: an in-out caller must not take the
+                # exchange as completed (and acknowledge its own message).
+                exchange.exception = IntegrationError(
+                    f"{self.endpoint.uri.text}: the route stopped before the exchange completed"
+                )
+                raise
             finally:
                 queue.task_done()
                 if done is not None and not done.done():
@@ -299,10 +306,13 @@ class FiringConsumer(Consumer):
         task, self._task = self._task, None
         if task is None:
             return
-        while self._firing and not task.done():
-            await asyncio.sleep(0.005)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        try:
+            while self._firing and not task.done():
+                await asyncio.sleep(0.005)
+        finally:
+            # Also when this stop is cancelled at the drain deadline: nothing fires again.
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class _TimerConsumer(FiringConsumer):
