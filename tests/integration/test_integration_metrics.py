@@ -110,3 +110,32 @@ def test_latency_lands_in_the_buckets_of_its_duration() -> None:
         assert route_sum is not None and route_sum >= 0.03
 
     run_routes([route], scenario)
+
+
+def test_a_synchronous_step_failing_in_a_pipeline_counts_and_stops_it() -> None:
+    route = (
+        from_("direct:in", id="parse")
+        .set_header("stage", "parsing")
+        .unmarshal("json")
+        .validate(expr="id")
+        .to("mock:parsed")
+        .build()
+    )
+
+    async def scenario(context: IntegrationContext) -> None:
+        bad = await context.send("direct:in", b"{oops")
+        assert bad.failed_step == "steps[1].unmarshal"
+        no_id = await context.send("direct:in", b'{"total": 1}')
+        assert no_id.failed_step == "steps[2].validate"
+        await context.send("direct:in", b'{"id": 1}')
+        assert [m.body for m in mock_endpoint(context, "mock:parsed").received] == [{"id": 1}]
+        s = _samples(context)
+        failures = "meshgate_integration_step_failures_total"
+        total = "meshgate_integration_step_exchanges_total"
+        assert _at(s, failures, route="parse", step="steps[1].unmarshal") == 1
+        assert _at(s, total, route="parse", step="steps[1].unmarshal") == 3
+        assert _at(s, failures, route="parse", step="steps[2].validate") == 1
+        assert _at(s, total, route="parse", step="steps[3].to") == 1
+        assert _at(s, "meshgate_integration_route_failures_total", route="parse") == 2
+
+    run_routes([route], scenario)

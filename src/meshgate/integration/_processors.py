@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,24 @@ if TYPE_CHECKING:
 
 __all__ = ["Compiled", "Service", "compile_route", "combine", "step_name"]
 
+#: A step that never waits: run in place by a pipeline.
+SyncStep = Callable[[Exchange], None]
+
 log = logging.getLogger("meshgate.integration")
+
+
+# The steps whose processor is synchronous (they compute; they never wait).
+_SYNC_STEPS = (
+    m.Log,
+    m.SetHeader,
+    m.RemoveHeader,
+    m.SetProperty,
+    m.Transform,
+    m.Marshal,
+    m.Unmarshal,
+    m.Validate,
+    m.Stop,
+)
 
 
 class Service:
@@ -110,15 +127,15 @@ class _Compiler:
         self.services: list[Service] = []
 
     def steps(self, steps: Iterable[m.Step], path: str) -> Processor:
-        processors = [self.step(step, f"{path}[{i}]") for i, step in enumerate(steps)]
-        if len(processors) == 1:
-            return processors[0]
-        return _Pipeline(processors)
+        channels = [self.step(step, f"{path}[{i}]") for i, step in enumerate(steps)]
+        if len(channels) == 1:
+            return channels[0]
+        return _Pipeline(channels)
 
-    def step(self, step: m.Step, path: str) -> Processor:
+    def step(self, step: m.Step, path: str) -> _Channel:
         where = f"{path}.{step_name(step)}"
         build = getattr(self, "_" + step_name(step))
-        processor: Processor = build(step, where)
+        processor = build(step, where)
         leaf = not isinstance(
             step,
             m.Choice
@@ -132,6 +149,10 @@ class _Compiler:
         )
         redeliveries = self.handler.maximum_redeliveries if self.handler and leaf else 0
         series = self.context.metrics.step(self.route.id, where)
+        if isinstance(step, _SYNC_STEPS):
+            return _Channel(
+                _awaitable(processor), where, redeliveries, self.handler, series, processor
+            )
         return _Channel(processor, where, redeliveries, self.handler, series)
 
     def producer(self, uri: str) -> Producer:
@@ -142,70 +163,70 @@ class _Compiler:
     def _to(self, step: m.To, where: str) -> Processor:
         return self.producer(step.uri).process
 
-    def _log(self, step: m.Log, where: str) -> Processor:
+    def _log(self, step: m.Log, where: str) -> SyncStep:
         logger = logging.getLogger(step.logger or f"meshgate.integration.route.{self.route.id}")
         level = logging.getLevelName(step.level.upper())
         template = step.message
 
-        async def process(exchange: Exchange) -> None:
+        def process(exchange: Exchange) -> None:
             if logger.isEnabledFor(level):
                 logger.log(level, "%s", template.render(exchange))
 
         return process
 
-    def _set_header(self, step: m.SetHeader, where: str) -> Processor:
+    def _set_header(self, step: m.SetHeader, where: str) -> SyncStep:
         name, value = step.name, step.value.evaluate
 
-        async def process(exchange: Exchange) -> None:
+        def process(exchange: Exchange) -> None:
             exchange.message.headers[name] = value(exchange)
 
         return process
 
-    def _remove_header(self, step: m.RemoveHeader, where: str) -> Processor:
+    def _remove_header(self, step: m.RemoveHeader, where: str) -> SyncStep:
         name = step.name
 
-        async def process(exchange: Exchange) -> None:
+        def process(exchange: Exchange) -> None:
             exchange.message.headers.pop(name, None)
 
         return process
 
-    def _set_property(self, step: m.SetProperty, where: str) -> Processor:
+    def _set_property(self, step: m.SetProperty, where: str) -> SyncStep:
         name, value = step.name, step.value.evaluate
 
-        async def process(exchange: Exchange) -> None:
+        def process(exchange: Exchange) -> None:
             exchange.properties[name] = value(exchange)
 
         return process
 
-    def _transform(self, step: m.Transform, where: str) -> Processor:
+    def _transform(self, step: m.Transform, where: str) -> SyncStep:
         value = step.value.evaluate
 
-        async def process(exchange: Exchange) -> None:
+        def process(exchange: Exchange) -> None:
             exchange.message.body = value(exchange)
 
         return process
 
-    def _marshal(self, step: m.Marshal, where: str) -> Processor:
+    def _marshal(self, step: m.Marshal, where: str) -> SyncStep:
         fmt, options = step.format, dict(step.options)
 
-        async def process(exchange: Exchange) -> None:
+        def process(exchange: Exchange) -> None:
             exchange.message.body = marshal(exchange.message, fmt, options)
 
         return process
 
-    def _unmarshal(self, step: m.Unmarshal, where: str) -> Processor:
+    def _unmarshal(self, step: m.Unmarshal, where: str) -> SyncStep:
         fmt, options = step.format, dict(step.options)
 
-        async def process(exchange: Exchange) -> None:
+        def process(exchange: Exchange) -> None:
             exchange.message.body = unmarshal(exchange.message, fmt, options)
 
         return process
 
-    def _validate(self, step: m.Validate, where: str) -> Processor:
+    def _validate(self, step: m.Validate, where: str) -> SyncStep:
         validator = None if step.schema is None else SchemaValidator(step.schema)
         expr = step.expr
 
-        async def process(exchange: Exchange) -> None:
+        def process(exchange: Exchange) -> None:
             body = exchange.message.body
             if validator is not None:
                 if isinstance(body, bytes | str):
@@ -222,8 +243,8 @@ class _Compiler:
 
         return process
 
-    def _stop(self, step: m.Stop, where: str) -> Processor:
-        async def process(exchange: Exchange) -> None:
+    def _stop(self, step: m.Stop, where: str) -> SyncStep:
+        def process(exchange: Exchange) -> None:
             exchange.stopped = True
 
         return process
@@ -447,22 +468,37 @@ class _Compiler:
 
 
 class _Pipeline:
-    __slots__ = ("processors",)
+    __slots__ = ("channels",)
 
-    def __init__(self, processors: list[Processor]) -> None:
-        self.processors = processors
+    def __init__(self, channels: list[_Channel]) -> None:
+        self.channels = channels
 
     async def __call__(self, exchange: Exchange) -> None:
-        for processor in self.processors:
-            await processor(exchange)
+        for channel in self.channels:
+            # A synchronous step runs in place: no coroutine to create and await.
+            if channel.call is not None:
+                channel.run(exchange)
+            else:
+                await channel(exchange)
             if exchange.exception is not None or exchange.stopped:
                 return
 
 
-class _Channel:
-    """Runs one step: redelivers a failure, then records it on the exchange and its series."""
+def _awaitable(step: SyncStep) -> Processor:
+    async def process(exchange: Exchange) -> None:
+        step(exchange)
 
-    __slots__ = ("processor", "where", "redeliveries", "handler", "series")
+    return process
+
+
+class _Channel:
+    """Runs one step: redelivers a failure, then records it on the exchange and its series.
+
+    ``call`` is set for a synchronous step that is not redelivered: a pipeline then
+    runs it with :meth:`run`, without a coroutine.
+    """
+
+    __slots__ = ("processor", "call", "where", "redeliveries", "handler", "series")
 
     def __init__(
         self,
@@ -471,12 +507,23 @@ class _Channel:
         redeliveries: int,
         handler: m.ErrorHandler | None,
         series: Series,
+        call: SyncStep | None = None,
     ) -> None:
         self.processor = processor
+        self.call = call if redeliveries == 0 else None
         self.where = where
         self.redeliveries = redeliveries
         self.handler = handler
         self.series = series
+
+    def run(self, exchange: Exchange) -> None:
+        started = perf_counter()
+        try:
+            self.call(exchange)  # type: ignore[misc]
+        except Exception as exc:
+            self._failed(exchange, exc, started)
+            return
+        self._completed(exchange, started)
 
     async def __call__(self, exchange: Exchange) -> None:
         started = perf_counter()
@@ -486,10 +533,7 @@ class _Channel:
                 await self.processor(exchange)
             except Exception as exc:
                 if attempt >= self.redeliveries or not _retryable(exc):
-                    exchange.exception = exc
-                    exchange.failed_step = self.where
-                    self.series.observe(perf_counter() - started)
-                    self.series.failures += 1
+                    self._failed(exchange, exc, started)
                     return
                 attempt += 1
                 exchange.properties["redelivery_counter"] = attempt
@@ -506,12 +550,21 @@ class _Channel:
                 )
                 await asyncio.sleep(delay)
                 continue
-            self.series.observe(perf_counter() - started)
-            if exchange.exception is not None:
-                self.series.failures += 1
-                if exchange.failed_step is None:
-                    exchange.failed_step = self.where
+            self._completed(exchange, started)
             return
+
+    def _failed(self, exchange: Exchange, exc: Exception, started: float) -> None:
+        exchange.exception = exc
+        exchange.failed_step = self.where
+        self.series.observe(perf_counter() - started)
+        self.series.failures += 1
+
+    def _completed(self, exchange: Exchange, started: float) -> None:
+        self.series.observe(perf_counter() - started)
+        if exchange.exception is not None:
+            self.series.failures += 1
+            if exchange.failed_step is None:
+                exchange.failed_step = self.where
 
 
 def _rethrow(exchange: Exchange) -> None:
