@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from integration_kit import killed_mid_route_then_restarted, run_routes
@@ -415,6 +417,7 @@ def test_an_unreadable_file_goes_to_the_failed_folder(tmp_path: Path) -> None:
     (inbox / "open.txt").write_bytes(b"y")
     script = f"""
 import asyncio
+import contextlib
 from meshgate.integration import IntegrationContext, from_
 from meshgate.integration.testing import mock_endpoint
 
@@ -529,3 +532,109 @@ def test_a_slow_route_keeps_its_lock_fresh(tmp_path: Path) -> None:
         await until(lambda: listing(inbox) == [".done/a.txt"])
 
     run_routes([route.to("mock:out").build()], scenario)
+
+
+def test_a_stop_cancelled_at_the_deadline_still_releases_the_repository(tmp_path: Path) -> None:
+    """The drain deadline cancels the consumer's stop: the file stays for the next run (not
+    moved, no lock, its key not recorded) and the repository and lock owner are released."""
+    from meshgate.integration._sql_state import _ENGINES, database_url
+    from meshgate.integration.components import file as file_component
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    uri = f"file:{inbox}?{FAST}&noop=true&idempotent_repository=sql"
+    route = from_(uri, id="slow").delay("5s").to("mock:out").build()
+    tokens = set(file_component._LIVE_TOKENS)
+
+    async def main() -> None:
+        context = IntegrationContext(settings={"database_url": url})
+        context.add_route(route)
+        await context.start()
+        (inbox / "a.txt").write_bytes(b"a")
+        await until(lambda: context.route_stats("slow")["inflight"] == 1)
+        assert await context.stop(grace=0.2) is False
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert file_component._LIVE_TOKENS == tokens
+    assert database_url(url) not in _ENGINES
+    assert listing(inbox) == ["a.txt"]
+    # Not recorded: the next run takes the file.
+    route = from_(uri, id="again").to("mock:out").build()
+
+    async def scenario(context: IntegrationContext) -> None:
+        received = await mock_endpoint(context, "mock:out").wait_for(1)
+        assert received[0].body == b"a"
+
+    run_routes([route], scenario, settings={"database_url": url})
+
+
+def test_a_persistent_idempotent_key_is_recorded_only_once_the_route_completed(
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    log_path = tmp_path / "runtime.log"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        f"""
+database_url: "sqlite:///{tmp_path / 'state.db'}"
+routes:
+  - id: slow
+    from: "file:{inbox}?delay=10&initial_delay=0&read_lock=none&noop=true&idempotent_repository=sql"
+    steps:
+      - delay: 500ms
+      - log: "done {{{{ body }}}}"
+"""
+    )
+    killed_mid_route_then_restarted(routes, log_path, f"file:{inbox}?file_name=p.txt", {})
+    assert listing(inbox) == ["p.txt"]  # noop: left in place, and taken only once
+    assert log_path.read_text().count("done precious") == 1
+
+
+def test_two_consumers_racing_for_a_stale_lock_take_it_over_once(tmp_path: Path) -> None:
+    """Both see the same stale lock at the same moment: exactly one takes it over, the
+    other finds the winner's fresh lock and leaves the file; many times over."""
+    import threading
+
+    from meshgate.integration.components import file as file_component
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    lock = str(inbox / "a.txt.meshgate-lock")
+    consumers: list[Any] = []
+    for _ in range(2):
+        endpoint = IntegrationContext().endpoint(f"file:{inbox}?lock_timeout=1s")
+        consumers.append(endpoint.create_consumer(mock_endpoint))
+    for consumer in consumers:
+        file_component._LIVE_TOKENS.add(consumer._token)
+    stale = json.dumps({"host": "elsewhere", "pid": 1, "token": "gone"})
+    try:
+        for _ in range(300):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            Path(lock).write_text(stale)
+            old = time.time() - 60
+            os.utime(lock, (old, old))
+            start = threading.Barrier(2)
+            results: list[bool | None] = [None, None]
+
+            def take(index: int) -> None:
+                start.wait()
+                results[index] = consumers[index]._lock(lock)
+
+            threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            # One holds the lock (taken over, or created once the stale one was gone).
+            holders = [index for index, taken in enumerate(results) if taken is not None]
+            assert len(holders) == 1, results
+            owner = json.loads(Path(lock).read_text())
+            winner = consumers[holders[0]]
+            assert owner["token"] == winner._token
+            assert [p for p in os.listdir(inbox) if p != "a.txt.meshgate-lock"] == []
+    finally:
+        for consumer in consumers:
+            file_component._LIVE_TOKENS.discard(consumer._token)

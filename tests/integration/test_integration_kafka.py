@@ -490,3 +490,37 @@ def test_a_rebalance_lets_in_flight_exchanges_finish_and_commit_first(kafka_url:
             await first.stop(grace=2.0)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_stop_cancelled_at_the_deadline_still_commits_and_leaves_the_group(
+    kafka_url: str, topic: str
+) -> None:
+    """The drain deadline cancels the stop while m1 is in its route: m0 (completed) is
+    committed, m1 is not, and the client leaves the group at once, so that the next member
+    gets m1 without waiting for the old one to time out."""
+    uri = f"kafka:{topic}?group_id=g&auto_offset_reset=earliest&{FAST}"
+
+    async def slow_for_m1(exchange: Exchange) -> None:
+        if exchange.message.body == b"m1":
+            await asyncio.sleep(30)
+
+    async def main() -> None:
+        first = IntegrationContext(settings={"kafka_url": kafka_url})
+        first.add_routes([from_(uri, id="slow").process(slow_for_m1).to("mock:out").build()])
+        await first.start()
+        await first.send(f"kafka:{topic}", b"m0")
+        await mock_endpoint(first, "mock:out").wait_for(1)
+        await first.send(f"kafka:{topic}", b"m1")
+        await _until(lambda: first.route_stats("slow")["inflight"] == 1)
+        assert await first.stop(grace=0.3) is False
+        assert await _committed(kafka_url, topic, "g") == 1
+        second = IntegrationContext(settings={"kafka_url": kafka_url})
+        second.add_routes([from_(uri, id="next").to("mock:out").build()])
+        await second.start()
+        try:
+            received = await mock_endpoint(second, "mock:out").wait_for(1, timeout=5)
+            assert [e.message.body for e in received] == [b"m1"]
+        finally:
+            await second.stop(grace=2.0)
+
+    asyncio.run(asyncio.wait_for(main(), 30))

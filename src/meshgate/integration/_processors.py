@@ -526,6 +526,9 @@ class _Channel:
         self._completed(exchange, started)
 
     async def __call__(self, exchange: Exchange) -> None:
+        if self.call is not None:
+            self.run(exchange)
+            return
         started = perf_counter()
         attempt = 0
         while True:

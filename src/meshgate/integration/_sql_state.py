@@ -410,6 +410,20 @@ class SqlIdempotentRepository(_SqlState):
             raise
         return True
 
+    async def contains(self, key: str) -> bool:
+        from sqlalchemy import select
+
+        keys, prefix, ttl = self._keys, self.prefix, self.ttl
+        key = _bounded(key)
+
+        def work(connection: Any) -> bool:
+            found = (keys.c.prefix == prefix) & (keys.c.key == key)
+            if ttl is not None:
+                found = found & (keys.c.created >= time.time() - ttl)
+            return connection.execute(select(keys.c.key).where(found)).first() is not None
+
+        return await self._run(work)
+
     async def remove(self, key: str) -> None:
         from sqlalchemy import delete
 

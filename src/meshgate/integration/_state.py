@@ -59,6 +59,10 @@ class IdempotentRepository(Protocol):
         """Record ``key``; false when it was already there (a duplicate)."""
         ...
 
+    async def contains(self, key: str) -> bool:
+        """Whether ``key`` is recorded (and not expired), without recording it."""
+        ...
+
     async def remove(self, key: str) -> None: ...
 
     async def close(self) -> None: ...
@@ -104,6 +108,10 @@ class MemoryIdempotentRepository:
         while len(self._keys) > self.max_size:
             del self._keys[next(iter(self._keys))]
         return True
+
+    async def contains(self, key: str) -> bool:
+        seen = self._keys.get(key)
+        return seen is not None and (self.ttl is None or time.monotonic() - seen < self.ttl)
 
     async def remove(self, key: str) -> None:
         self._keys.pop(key, None)
@@ -177,6 +185,12 @@ class RedisIdempotentRepository:
         except Exception as exc:
             raise IntegrationError(f"idempotent repository (Redis): {exc}") from exc
         return bool(created)
+
+    async def contains(self, key: str) -> bool:
+        try:
+            return bool(await self._client.exists(f"{self.prefix}:{key}"))
+        except Exception as exc:
+            raise IntegrationError(f"idempotent repository (Redis): {exc}") from exc
 
     async def remove(self, key: str) -> None:
         try:

@@ -7,7 +7,10 @@ only after its route completed or its dead letter channel took it; a failed file
 the file marks it as taken and is touched every ``lock_timeout / 3``. A runtime killed
 mid-route leaves the file and its lock: the lock is taken over at once when it names a
 dead process of this host, else once untouched for ``lock_timeout``, and the file is
-consumed again. Hidden files and folders (``.done``, ``.error``, temporary files) and
+consumed again. A stale lock is taken over by renaming it aside: of consumers racing for
+it, only one wins. With ``idempotent`` (``noop``'s default) a file's name is recorded in
+the repository once its route completed or its dead letter channel took it, not before:
+a runtime killed mid-route leaves it unrecorded, to be taken again. Hidden files and folders (``.done``, ``.error``, temporary files) and
 symbolic links are never taken.
 
 ``to: file:outbox`` writes the body to a temporary file then renames it into place, so a
@@ -263,9 +266,10 @@ class _FileConsumer(Consumer):
         self._walk(found, locks)
         paths = {candidate.path for candidate in found.values()}
         for lock in locks:
-            if lock[: -len(LOCK_SUFFIX)] not in paths and self._orphan(lock):
-                with contextlib.suppress(OSError):
-                    os.unlink(lock)
+            if lock[: -len(LOCK_SUFFIX)] not in paths:
+                seen = self._orphan(lock)
+                if seen is not None:
+                    self._take_over(lock, seen)
         return found
 
     def _ready(self, found: dict[str, _Candidate]) -> list[_Candidate]:
@@ -336,12 +340,13 @@ class _FileConsumer(Consumer):
                 relative = prefix + name
                 found[relative] = _Candidate(relative, entry.path, info.st_size, info.st_mtime_ns)
 
-    def _orphan(self, lock: str) -> bool:
-        """A lock whose process died (on this host) or that nobody touched for a while."""
+    def _orphan(self, lock: str) -> os.stat_result | None:
+        """The status of a lock whose process died (on this host) or that nobody touched
+        for a while; None for a live lock."""
         try:
             info = os.stat(lock, follow_symlinks=False)
         except OSError:
-            return False  # released meanwhile
+            return None  # released meanwhile
         try:
             with open(lock, "rb") as handle:
                 owner = json.loads(handle.read(4096) or b"{}")
@@ -349,6 +354,9 @@ class _FileConsumer(Consumer):
             owner = {}  # being written, or not ours: only its age tells
         if not isinstance(owner, dict):
             owner = {}
+        return info if self._dead(owner, info) else None
+
+    def _dead(self, owner: dict[str, Any], info: os.stat_result) -> bool:
         if owner.get("token") in _LIVE_TOKENS:
             return False
         if time.time() - info.st_mtime > self.endpoint.lock_timeout:
@@ -365,6 +373,31 @@ class _FileConsumer(Consumer):
         except PermissionError:
             return False
         return False
+
+    @staticmethod
+    def _take_over(lock: str, seen: os.stat_result) -> bool:
+        """Removes the stale lock ``seen``, atomically: it is renamed aside first, and of
+        consumers racing for it only one renames that very lock. One that renamed another
+        (the winner's fresh lock, or one touched meanwhile) puts it back and backs off."""
+        folder, name = os.path.split(lock)
+        aside = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+        try:
+            os.rename(lock, aside)
+        except OSError:
+            return False  # taken over (or released) by another consumer first
+        try:
+            info = os.stat(aside, follow_symlinks=False)
+            same = (info.st_dev, info.st_ino, info.st_mtime_ns)
+            if same == (seen.st_dev, seen.st_ino, seen.st_mtime_ns):
+                return True
+            with contextlib.suppress(OSError):
+                os.link(aside, lock)  # never replaces a lock created meanwhile
+            return False
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
 
     async def _process_all(self, candidates: list[_Candidate]) -> None:
         limit = asyncio.Semaphore(self.endpoint.concurrent_consumers)
@@ -383,25 +416,27 @@ class _FileConsumer(Consumer):
     async def _process(self, candidate: _Candidate) -> None:
         relative = candidate.relative
         repository = self._repository
-        # Eager, as Camel's: the name is recorded now and forgotten again if the file fails.
-        if repository is not None and not await repository.add(relative):
+        if repository is not None and await repository.contains(relative):
             return
         self._in_flight.add(relative)
         lock = candidate.path + LOCK_SUFFIX
-        done = False
         try:
             taken = await asyncio.to_thread(self._lock, lock)
             if taken is None:
                 return
             try:
-                done = await self._take(candidate, redelivered=taken)
+                # The lock keeps other consumers off while the route runs; the name is
+                # recorded only once the route completed, so that a runtime killed
+                # mid-route leaves the file to be taken again. Checked again under the
+                # lock: another consumer may have completed it since the scan.
+                if repository is not None and await repository.contains(relative):
+                    return
+                if await self._take(candidate, redelivered=taken) and repository is not None:
+                    await repository.add(relative)
             finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(lock)
+                await asyncio.to_thread(_unlink_quietly, lock)
         finally:
             self._in_flight.discard(relative)
-            if repository is not None and not done:
-                await repository.remove(relative)
 
     def _lock(self, lock: str) -> bool | None:
         """Creates the lock; ``None`` when another consumer holds it, else whether a dead
@@ -411,15 +446,14 @@ class _FileConsumer(Consumer):
             try:
                 descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
             except FileExistsError:
-                if attempt or not self._orphan(lock):
+                seen = None if attempt else self._orphan(lock)
+                if seen is None or not self._take_over(lock, seen):
                     return None
                 log.warning(
                     "%s: taking over %s, left by a consumer that stopped mid-route",
                     self.endpoint.uri.text,
                     lock,
                 )
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)
                 continue
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(owner)
@@ -568,14 +602,27 @@ class _FileConsumer(Consumer):
     async def stop(self) -> None:
         self._stopping = True
         task, self._task = self._task, None
+        try:
+            if task is not None:
+                if self._idle:
+                    task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            # Also when the stop is cancelled at the drain deadline (the files in flight
+            # then stay, unlocked, for the next run): the resources are released anyway.
+            await asyncio.shield(self._release(task))
+
+    async def _release(self, task: asyncio.Task[None] | None) -> None:
         if task is not None:
-            if self._idle:
-                task.cancel()
+            task.cancel()  # a no-op once it ended; else its files are left as they are
             await asyncio.gather(task, return_exceptions=True)
         _LIVE_TOKENS.discard(self._token)
         repository, self._repository = self._repository, None
         if repository is not None:
-            await repository.close()
+            try:
+                await repository.close()
+            except Exception:
+                log.warning("%s: closing the repository failed", self.endpoint.uri.text)
 
 
 def _headers(candidate: _Candidate) -> dict[str, Any]:
@@ -586,6 +633,11 @@ def _headers(candidate: _Candidate) -> dict[str, Any]:
         "file_size": candidate.size,
         "file_modified": modified.isoformat(),
     }
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _move(source: str, target: str) -> None:

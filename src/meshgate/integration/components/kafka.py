@@ -425,7 +425,10 @@ class _KafkaConsumer(Consumer):
             except Exception as exc:
                 log.warning("%s: committing failed (%s)", self.endpoint.uri.text, exc)
 
-    async def _commit(self, partitions: Iterable[Any] | None = None) -> None:
+    async def _commit(self, client: Any = None, partitions: Iterable[Any] | None = None) -> None:
+        client = client or self._client
+        if client is None:
+            return  # stopped
         async with self._commit_lock:
             offsets = self._tracker.to_commit()
             if partitions is not None:
@@ -433,7 +436,7 @@ class _KafkaConsumer(Consumer):
                 offsets = {tp: offset for tp, offset in offsets.items() if tp in wanted}
             offsets = {tp: offset for tp, offset in offsets.items() if tp in self._assigned}
             if offsets:
-                await self._client.commit(offsets)
+                await client.commit(offsets)
                 self._tracker.committed(offsets)
 
     async def revoked(self, partitions: set[Any]) -> None:
@@ -448,7 +451,7 @@ class _KafkaConsumer(Consumer):
                 lambda: not any(self._tracker.running(tp) for tp in partitions)
             )
         try:
-            await self._commit(partitions)
+            await self._commit(partitions=partitions)
         except Exception as exc:
             log.warning(
                 "%s: committing revoked partitions failed (%s)", self.endpoint.uri.text, exc
@@ -478,25 +481,46 @@ class _KafkaConsumer(Consumer):
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in (self._fetcher, *self._rewinds.values()):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(
-            *(t for t in (self._fetcher, *self._rewinds.values()) if t), return_exceptions=True
-        )
-        if self._routes:
-            await asyncio.gather(*self._routes, return_exceptions=True)
+        try:
+            for task in (self._fetcher, *self._rewinds.values()):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(
+                *(t for t in (self._fetcher, *self._rewinds.values()) if t),
+                return_exceptions=True,
+            )
+            if self._routes:
+                await asyncio.gather(*self._routes, return_exceptions=True)
+        finally:
+            # Also when the stop is cancelled at the drain deadline (which cancels the
+            # exchanges in flight): what completed is committed, the client leaves the group.
+            await asyncio.shield(self._release())
+
+    async def _release(self) -> None:
+        """Ends the exchanges still running (uncommitted), commits the completed ones, closes
+        the client; each step bounded by ``connect_timeout``."""
+        endpoint = self.endpoint
+        for task in (*self._routes, *self._rewinds.values()):
+            task.cancel()
+        if self._routes or self._rewinds:
+            await asyncio.gather(*self._routes, *self._rewinds.values(), return_exceptions=True)
         if self._committer is not None:
             self._committer.cancel()
             await asyncio.gather(self._committer, return_exceptions=True)
         self._fetcher = self._committer = None
-        if self._client is not None:
-            try:
-                await self._commit()
-            except Exception as exc:
-                log.warning("%s: the last commit failed (%s)", self.endpoint.uri.text, exc)
-            client, self._client = self._client, None
-            await client.stop()
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(self._commit(client), endpoint.connect_timeout)
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            log.warning("%s: the last commit failed (%s)", endpoint.uri.text, reason)
+        try:
+            await asyncio.wait_for(client.stop(), endpoint.connect_timeout)
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            log.warning("%s: closing the client failed (%s)", endpoint.uri.text, reason)
 
 
 def _rebalance_listener(consumer: _KafkaConsumer) -> Any:
