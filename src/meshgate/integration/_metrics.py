@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricF
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["CONTENT_TYPE_LATEST", "IntegrationMetrics", "Series"]
+__all__ = ["BOUNDS", "CONTENT_TYPE_LATEST", "IntegrationMetrics", "Series"]
 
 # In-memory steps take microseconds, broker and HTTP calls milliseconds to seconds.
 _BUCKETS = (
@@ -37,7 +37,8 @@ _BUCKETS = (
     10.0,
     30.0,
 )
-_BOUNDS = (*_BUCKETS, float("inf"))
+#: Upper bounds of the histogram buckets; a value counts in the first bound >= it.
+BOUNDS = _BOUNDS = (*_BUCKETS, float("inf"))
 _LE = tuple(floatToGoString(b) for b in _BOUNDS)
 
 _ROUTE = "meshgate_integration_route"
