@@ -578,7 +578,7 @@ def test_a_persistent_idempotent_key_is_recorded_only_once_the_route_completed(
     routes = tmp_path / "routes.yaml"
     routes.write_text(
         f"""
-database_url: "sqlite:///{tmp_path / 'state.db'}"
+database_url: "sqlite:///{tmp_path / "state.db"}"
 routes:
   - id: slow
     from: "file:{inbox}?delay=10&initial_delay=0&read_lock=none&noop=true&idempotent_repository=sql"
@@ -619,11 +619,11 @@ def test_two_consumers_racing_for_a_stale_lock_take_it_over_once(tmp_path: Path)
             start = threading.Barrier(2)
             results: list[bool | None] = [None, None]
 
-            def take(index: int) -> None:
+            def take(index: int, start: threading.Barrier, results: list[bool | None]) -> None:
                 start.wait()
                 results[index] = consumers[index]._lock(lock)
 
-            threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+            threads = [threading.Thread(target=take, args=(i, start, results)) for i in range(2)]
             for thread in threads:
                 thread.start()
             for thread in threads:

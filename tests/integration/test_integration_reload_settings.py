@@ -207,3 +207,93 @@ def test_a_setting_read_by_no_route_restarts_none_and_an_unknown_one_restarts_al
             await context.stop(grace=2.0)
 
     run(main)
+
+
+DATABASE = """
+database_url: "sqlite:///{db}"
+routes:
+  - id: inbox
+    from: "file:{inbox}?delay=10&initial_delay=0&read_lock=none&noop=true&idempotent_repository=sql"
+    steps: [{{to: "mock:inbox"}}]
+  - id: dedupe
+    from: direct:dedupe
+    steps:
+      - idempotent_consumer:
+          expr: body
+          repository: sql
+          steps: [{{to: "mock:dedupe"}}]
+  - id: query
+    from: direct:query
+    steps: [{{to: "sql:select 1 as one"}}]
+  - id: plain
+    from: direct:plain
+    steps: [{{to: "mock:plain"}}]
+"""
+
+
+def test_a_changed_database_url_restarts_its_readers_and_disposes_the_old_pool(
+    tmp_path: Path,
+) -> None:
+    """A route that reads database_url only through a 'sql' repository (an option of its
+    'from', a step's repository) restarts against the new database like a sql endpoint;
+    the pool of the database no route uses any more is disposed."""
+    from meshgate.integration._sql_state import _ENGINES, database_url
+    from meshgate.integration.components.sql import SqlComponent
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    file = tmp_path / "routes.yaml"
+    file.write_text(DATABASE.format(db=old, inbox=inbox))
+
+    async def main() -> None:
+        context, reloader = await _running(file)
+        try:
+            (inbox / "a.txt").write_text("a")
+            await mock_endpoint(context, "mock:inbox").wait_for(1)
+            await context.send("direct:query", None)
+            assert database_url(f"sqlite:///{old}") in _ENGINES
+            file.write_text(DATABASE.format(db=new, inbox=inbox))
+            result = await reloader.reload()
+            assert result.settings == ["database_url"]
+            assert sorted(result.stopped) == ["dedupe", "inbox", "query"]
+            assert sorted(result.started) == ["dedupe", "inbox", "query"]
+            # The new database has not seen a.txt: it is taken again.
+            await mock_endpoint(context, "mock:inbox").wait_for(2)
+            await context.send("direct:query", None)
+            sql = context.components["sql"]
+            assert isinstance(sql, SqlComponent)
+            assert list(sql._databases) == [f"sqlite:///{new}"]
+            assert database_url(f"sqlite:///{old}") not in _ENGINES
+        finally:
+            await context.stop(grace=2.0)
+        assert database_url(f"sqlite:///{new}") not in _ENGINES
+
+    run(main)
+
+
+def test_overlapping_reloads_run_one_after_the_other(tmp_path: Path) -> None:
+    """The file watch and SIGHUP may reload at once: the second waits for the first, so
+    that a route is never stopped or started twice at the same time."""
+    slow = "routes: [{id: a, from: 'direct:a', steps: [{delay: 200ms}, {to: 'mock:a'}]}]\n"
+    file = tmp_path / "routes.yaml"
+    file.write_text(slow)
+
+    async def main() -> None:
+        context, reloader = await _running(file)
+        try:
+            task = asyncio.create_task(context.send("direct:a", "in flight"))
+            while context.route_stats("a")["inflight"] == 0:  # the stop has one to drain
+                await asyncio.sleep(0.01)
+            file.write_text(slow.replace("mock:a", "mock:b"))
+            first, second = await asyncio.gather(reloader.reload(), reloader.reload())
+            await task
+            assert (first.stopped, first.started, first.failed) == (["a"], ["a"], {})
+            assert (second.stopped, second.started, second.failed) == ([], [], {})
+            assert context.route_status("a") == "started"
+            await context.send("direct:a", "after")
+            assert mock_endpoint(context, "mock:b").bodies == ["after"]
+        finally:
+            await context.stop(grace=2.0)
+
+    run(main)

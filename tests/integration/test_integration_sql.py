@@ -468,3 +468,35 @@ def _runtime(routes: Path, log: Path) -> subprocess.Popen[bytes]:
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
+
+
+def test_a_poll_failing_with_any_exception_is_logged_and_polling_goes_on(
+    db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first on_consume gets a header it cannot bind (a TypeError, no IntegrationError):
+    it is logged with the endpoint, the row stays, and the next poll takes it again."""
+    orders(db, (1, "ada", "new"))
+    attempts: list[int] = []
+
+    def bad_header_once(exchange: Exchange) -> None:
+        attempts.append(exchange.message.body["id"])
+        # JSON has no tuple keys: binding it as :status raises TypeError.
+        exchange.message.headers["status"] = {(1, 2): "x"} if len(attempts) == 1 else "done"
+
+    uri = (
+        "sql:select id from orders where status = 'new' order by id"
+        "?delay=20ms&on_consume=update orders set status = :status where id = :id"
+    )
+    route = from_(uri, id="poll").process(bad_header_once).to("mock:done").build()
+
+    async def scenario(context: IntegrationContext) -> None:
+        await mock_endpoint(context, "mock:done").wait_for(2)
+        deadline = asyncio.get_running_loop().time() + 3
+        while run_sql(db, "select status from orders") != [("done",)]:
+            assert asyncio.get_running_loop().time() < deadline, "the row was never marked"
+            await asyncio.sleep(0.02)
+
+    run_routes([route], scenario, settings={"database_url": db})
+    assert attempts == [1, 1]
+    logged = [r.getMessage() for r in caplog.records if r.name == "meshgate.integration.sql"]
+    assert any("option 'on_consume'" in m and "TypeError" in m for m in logged), logged

@@ -8,8 +8,13 @@ to start is reported (its status ``failed`` with the cause) and the others keep 
 
 Changed top-level settings (``http.listen``, the broker and database URLs) apply too:
 the routes that read one are drained and restarted against the new value (a setting
-no scheme claims restarts every route). A new HTTP address is bound before any route
-moves to it; when it cannot be, the routes stay on the old one and the error is reported.
+no scheme claims restarts every route). A route reads a setting through its endpoints'
+schemes and through the repositories it names, in a step (``repository: sql``) or in an
+option of a URI (``file:in?idempotent_repository=sql``). A new HTTP address is bound
+before any route moves to it; when it cannot be, the routes stay on the old one and the
+error is reported.
+Reloads run one at a time (the file watch and SIGHUP may ask at once): each one waits for
+the one before.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 from meshgate.integration._context import IntegrationContext
 from meshgate.integration._errors import DefinitionError, EndpointError
@@ -58,6 +64,8 @@ _SETTINGS_OF = {
     "sql": ("database_url", "sql_statements"),
 }
 _CLAIMED = {key for keys in _SETTINGS_OF.values() for key in keys}
+#: The settings a repository named in a URI's option reads.
+_REPOSITORY_SETTINGS = {"sql": ("database_url",), "redis": ("redis_url",)}
 
 
 def _texts(value: Any) -> Iterator[str]:
@@ -83,7 +91,19 @@ def _settings_read(route: Route, handler: ErrorHandler | None) -> set[str]:
         if scheme == "http" and text.startswith(("http://", "https://")):
             continue  # a call to a service: no setting
         read.update(_SETTINGS_OF.get(scheme, ()))
+        for value in _option_values(text):
+            read.update(_REPOSITORY_SETTINGS.get(value, ()))
     return read
+
+
+def _option_values(text: str) -> Iterator[str]:
+    """The option values of a URI (``idempotent_repository=sql``): repositories named there."""
+    if ":" not in text or "?" not in text:
+        return
+    for option in text.partition("?")[2].split("&"):
+        name, equals, value = option.partition("=")
+        if equals:
+            yield unquote_plus(value).strip()
 
 
 def _effective(route: Route, default: ErrorHandler | None) -> tuple[Route, ErrorHandler | None]:
@@ -108,6 +128,7 @@ class RoutesReloader:
         self.overrides = dict(overrides or {})
         self.grace = grace
         self._seen = self._stamp()
+        self._lock = asyncio.Lock()
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -130,6 +151,11 @@ class RoutesReloader:
                     log.exception("%s: reload failed", self.file)
 
     async def reload(self) -> ReloadResult:
+        """Applies the file; waits for a reload already running (one at a time)."""
+        async with self._lock:
+            return await self._reload()
+
+    async def _reload(self) -> ReloadResult:
         context, result = self.context, ReloadResult()
         try:
             scratch = IntegrationContext(settings=self.overrides)

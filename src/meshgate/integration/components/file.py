@@ -10,8 +10,8 @@ dead process of this host, else once untouched for ``lock_timeout``, and the fil
 consumed again. A stale lock is taken over by renaming it aside: of consumers racing for
 it, only one wins. With ``idempotent`` (``noop``'s default) a file's name is recorded in
 the repository once its route completed or its dead letter channel took it, not before:
-a runtime killed mid-route leaves it unrecorded, to be taken again. Hidden files and folders (``.done``, ``.error``, temporary files) and
-symbolic links are never taken.
+a runtime killed mid-route leaves it unrecorded, to be taken again. Hidden files and
+folders (``.done``, ``.error``, temporary files) and symbolic links are never taken.
 
 ``to: file:outbox`` writes the body to a temporary file then renames it into place, so a
 reader never sees half a file. All file I/O runs in worker threads, off the event loop.

@@ -18,7 +18,11 @@ The statement is the URI's path, up to its first ``?``; option values are URL-de
 instead: ``sql:named:NAME`` takes it from the ``sql_statements`` setting. The database is
 the ``database_url`` setting (``postgresql://...`` or ``sqlite:///file.db``). Statements
 run in a thread pool beside the event loop, each in its own transaction (``_sql_state``
-says why not SQLAlchemy asyncio).
+says why not SQLAlchemy asyncio). A database's pool is shared by the routes that use it
+and disposed once the last of them stopped (after a reload that changed ``database_url``).
+
+A poll that fails (the database unreachable, a statement that raises) is logged with the
+endpoint and tried again after ``delay``: the consumer keeps polling.
 """
 
 from __future__ import annotations
@@ -56,13 +60,15 @@ _CONSUMER_OPTIONS = (
 class SqlComponent(Component):
     def __init__(self) -> None:
         self._databases: dict[str, SqlDatabase] = {}
+        self._users: dict[str, int] = {}
         self._lock = asyncio.Lock()
 
     def create_endpoint(self, uri: EndpointUri, context: IntegrationContext) -> Endpoint:
         return _SqlEndpoint(uri, context, self)
 
     async def database(self, url: str) -> SqlDatabase:
-        """The database of ``url``, shared by the endpoints, checked on first use."""
+        """The database of ``url``, shared by the endpoints, checked on first use; each
+        call is matched by a ``release(url)`` when its user stops."""
         async with self._lock:
             database = self._databases.get(url)
             if database is None:
@@ -73,10 +79,24 @@ class SqlComponent(Component):
                     await database.close()
                     raise
                 self._databases[url] = database
+            self._users[url] = self._users.get(url, 0) + 1
             return database
+
+    async def release(self, url: str) -> None:
+        """One user of ``url`` stopped; the pool is disposed with its last user."""
+        async with self._lock:
+            users = self._users.get(url, 0) - 1
+            if users > 0:
+                self._users[url] = users
+                return
+            self._users.pop(url, None)
+            database = self._databases.pop(url, None)
+        if database is not None:
+            await database.close()
 
     async def stop(self) -> None:
         databases, self._databases = self._databases, {}
+        self._users.clear()
         for database in databases.values():
             await database.close()
 
@@ -212,12 +232,15 @@ class _SqlProducer(Producer):
     def __init__(self, endpoint: Endpoint) -> None:
         super().__init__(endpoint)
         self._database: SqlDatabase | None = None
+        self._url = ""
         self._statement: _Statement | None = None
 
     async def start(self) -> None:
         endpoint = self.endpoint
         self._statement = endpoint.statement()
-        self._database = await endpoint.component.database(endpoint.database_url())
+        if self._database is None:
+            self._url = endpoint.database_url()
+            self._database = await endpoint.component.database(self._url)
 
     async def process(self, exchange: Exchange) -> None:
         database, statement = self._database, self._statement
@@ -274,7 +297,9 @@ class _SqlProducer(Producer):
             message.body = rows[0]
 
     async def stop(self) -> None:
-        self._database = None
+        database, self._database = self._database, None
+        if database is not None:
+            await self.endpoint.component.release(self._url)
 
 
 class _SqlConsumer(Consumer):
@@ -283,6 +308,7 @@ class _SqlConsumer(Consumer):
     def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
         super().__init__(endpoint, processor)
         self._database: SqlDatabase | None = None
+        self._url = ""
         self._task: asyncio.Task[None] | None = None
         self._idle = False
         self._stopping = False
@@ -297,7 +323,9 @@ class _SqlConsumer(Consumer):
             )
         self._on_consume = self._optional(endpoint.on_consume, "on_consume")
         self._on_failed = self._optional(endpoint.on_consume_failed, "on_consume_failed")
-        self._database = await endpoint.component.database(endpoint.database_url())
+        url = endpoint.database_url()
+        self._database = await endpoint.component.database(url)
+        self._url = url
         self._stopping = False
         self._task = asyncio.create_task(self._poll(), name=f"sql consumer {endpoint.uri.text}")
 
@@ -308,17 +336,26 @@ class _SqlConsumer(Consumer):
     async def _poll(self) -> None:
         endpoint = self.endpoint
         while not self._stopping:
-            rows = await self._idly(self._select())
-            if rows:
-                if endpoint.use_iterator:
-                    for row in rows:
-                        if self._stopping:
-                            return
-                        await self._deliver(row, [row], len(rows))
-                else:
-                    await self._deliver(rows, rows, len(rows))
+            try:
+                await self._poll_once()
+            except Exception:
+                # Whatever failed, the consumer goes on polling (after ``delay``).
+                log.exception("%s: polling failed; polling again", endpoint.uri.text)
             if not self._stopping:
                 await self._idly(asyncio.sleep(endpoint.delay))
+
+    async def _poll_once(self) -> None:
+        endpoint = self.endpoint
+        rows = await self._idly(self._select())
+        if not rows:
+            return
+        if endpoint.use_iterator:
+            for row in rows:
+                if self._stopping:
+                    return
+                await self._deliver(row, [row], len(rows))
+        else:
+            await self._deliver(rows, rows, len(rows))
 
     async def _select(self) -> list[dict[str, Any]]:
         assert self._database is not None
@@ -369,15 +406,30 @@ class _SqlConsumer(Consumer):
             await self._database.run(
                 lambda connection: [connection.execute(statement.clause, p) for p in params]
             )
-        except IntegrationError as exc:
+        except Exception as exc:
             # The row stays as it was: the next poll takes it again.
-            log.warning("%s: %s", endpoint.uri.text, exc)
+            cause = (
+                str(exc) if isinstance(exc, IntegrationError) else f"{type(exc).__name__}: {exc}"
+            )
+            log.warning("%s: %s", statement.where, cause)
 
     async def stop(self) -> None:
         self._stopping = True
         task, self._task = self._task, None
-        if task is None:
-            return
-        if self._idle:
-            task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        try:
+            if task is not None:
+                if self._idle:
+                    task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            # Also when the stop is cancelled at the drain deadline (the row in flight is
+            # then taken again by the next poll): the pool is released anyway.
+            await asyncio.shield(self._release(task))
+
+    async def _release(self, task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            task.cancel()  # a no-op once it ended
+            await asyncio.gather(task, return_exceptions=True)
+        database, self._database = self._database, None
+        if database is not None:
+            await self.endpoint.component.release(self._url)
