@@ -19,6 +19,7 @@ __all__ = [
     "DirectComponent",
     "FiringConsumer",
     "LogComponent",
+    "PollingConsumer",
     "SedaComponent",
     "TimerComponent",
 ]
@@ -313,6 +314,42 @@ class FiringConsumer(Consumer):
             # Also when this stop is cancelled at the drain deadline: nothing fires again.
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+class PollingConsumer(Consumer):
+    """A consumer that polls its source from one task (file, sql).
+
+    The subclass sets ``_task`` when it starts and ``_idle`` while it waits between
+    polls. Stopping cancels an idle poll, else lets the exchange in flight finish, then
+    :meth:`release` runs, also when the stop itself is cancelled at the drain deadline
+    (what was in flight is then left for the next poll, unacknowledged).
+    """
+
+    def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
+        super().__init__(endpoint, processor)
+        self._task: asyncio.Task[None] | None = None
+        self._idle = True
+        self._stopping = False
+
+    async def stop(self) -> None:
+        self._stopping = True
+        task, self._task = self._task, None
+        try:
+            if task is not None:
+                if self._idle:
+                    task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await asyncio.shield(self._finish(task))
+
+    async def _finish(self, task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            task.cancel()  # a no-op once it ended
+            await asyncio.gather(task, return_exceptions=True)
+        await self.release()
+
+    async def release(self) -> None:
+        """Release what the consumer holds (connections, pools)."""
 
 
 class _TimerConsumer(FiringConsumer):

@@ -43,6 +43,7 @@ from meshgate.integration._expressions import Template
 from meshgate.integration._message import Exchange, ExchangePattern, Message
 from meshgate.integration._state import IdempotentRepository
 from meshgate.integration._uri import EndpointUri, Options
+from meshgate.integration.components.core import PollingConsumer
 
 if TYPE_CHECKING:
     from meshgate.integration._context import IntegrationContext
@@ -192,14 +193,11 @@ class _Refused(Exception):
     """A file that goes to the failed folder without a route: too large, unreadable."""
 
 
-class _FileConsumer(Consumer):
+class _FileConsumer(PollingConsumer):
     endpoint: FileEndpoint
 
     def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
         super().__init__(endpoint, processor)
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._idle = True
         self._root = ""
         self._skip_folders: set[str] = set()
         self._stable: dict[str, tuple[int, int, float]] = {}
@@ -599,23 +597,7 @@ class _FileConsumer(Consumer):
         relative = safe_relative(template.render(exchange))
         return os.path.join(self._root, *relative.parts)
 
-    async def stop(self) -> None:
-        self._stopping = True
-        task, self._task = self._task, None
-        try:
-            if task is not None:
-                if self._idle:
-                    task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        finally:
-            # Also when the stop is cancelled at the drain deadline (the files in flight
-            # then stay, unlocked, for the next run): the resources are released anyway.
-            await asyncio.shield(self._release(task))
-
-    async def _release(self, task: asyncio.Task[None] | None) -> None:
-        if task is not None:
-            task.cancel()  # a no-op once it ended; else its files are left as they are
-            await asyncio.gather(task, return_exceptions=True)
+    async def release(self) -> None:
         _LIVE_TOKENS.discard(self._token)
         repository, self._repository = self._repository, None
         if repository is not None:

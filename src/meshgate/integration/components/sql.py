@@ -41,6 +41,7 @@ from meshgate.integration._errors import EndpointError, IntegrationError, Payloa
 from meshgate.integration._message import Exchange, ExchangePattern, Message
 from meshgate.integration._sql_state import SqlDatabase, SqlError
 from meshgate.integration._uri import EndpointUri, Options
+from meshgate.integration.components.core import PollingConsumer
 
 if TYPE_CHECKING:
     from meshgate.integration._context import IntegrationContext
@@ -302,16 +303,14 @@ class _SqlProducer(Producer):
             await self.endpoint.component.release(self._url)
 
 
-class _SqlConsumer(Consumer):
+class _SqlConsumer(PollingConsumer):
     endpoint: _SqlEndpoint
 
     def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
         super().__init__(endpoint, processor)
         self._database: SqlDatabase | None = None
         self._url = ""
-        self._task: asyncio.Task[None] | None = None
         self._idle = False
-        self._stopping = False
 
     async def start(self) -> None:
         endpoint = self.endpoint
@@ -413,23 +412,7 @@ class _SqlConsumer(Consumer):
             )
             log.warning("%s: %s", statement.where, cause)
 
-    async def stop(self) -> None:
-        self._stopping = True
-        task, self._task = self._task, None
-        try:
-            if task is not None:
-                if self._idle:
-                    task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        finally:
-            # Also when the stop is cancelled at the drain deadline (the row in flight is
-            # then taken again by the next poll): the pool is released anyway.
-            await asyncio.shield(self._release(task))
-
-    async def _release(self, task: asyncio.Task[None] | None) -> None:
-        if task is not None:
-            task.cancel()  # a no-op once it ended
-            await asyncio.gather(task, return_exceptions=True)
+    async def release(self) -> None:
         database, self._database = self._database, None
         if database is not None:
             await self.endpoint.component.release(self._url)
