@@ -210,3 +210,21 @@ def test_mock_expectations_report_what_arrived() -> None:
             await out.assert_satisfied(timeout=0.05)
 
     run_routes([route], scenario)
+
+
+def test_mock_waiters_wake_when_their_count_arrives() -> None:
+    route = from_("seda:in", id="r").to("mock:out").build()
+
+    async def scenario(context: IntegrationContext) -> None:
+        out = mock_endpoint(context, "mock:out")
+        two = asyncio.ensure_future(out.wait_for(2, timeout=2))
+        five = asyncio.ensure_future(out.wait_for(5, timeout=0.3))
+        for body in (1, 2, 3):
+            await context.send("seda:in", body)
+        assert [e.message.body for e in await two] == [1, 2]
+        with pytest.raises(AssertionError, match="expected 5 exchanges within 0.3s, received 3"):
+            await five
+        assert out._waiters == []  # a waiter that timed out is forgotten
+        assert len(await out.wait_for(3, timeout=0.01)) == 3  # already there: no wait
+
+    run_routes([route], scenario)

@@ -35,7 +35,8 @@ class MockEndpoint(Endpoint):
         self.behaviour: Callable[[Exchange], Any] | None = None
         self._expected_count: int | None = None
         self._expected_bodies: list[Any] | None = None
-        self._changed = asyncio.Event()
+        # Waiters of wait_for, each woken once the count it waits for has arrived.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     @property
     def bodies(self) -> list[Any]:
@@ -57,20 +58,20 @@ class MockEndpoint(Endpoint):
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> list[Exchange]:
         """Wait until ``count`` exchanges arrived; fails with what did arrive."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(self.received) < count:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+        if len(self.received) < count:
+            waiter = asyncio.get_running_loop().create_future()
+            entry = (count, waiter)
+            self._waiters.append(entry)
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
                 raise AssertionError(
                     f"{self.uri.text}: expected {count} exchanges within {timeout}s,"
                     f" received {len(self.received)}: {self.bodies!r:.500}"
-                )
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
+                ) from None
+            finally:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
         return self.received[:count]
 
     async def assert_satisfied(self, timeout: float = 5.0) -> None:
@@ -92,7 +93,11 @@ class MockEndpoint(Endpoint):
         copy = exchange.copy(new_id=False)
         copy.route_id = exchange.route_id
         self.received.append(copy)
-        self._changed.set()
+        if self._waiters:
+            arrived = len(self.received)
+            for count, waiter in self._waiters:
+                if arrived >= count and not waiter.done():
+                    waiter.set_result(None)
 
     def create_producer(self) -> Producer:
         return _MockProducer(self)
