@@ -685,7 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections")
     parser.add_argument("--rounds", type=int, default=3, help="measured runs per system")
     parser.add_argument(
-        "--systems", default="meshgate,node-red", help="comma-separated subset of meshgate,node-red"
+        "--systems",
+        default="meshgate,node-red",
+        help="comma-separated subset of meshgate,node-red (empty: --rabbitmq alone)",
     )
     parser.add_argument("--rabbitmq", action="store_true", help="also measure (c) on RabbitMQ")
     parser.add_argument("--messages", type=int, default=50_000, help="messages for --rabbitmq")
