@@ -390,3 +390,45 @@ def test_a_timer_whose_stop_is_cut_off_fires_no_more() -> None:
             await context.stop(grace=1)
 
     run(main)
+
+
+def _slow_http_route(port: int, delay: str) -> list[object]:
+    return [from_("http:/slow?method=POST", id="slow").delay(delay).transform("finished").build()]
+
+
+def test_an_http_request_in_flight_gets_the_whole_grace_not_a_fixed_five_seconds() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        context = IntegrationContext(settings={"http_listen": f"127.0.0.1:{port}"})
+        context.add_routes(_slow_http_route(port, "5500ms"))  # type: ignore[arg-type]
+        await context.start()
+        async with httpx.AsyncClient(timeout=15) as client:
+            request = asyncio.ensure_future(client.post(f"http://127.0.0.1:{port}/slow"))
+            while context.route_stats("slow")["inflight"] == 0:
+                await asyncio.sleep(0.01)
+            assert await context.stop(grace=8)
+            reply = await request
+        assert (reply.status_code, reply.text) == (200, "finished")
+
+    run(main)
+
+
+def test_an_http_request_past_the_grace_is_cut_off_at_the_deadline() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        context = IntegrationContext(settings={"http_listen": f"127.0.0.1:{port}"})
+        context.add_routes(_slow_http_route(port, "3s"))  # type: ignore[arg-type]
+        await context.start()
+        async with httpx.AsyncClient(timeout=10) as client:
+            request = asyncio.ensure_future(client.post(f"http://127.0.0.1:{port}/slow"))
+            while context.route_stats("slow")["inflight"] == 0:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            assert not await context.stop(grace=0.3)
+            with pytest.raises(httpx.HTTPError):
+                await request  # the connection is closed at the deadline, not left hanging
+            assert time.monotonic() - started < 1.5
+
+    run(main)

@@ -25,6 +25,10 @@ Processor = Callable[[Exchange], Awaitable[None]]
 class Consumer:
     """Feeds exchanges from an endpoint into a route until stopped."""
 
+    #: When stopping: the event loop time by which the exchanges in flight must be done
+    #: (the context's drain deadline), after which the stop is cancelled; None: unbounded.
+    deadline: float | None = None
+
     def __init__(self, endpoint: Endpoint, processor: Processor) -> None:
         self.endpoint = endpoint
         self.processor = processor

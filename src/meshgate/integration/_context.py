@@ -418,6 +418,9 @@ class IntegrationContext:
         if not runners:
             return True
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        for runner in runners:
+            if runner.consumer is not None:
+                runner.consumer.deadline = deadline
         stopping = {asyncio.ensure_future(runner.stop_consumer()) for runner in runners}
         # Each stop runs at least its first step (no new messages) even past the deadline.
         _, late = await asyncio.wait(stopping, timeout=timeout)

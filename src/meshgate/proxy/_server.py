@@ -1356,11 +1356,14 @@ class Server:
         for conn in list(self.connections):
             conn.shutdown()
         deadline = self.loop.time() + grace
-        while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+        try:
+            while self.connections and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            # Also when the shutdown itself is cancelled: no connection outlives it.
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -47,6 +47,8 @@ DEFAULT_LISTEN = "127.0.0.1:8088"
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Request bodies are read whole into the message: bounded (413 above), per endpoint.
 DEFAULT_MAX_BODY = 1024 * 1024
+# Seconds the requests in flight get when a listener closes without a drain deadline.
+_CLOSE_GRACE = 5.0
 MAX_RESPONSE_BODY = 64 * 1024 * 1024
 # Fields that belong to one connection or are regenerated from the body, never copied.
 _HOP = frozenset(
@@ -162,7 +164,11 @@ class _HttpConsumer(Consumer):
         listener = self.endpoint.component.listener(self.endpoint.context)
         listener.remove(self)
         if not listener.consumers:
-            await listener.close()
+            # The requests in flight get until the drain deadline (--grace) to finish.
+            grace = _CLOSE_GRACE
+            if self.deadline is not None:
+                grace = max(0.0, self.deadline - asyncio.get_running_loop().time())
+            await listener.close(grace)
 
 
 class _Listener:
@@ -202,10 +208,10 @@ class _Listener:
         if self.port == 0:
             self.port = server.port
 
-    async def close(self) -> None:
+    async def close(self, grace: float = _CLOSE_GRACE) -> None:
         server, self.server = self.server, None
         if server is not None:
-            await server.shutdown(5.0)
+            await server.shutdown(grace)
 
     def find(self, path: str) -> list[_HttpConsumer]:
         exact = [c for c in self.consumers if c.endpoint.path == path]
