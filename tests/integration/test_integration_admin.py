@@ -375,3 +375,51 @@ def test_run_reloads_a_changed_file(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err.decode()
     assert "reloaded: 0 route(s) stopped, 1 started, 0 failed, 1 unchanged" in err.decode()
+
+
+def test_the_admin_api_shows_the_last_reload_and_reloads_on_post(tmp_path: Path) -> None:
+    file = tmp_path / "routes.yaml"
+    file.write_text(ROUTES)
+
+    async def main() -> None:
+        context, reloader = await _running(file)
+        admin = AdminListener(context, "127.0.0.1:0", grace=2.0, reloader=reloader)
+        await admin.start()
+        try:
+            async with httpx.AsyncClient(base_url=admin.url) as client:
+                assert (await client.get("/reload")).json() == {"file": str(file), "last": None}
+                file.write_text(ROUTES.replace('"mock:a"', '"smtp:a"'))
+                refused = await client.post("/reload")
+                assert refused.status_code == 422
+                last = refused.json()["last"]
+                assert "unknown endpoint scheme 'smtp'" in last["refused"][0]
+                assert last["at"] <= time.time()
+                file.write_text(ROUTES.replace('"mock:a"', '"mock:a2"'))
+                applied = await client.post("/reload")
+                assert applied.status_code == 200
+                last = applied.json()["last"]
+                assert (last["refused"], last["stopped"], last["started"]) == ([], ["a"], ["a"])
+                assert (await client.get("/reload")).json()["last"] == last
+                assert (await client.put("/reload")).status_code == 405
+            await context.send("direct:a", "x")
+            assert mock_endpoint(context, "mock:a2").bodies == ["x"]
+        finally:
+            await admin.stop()
+            await context.stop(grace=2.0)
+
+    run(main)
+
+
+def test_without_a_watched_file_the_reload_path_says_so() -> None:
+    async def main() -> None:
+        context = IntegrationContext()
+        admin = AdminListener(context, "127.0.0.1:0")
+        await admin.start()
+        try:
+            async with httpx.AsyncClient(base_url=admin.url) as client:
+                missing = await client.get("/reload")
+                assert missing.status_code == 404 and "--no-watch" in missing.text
+        finally:
+            await admin.stop()
+
+    run(main)

@@ -18,12 +18,15 @@ from meshgate.proxy import Exchange, Headers, Response, Server, ServerSettings, 
 
 if TYPE_CHECKING:
     from meshgate.integration._context import IntegrationContext
+    from meshgate.integration._reload import RoutesReloader
 
 __all__ = ["AdminListener"]
 
 log = logging.getLogger("meshgate.integration")
 
-_PATHS = "admin paths: /metrics /healthz /routes /routes/{id} /routes/{id}/{start|stop|suspend}"
+_PATHS = (
+    "admin paths: /metrics /healthz /reload /routes /routes/{id} /routes/{id}/{start|stop|suspend}"
+)
 _ACTIONS = ("start", "stop", "suspend")
 
 
@@ -38,9 +41,12 @@ def _not_allowed(method: str, allow: str) -> Response:
 
 
 class _AdminHandler:
-    def __init__(self, context: IntegrationContext, grace: float) -> None:
+    def __init__(
+        self, context: IntegrationContext, grace: float, reloader: RoutesReloader | None
+    ) -> None:
         self.context = context
         self.grace = grace
+        self.reloader = reloader
 
     def handle(self, exchange: Exchange) -> Response | Awaitable[Response]:
         request = exchange.request
@@ -54,6 +60,8 @@ class _AdminHandler:
             return self._health()
         if path == "/routes":
             return _json(200, {"routes": [self._describe(r.id) for r in self.context.routes]})
+        if path == "/reload":
+            return self._reload(method)
         if not path.startswith("/routes/"):
             return problem(404, "Not Found", _PATHS)
         route_id, _, action = path[len("/routes/") :].partition("/")
@@ -67,6 +75,21 @@ class _AdminHandler:
         if method != "POST":
             return _not_allowed(method, "POST")
         return self._act(route_id, action)
+
+    def _reload(self, method: str) -> Response | Awaitable[Response]:
+        """GET: the last reload of the routes file; POST: reload it now (as SIGHUP)."""
+        reloader = self.reloader
+        if reloader is None:
+            return problem(404, "Not Found", "the routes file is not watched (--no-watch)")
+        if method in ("GET", "HEAD"):
+            return _json(200, reloader.describe())
+        if method != "POST":
+            return _not_allowed(method, "GET, HEAD, POST")
+        return self._reload_now(reloader)
+
+    async def _reload_now(self, reloader: RoutesReloader) -> Response:
+        result = await reloader.reload()
+        return _json(422 if result.refused else 200, reloader.describe())
 
     def _health(self) -> Response:
         statuses = [self.context.route_status(r.id) for r in self.context.routes]
@@ -116,12 +139,19 @@ class _AdminHandler:
 class AdminListener:
     """The admin HTTP API of one context, on ``host:port`` (port 0 picks a free one)."""
 
-    def __init__(self, context: IntegrationContext, listen: str, *, grace: float = 10.0) -> None:
+    def __init__(
+        self,
+        context: IntegrationContext,
+        listen: str,
+        *,
+        grace: float = 10.0,
+        reloader: RoutesReloader | None = None,
+    ) -> None:
         host, colon, port = listen.rpartition(":")
         if not colon or not port.isdigit() or not host:
             raise EndpointError(f"admin listen address {listen!r}: write host:port")
         self.host, self.port = host.strip("[]"), int(port)
-        self.handler = _AdminHandler(context, grace)
+        self.handler = _AdminHandler(context, grace, reloader)
         self.server: Server | None = None
 
     @property

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ class RoutesReloader:
         self.grace = grace
         self._seen = self._stamp()
         self._lock = asyncio.Lock()
+        #: The last reload's result and when it ran (epoch seconds); None before the first.
+        self.last: ReloadResult | None = None
+        self.last_at: float | None = None
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -153,7 +157,16 @@ class RoutesReloader:
     async def reload(self) -> ReloadResult:
         """Applies the file; waits for a reload already running (one at a time)."""
         async with self._lock:
-            return await self._reload()
+            result = await self._reload()
+            self.last, self.last_at = result, time.time()
+            return result
+
+    def describe(self) -> dict[str, Any]:
+        """The last reload, for the admin API: when, and what it did or refused."""
+        doc: dict[str, Any] = {"file": str(self.file), "last": None}
+        if self.last is not None:
+            doc["last"] = {"at": self.last_at, **dataclasses.asdict(self.last)}
+        return doc
 
     async def _reload(self) -> ReloadResult:
         context, result = self.context, ReloadResult()

@@ -92,10 +92,14 @@ def run(
     try:
         routes, context = _load(file, http_listen)
         context.add_routes(routes.routes)
-        admin = AdminListener(context, admin_listen, grace=grace) if admin_listen else None
         overrides = {"http_listen": http_listen} if http_listen else {}
         reloader = (
             RoutesReloader(context, file, overrides=overrides, grace=grace) if watch else None
+        )
+        admin = (
+            AdminListener(context, admin_listen, grace=grace, reloader=reloader)
+            if admin_listen
+            else None
         )
     except (DefinitionError, EndpointError) as exc:
         raise _fail(str(exc)) from None
