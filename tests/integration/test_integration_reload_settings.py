@@ -297,3 +297,44 @@ def test_overlapping_reloads_run_one_after_the_other(tmp_path: Path) -> None:
             await context.stop(grace=2.0)
 
     run(main)
+
+
+RECIPIENTS = """
+redis_url: "{url}"
+routes:
+  - id: fan
+    from: direct:in
+    steps: [{{recipient_list: "headers.to"}}]
+"""
+
+
+def test_a_changed_setting_renews_the_producers_a_recipient_list_made(
+    redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    import redis
+
+    moved_to = _other_db(redis_url)
+    file = tmp_path / "routes.yaml"
+    file.write_text(RECIPIENTS.format(url=redis_url))
+    target = {"to": f"redis:{stream}"}
+
+    async def main() -> None:
+        context, reloader = await _running(file)
+        try:
+            assert (await context.send("direct:in", "first", target)).exception is None
+            file.write_text(RECIPIENTS.format(url=moved_to))
+            result = await reloader.reload()
+            # The route's definition names no redis endpoint: it keeps running...
+            assert (result.settings, result.stopped) == (["redis_url"], [])
+            # ...and the producer it made at run time is made anew, against the new server.
+            assert (await context.send("direct:in", "second", target)).exception is None
+        finally:
+            await context.stop(grace=2.0)
+
+    run(main)
+    for url, body in ((redis_url, b"first"), (moved_to, b"second")):
+        client = redis.Redis.from_url(url)
+        try:
+            assert [fields[b"body"] for _, fields in client.xrange(stream)] == [body]
+        finally:
+            client.close()

@@ -211,6 +211,24 @@ class IntegrationContext:
             self._dynamic[uri] = producer
         return producer
 
+    def renew_dynamic_producers(self, stale: Callable[[str], bool], grace: float) -> list[str]:
+        """Forget the run-time producers whose URI ``stale`` names (they read a setting that
+        changed): the next exchange gets a new one. The old ones are stopped after
+        ``grace``, once the exchanges still using them are done. Their URIs."""
+        uris = [uri for uri in self._dynamic if stale(uri)]
+        old = [self._dynamic.pop(uri) for uri in uris]
+
+        async def stop_later() -> None:
+            try:
+                await asyncio.sleep(grace)
+            finally:
+                for producer in old:
+                    await _quietly(producer.stop())
+
+        if old:
+            self.background(stop_later())
+        return uris
+
     # state repositories
 
     def aggregation_repository(self, name: str, prefix: str) -> AggregationRepository:

@@ -88,12 +88,18 @@ def _settings_read(route: Route, handler: ErrorHandler | None) -> set[str]:
     """The settings a route reads: through its endpoints, repositories, dead letter channel."""
     read: set[str] = set()
     for text in _texts((route, handler)):
-        scheme = text.partition(":")[0] if ":" in text else text
-        if scheme == "http" and text.startswith(("http://", "https://")):
-            continue  # a call to a service: no setting
-        read.update(_SETTINGS_OF.get(scheme, ()))
-        for value in _option_values(text):
-            read.update(_REPOSITORY_SETTINGS.get(value, ()))
+        read |= _settings_of(text)
+    return read
+
+
+def _settings_of(text: str) -> set[str]:
+    """The settings an endpoint URI (or a repository name) reads."""
+    scheme = text.partition(":")[0] if ":" in text else text
+    if scheme == "http" and text.startswith(("http://", "https://")):
+        return set()  # a call to a service: no setting
+    read = set(_SETTINGS_OF.get(scheme, ()))
+    for value in _option_values(text):
+        read.update(_REPOSITORY_SETTINGS.get(value, ()))
     return read
 
 
@@ -220,6 +226,12 @@ class RoutesReloader:
         # Stopped under the settings they started with (an HTTP route leaves its listener).
         await asyncio.gather(*(context.remove_route(rid, self.grace) for rid in result.stopped))
         context.settings = settings
+        if changed:
+            # Producers made at run time (recipient lists, routing slips) are made anew.
+            unclaimed = bool(changed - _CLAIMED)
+            context.renew_dynamic_producers(
+                lambda uri: unclaimed or bool(changed & _settings_of(uri)), self.grace
+            )
         context.error_handler = loaded.error_handler
         context.add_routes(added)
         for route in added:
