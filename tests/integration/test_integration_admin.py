@@ -17,7 +17,7 @@ from harness import free_port, wait_port
 from integration_kit import run
 from typer.testing import CliRunner
 
-from meshgate.integration import IntegrationContext, RouteStartError, from_
+from meshgate.integration import IntegrationContext, IntegrationError, RouteStartError, from_
 from meshgate.integration._admin import AdminListener
 from meshgate.integration._reload import RoutesReloader
 from meshgate.integration._yaml import load_routes
@@ -419,6 +419,39 @@ def test_without_a_watched_file_the_reload_path_says_so() -> None:
             async with httpx.AsyncClient(base_url=admin.url) as client:
                 missing = await client.get("/reload")
                 assert missing.status_code == 404 and "--no-watch" in missing.text
+        finally:
+            await admin.stop()
+
+    run(main)
+
+
+def test_while_the_runtime_stops_nothing_starts_or_reloads(tmp_path: Path) -> None:
+    file = tmp_path / "routes.yaml"
+    file.write_text(ROUTES)
+
+    async def main() -> None:
+        context, reloader = await _running(file)
+        admin = AdminListener(context, "127.0.0.1:0", grace=2.0, reloader=reloader)
+        await admin.start()
+        try:
+            await context.stop_route("a")
+            await context.send("seda:b", "in flight")  # b drains for 300 ms
+            while context.route_stats("b")["inflight"] == 0:
+                await asyncio.sleep(0.005)
+            stopping = asyncio.ensure_future(context.stop(grace=2.0))
+            await asyncio.sleep(0.05)
+            file.write_text(ROUTES.replace('"mock:a"', '"mock:a2"'))
+            async with httpx.AsyncClient(base_url=admin.url) as client:
+                for path in ("/reload", "/routes/a/start"):
+                    refused = await client.post(path)
+                    assert refused.status_code == 503, path
+                    assert "the runtime is stopping" in refused.text
+            result = await reloader.reload()  # as SIGHUP would
+            assert result.refused == ["the runtime is stopping: nothing reloaded"]
+            with pytest.raises(IntegrationError, match="the runtime is stopping"):
+                await context.start_route("a")
+            assert await stopping
+            assert {context.route_status(r.id) for r in context.routes} == {"stopped"}
         finally:
             await admin.stop()
 

@@ -15,7 +15,10 @@ from harness import free_port
 from integration_kit import run
 
 from meshgate.integration import IntegrationContext
+from meshgate.integration._component import Component, Endpoint, Producer
+from meshgate.integration._message import Exchange
 from meshgate.integration._reload import RoutesReloader
+from meshgate.integration._uri import EndpointUri
 from meshgate.integration._yaml import load_routes
 from meshgate.integration.testing import mock_endpoint
 
@@ -338,3 +341,67 @@ def test_a_changed_setting_renews_the_producers_a_recipient_list_made(
             assert [fields[b"body"] for _, fields in client.xrange(stream)] == [body]
         finally:
             client.close()
+
+
+class _Recorded(Component):
+    """Producers that take a moment to start and remember the setting they started with."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+
+    def create_endpoint(self, uri: EndpointUri, context: IntegrationContext) -> Endpoint:
+        component = self
+
+        class _Endpoint(Endpoint):
+            def create_producer(self) -> Producer:
+                return _Producer(self, component)
+
+        return _Endpoint(uri, context)
+
+
+class _Producer(Producer):
+    def __init__(self, endpoint: Endpoint, component: _Recorded) -> None:
+        super().__init__(endpoint)
+        self.component = component
+        self.setting = ""
+
+    async def start(self) -> None:
+        # Reads its setting, then connects (takes a moment), as a broker client does.
+        self.setting = str(self.endpoint.context.settings.get("x_url"))
+        await asyncio.sleep(0.05)
+        self.component.started.append(self.setting)
+
+    async def stop(self) -> None:
+        self.component.stopped.append(self.setting)
+
+    async def process(self, exchange: Exchange) -> None:
+        exchange.message.headers["via"] = self.setting
+
+
+def test_run_time_producers_start_once_per_uri_and_anew_across_a_renewal() -> None:
+    recorded = _Recorded()
+
+    async def main() -> None:
+        context = IntegrationContext({"rec": recorded}, settings={"x_url": "old"})
+        await context.start()
+        try:
+            # Three first uses at once: one producer, started once.
+            producers = await asyncio.gather(*(context.dynamic_producer("rec:a") for _ in range(3)))
+            assert len({id(p) for p in producers}) == 1 and recorded.started == ["old"]
+            # A renewal while a producer starts: the one started with the old setting is
+            # stopped and made anew.
+            starting = asyncio.ensure_future(context.dynamic_producer("rec:b"))
+            await asyncio.sleep(0.01)
+            context.settings["x_url"] = "new"
+            context.renew_dynamic_producers(lambda uri: True, grace=30)
+            assert (await starting).setting == "new"
+            assert (await context.dynamic_producer("rec:a")).setting == "new"
+        finally:
+            started = asyncio.get_running_loop().time()
+            # The renewed producers' 30 s grace does not hold the stop up.
+            assert await context.stop(grace=5)
+            assert asyncio.get_running_loop().time() - started < 1
+        assert sorted(recorded.stopped) == ["new", "new", "old", "old"]
+
+    run(main)

@@ -54,6 +54,9 @@ class _AdminHandler:
         reading = method in ("GET", "HEAD")
         if path in ("/metrics", "/healthz", "/routes") and not reading:
             return _not_allowed(method, "GET, HEAD")
+        if method == "POST" and self.context.stopping:
+            # Draining: a route started or a file reloaded now would outlive the stop.
+            return problem(503, "Service Unavailable", "the runtime is stopping")
         if path == "/metrics":
             return Response(200, self.context.metrics.render(), content_type=CONTENT_TYPE_LATEST)
         if path == "/healthz":

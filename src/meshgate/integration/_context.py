@@ -181,9 +181,17 @@ class IntegrationContext:
         self._endpoints: dict[str, Endpoint] = {}
         self._routes: dict[str, _RouteRunner] = {}
         self._dynamic: dict[str, Producer] = {}
+        # Run-time producers being started (one start per URI, shared by its callers), a
+        # counter of renewals (a producer started across one is made anew), and the stops
+        # of renewed producers, which a context stop hurries.
+        self._starting: dict[str, asyncio.Future[Producer]] = {}
+        self._renewals = 0
+        self._retiring: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._direct: dict[str, Processor] = {}
         self.started = False
+        #: Set once stop() begins: nothing starts or reloads any more.
+        self.stopping = False
 
     # components and endpoints
 
@@ -205,16 +213,32 @@ class IntegrationContext:
     async def dynamic_producer(self, uri: str) -> Producer:
         """A started producer for a URI computed at run time (recipient list, routing slip)."""
         producer = self._dynamic.get(uri)
-        if producer is None:
+        if producer is not None:
+            return producer
+        starting = self._starting.get(uri)
+        if starting is None:
+            starting = self._starting[uri] = asyncio.ensure_future(self._start_dynamic(uri))
+            starting.add_done_callback(lambda _: self._starting.pop(uri, None))
+        # Shielded: a caller cancelled does not cancel the start the others wait for.
+        return await asyncio.shield(starting)
+
+    async def _start_dynamic(self, uri: str) -> Producer:
+        while True:
+            renewals = self._renewals
             producer = self.endpoint(uri).create_producer()
             await producer.start()
-            self._dynamic[uri] = producer
-        return producer
+            if renewals == self._renewals:
+                self._dynamic[uri] = producer
+                return producer
+            # Settings changed while it started: it read the old ones.
+            await _quietly(producer.stop())
 
     def renew_dynamic_producers(self, stale: Callable[[str], bool], grace: float) -> list[str]:
         """Forget the run-time producers whose URI ``stale`` names (they read a setting that
         changed): the next exchange gets a new one. The old ones are stopped after
-        ``grace``, once the exchanges still using them are done. Their URIs."""
+        ``grace`` (the exchanges that took one before may still be using it), or at once
+        when the context stops. Their URIs."""
+        self._renewals += 1
         uris = [uri for uri in self._dynamic if stale(uri)]
         old = [self._dynamic.pop(uri) for uri in uris]
 
@@ -226,7 +250,9 @@ class IntegrationContext:
                     await _quietly(producer.stop())
 
         if old:
-            self.background(stop_later())
+            task = asyncio.ensure_future(stop_later())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         return uris
 
     # state repositories
@@ -345,7 +371,7 @@ class IntegrationContext:
 
     async def start(self) -> None:
         """Start every auto-start route; a route that fails does not stop the others."""
-        self.started = True
+        self.started, self.stopping = True, False
         failures: dict[str, BaseException] = {}
         for runner in self._routes.values():
             if runner.route.auto_start and runner.status != "started":
@@ -361,6 +387,8 @@ class IntegrationContext:
     async def start_route(self, route_id: str) -> None:
         """Start a route, or resume a suspended one."""
         runner = self._runner(route_id)
+        if self.stopping:
+            raise IntegrationError(f"route {route_id!r} not started: the runtime is stopping")
         if runner.status != "started":
             try:
                 if runner.status == "suspended":
@@ -399,6 +427,7 @@ class IntegrationContext:
 
         Returns whether everything in flight finished within ``grace``.
         """
+        self.stopping = True
         deadline = asyncio.get_running_loop().time() + grace
         runners = list(self._routes.values())
         # Routes fed by other routes stop after them: exchanges in flight may still call them.
@@ -419,6 +448,10 @@ class IntegrationContext:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for runner in reversed(runners):
             await runner.stop_services()
+        for task in list(self._retiring):
+            task.cancel()  # its finally stops the renewed producers now
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         for producer in self._dynamic.values():
             await _quietly(producer.stop())
         self._dynamic.clear()

@@ -176,6 +176,9 @@ class RoutesReloader:
 
     async def _reload(self) -> ReloadResult:
         context, result = self.context, ReloadResult()
+        if context.stopping:
+            result.refused = ["the runtime is stopping: nothing reloaded"]
+            return result
         try:
             scratch = IntegrationContext(settings=self.overrides)
             loaded = load_routes(self.file, context=scratch)
