@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 from control_support import TOKEN, ControlPlane, dump_database, make_product, problem
+from harness import raw_exchange
 
 
 def _token(cp: ControlPlane, *scopes: str, **fields: object) -> dict[str, object]:
@@ -49,6 +50,38 @@ def test_without_a_valid_token_every_api_is_401_with_a_challenge(
     # Health and the API's document are public: load balancers and clients read them.
     assert httpx.get(f"{cp.url}/healthz").status_code == 200
     assert httpx.get(f"{cp.url}/admin/api/openapi.json").status_code == 200
+
+
+def test_a_caller_without_a_token_learns_nothing_from_how_its_body_is_checked(
+    control_shared: ControlPlane,
+) -> None:
+    cp = control_shared
+    bodies = (
+        b"{not json",  # 422 for a caller with a token
+        b'{"name": 5}',  # 422: a field of the wrong type
+        b"x" * 1024,
+    )
+    for body in bodies:
+        for path in ("/admin/api/accounts", "/admin/api/declarative", "/dp/v1/status"):
+            response = httpx.post(
+                f"{cp.url}{path}",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=10,
+            )
+            problem(response, 401)
+    # Even a declared size above the limit: 401 first, not 413.
+    head = (
+        b"POST /admin/api/accounts HTTP/1.1\r\nhost: cp\r\ncontent-type: application/json\r\n"
+        b"content-length: 1099511627776\r\n\r\n"
+    )
+    assert raw_exchange(cp.port, head).startswith(b"HTTP/1.1 401 ")
+    # With a token, the same bodies get their own answers.
+    malformed = cp.api.post(
+        "/accounts", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 422
+    assert cp.api.post("/accounts", json={"name": 5}).status_code == 422
 
 
 def test_scopes_decide_what_a_token_may_do(control_shared: ControlPlane) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
@@ -11,13 +12,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshgate.config import new_admin_token
-from meshgate.control._problems import Problem
+from meshgate.control._problems import Problem, problem_response
 from meshgate.control.models import AdminToken, utcnow
 
 __all__ = [
     "Actor",
+    "AuthenticationGate",
     "DataplaneActor",
     "Reader",
     "TokenCache",
@@ -107,21 +110,61 @@ class TokenCache:
         return entry
 
 
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="meshgate"'}
+# Served to anyone: the API's own description.
+_PUBLIC = ("/admin/api/openapi.json", "/admin/api/docs", "/admin/api/docs/oauth2-redirect")
+
+
+def _authenticate(request: Request, authorization: str | None) -> Actor:
+    """The actor of an ``Authorization: Bearer`` value; :class:`Problem` 401 otherwise."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Problem(401, "an Authorization: Bearer token is required", headers=_CHALLENGE)
+    if len(token) > 512:
+        raise Problem(401, "the token is not valid", headers=_CHALLENGE)
+    actor = request.app.state.plane.tokens.actor(request, token)
+    if actor is None:
+        raise Problem(401, "the token is not valid or has expired", headers=_CHALLENGE)
+    return actor
+
+
+class AuthenticationGate:
+    """Refuses a request to the admin or data-plane API without a valid token with 401
+    before its body is read, so an unauthenticated caller learns nothing from how a body
+    is checked (422, 413). Scopes are checked later, by each endpoint (403)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith(("/admin/api/", "/dp/v1/")) and path not in _PUBLIC:
+            request = Request(scope)
+            try:
+                # The token's first check reads the store: off the event loop.
+                await asyncio.to_thread(
+                    _authenticate, request, request.headers.get("authorization")
+                )
+            except Problem as refused:
+                response = problem_response(
+                    refused.status, refused.detail, headers=refused.headers
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def require(scope: str):  # type: ignore[no-untyped-def]
     """A dependency: the caller's :class:`Actor`, holding ``scope``; 401 or 403 otherwise."""
 
     def check(
         request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> Actor:
-        challenge = {"WWW-Authenticate": 'Bearer realm="meshgate"'}
-        if credentials is None or not credentials.credentials:
-            raise Problem(401, "an Authorization: Bearer token is required", headers=challenge)
-        token = credentials.credentials
-        if len(token) > 512:
-            raise Problem(401, "the token is not valid", headers=challenge)
-        actor = request.app.state.plane.tokens.actor(request, token)
-        if actor is None:
-            raise Problem(401, "the token is not valid or has expired", headers=challenge)
+        # Checked by AuthenticationGate already (a token seen within seconds is cached);
+        # again here, for an application served without the gate.
+        token = credentials.credentials if credentials is not None else ""
+        actor = _authenticate(request, f"Bearer {token}")
         if scope not in actor.scopes:
             raise Problem(403, f"the token lacks the {scope!r} scope")
         return actor

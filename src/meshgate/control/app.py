@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshgate.control import _problems
 from meshgate.control._applications import router as applications
+from meshgate.control._auth import AuthenticationGate
 from meshgate.control._declarative_api import router as declarative
 from meshgate.control._environments import admin as environments
 from meshgate.control._environments import dataplane
@@ -93,5 +94,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     def healthz() -> dict[str, Any]:
         return {"status": "ok", **plane.status()}
 
+    # Outermost first: a request without a valid token is refused before its size is.
     app.add_middleware(_BodyLimit, limit=MAX_BODY)
+    app.add_middleware(AuthenticationGate)
     return app
