@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from meshgate.integration import IntegrationContext, Route
+from meshgate.integration import Exchange, IntegrationContext, Route
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
@@ -164,3 +164,93 @@ def run_sql(url: str, statement: str, **params: Any) -> list[tuple[Any, ...]]:
             return [tuple(row) for row in result] if result.returns_rows else []
     finally:
         engine.dispose()
+
+
+# The same at-least-once scenarios, run against each broker by its own test module.
+
+Check = Callable[[], Awaitable[None]]
+
+
+def redelivered_after_one_failure(
+    publish: str, consume: str, settings: dict[str, Any], settled: Check | None = None
+) -> Exchange:
+    """Publishes ``m`` to ``publish``; the route consuming ``consume`` fails on the first
+    delivery only. Returns the exchange of the redelivery, which completed; ``settled``
+    then checks what the broker still holds."""
+    from meshgate.integration import from_
+    from meshgate.integration.testing import mock_endpoint
+
+    attempts = 0
+    received: list[Exchange] = []
+
+    def flaky(exchange: Exchange) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionError("database down")
+
+    routes = [
+        from_("direct:in", id="publish").to(publish).build(),
+        from_(consume, id="consume").process(flaky).to("mock:out").build(),
+    ]
+
+    async def scenario(context: IntegrationContext) -> None:
+        await context.send("direct:in", "m")
+        received.extend(await mock_endpoint(context, "mock:out").wait_for(1))
+        await asyncio.sleep(0.3)  # no third delivery
+        assert attempts == 2
+        assert len(mock_endpoint(context, "mock:out").received) == 1
+        if settled is not None:
+            await settled()
+
+    run_routes(routes, scenario, settings=settings)
+    assert received[0].message.body == b"m"
+    return received[0]
+
+
+def dead_lettered_once(
+    publish: str,
+    consume: str,
+    dead: str,
+    dead_consume: str,
+    settings: dict[str, Any],
+    settled: Check | None = None,
+) -> None:
+    """The route consuming ``consume`` always fails: after one redelivery the dead letter
+    channel ``dead`` (read back from ``dead_consume``) gets the message as published, with
+    the cause, route and step, once; ``settled`` then checks what the broker still holds."""
+    from meshgate.integration import from_
+    from meshgate.integration._model import ErrorHandler
+    from meshgate.integration.testing import mock_endpoint
+
+    attempts = 0
+
+    def broken(exchange: Exchange) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ValueError("cannot process")
+
+    handler = ErrorHandler(dead_letter=dead, maximum_redeliveries=1)
+    routes = [
+        from_("direct:in", id="publish").to(publish).build(),
+        from_(consume, id="consume", error_handler=handler)
+        .transform("changed")
+        .process(broken)
+        .build(),
+        from_(dead_consume, id="dead").to("mock:dead").build(),
+    ]
+
+    async def scenario(context: IntegrationContext) -> None:
+        await context.send("direct:in", b"original")
+        letter = (await mock_endpoint(context, "mock:dead").wait_for(1))[0]
+        assert letter.body == b"original"
+        assert letter.headers["dead_letter_cause"] == "ValueError: cannot process"
+        assert letter.headers["dead_letter_route"] == "consume"
+        assert letter.headers["dead_letter_step"] == "steps[1].process"
+        await asyncio.sleep(0.3)
+        assert attempts == 2  # the first try and one redelivery, then no more
+        assert len(mock_endpoint(context, "mock:dead").received) == 1
+        if settled is not None:
+            await settled()
+
+    run_routes(routes, scenario, settings=settings)

@@ -8,10 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from integration_kit import killed_mid_route_then_restarted, run_routes
+from integration_kit import (
+    dead_lettered_once,
+    killed_mid_route_then_restarted,
+    redelivered_after_one_failure,
+    run_routes,
+)
 
-from meshgate.integration import Exchange, IntegrationContext, from_
-from meshgate.integration._model import ErrorHandler
+from meshgate.integration import IntegrationContext, from_
 from meshgate.integration.testing import mock_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,55 +68,22 @@ def test_publish_and_consume_with_headers(amqp_url: str, queue: str) -> None:
 
 
 def test_a_failed_route_returns_the_message_for_redelivery(amqp_url: str, queue: str) -> None:
-    attempts = 0
+    async def settled() -> None:
+        assert await _count(amqp_url, queue) == 0
 
-    def flaky(exchange: Exchange) -> None:
-        nonlocal attempts
-        attempts += 1
-        if attempts == 1:
-            raise ConnectionError("database down")
-
-    routes = [
-        from_("direct:in", id="publish").to(f"amqp:queue:{queue}").build(),
-        from_(f"amqp:queue:{queue}", id="consume").process(flaky).to("mock:out").build(),
-    ]
-
-    async def scenario(context: IntegrationContext) -> None:
-        await context.send("direct:in", "m")
-        received = await mock_endpoint(context, "mock:out").wait_for(1)
-        assert received[0].properties["redelivered"] is True
-        assert attempts == 2
-
-    run_routes(routes, scenario, settings={"amqp_url": amqp_url})
+    received = redelivered_after_one_failure(
+        f"amqp:queue:{queue}", f"amqp:queue:{queue}", {"amqp_url": amqp_url}, settled
+    )
+    assert received.properties["redelivered"] is True
 
 
 def test_the_dead_letter_channel_ends_redelivery(amqp_url: str, queue: str) -> None:
-    handler = ErrorHandler(dead_letter=f"amqp:queue:{queue}-dead", maximum_redeliveries=1)
-
-    def broken(exchange: Exchange) -> None:
-        raise ValueError("cannot process")
-
-    routes = [
-        from_("direct:in", id="publish").to(f"amqp:queue:{queue}").build(),
-        from_(f"amqp:queue:{queue}", id="consume", error_handler=handler)
-        .transform("changed")
-        .process(broken)
-        .build(),
-        from_(f"amqp:queue:{queue}-dead", id="dead").to("mock:dead").build(),
-    ]
-
-    async def scenario(context: IntegrationContext) -> None:
-        await context.send("direct:in", b"original")
-        dead = (await mock_endpoint(context, "mock:dead").wait_for(1))[0]
-        assert dead.body == b"original"
-        assert dead.headers["dead_letter_cause"] == "ValueError: cannot process"
-        assert dead.headers["dead_letter_route"] == "consume"
-        assert dead.headers["dead_letter_step"] == "steps[1].process"
-        await asyncio.sleep(0.1)
+    async def settled() -> None:
         assert await _count(amqp_url, queue) == 0
-        assert len(mock_endpoint(context, "mock:dead").received) == 1
 
-    run_routes(routes, scenario, settings={"amqp_url": amqp_url})
+    dead = f"amqp:queue:{queue}-dead"
+    uri = f"amqp:queue:{queue}"
+    dead_lettered_once(uri, uri, dead, dead, {"amqp_url": amqp_url}, settled)
 
 
 def test_a_runtime_killed_mid_route_loses_nothing(

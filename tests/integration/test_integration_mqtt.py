@@ -10,11 +10,15 @@ from urllib.parse import urlsplit
 
 import pytest
 from harness import service_url, unavailable
-from integration_kit import killed_mid_route_then_restarted, run_routes
+from integration_kit import (
+    dead_lettered_once,
+    killed_mid_route_then_restarted,
+    redelivered_after_one_failure,
+    run_routes,
+)
 
-from meshgate.integration import Exchange, IntegrationContext, from_
+from meshgate.integration import IntegrationContext, from_
 from meshgate.integration._errors import EndpointError
-from meshgate.integration._model import ErrorHandler
 from meshgate.integration.testing import mock_endpoint
 
 #: Sessions of the tests' consumers outlive them by this much only.
@@ -73,60 +77,20 @@ def test_a_route_consumes_transforms_and_publishes(mqtt_url: str, topic: str) ->
 def test_a_failed_route_is_redelivered_when_the_session_reconnects(
     mqtt_url: str, topic: str
 ) -> None:
-    attempts = 0
-
-    def flaky(exchange: Exchange) -> None:
-        nonlocal attempts
-        attempts += 1
-        if attempts == 1:
-            raise ConnectionError("database down")
-
-    routes = [
-        from_("direct:in", id="publish").to(f"mqtt:{topic}").build(),
-        from_(f"mqtt:{topic}?{SESSION}", id="consume").process(flaky).to("mock:out").build(),
-    ]
-
-    async def scenario(context: IntegrationContext) -> None:
-        await context.send("direct:in", "m")
-        received = await mock_endpoint(context, "mock:out").wait_for(1)
-        assert received[0].body == b"m"
-        assert attempts == 2
-        await asyncio.sleep(0.3)
-        assert attempts == 2
-
-    run_routes(routes, scenario, settings={"mqtt_url": mqtt_url})
+    received = redelivered_after_one_failure(
+        f"mqtt:{topic}", f"mqtt:{topic}?{SESSION}", {"mqtt_url": mqtt_url}
+    )
+    assert received.properties["redelivered"] is True
 
 
 def test_the_dead_letter_channel_ends_redelivery(mqtt_url: str, topic: str) -> None:
-    handler = ErrorHandler(dead_letter=f"mqtt:{topic}/dead", maximum_redeliveries=1)
-    attempts = 0
-
-    def broken(exchange: Exchange) -> None:
-        nonlocal attempts
-        attempts += 1
-        raise ValueError("cannot process")
-
-    routes = [
-        from_("direct:in", id="publish").to(f"mqtt:{topic}/in").build(),
-        from_(f"mqtt:{topic}/in?{SESSION}", id="consume", error_handler=handler)
-        .transform("changed")
-        .process(broken)
-        .build(),
-        from_(f"mqtt:{topic}/dead?{SESSION}", id="dead").to("mock:dead").build(),
-    ]
-
-    async def scenario(context: IntegrationContext) -> None:
-        await context.send("direct:in", b"original")
-        dead = (await mock_endpoint(context, "mock:dead").wait_for(1))[0]
-        assert dead.body == b"original"
-        assert dead.headers["dead_letter_cause"] == "ValueError: cannot process"
-        assert dead.headers["dead_letter_route"] == "consume"
-        assert dead.headers["dead_letter_step"] == "steps[1].process"
-        await asyncio.sleep(0.3)
-        assert attempts == 2  # the first try and one redelivery, then no more
-        assert len(mock_endpoint(context, "mock:dead").received) == 1
-
-    run_routes(routes, scenario, settings={"mqtt_url": mqtt_url})
+    dead_lettered_once(
+        f"mqtt:{topic}/in",
+        f"mqtt:{topic}/in?{SESSION}",
+        f"mqtt:{topic}/dead",
+        f"mqtt:{topic}/dead?{SESSION}",
+        {"mqtt_url": mqtt_url},
+    )
 
 
 def test_stopping_drains_the_exchange_in_flight_and_acknowledges_it(

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 from harness import service_url, unavailable
-from integration_kit import killed_mid_route_then_restarted, run_routes
+from integration_kit import (
+    dead_lettered_once,
+    killed_mid_route_then_restarted,
+    redelivered_after_one_failure,
+    run_routes,
+)
 
-from meshgate.integration import Exchange, IntegrationContext, from_
+from meshgate.integration import IntegrationContext, from_
 from meshgate.integration._errors import EndpointError, IntegrationError
-from meshgate.integration._model import ErrorHandler
 from meshgate.integration.testing import mock_endpoint
 
 
@@ -96,58 +100,32 @@ def test_a_route_consumes_transforms_and_publishes(nats_url: str, name: str) -> 
 
 
 def test_a_failed_route_is_redelivered_by_jetstream(nats_url: str, name: str) -> None:
-    attempts = 0
+    async def settled() -> None:
+        assert await _unacknowledged(nats_url, name, "main") == (0, 0)
 
-    def flaky(exchange: Exchange) -> None:
-        nonlocal attempts
-        attempts += 1
-        if attempts == 1:
-            raise ConnectionError("database down")
-
-    routes = [
-        from_("direct:in", id="publish").to(f"nats:{name}.in?stream={name}").build(),
-        from_(f"nats:{name}.in?stream={name}", id="consume").process(flaky).to("mock:out").build(),
-    ]
-
-    async def scenario(context: IntegrationContext) -> None:
-        await context.send("direct:in", "m")
-        received = await mock_endpoint(context, "mock:out").wait_for(1)
-        assert received[0].properties["redelivered"] is True
-        assert received[0].properties["delivery_count"] == 2
-        assert attempts == 2
-
-    run_routes(routes, scenario, settings={"nats_url": nats_url})
+    received = redelivered_after_one_failure(
+        f"nats:{name}.in?stream={name}",
+        f"nats:{name}.in?stream={name}&durable=main",
+        {"nats_url": nats_url},
+        settled,
+    )
+    assert received.properties["redelivered"] is True
+    assert received.properties["delivery_count"] == 2
 
 
 def test_the_dead_letter_channel_ends_redelivery(nats_url: str, name: str) -> None:
-    handler = ErrorHandler(
-        dead_letter=f"nats:{name}.dead?stream={name}-dead", maximum_redeliveries=1
-    )
-
-    def broken(exchange: Exchange) -> None:
-        raise ValueError("cannot process")
-
-    routes = [
-        from_("direct:in", id="publish").to(f"nats:{name}.in?stream={name}").build(),
-        from_(f"nats:{name}.in?stream={name}&durable=main", id="consume", error_handler=handler)
-        .transform("changed")
-        .process(broken)
-        .build(),
-        from_(f"nats:{name}.dead?stream={name}-dead", id="dead").to("mock:dead").build(),
-    ]
-
-    async def scenario(context: IntegrationContext) -> None:
-        await context.send("direct:in", b"original")
-        dead = (await mock_endpoint(context, "mock:dead").wait_for(1))[0]
-        assert dead.body == b"original"
-        assert dead.headers["dead_letter_cause"] == "ValueError: cannot process"
-        assert dead.headers["dead_letter_route"] == "consume"
-        assert dead.headers["dead_letter_step"] == "steps[1].process"
-        await asyncio.sleep(0.1)
+    async def settled() -> None:
         assert await _unacknowledged(nats_url, name, "main") == (0, 0)
-        assert len(mock_endpoint(context, "mock:dead").received) == 1
 
-    run_routes(routes, scenario, settings={"nats_url": nats_url})
+    dead = f"nats:{name}.dead?stream={name}-dead"
+    dead_lettered_once(
+        f"nats:{name}.in?stream={name}",
+        f"nats:{name}.in?stream={name}&durable=main",
+        dead,
+        dead,
+        {"nats_url": nats_url},
+        settled,
+    )
 
 
 def test_concurrent_consumers_share_the_durable_consumer(nats_url: str, name: str) -> None:

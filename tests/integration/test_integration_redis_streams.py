@@ -8,11 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from integration_kit import killed_mid_route_then_restarted, run_routes
+from integration_kit import (
+    dead_lettered_once,
+    killed_mid_route_then_restarted,
+    redelivered_after_one_failure,
+    run_routes,
+)
 
-from meshgate.integration import Exchange, IntegrationContext, from_
+from meshgate.integration import IntegrationContext, from_
 from meshgate.integration._errors import EndpointError
-from meshgate.integration._model import ErrorHandler
 from meshgate.integration.testing import mock_endpoint
 
 
@@ -83,61 +87,30 @@ def test_an_entry_without_a_body_field_is_a_mapping(redis_url: str, stream: str)
 
 
 def test_a_failed_entry_is_claimed_again(redis_url: str, stream: str) -> None:
-    attempts = 0
-
-    def flaky(exchange: Exchange) -> None:
-        nonlocal attempts
-        attempts += 1
-        if attempts == 1:
-            raise ConnectionError("database down")
-
-    routes = [
-        from_("direct:in", id="publish").to(f"redis:{stream}").build(),
-        from_(f"redis:{stream}?group=g&claim_idle=100ms", id="consume")
-        .process(flaky)
-        .to("mock:out")
-        .build(),
-    ]
-
-    async def scenario(context: IntegrationContext) -> None:
-        await context.send("direct:in", "m")
-        received = await mock_endpoint(context, "mock:out").wait_for(1)
-        assert received[0].body == b"m"
-        assert received[0].properties["redelivered"] is True
-        assert attempts == 2
-        await asyncio.sleep(0.05)
+    async def settled() -> None:
         assert _pending(redis_url, stream, "g") == 0
 
-    run_routes(routes, scenario, settings={"redis_url": redis_url})
+    received = redelivered_after_one_failure(
+        f"redis:{stream}",
+        f"redis:{stream}?group=g&claim_idle=100ms",
+        {"redis_url": redis_url},
+        settled,
+    )
+    assert received.properties["redelivered"] is True
 
 
 def test_the_dead_letter_channel_ends_redelivery(redis_url: str, stream: str) -> None:
-    handler = ErrorHandler(dead_letter=f"redis:{stream}.dead", maximum_redeliveries=1)
-
-    def broken(exchange: Exchange) -> None:
-        raise ValueError("cannot process")
-
-    routes = [
-        from_("direct:in", id="publish").to(f"redis:{stream}").build(),
-        from_(f"redis:{stream}?group=g&claim_idle=100ms", id="consume", error_handler=handler)
-        .transform("changed")
-        .process(broken)
-        .build(),
-        from_(f"redis:{stream}.dead?group=g", id="dead").to("mock:dead").build(),
-    ]
-
-    async def scenario(context: IntegrationContext) -> None:
-        await context.send("direct:in", b"original")
-        dead = (await mock_endpoint(context, "mock:dead").wait_for(1))[0]
-        assert dead.body == b"original"
-        assert dead.headers["dead_letter_cause"] == "ValueError: cannot process"
-        assert dead.headers["dead_letter_route"] == "consume"
-        assert dead.headers["dead_letter_step"] == "steps[1].process"
-        await asyncio.sleep(0.3)
+    async def settled() -> None:
         assert _pending(redis_url, stream, "g") == 0
-        assert len(mock_endpoint(context, "mock:dead").received) == 1
 
-    run_routes(routes, scenario, settings={"redis_url": redis_url})
+    dead_lettered_once(
+        f"redis:{stream}",
+        f"redis:{stream}?group=g&claim_idle=100ms",
+        f"redis:{stream}.dead",
+        f"redis:{stream}.dead?group=g",
+        {"redis_url": redis_url},
+        settled,
+    )
 
 
 def test_stopping_drains_the_exchange_in_flight(redis_url: str, stream: str) -> None:
