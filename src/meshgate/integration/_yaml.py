@@ -593,12 +593,18 @@ class _Parser:
             "aggregate": "strategy",
             "stop_on_exception": "bool",
         }
+        return self._steps_and_options(config, path, spec, m.Split)
+
+    def _steps_and_options(
+        self, config: Any, path: str, spec: Mapping[str, str], make: Callable[..., m.Step]
+    ) -> m.Step | None:
+        """A step made of ``steps`` and the optional fields of ``spec``."""
         data = self.mapping(config, path, (*spec, "steps"), ("steps",))
         if data is None or "steps" not in data:
             return None
         options = self._options(data, path, spec)
         steps = self.steps(data["steps"], f"{path}.steps")
-        return None if steps is None else m.Split(steps, **options)
+        return None if steps is None else make(steps, **options)
 
     def aggregate(self, config: Any, path: str) -> m.Step | None:
         spec = {
@@ -647,12 +653,7 @@ class _Parser:
             "strategy": "strategy",
             "stop_on_exception": "bool",
         }
-        data = self.mapping(config, path, (*spec, "steps"), ("steps",))
-        if data is None or "steps" not in data:
-            return None
-        options = self._options(data, path, spec)
-        steps = self.steps(data["steps"], f"{path}.steps")
-        return None if steps is None else m.Multicast(steps, **options)
+        return self._steps_and_options(config, path, spec, m.Multicast)
 
     def _expr_or(self, config: Any, path: str, spec: Mapping[str, str]) -> dict[str, Any] | None:
         if isinstance(config, str):
