@@ -147,9 +147,7 @@ class AuthenticationGate:
                     _authenticate, request, request.headers.get("authorization")
                 )
             except Problem as refused:
-                response = problem_response(
-                    refused.status, refused.detail, headers=refused.headers
-                )
+                response = problem_response(refused.status, refused.detail, headers=refused.headers)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
