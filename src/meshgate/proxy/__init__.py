@@ -1,4 +1,4 @@
-"""The HTTP/1.1 proxy engine: knows HTTP, nothing about products or services."""
+"""The HTTP proxy engine: knows HTTP and TLS, nothing about products or services."""
 
 from meshgate.proxy._exchange import (
     ClientDisconnected,
@@ -12,22 +12,36 @@ from meshgate.proxy._exchange import (
 )
 from meshgate.proxy._path import BadTarget, split_target
 from meshgate.proxy._server import Server, ServerSettings, bind_socket
+from meshgate.proxy._tls import (
+    CertificateFiles,
+    PeerCertificate,
+    ServerTls,
+    TlsError,
+    TlsInfo,
+    client_context,
+)
 from meshgate.proxy._upstream import UpstreamError, UpstreamPool
 
 __all__ = [
     "BadTarget",
+    "CertificateFiles",
     "ClientDisconnected",
     "Exchange",
     "Handler",
     "Headers",
+    "PeerCertificate",
     "Request",
     "RequestBodyError",
     "Response",
     "Server",
     "ServerSettings",
+    "ServerTls",
+    "TlsError",
+    "TlsInfo",
     "UpstreamError",
     "UpstreamPool",
     "bind_socket",
+    "client_context",
     "problem",
     "split_target",
 ]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from meshgate.proxy._tls import TlsInfo
 
 __all__ = [
     "ClientDisconnected",
@@ -144,6 +147,7 @@ class Request:
         "content_length",
         "chunked",
         "request_id",
+        "tls",
     )
 
     def __init__(
@@ -160,6 +164,7 @@ class Request:
         content_length: int | None = None,
         chunked: bool = False,
         request_id: str = "",
+        tls: TlsInfo | None = None,
     ) -> None:
         self.method = method
         self.raw_target = raw_target
@@ -173,6 +178,8 @@ class Request:
         self.content_length = content_length
         self.chunked = chunked
         self.request_id = request_id
+        # The connection's TLS (version, ALPN, SNI, the verified client certificate).
+        self.tls = tls
 
     @property
     def has_body(self) -> bool:

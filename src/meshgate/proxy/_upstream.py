@@ -8,6 +8,7 @@ body: flow control pauses the faster side (see ``pause_writing`` on both protoco
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Protocol
 
 import httptools
@@ -294,7 +295,11 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Connections to one backend address, reused LIFO while they stay healthy."""
+    """Connections to one backend address, reused LIFO while they stay healthy.
+
+    With ``tls`` (a client context) every connection is TLS, verified as the context
+    says, with ``server_name`` (the host by default) as SNI and the name checked.
+    """
 
     __slots__ = (
         "host",
@@ -304,6 +309,8 @@ class UpstreamPool:
         "max_idle",
         "loop",
         "host_header",
+        "tls",
+        "server_name",
         "_idle",
     )
 
@@ -316,6 +323,8 @@ class UpstreamPool:
         response_timeout: float = 60.0,
         max_idle: int = 64,
         loop: asyncio.AbstractEventLoop | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -323,7 +332,9 @@ class UpstreamPool:
         self.response_timeout = response_timeout
         self.max_idle = max_idle
         self.loop = loop or asyncio.get_event_loop()
-        default_port = port == 80
+        self.tls = tls
+        self.server_name = server_name or host.strip("[]")
+        default_port = port == (443 if tls is not None else 80)
         authority = f"[{host}]" if ":" in host else host
         self.host_header = (authority if default_port else f"{authority}:{port}").encode()
         self._idle: list[UpstreamConnection] = []
@@ -341,11 +352,31 @@ class UpstreamPool:
         return None
 
     async def connect(self) -> UpstreamConnection:
+        tls = self.tls
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
-                self.connect_timeout,
-            )
+            if tls is None:
+                opening = self.loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port
+                )
+            else:
+                opening = self.loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=tls,
+                    server_hostname=self.server_name,
+                    ssl_handshake_timeout=self.connect_timeout,
+                )
+            _, conn = await asyncio.wait_for(opening, self.connect_timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamError(
+                f"the TLS certificate of {self.host}:{self.port} does not verify "
+                f"(as {self.server_name}): {exc.verify_message or exc.reason}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise UpstreamError(
+                f"the TLS handshake with {self.host}:{self.port} failed: {exc.reason or exc}"
+            ) from None
         except TimeoutError:
             raise UpstreamError(
                 f"connecting to {self.host}:{self.port} took longer than {self.connect_timeout}s"
