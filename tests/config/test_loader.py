@@ -21,7 +21,7 @@ from meshgate.config import (
 )
 
 PERIODS = "'minute', 'hour', 'day', 'week', 'month', 'year', 'eternity'"
-AUTH_TYPES = "'api_key', 'app_id_key', 'jwt', 'none'"
+AUTH_TYPES = "'api_key', 'app_id_key', 'jwt', 'none', 'mtls'"
 
 
 def product(**changes: Any) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def test_backend_or_backends() -> None:
         {"path": "/", "url": "http://127.0.0.1:9002"},
     ]
     assert errors_of(data) == [
-        "products[0].backends[1].url: must be an http:// URL, e.g. http://127.0.0.1:9001"
+        "products[0].backends[1].url: must be an http:// or https:// URL, e.g. http://127.0.0.1:9001"
     ]
     del data["products"][0]["backends"][1]
     assert errors_of(data) == ["products[0]: two backends at the same path"]
@@ -158,7 +158,7 @@ def test_unknown_field_lists_the_allowed_ones() -> None:
     data["limitz"] = {}
     assert errors_of(data) == [
         "products[0].plans[0].limits[0].window: unknown field (allowed: metric, period, value)",
-        "limitz: unknown field (allowed: listen, admin_listen, limits, timeouts, "
+        "limitz: unknown field (allowed: listen, tls, admin_listen, limits, timeouts, "
         "max_header_size, access_log, upstream_keepalive, products, version)",
     ]
 
@@ -216,7 +216,7 @@ def test_product_field_messages() -> None:
             product(
                 name="bad name",
                 path_prefix="echo",
-                backend="https://example.com",
+                backend="ftp://example.com",
                 mapping_rules=[{"pattern": "search", "metric": "hits", "increment": -1}],
                 applications=[{"id": "", "plan": "x"}],
             )
@@ -226,7 +226,7 @@ def test_product_field_messages() -> None:
         "products[0].name: must start with a letter or digit and hold only letters, digits, "
         "'_', '.' and '-'",
         "products[0].path_prefix: must start with / and hold no empty or .. segments",
-        "products[0].backend: must be an http:// URL, e.g. http://127.0.0.1:9001",
+        "products[0].backend: must be an http:// or https:// URL, e.g. http://127.0.0.1:9001",
         "products[0].mapping_rules[0].pattern: must start with /",
         "products[0].mapping_rules[0].increment: must be at least 0",
         "products[0].applications[0].id: must not be empty",

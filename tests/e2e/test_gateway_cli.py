@@ -60,7 +60,7 @@ products:
     errors = result.stderr.splitlines()
     assert errors == [
         "listen: must be HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
-        "products[0].backend: must be an http:// URL, e.g. http://127.0.0.1:9001",
+        "products[0].backend: must be an http:// or https:// URL, e.g. http://127.0.0.1:9001",
         "products[0].plans[0].limits[0].period: must be one of 'minute', 'hour', 'day', "
         "'week', 'month', 'year', 'eternity'",
         "products[0].plans[0].limits[1].value: must be at least 0",

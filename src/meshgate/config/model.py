@@ -115,6 +115,33 @@ class Application(_Strict):
     client_id: str | None = Field(
         None, description="jwt: value of the application claim; defaults to the id."
     )
+    certificates: list[ClientCertificate] = Field(
+        default_factory=list,
+        description="mtls: the client certificates that identify this application.",
+    )
+
+
+class ClientCertificate(_Strict):
+    """A client certificate that identifies an application (``auth: {type: mtls}``): by
+    its SHA-256 fingerprint, its subject, or one of its subject alternative names."""
+
+    sha256: str | None = Field(
+        None,
+        pattern=r"^([0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2}$",
+        description="SHA-256 fingerprint of the DER certificate, hex, colons allowed.",
+    )
+    subject: str | None = Field(
+        None, min_length=1, description="Subject as RFC 4514 text, e.g. CN=app1,O=Acme."
+    )
+    san: str | None = Field(
+        None, min_length=1, description="A DNS name, URI (SPIFFE ID), e-mail or IP SAN."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ClientCertificate:
+        if sum(x is not None for x in (self.sha256, self.subject, self.san)) != 1:
+            raise ValueError("give exactly one of sha256, subject or san")
+        return self
 
 
 class ApiKeyAuth(_Strict):
@@ -211,7 +238,16 @@ class NoAuth(_Strict):
     default_application: str
 
 
-Auth = Annotated[ApiKeyAuth | AppIdKeyAuth | JwtAuth | NoAuth, Field(discriminator="type")]
+class MtlsAuth(_Strict):
+    """The verified client certificate of a TLS listener that asks for one names the
+    application (see ``Application.certificates``)."""
+
+    type: Literal["mtls"]
+
+
+Auth = Annotated[
+    ApiKeyAuth | AppIdKeyAuth | JwtAuth | NoAuth | MtlsAuth, Field(discriminator="type")
+]
 
 
 def _one_policy(entry: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -234,14 +270,36 @@ PolicyEntry = Annotated[
 ]
 
 
-_BACKEND_URL = re.compile(r"^http://([^/:?#]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?(/[^?#]*)?$")
+_BACKEND_URL = re.compile(r"^https?://([^/:?#]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?(/[^?#]*)?$")
 
 
 def check_backend_url(value: str) -> str:
     """The URL, or ValueError saying what a backend URL must be."""
     if not _BACKEND_URL.match(value):
-        raise ValueError("must be an http:// URL, e.g. http://127.0.0.1:9001")
+        raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9001")
     return value
+
+
+class UpstreamTls(_Strict):
+    """How a product's https:// backends are verified, and the client certificate sent."""
+
+    ca_file: str | None = Field(
+        None, description="PEM CA bundle to verify backends against; the system's by default."
+    )
+    verify: bool = Field(
+        True, description="false skips verification: for tests only, never in production."
+    )
+    server_name: str | None = Field(
+        None, description="SNI and the name checked in the certificate; the URL's host by default."
+    )
+    client_cert: str | None = Field(None, description="PEM client certificate (upstream mTLS).")
+    client_key: str | None = Field(None, description="PEM key of client_cert.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTls:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("give client_cert and client_key together")
+        return self
 
 
 def check_path_prefix(value: str) -> str:
@@ -303,6 +361,14 @@ class Product(_Strict):
     max_body_size: int | None = Field(None, ge=0, description="Largest request body in bytes.")
     upstream_connect_timeout: float | None = Field(None, gt=0)
     upstream_response_timeout: float | None = Field(None, gt=0)
+    upstream_tls: UpstreamTls | None = Field(
+        None, description="Verification and client certificate for https:// backends."
+    )
+    certificate: str | None = Field(
+        None,
+        pattern=_NAME,
+        description="Name of the TLS listener's certificate that serves this product's hosts.",
+    )
     key_salt: str | None = Field(
         None,
         pattern=r"^[0-9a-f]{16,128}$",
@@ -411,8 +477,46 @@ class Timeouts(_Strict):
     )
 
 
+class TlsCertificate(_Strict):
+    name: str | None = Field(None, pattern=_NAME, description="What products call it.")
+    cert: str = Field(min_length=1, description="PEM certificate chain file.")
+    key: str = Field(min_length=1, description="PEM private key file.")
+    hosts: list[str] = Field([], description="Server names beyond the certificate's own DNS names.")
+
+
+class TlsListener(_Strict):
+    """The HTTPS listener: certificates chosen by SNI (the first without a match)."""
+
+    listen: str = "127.0.0.1:8443"
+    certificates: list[TlsCertificate] = Field(min_length=1)
+    client_ca: str | None = Field(
+        None, description="PEM CA bundle that signs the client certificates accepted."
+    )
+    client_auth: Literal["none", "optional", "required"] = Field(
+        "none", description="Ask for a client certificate (needs client_ca)."
+    )
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TlsListener:
+        problems = []
+        if self.client_auth != "none" and self.client_ca is None:
+            problems.append("client_auth needs client_ca")
+        names = [c.name for c in self.certificates if c.name is not None]
+        if len(set(names)) != len(names):
+            problems.append("certificate names must be unique")
+        if problems:
+            raise Problems(problems)
+        return self
+
+
 class Config(_Strict):
-    listen: str = "127.0.0.1:8080"
+    listen: str | None = Field(
+        "127.0.0.1:8080", description="Cleartext listener; null with tls for HTTPS only."
+    )
+    tls: TlsListener | None = None
     admin_listen: str | None = "127.0.0.1:8081"
     limits: LimitsConfig = LimitsConfig()
     timeouts: Timeouts = Timeouts()
@@ -426,7 +530,10 @@ class Config(_Strict):
         None, description="Set by a control plane: the snapshot version this document is."
     )
 
-    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        return None if value is None else _check_listen(value)
 
     @field_validator("admin_listen")
     @classmethod
@@ -436,6 +543,19 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _unique_products(self) -> Config:
         names = [p.name for p in self.products]
+        problems = []
         if len(set(names)) != len(names):
-            raise ValueError("product names must be unique")
+            problems.append("product names must be unique")
+        if self.listen is None and self.tls is None:
+            problems.append("give listen, tls, or both")
+        if self.tls is not None:
+            certificates = {c.name for c in self.tls.certificates}
+            for p in self.products:
+                if p.certificate is not None and p.certificate not in certificates:
+                    problems.append(
+                        f"product {p.name!r} names certificate {p.certificate!r}, "
+                        "which tls.certificates does not hold"
+                    )
+        if problems:
+            raise Problems(problems)
         return self

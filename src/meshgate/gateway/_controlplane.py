@@ -290,7 +290,8 @@ def _problem_detail(response: HttpResponse) -> str:
 
 def default_dataplane_id(settings: Config) -> str:
     """This host and the gateway's port: stable across restarts."""
-    return f"{socket.gethostname()}-{settings.listen.rpartition(':')[2]}"
+    listen = settings.listen or (settings.tls.listen if settings.tls is not None else "")
+    return f"{socket.gethostname()}-{listen.rpartition(':')[2]}"
 
 
 class ControlPlaneSync:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 
 from meshgate.config import Application, Config, Product
+from meshgate.config.model import UpstreamTls
 from meshgate.gateway.credentials import Authenticator, AuthError
 from meshgate.gateway.mapping import MappingRules
 from meshgate.limits import (
@@ -31,15 +33,19 @@ from meshgate.proxy import (
     Headers,
     Response,
     UpstreamPool,
+    client_context,
     problem,
     split_target,
 )
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
-__all__ = ["Gateway", "ProductRuntime", "build_products"]
+__all__ = ["Gateway", "Pools", "ProductRuntime", "build_products"]
 
 log = logging.getLogger("meshgate.gateway")
+
+# Upstream pools, shared across products and reloads: one per address, timeouts and TLS.
+Pools = dict[tuple[object, ...], UpstreamPool]
 
 _WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 
@@ -75,7 +81,7 @@ class ProductRuntime:
     def __init__(
         self,
         product: Product,
-        pools: dict[tuple[str, int, float, float], UpstreamPool],
+        pools: Pools,
         config: Config,
     ):
         self.config = product
@@ -86,10 +92,15 @@ class ProductRuntime:
         connect = product.upstream_connect_timeout or timeouts.upstream_connect
         respond = product.upstream_response_timeout or timeouts.upstream_response
         backends = []
+        upstream_tls = product.upstream_tls
         for usage in product.backend_usages():
-            host, port, base = _split_backend(usage.url)
-            # Pools are shared across products and reloads, one per address and timeouts.
-            key = (host, port, connect, respond)
+            scheme, host, port, base = _split_backend(usage.url)
+            tls_key: tuple[object, ...] = ()
+            if scheme == "https":
+                tls_key = (
+                    (None,) if upstream_tls is None else tuple(upstream_tls.model_dump().values())
+                )
+            key = (host, port, connect, respond, *tls_key)
             pool = pools.get(key)
             if pool is None:
                 pool = pools[key] = UpstreamPool(
@@ -98,6 +109,8 @@ class ProductRuntime:
                     connect_timeout=connect,
                     response_timeout=respond,
                     max_idle=config.upstream_keepalive,
+                    tls=_client_tls(upstream_tls) if scheme == "https" else None,
+                    server_name=upstream_tls.server_name if upstream_tls is not None else None,
                 )
             pool.max_idle = config.upstream_keepalive
             backends.append(_Backend(usage.path, pool, base.rstrip("/")))
@@ -177,9 +190,7 @@ class ProductRuntime:
         return None
 
 
-async def build_products(
-    config: Config, pools: dict[tuple[str, int, float, float], UpstreamPool]
-) -> list[ProductRuntime]:
+async def build_products(config: Config, pools: Pools) -> list[ProductRuntime]:
     """The runtimes of ``config``'s products, built on the event loop one at a time, serving
     requests between them: a snapshot of 100 products and 100,000 keys takes 0.1 s to build,
     a millisecond or so a product."""
@@ -190,15 +201,26 @@ async def build_products(
     return products
 
 
-def _split_backend(url: str) -> tuple[str, int, str]:
-    rest = url[len("http://") :]
+def _split_backend(url: str) -> tuple[str, str, int, str]:
+    scheme, _, rest = url.partition("://")
     authority, slash, path = rest.partition("/")
     if authority.startswith("["):
         host, _, port = authority[1:].partition("]")
         port = port.lstrip(":")
     else:
         host, _, port = authority.partition(":")
-    return host, int(port or 80), slash + path
+    return scheme, host, int(port or (443 if scheme == "https" else 80)), slash + path
+
+
+def _client_tls(settings: UpstreamTls | None) -> ssl.SSLContext:
+    if settings is None:
+        return client_context()
+    return client_context(
+        ca_file=settings.ca_file,
+        verify=settings.verify,
+        cert=settings.client_cert,
+        key=settings.client_key,
+    )
 
 
 class _Router:
@@ -288,7 +310,7 @@ class Gateway:
         config: Config,
         counters: CounterBackend,
         metrics: GatewayMetrics,
-        pools: dict[tuple[str, int, float, float], UpstreamPool] | None = None,
+        pools: Pools | None = None,
         access_log: AccessLog | None = None,
         products: list[ProductRuntime] | None = None,
     ) -> None:

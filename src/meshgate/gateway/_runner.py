@@ -31,10 +31,18 @@ from meshgate.gateway._controlplane import (
     collector_paused,
     default_dataplane_id,
 )
-from meshgate.gateway._gateway import Gateway, ProductRuntime, build_products
+from meshgate.gateway._gateway import Gateway, Pools, ProductRuntime, build_products
 from meshgate.limits import CounterBackend, create_backend
 from meshgate.policies import schemas
-from meshgate.proxy import Server, ServerSettings, UpstreamPool
+from meshgate.proxy import (
+    ALPN,
+    CertificateFiles,
+    Handler,
+    Server,
+    ServerSettings,
+    ServerTls,
+    TlsError,
+)
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
@@ -110,6 +118,33 @@ def _settings(config: Config, settings: ServerSettings | None = None) -> ServerS
     return settings
 
 
+def _urls(config: Config) -> list[str]:
+    urls = [f"http://{config.listen}"] if config.listen is not None else []
+    if config.tls is not None:
+        urls.append(f"https://{config.tls.listen}")
+    return urls
+
+
+def _certificate_files(config: Config) -> list[CertificateFiles]:
+    """The TLS listener's certificates, each serving its own names, the hosts given with it
+    and the hosts of the products that name it."""
+    assert config.tls is not None
+    named: dict[str, list[str]] = {}
+    for product in config.products:
+        if product.certificate is not None:
+            hosts = [h for h in product.hosts if h != "*"]
+            named.setdefault(product.certificate, []).extend(hosts)
+    return [
+        CertificateFiles(
+            c.cert,
+            c.key,
+            c.name or "",
+            tuple(c.hosts) + tuple(named.get(c.name, ()) if c.name else ()),
+        )
+        for c in config.tls.certificates
+    ]
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
@@ -145,7 +180,7 @@ class GatewayProcess:
         self.version = ""
         self.loaded_at = 0.0
         self.last_error: str | None = None
-        self.pools: dict[tuple[str, int, float, float], UpstreamPool] = {}
+        self.pools: Pools = {}
         self.metrics = GatewayMetrics()
         self.access_log = AccessLog()
         self._stop = asyncio.Event()
@@ -203,22 +238,27 @@ class GatewayProcess:
             )
             config = self.gateway.config
         self.loaded_at = time.time()
-        self.server = Server(self.gateway, _settings(config))
-        host, port = _split_listen(config.listen)
-        try:
-            await self.server.start(host, port, reuse_port=self.reuse_port)
-        except OSError as exc:
-            raise GatewayStartError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        self.servers: list[Server] = []
+        self.tls: ServerTls | None = None
+        if config.listen is not None:
+            self.servers.append(await self._listen(config.listen, _settings(config)))
+        if config.tls is not None:
+            try:
+                self.tls = ServerTls(
+                    _certificate_files(config),
+                    client_ca=config.tls.client_ca,
+                    client_auth=config.tls.client_auth,
+                    min_version=config.tls.min_version,
+                    alpn=ALPN,
+                )
+            except TlsError as exc:
+                raise GatewayStartError(f"tls: {exc}") from None
+            self.servers.append(await self._listen(config.tls.listen, _settings(config), self.tls))
         self.admin: Server | None = None
         if config.admin_listen:
-            self.admin = Server(AdminHandler(self), ServerSettings())
-            ahost, aport = _split_listen(config.admin_listen)
-            try:
-                await self.admin.start(ahost, aport, reuse_port=self.reuse_port)
-            except OSError as exc:
-                raise GatewayStartError(
-                    f"cannot listen on {config.admin_listen}: {exc.strerror}"
-                ) from None
+            self.admin = await self._listen(
+                config.admin_listen, ServerSettings(), handler=AdminHandler(self)
+            )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -227,8 +267,8 @@ class GatewayProcess:
         if self.control_plane is not None:
             self.control_plane.start()
         log.info(
-            "gateway serving on http://%s (admin %s), %d products, config %s",
-            config.listen,
+            "gateway serving on %s (admin %s), %d products, config %s",
+            " and ".join(_urls(config)),
             config.admin_listen or "off",
             len(config.products),
             self.version or "(none yet)",
@@ -243,7 +283,7 @@ class GatewayProcess:
         watcher.cancel()
         if self.control_plane is not None:
             await self.control_plane.stop()
-        servers = [self.server] + ([self.admin] if self.admin else [])
+        servers = self.servers + ([self.admin] if self.admin else [])
         await asyncio.gather(
             *(s.shutdown(self.gateway.config.timeouts.shutdown_grace) for s in servers)
         )
@@ -252,13 +292,52 @@ class GatewayProcess:
         self.gateway.close_pools()
         await self.gateway.counters.close()
 
+    async def _listen(
+        self,
+        address: str,
+        settings: ServerSettings,
+        tls: ServerTls | None = None,
+        handler: Handler | None = None,
+    ) -> Server:
+        server = Server(handler or self.gateway, settings, tls=tls)
+        host, port = _split_listen(address)
+        try:
+            await server.start(host, port, reuse_port=self.reuse_port)
+        except OSError as exc:
+            raise GatewayStartError(f"cannot listen on {address}: {exc.strerror}") from None
+        return server
+
+    @property
+    def server(self) -> Server:
+        """The first listener (cleartext when there is one)."""
+        return self.servers[0]
+
     def stop(self) -> None:
         self._stop.set()
 
+    def reload_certificates(self, config: Config | None = None) -> bool:
+        """Read the TLS listener's files again (with ``config``'s certificates and product
+        hosts when given); a file that cannot be used is refused and the old set kept."""
+        tls = self.tls
+        if tls is None:
+            return False
+        try:
+            if config is None or config.tls is None:
+                tls.reload()
+            else:
+                tls.reload(_certificate_files(config))
+        except TlsError as exc:
+            self.refuse(f"tls: {exc}")
+            return False
+        log.info("TLS certificates reloaded")
+        return True
+
     def reload(self) -> bool:
-        """Swap in the file's configuration; an invalid file is refused and the old one kept."""
+        """Swap in the file's configuration; an invalid file is refused and the old one kept.
+        The TLS listener's certificate files are read again either way."""
         if self.config_path is None or self.control_plane_options is not None:
             log.info("control-plane mode: the configuration comes from the control plane")
+            self.reload_certificates()
             return False
         try:
             config = load_gateway_config(self.config_path)
@@ -325,10 +404,18 @@ class GatewayProcess:
                 old.config.timeouts.shutdown_grace,
                 lambda: asyncio.ensure_future(old.counters.close()),
             )
-        if config.listen != old.config.listen or config.admin_listen != old.config.admin_listen:
+        if (
+            config.listen != old.config.listen
+            or config.admin_listen != old.config.admin_listen
+            or (config.tls is None) != (old.config.tls is None)
+            or (config.tls is not None and config.tls.listen != old.config.tls.listen)  # type: ignore[union-attr]
+        ):
             log.warning("listen addresses change only on restart")
-        _settings(config, self.server.settings)
-        self.server.handler = gateway
+        if self.tls is not None and config.tls is not None:
+            self.reload_certificates(config)
+        for server in self.servers:
+            _settings(config, server.settings)
+            server.handler = gateway
         self.gateway = gateway
         self.version = version
         self.loaded_at = time.time()
@@ -343,6 +430,8 @@ class GatewayProcess:
                 log.warning("supervisor %d is gone; stopping", self.parent_pid)
                 self._stop.set()
                 return
+            if self.tls is not None and self.tls.changed():
+                self.reload_certificates()
             if not self.watch:
                 continue
             stamp = self._file_stamp()
@@ -410,7 +499,8 @@ def run_gateway(
     if workers == 1:
         _run_one(config_path, reuse_port, watch, control_plane)
         return
-    for address in (config.listen, config.admin_listen):
+    tls_listen = config.tls.listen if config.tls is not None else None
+    for address in (config.listen, tls_listen, config.admin_listen):
         if address is not None:
             _check_bindable(address)
     env = dict(os.environ)

@@ -31,10 +31,11 @@ from meshgate.config.model import (
     Application,
     JwtAuth,
     JwtKey,
+    MtlsAuth,
     NoAuth,
     Product,
 )
-from meshgate.proxy import Request, Response, problem
+from meshgate.proxy import Request, Response, problem, subject_key
 
 __all__ = ["AuthError", "Authenticator"]
 
@@ -94,6 +95,8 @@ class Authenticator:
             return _Jwt(auth, product.applications, product.name)
         if isinstance(auth, NoAuth):
             return _NoAuth(auth, product.applications)
+        if isinstance(auth, MtlsAuth):
+            return _Mtls(product.applications)
         raise TypeError(f"unknown auth mode {auth!r}")
 
     def authenticate_nowait(self, request: Request) -> Application | None:
@@ -277,6 +280,49 @@ class _NoAuth(Authenticator):
 
     def authenticate_nowait(self, request: Request) -> Application:
         return _admit(self._app)
+
+
+class _Mtls(Authenticator):
+    """The client certificate the TLS listener verified names the application."""
+
+    def __init__(self, apps: Iterable[Application]) -> None:
+        self.by_sha256: dict[str, Application] = {}
+        self.by_subject: dict[frozenset[str], Application] = {}
+        self.by_san: dict[str, Application] = {}
+        for app in apps:
+            for cert in app.certificates:
+                if cert.sha256 is not None:
+                    self.by_sha256[cert.sha256.replace(":", "").lower()] = app
+                elif cert.subject is not None:
+                    self.by_subject[subject_key(cert.subject)] = app
+                elif cert.san is not None:
+                    self.by_san[cert.san] = app
+
+    def authenticate_nowait(self, request: Request) -> Application:
+        tls = request.tls
+        if tls is None or tls.peer is None:
+            raise AuthError(
+                401,
+                "client certificate required",
+                "this API identifies applications by TLS client certificate: call it over "
+                "HTTPS with a certificate signed by a CA the gateway trusts",
+            )
+        peer = tls.peer
+        app = self.by_sha256.get(peer.sha256)
+        if app is None and self.by_subject:
+            app = self.by_subject.get(peer.subject_key)
+        if app is None and self.by_san:
+            for san in peer.sans:
+                app = self.by_san.get(san)
+                if app is not None:
+                    break
+        if app is None:
+            raise AuthError(
+                403,
+                "unknown client certificate",
+                f"no application holds this client certificate (sha256 {peer.sha256})",
+            )
+        return _admit(app)
 
 
 class _Key(NamedTuple):

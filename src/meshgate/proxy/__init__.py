@@ -13,16 +13,19 @@ from meshgate.proxy._exchange import (
 from meshgate.proxy._path import BadTarget, split_target
 from meshgate.proxy._server import Server, ServerSettings, bind_socket
 from meshgate.proxy._tls import (
+    ALPN,
     CertificateFiles,
     PeerCertificate,
     ServerTls,
     TlsError,
     TlsInfo,
     client_context,
+    subject_key,
 )
 from meshgate.proxy._upstream import UpstreamError, UpstreamPool
 
 __all__ = [
+    "ALPN",
     "BadTarget",
     "CertificateFiles",
     "ClientDisconnected",
@@ -42,6 +45,7 @@ __all__ = [
     "UpstreamPool",
     "bind_socket",
     "client_context",
+    "subject_key",
     "problem",
     "split_target",
 ]

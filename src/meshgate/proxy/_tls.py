@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,12 +21,14 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 __all__ = [
+    "ALPN",
     "CertificateFiles",
     "PeerCertificate",
     "ServerTls",
     "TlsError",
     "TlsInfo",
     "client_context",
+    "subject_key",
 ]
 
 # Mozilla's "intermediate" TLS 1.2 suites: forward secrecy and AEAD only. TLS 1.3's
@@ -35,6 +38,8 @@ _TLS12_CIPHERS = (
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
+# What a TLS listener offers by ALPN: the protocols the engine serves.
+ALPN: tuple[str, ...] = ("http/1.1",)
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _CLIENT_AUTH = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
@@ -104,7 +109,7 @@ class ServerTls:
         client_ca: str | None = None,
         client_auth: str = "none",
         min_version: str = "1.2",
-        alpn: Sequence[str] = ("h2", "http/1.1"),
+        alpn: Sequence[str] = ALPN,
     ) -> None:
         if not certificates:
             raise TlsError("a TLS listener needs at least one certificate")
@@ -215,6 +220,16 @@ class _Probe:
     server_name: str | None = None
 
 
+def subject_key(subject: str) -> frozenset[str]:
+    """``CN=app1, O=Acme`` and ``O=Acme,CN=app1`` alike, as :attr:`PeerCertificate.subject_key`."""
+    parts = re.split(r"(?<!\\),", subject)
+    out = set()
+    for part in parts:
+        name, _, value = part.partition("=")
+        out.add(f"{name.strip().upper()}={value.strip().replace(chr(92) + ',', ',')}")
+    return frozenset(out)
+
+
 class PeerCertificate:
     """The client certificate a TLS listener verified, parsed only when asked."""
 
@@ -237,6 +252,14 @@ class PeerCertificate:
     def subject(self) -> str:
         """The subject as an RFC 4514 string, e.g. ``CN=app1,O=Acme``."""
         return self._cert.subject.rfc4514_string()
+
+    @cached_property
+    def subject_key(self) -> frozenset[str]:
+        """The subject's attributes as ``TYPE=value`` texts: what :func:`subject_key`
+        makes of a subject written in any order and spacing."""
+        return frozenset(
+            f"{attr.rfc4514_attribute_name.upper()}={attr.value!s}" for attr in self._cert.subject
+        )
 
     @cached_property
     def common_name(self) -> str | None:
