@@ -38,13 +38,15 @@ def test_hop_by_hop_request_fields_are_not_forwarded(proxy_env):
     assert names.count("host") == 1
 
 
-def test_upgrade_requests_are_refused_not_tunnelled(proxy_env):
-    reply = request(
-        proxy_env.port, get("/rec/upgrade-me", "Connection: Upgrade", "Upgrade: websocket")
-    )
-    assert reply.status == 501
-    assert reply.get("content-type") == "application/problem+json"
-    assert proxy_env.recorder.requests_for("/upgrade-me") == []
+def test_an_upgrade_the_upstream_declines_is_answered_and_the_connection_closed(proxy_env):
+    with RawClient(proxy_env.port) as client:
+        client.send(get("/rec/upgrade-me", "Connection: Upgrade", "Upgrade: websocket"))
+        reply = client.read_response()
+        assert reply.status == 200
+        assert client.closed(), "after an upgrade request the connection is not HTTP any more"
+    (seen,) = proxy_env.recorder.requests_for("/upgrade-me")
+    assert seen.header("upgrade") == "websocket"
+    assert seen.header("connection") == "upgrade"
     proxy_env.assert_serving()
 
 

@@ -364,6 +364,9 @@ class Product(_Strict):
     upstream_tls: UpstreamTls | None = Field(
         None, description="Verification and client certificate for https:// backends."
     )
+    websocket: bool = Field(
+        True, description="Allow protocol upgrades (WebSocket); false refuses them with 403."
+    )
     certificate: str | None = Field(
         None,
         pattern=_NAME,
@@ -472,6 +475,9 @@ class Timeouts(_Strict):
         60, gt=0, description="Seconds to the upstream's response (504)."
     )
     client_body: float = Field(60, gt=0, description="Seconds of silence while reading a body.")
+    tunnel_idle: float = Field(
+        300, gt=0, description="Seconds an upgraded connection (WebSocket) may carry no byte."
+    )
     shutdown_grace: float = Field(
         30, gt=0, description="Seconds in-flight requests get on SIGTERM."
     )

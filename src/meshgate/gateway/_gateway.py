@@ -123,6 +123,7 @@ class ProductRuntime:
         self.rules = MappingRules(product)
         self.chain = PolicyChain.build(product.policies)
         self.max_body_size = product.max_body_size
+        self.websocket = product.websocket
         self.limits: dict[str, dict[str, list[tuple[str, int]]]] = {}
         for plan in product.plans:
             by_metric: dict[str, list[tuple[str, int]]] = {}
@@ -336,6 +337,13 @@ class Gateway:
         product = self.router.match(request.host, request.path)
         if product is None:
             return problem(404, "Not Found", "no API product serves this host and path")
+        if request.upgrade is not None and not product.websocket:
+            return problem(
+                403,
+                "Forbidden",
+                f"API product {product.name!r} does not allow protocol upgrades "
+                f"(Upgrade: {request.upgrade}); its configuration says websocket: false",
+            )
         exchange.state = _State(product)
         if product.prefix != "/":
             # Relative to the prefix either way: mapping rules and rewrites never see it, and

@@ -115,6 +115,7 @@ def _settings(config: Config, settings: ServerSettings | None = None) -> ServerS
     settings.idle_timeout = config.timeouts.idle_keepalive
     settings.body_timeout = config.timeouts.client_body
     settings.max_header_size = config.max_header_size
+    settings.tunnel_idle_timeout = config.timeouts.tunnel_idle
     return settings
 
 

@@ -148,6 +148,7 @@ class Request:
         "chunked",
         "request_id",
         "tls",
+        "upgrade",
     )
 
     def __init__(
@@ -165,6 +166,7 @@ class Request:
         chunked: bool = False,
         request_id: str = "",
         tls: TlsInfo | None = None,
+        upgrade: str | None = None,
     ) -> None:
         self.method = method
         self.raw_target = raw_target
@@ -180,6 +182,9 @@ class Request:
         self.request_id = request_id
         # The connection's TLS (version, ALPN, SNI, the verified client certificate).
         self.tls = tls
+        # The protocol an upgrade request asks for (``websocket``), else None: the
+        # connection becomes a tunnel once the upstream answers 101.
+        self.upgrade = upgrade
 
     @property
     def has_body(self) -> bool:

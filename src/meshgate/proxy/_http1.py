@@ -42,6 +42,7 @@ from meshgate.proxy._exchange import (
 )
 from meshgate.proxy._path import BadTarget, split_target, target_authority
 from meshgate.proxy._tls import TlsInfo
+from meshgate.proxy._tunnel import Tunnel
 from meshgate.proxy._upstream import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
@@ -92,6 +93,7 @@ _REQUEST_SPECIAL = frozenset(
         b"expect",
         b"connection",
         b"proxy-connection",
+        b"upgrade",
     }
 )
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
@@ -107,6 +109,7 @@ _JOIN_LIMIT = 16384
 _PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
 _PAUSE_QUEUE = 2  # a pipelined request waits for the one in front of it
 _PAUSE_BUFFER = 4  # body bytes wait for the handler's decision
+_PAUSE_UPGRADE = 8  # the upgrade request is being decided: what follows is not HTTP
 
 # The stages of a cycle; each callback checks the stage it expects.
 _NEW = 0  # parsed, not yet handed to the handler
@@ -231,6 +234,7 @@ class _Cycle:
         "retry_allowed",
         "bytes_seen",
         "reading",
+        "early",
     )
 
     def __init__(
@@ -256,6 +260,9 @@ class _Cycle:
         self.retry_allowed = False
         self.bytes_seen = 0
         self.reading: _BodyRead | None = None
+        # Bytes the client sent after an upgrade request's head: held until the upstream
+        # switches protocols (forwarded earlier, an upstream that refuses would parse them).
+        self.early = b""
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -290,6 +297,7 @@ class HttpProtocol(asyncio.Protocol):
         "_lingered",
         "tls",
         "_preface",
+        "_tunnel",
     )
 
     def __init__(self, server: Server) -> None:
@@ -327,6 +335,7 @@ class HttpProtocol(asyncio.Protocol):
         self.tls: TlsInfo | None = None
         # The first bytes of a cleartext connection, while they may be the HTTP/2 preface.
         self._preface: bytes | None = None
+        self._tunnel: Tunnel | None = None
 
     # connection events
 
@@ -410,11 +419,19 @@ class HttpProtocol(asyncio.Protocol):
     def _feed(self, data: bytes, in_head: bool) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The parser stops after the head of the upgrade request: refuse that request.
+        except httptools.HttpParserUpgrade as exc:
+            # The parser stops after the head of an upgrade (or CONNECT) request; nothing
+            # after it on this connection is parsed as HTTP.
             cycle = self._queue[-1] if self._queue else self._current
-            refusal = problem(501, "Not Implemented", "protocol upgrades are not supported")
             self._parsing = None
+            if cycle is not None and cycle.exchange.request.upgrade:
+                if cycle.failure is None:
+                    cycle.early = data[exc.args[0] :]
+                    self._pause(_PAUSE_UPGRADE)
+                    return
+                refusal = cycle.failure
+            else:
+                refusal = problem(501, "Not Implemented", "CONNECT is not served")
             self._pause(_PAUSE_QUEUE)
             if cycle is None:
                 self._write_error_and_close(refusal)
@@ -509,6 +526,7 @@ class HttpProtocol(asyncio.Protocol):
         request_id = b""
         expect = False
         connection = False
+        upgrade = b""
         skip = _REQUEST_SKIP
         failure: Response | None = None
         for name, value in headers:
@@ -534,6 +552,8 @@ class HttpProtocol(asyncio.Protocol):
                     expect = True
                 else:
                     failure = problem(417, "Expectation Failed", "only 100-continue is supported")
+            elif name == b"upgrade":
+                upgrade = value
             else:
                 connection = True
                 if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
@@ -568,6 +588,14 @@ class HttpProtocol(asyncio.Protocol):
                 host = target_authority(url) or host
         rid = request_id.decode() if request_id and _REQUEST_ID.match(request_id) else _request_id()
         method = parser.get_method()
+        if upgrade and parser.should_upgrade() and method != b"CONNECT":
+            if chunked or content_length or version != "1.1":
+                failure = failure or problem(
+                    400, "Bad Request", "an upgrade request must be HTTP/1.1 without a body"
+                )
+            keep_alive = False  # after an upgrade request the connection is not HTTP
+        else:
+            upgrade = b""
         request = Request(
             _METHODS.get(method) or method.decode("ascii"),
             url,
@@ -582,6 +610,7 @@ class HttpProtocol(asyncio.Protocol):
             chunked,
             rid,
             self.tls,
+            upgrade.decode("latin-1") if upgrade else None,
         )
         body_done = not (chunked or content_length)
         cycle = _Cycle(
@@ -895,7 +924,7 @@ class HttpProtocol(asyncio.Protocol):
         pool = conn.pool
         cycle.upstream = conn
         cycle.stage = _WAITING
-        conn.begin(self, request.method == "HEAD")
+        conn.begin(self, request.method == "HEAD", request.upgrade is not None)
         if self._write_paused:
             conn.pause_reading()
         head = self._request_head(cycle, exchange, pool.host_header)
@@ -957,6 +986,12 @@ class HttpProtocol(asyncio.Protocol):
         )
         if request.host:
             parts += (b"x-forwarded-host: ", request.host.encode("latin-1"), b"\r\n")
+        if request.upgrade is not None:
+            parts += (
+                b"connection: upgrade\r\nupgrade: ",
+                request.upgrade.encode("latin-1"),
+                b"\r\n",
+            )
         if request.chunked:
             cycle.upstream_chunked = True
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
@@ -1076,6 +1111,58 @@ class HttpProtocol(asyncio.Protocol):
         cycle.held = None
         if self.transport is not None:
             self.transport.abort()
+        self._complete(cycle)
+
+    def upstream_switched(
+        self, raw: list[tuple[bytes, bytes]], protocol: bytes, rest: bytes
+    ) -> None:
+        """The upstream answered 101: pass it on, and make both connections one tunnel."""
+        cycle = self._current
+        conn = cycle.upstream if cycle is not None else None
+        if cycle is None or cycle.stage != _WAITING or conn is None or self.transport is None:
+            return
+        cycle.upstream = None
+        cycle.stage = _STREAMING
+        cycle.response_started = True
+        exchange = cycle.exchange
+        exchange.status = 101
+        exchange.upstream_headers_at = _now()
+        headers = exchange.response_headers = wrap_headers(raw)
+        try:
+            cycle.handler.on_response(exchange, 101, headers)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("response phase failed")
+        parts = [_status_line(101)]
+        for name, value in headers.raw():
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"connection: upgrade\r\nupgrade: ", protocol, b"\r\n\r\n")
+        self.transport.write(b"".join(parts))
+        self._cancel_timer()
+        assert conn.transport is not None
+        tunnel = self._tunnel = Tunnel(
+            self.transport,
+            conn.transport,
+            self.settings.tunnel_idle_timeout,
+            self.loop,
+            lambda up, down, error: self._tunnel_closed(cycle, up, down, error),
+        )
+        tunnel.send_client(rest)
+        early, cycle.early = cycle.early, b""
+        tunnel.send_upstream(early)
+        self._paused = 0
+        self.transport.resume_reading()
+        if conn.paused:
+            conn.transport.resume_reading()
+
+    def _tunnel_closed(self, cycle: _Cycle, up: int, down: int, error: str | None) -> None:
+        self._tunnel = None
+        self._closed = True
+        self.server.connections.discard(self)
+        exchange = cycle.exchange
+        exchange.bytes_in += up
+        exchange.bytes_out += down
+        if error is not None:
+            exchange.error = exchange.error or error
         self._complete(cycle)
 
     def upstream_pause(self) -> None:

@@ -27,6 +27,8 @@ class ServerSettings:
     body_timeout: float = 60.0
     max_header_size: int = 16384
     scheme: str = "http"
+    # An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    tunnel_idle_timeout: float = 300.0
 
 
 class Server:

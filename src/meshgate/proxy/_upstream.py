@@ -37,6 +37,9 @@ class Sink(Protocol):
     def upstream_lost(self, exc: Exception | None) -> None: ...
     def upstream_pause(self) -> None: ...
     def upstream_resume(self) -> None: ...
+    def upstream_switched(
+        self, headers: list[tuple[bytes, bytes]], protocol: bytes, rest: bytes
+    ) -> None: ...
 
 
 # Response body framing, as the upstream sent it.
@@ -66,6 +69,10 @@ class _Desync(Exception):
     """Bytes after a complete response that belong to no request."""
 
 
+class _Unasked(Exception):
+    """A 101 to a request that asked for no upgrade."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool",
@@ -87,6 +94,9 @@ class UpstreamConnection(asyncio.Protocol):
         "reused",
         "last_activity",
         "paused",
+        "_upgrade",
+        "_protocol",
+        "_switched",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -110,14 +120,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.last_activity = 0.0
         self.paused = False
+        self._upgrade = False  # the request asked to switch protocols
+        self._protocol = b""  # the upstream's Upgrade field
+        self._switched = False  # it answered 101: what follows the head is not HTTP
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def begin(self, sink: Sink, head_request: bool) -> None:
-        """Attach the exchange that receives the next response."""
+    def begin(self, sink: Sink, head_request: bool, upgrade: bool = False) -> None:
+        """Attach the exchange that receives the next response; with ``upgrade`` the request
+        asked to switch protocols, and a 101 hands the connection to the sink."""
         self.sink = sink
         self.head_request = head_request
+        self._upgrade = upgrade
+        self._protocol = b""
         self._done = False
         self._held = False
         self._status = 0
@@ -150,8 +166,27 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self._switched:
+                # Taken out of the pool's hands for good: the transport is the sink's now.
+                self.sink = None
+                self.closed = True
+                self.pool.forget(self)
+                sink.upstream_switched(self._headers, self._protocol, data[exc.args[0] :])
+                return
+            self.close()
+            sink.upstream_lost(UpstreamError("the upstream switched protocols unasked"))
+            return
         except httptools.HttpParserError as exc:
             self.close()
+            if isinstance(exc.__context__, _Unasked):
+                sink.upstream_lost(
+                    UpstreamError(
+                        "the upstream answered 101 Switching Protocols to a request that asked "
+                        "for no upgrade, or without an Upgrade field"
+                    )
+                )
+                return
             if not self._done:
                 sink.upstream_lost(UpstreamError(f"invalid response from upstream: {exc}"))
                 return
@@ -177,6 +212,8 @@ class UpstreamConnection(asyncio.Protocol):
             if name == b"transfer-encoding":
                 if value.lower().endswith(b"chunked"):
                     self._chunked = True
+            elif name == b"upgrade":
+                self._protocol = value
             elif name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 self._nominated = (self._nominated or set()) | tokens
@@ -190,6 +227,13 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Desync
         parser = self.parser
         status = parser.get_status_code()
+        if status == 101:
+            if not self._upgrade or not self._protocol:
+                raise _Unasked
+            # The parser stops here (HttpParserUpgrade): data_received hands over the rest.
+            self._switched = True
+            self._headers = [(k, v) for k, v in self._headers if k not in (self._nominated or ())]
+            return
         if 100 <= status < 200:
             # Interim responses (100 Continue, 103) are not forwarded; the gateway
             # answers Expect itself.

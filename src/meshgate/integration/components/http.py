@@ -486,3 +486,8 @@ class _Reply:
 
     def upstream_resume(self) -> None:
         pass
+
+    def upstream_switched(
+        self, headers: list[tuple[bytes, bytes]], protocol: bytes, rest: bytes
+    ) -> None:
+        raise AssertionError("the http producer never asks for an upgrade")
