@@ -361,6 +361,11 @@ class Product(_Strict):
     max_body_size: int | None = Field(None, ge=0, description="Largest request body in bytes.")
     upstream_connect_timeout: float | None = Field(None, gt=0)
     upstream_response_timeout: float | None = Field(None, gt=0)
+    max_upstream_connections: int = Field(
+        1024,
+        ge=1,
+        description="Connections open to each backend at most; past it, 503 at once.",
+    )
     upstream_tls: UpstreamTls | None = Field(
         None, description="Verification and client certificate for https:// backends."
     )
@@ -475,6 +480,12 @@ class Timeouts(_Strict):
         60, gt=0, description="Seconds to the upstream's response (504)."
     )
     client_body: float = Field(60, gt=0, description="Seconds of silence while reading a body.")
+    client_body_total: float = Field(
+        300, gt=0, description="Seconds for the whole request body, however it trickles (408)."
+    )
+    client_send: float = Field(
+        60, gt=0, description="Seconds a client may read nothing of its response."
+    )
     tunnel_idle: float = Field(
         300, gt=0, description="Seconds an upgraded connection (WebSocket) may carry no byte."
     )

@@ -100,7 +100,8 @@ class ProductRuntime:
                 tls_key = (
                     (None,) if upstream_tls is None else tuple(upstream_tls.model_dump().values())
                 )
-            key = (host, port, connect, respond, *tls_key)
+            cap = product.max_upstream_connections
+            key = (host, port, connect, respond, cap, *tls_key)
             pool = pools.get(key)
             if pool is None:
                 pool = pools[key] = UpstreamPool(
@@ -111,6 +112,7 @@ class ProductRuntime:
                     max_idle=config.upstream_keepalive,
                     tls=_client_tls(upstream_tls) if scheme == "https" else None,
                     server_name=upstream_tls.server_name if upstream_tls is not None else None,
+                    max_connections=cap,
                 )
             pool.max_idle = config.upstream_keepalive
             backends.append(_Backend(usage.path, pool, base.rstrip("/")))

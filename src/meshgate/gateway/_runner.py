@@ -116,6 +116,8 @@ def _settings(config: Config, settings: ServerSettings | None = None) -> ServerS
     settings.body_timeout = config.timeouts.client_body
     settings.max_header_size = config.max_header_size
     settings.tunnel_idle_timeout = config.timeouts.tunnel_idle
+    settings.body_total_timeout = config.timeouts.client_body_total
+    settings.send_timeout = config.timeouts.client_send
     return settings
 
 
@@ -416,6 +418,7 @@ class GatewayProcess:
             self.reload_certificates(config)
         for server in self.servers:
             _settings(config, server.settings)
+            server.settings_changed()
             server.handler = gateway
         self.gateway = gateway
         self.version = version

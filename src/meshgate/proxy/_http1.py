@@ -97,6 +97,8 @@ _REQUEST_SPECIAL = frozenset(
     }
 )
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+# Fields a Connection header cannot remove: the engine reads them itself.
+_KEEP_NAMED = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,200}$")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -230,11 +232,12 @@ class _Cycle:
         "response_chunked",
         "held",
         "failure",
-        "skip",
         "retry_allowed",
         "bytes_seen",
         "reading",
         "early",
+        "body_at",
+        "body_by",
     )
 
     def __init__(
@@ -256,13 +259,15 @@ class _Cycle:
         self.response_chunked = False
         self.held: bytes | None = None
         self.failure: Response | None = None
-        self.skip = _REQUEST_SKIP
         self.retry_allowed = False
         self.bytes_seen = 0
         self.reading: _BodyRead | None = None
         # Bytes the client sent after an upgrade request's head: held until the upstream
         # switches protocols (forwarded earlier, an upstream that refuses would parse them).
         self.early = b""
+        # The last request body bytes (loop time), and when the whole body must be in.
+        self.body_at = 0.0
+        self.body_by = 0.0
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -298,6 +303,7 @@ class HttpProtocol(asyncio.Protocol):
         "tls",
         "_preface",
         "_tunnel",
+        "_write_paused_at",
     )
 
     def __init__(self, server: Server) -> None:
@@ -336,6 +342,7 @@ class HttpProtocol(asyncio.Protocol):
         # The first bytes of a cleartext connection, while they may be the HTTP/2 preface.
         self._preface: bytes | None = None
         self._tunnel: Tunnel | None = None
+        self._write_paused_at = 0.0
 
     # connection events
 
@@ -477,6 +484,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._write_paused_at = now = self.loop.time()
+        # The client has that long to read again (send timeout).
+        deadline = now + self.settings.send_timeout
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
         cycle = self._current
         if cycle is not None and cycle.upstream is not None:
             cycle.upstream.pause_reading()
@@ -527,7 +539,7 @@ class HttpProtocol(asyncio.Protocol):
         expect = False
         connection = False
         upgrade = b""
-        skip = _REQUEST_SKIP
+        nominated: set[bytes] | None = None
         failure: Response | None = None
         for name, value in headers:
             if name not in _REQUEST_SPECIAL:
@@ -558,7 +570,13 @@ class HttpProtocol(asyncio.Protocol):
                 connection = True
                 if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                     # Connection nominates more hop-by-hop fields.
-                    skip = skip | {t.strip().lower() for t in value.split(b",")}
+                    nominated = (nominated or set()) | {
+                        t.strip().lower() for t in value.split(b",")
+                    }
+        if nominated:
+            # Dropped from the client's fields now, before any policy runs: a client cannot
+            # name a field that a policy sets and have it removed on the way out.
+            headers[:] = [f for f in headers if f[0] not in nominated or f[0] in _KEEP_NAMED]
         keep_alive = parser.should_keep_alive()
         # llhttp accepts HTTP/0.9, 1.0, 1.1 and 2.0, and of those keeps only 1.1 alive
         # without a (Proxy-)Connection field: then the version is known without asking
@@ -619,13 +637,15 @@ class HttpProtocol(asyncio.Protocol):
             expect and version == "1.1",
             body_done,
         )
-        cycle.skip = skip
         if failure is not None:
             cycle.failure = failure
             cycle.keep_alive = False
         if body_done:
             self._parsing = None
         else:
+            now = self.loop.time()
+            cycle.body_at = now
+            cycle.body_by = now + self.settings.body_total_timeout
             self._parsing = cycle
             # Only a request with a body has one to read (``Exchange.read_body``).
             cycle.exchange._body_source = self
@@ -650,6 +670,7 @@ class HttpProtocol(asyncio.Protocol):
             )
             return
         conn = cycle.upstream
+        cycle.body_at = self.loop.time()
         if conn is not None:
             if cycle.upstream_chunked:
                 conn.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))  # type: ignore[union-attr]
@@ -772,10 +793,16 @@ class HttpProtocol(asyncio.Protocol):
 
     def _body_late(self, cycle: _Cycle, reading: _BodyRead) -> None:
         timeout = self.settings.body_timeout
+        now = self.loop.time()
+        if cycle.body_by and now >= cycle.body_by:
+            total = self.settings.body_total_timeout
+            reason = f"the request body was not complete within {total}s"
+            self._body_failed(cycle, RequestBodyError(408, reason))
+            return
         deadline = reading.last_at + timeout
-        if self.loop.time() < deadline:
-            self._deadline = deadline
-            self._arm(deadline)
+        if now < deadline:
+            self._deadline = min(deadline, cycle.body_by) if cycle.body_by else deadline
+            self._arm(self._deadline)
             return
         self._body_failed(cycle, RequestBodyError(408, f"no request body bytes for {timeout}s"))
 
@@ -897,7 +924,10 @@ class HttpProtocol(asyncio.Protocol):
                 self._forward_failed(cycle)
                 return
             cycle.exchange.error = cycle.exchange.error or str(exc)
-            self._respond(cycle, problem(502, "Bad Gateway", str(exc)))
+            if exc.status == 503:
+                self._respond(cycle, problem(503, "Service Unavailable", str(exc)))
+            else:
+                self._respond(cycle, problem(502, "Bad Gateway", str(exc)))
             return
         if cycle.stage != _CONNECTING or self._closed:
             # The client went away, or its request failed, while we connected.
@@ -951,15 +981,16 @@ class HttpProtocol(asyncio.Protocol):
         wait = pool.response_timeout
         if wait < self.server.min_span:
             self.server.min_span = wait
+        deadline = self.loop.time() + wait
         if not cycle.body_done:
-            wait = min(wait, self.settings.body_timeout)
-        deadline = self._deadline = self.loop.time() + wait
+            deadline = min(deadline, cycle.body_at + self.settings.body_timeout, cycle.body_by)
+        self._deadline = deadline
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
 
     def _request_head(self, cycle: _Cycle, exchange: Exchange, host_header: bytes) -> bytes:
         request = exchange.request
-        skip = cycle.skip
+        skip = _REQUEST_SKIP
         parts = [
             _request_line_start(request.method),
             exchange.upstream_target.encode("latin-1"),
@@ -1362,35 +1393,81 @@ class HttpProtocol(asyncio.Protocol):
     def _upstream_late(self, cycle: _Cycle, now: float) -> None:
         exchange = cycle.exchange
         timeout = exchange.upstream.response_timeout
-        body_timeout = self.settings.body_timeout
-        if not cycle.body_done and exchange.bytes_in != cycle.bytes_seen:
-            # The request body is still flowing: the upstream is not late yet.
-            cycle.bytes_seen = exchange.bytes_in
-            self._deadline = now + min(timeout, body_timeout)
-            self._arm(self._deadline)
-            return
+        if not cycle.body_done:
+            late = self._body_late_by(cycle, now)
+            if late is not None:
+                self._respond(cycle, self._body_overdue(cycle, late))
+                return
+            body_timeout = self.settings.body_timeout
+            if not self._paused & _PAUSE_UPSTREAM:
+                # The body is flowing: look again when it would have been quiet too long.
+                self._deadline = min(cycle.body_at + body_timeout, cycle.body_by)
+                self._arm(self._deadline)
+                return
+            if exchange.bytes_in != cycle.bytes_seen:
+                # The upstream takes the body, slowly: it is not late yet.
+                cycle.bytes_seen = exchange.bytes_in
+                self._deadline = min(now + min(timeout, body_timeout), cycle.body_by)
+                self._arm(self._deadline)
+                return
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
             conn.abort()
-        if not cycle.body_done and not self._paused & _PAUSE_UPSTREAM:
-            # The client stopped sending its body; the upstream was waiting for it.
-            exchange.error = f"the request body stalled for {body_timeout}s"
-            self._respond(cycle, problem(408, "Request Timeout", exchange.error))
-            return
         exchange.error = f"upstream sent no response within {timeout}s"
         cycle.keep_alive = cycle.keep_alive and cycle.body_done
         self._respond(cycle, problem(504, "Gateway Timeout", exchange.error))
+
+    def _body_late_by(self, cycle: _Cycle, now: float) -> str | None:
+        """Why the request body still being forwarded is too late, or None: past the
+        deadline for the whole body, or quiet for ``body_timeout`` while the upstream
+        was ready to take more."""
+        settings = self.settings
+        if now >= cycle.body_by:
+            return f"the request body was not complete within {settings.body_total_timeout}s"
+        if not self._paused & _PAUSE_UPSTREAM and now >= cycle.body_at + settings.body_timeout:
+            return f"no request body bytes for {settings.body_timeout}s"
+        return None
+
+    def _body_overdue(self, cycle: _Cycle, reason: str) -> Response:
+        conn, cycle.upstream = cycle.upstream, None
+        if conn is not None:
+            conn.abort()
+        cycle.keep_alive = False
+        cycle.exchange.error = reason
+        return problem(408, "Request Timeout", reason)
 
     def _upstream_stalled(self, cycle: _Cycle, now: float) -> None:
         conn = cycle.upstream
         if conn is None:
             return
-        timeout = cycle.exchange.upstream.response_timeout
+        exchange = cycle.exchange
+        if not cycle.body_done:
+            late = self._body_late_by(cycle, now)
+            if late is not None:
+                # The response has begun: the client can only see a broken connection.
+                self._body_overdue(cycle, late)
+                self._fail(cycle, problem(408, "Request Timeout", late))
+                return
+        timeout = exchange.upstream.response_timeout
+        if conn.paused and self._write_paused:
+            # The client does not read: its silence, not the upstream's, up to send_timeout.
+            send_timeout = self.settings.send_timeout
+            waited = now - self._write_paused_at
+            if waited >= send_timeout:
+                exchange.error = f"the client read nothing for {send_timeout}s"
+                self._fail(cycle, problem(408, "Request Timeout", exchange.error))
+                return
+            self._deadline = now + min(timeout, send_timeout - waited)
+            self._arm(self._deadline)
+            return
         # While paused by back pressure the upstream's silence is the client's doing.
         idle = 0.0 if conn.paused else now - conn.last_activity
         if idle < timeout:
-            self._deadline = now + timeout - idle
-            self._arm(self._deadline)
+            deadline = now + timeout - idle
+            if not cycle.body_done:
+                deadline = min(deadline, cycle.body_at + self.settings.body_timeout, cycle.body_by)
+            self._deadline = deadline
+            self._arm(deadline)
             return
         conn.abort()
         cycle.upstream = None
@@ -1414,6 +1491,10 @@ class HttpProtocol(asyncio.Protocol):
         self._closed = True
         self._cancel_timer()
         self.server.connections.discard(self)
+        if self._write_paused:
+            # A client that reads nothing would hold a graceful close open forever.
+            transport.abort()
+            return
         if linger and transport.can_write_eof():
             # The client may still be sending what we did not read. Closing now would
             # make its kernel answer with a reset that can destroy our answer before it

@@ -25,6 +25,10 @@ class ServerSettings:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     body_timeout: float = 60.0
+    # The whole request body must arrive within this, however it trickles.
+    body_total_timeout: float = 300.0
+    # A client that reads nothing of its response for this long is cut off.
+    send_timeout: float = 60.0
     max_header_size: int = 16384
     scheme: str = "http"
     # An upgraded connection (WebSocket) with no byte either way for this long is closed.
@@ -72,8 +76,20 @@ class Server:
         self.h2: Callable[[Server, asyncio.Transport, bytes], None] | None = None
         # The shortest timeout in use, upstream ones included as they are met: no
         # connection's timer is set further ahead than this (see HttpProtocol._arm).
-        self.min_span = min(settings.header_timeout, settings.idle_timeout, settings.body_timeout)
+        self.min_span = 0.0
+        self.settings_changed()
         self._server: asyncio.Server | None = None
+
+    def settings_changed(self) -> None:
+        """Take changed ``settings`` timeouts into account (after a reload)."""
+        settings = self.settings
+        shortest = min(
+            settings.header_timeout,
+            settings.idle_timeout,
+            settings.body_timeout,
+            settings.send_timeout,
+        )
+        self.min_span = min(self.min_span, shortest) if self.min_span else shortest
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         sock = bind_socket(host, port, reuse_port=reuse_port)

@@ -13,11 +13,19 @@ from typing import Protocol
 
 import httptools
 
-__all__ = ["UpstreamPool", "UpstreamConnection", "UpstreamError", "Sink"]
+__all__ = ["UpstreamBusy", "UpstreamPool", "UpstreamConnection", "UpstreamError", "Sink"]
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached or broke the exchange."""
+    """The upstream could not be reached or broke the exchange: 502 by default."""
+
+    status = 502
+
+
+class UpstreamBusy(UpstreamError):
+    """The pool holds as many connections as it may: 503, without waiting."""
+
+    status = 503
 
 
 class Sink(Protocol):
@@ -97,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_upgrade",
         "_protocol",
         "_switched",
+        "counted",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -123,9 +132,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._upgrade = False  # the request asked to switch protocols
         self._protocol = b""  # the upstream's Upgrade field
         self._switched = False  # it answered 101: what follows the head is not HTTP
+        self.counted = False  # in the pool's count of open connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.counted = True
+        self.pool.open += 1
 
     def begin(self, sink: Sink, head_request: bool, upgrade: bool = False) -> None:
         """Attach the exchange that receives the next response; with ``upgrade`` the request
@@ -172,6 +184,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink = None
                 self.closed = True
                 self.pool.forget(self)
+                self._uncount()
                 sink.upstream_switched(self._headers, self._protocol, data[exc.args[0] :])
                 return
             self.close()
@@ -283,9 +296,15 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None
 
+    def _uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.pool.open -= 1
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        self._uncount()
         sink, self.sink = self.sink, None
         if sink is None:
             return
@@ -355,6 +374,9 @@ class UpstreamPool:
         "host_header",
         "tls",
         "server_name",
+        "max_connections",
+        "open",
+        "opening",
         "_idle",
     )
 
@@ -369,6 +391,7 @@ class UpstreamPool:
         loop: asyncio.AbstractEventLoop | None = None,
         tls: ssl.SSLContext | None = None,
         server_name: str | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -378,6 +401,10 @@ class UpstreamPool:
         self.loop = loop or asyncio.get_event_loop()
         self.tls = tls
         self.server_name = server_name or host.strip("[]")
+        # Connections open (idle or in use) and being opened; past the cap, 503 at once.
+        self.max_connections = max_connections
+        self.open = 0
+        self.opening = 0
         default_port = port == (443 if tls is not None else 80)
         authority = f"[{host}]" if ":" in host else host
         self.host_header = (authority if default_port else f"{authority}:{port}").encode()
@@ -396,7 +423,13 @@ class UpstreamPool:
         return None
 
     async def connect(self) -> UpstreamConnection:
+        cap = self.max_connections
+        if cap is not None and self.open + self.opening >= cap:
+            raise UpstreamBusy(
+                f"{self.host}:{self.port} already has {cap} connections open, its limit"
+            )
         tls = self.tls
+        self.opening += 1
         try:
             if tls is None:
                 opening = self.loop.create_connection(
@@ -429,6 +462,8 @@ class UpstreamPool:
             raise UpstreamError(
                 f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
             ) from None
+        finally:
+            self.opening -= 1
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
