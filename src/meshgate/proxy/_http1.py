@@ -480,6 +480,10 @@ class HttpProtocol(asyncio.Protocol):
         reading = cycle.reading
         if reading is not None and reading.waiter is not None:
             self._body_failed(cycle, _cut_short())
+        elif not cycle.body_done and self._parsing is cycle:
+            # The body can never be complete: free the upstream connection now.
+            self._parsing = None
+            self._fail(cycle, _body_problem(_cut_short()))
         return True
 
     def pause_writing(self) -> None:
@@ -487,9 +491,11 @@ class HttpProtocol(asyncio.Protocol):
         self._write_paused_at = now = self.loop.time()
         # The client has that long to read again (send timeout).
         deadline = now + self.settings.send_timeout
+        cycle = self._current
+        if (cycle is None or cycle.stage == _STREAMING) and deadline < self._deadline:
+            self._deadline = deadline
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
-        cycle = self._current
         if cycle is not None and cycle.upstream is not None:
             cycle.upstream.pause_reading()
 
