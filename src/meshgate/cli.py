@@ -80,6 +80,13 @@ def up(
     integration_listen: Annotated[
         str, typer.Option(help="Where the example integration route serves POST /orders.")
     ] = "127.0.0.1:8088",
+    tls_listen: Annotated[
+        str,
+        typer.Option(
+            help="The gateway's HTTPS listener, with a certificate for localhost made by a "
+            "local CA in DATA_DIR/tls; '' for none."
+        ),
+    ] = "127.0.0.1:8443",
 ) -> None:
     """Start the demo: the control plane (SQLite), the echo upstream, a gateway attached to
     the control plane (seeded with the example products on the first start), and the
@@ -109,6 +116,15 @@ def up(
         _seed_control_plane(base, token, path)
         settings = data_dir / "gateway-settings.yaml"
         local = example.model_dump(mode="json", exclude={"products", "version"})
+        certificates = None
+        if tls_listen and example.tls is None:
+            from meshgate.demo.tls import demo_certificates
+
+            certificates = demo_certificates((data_dir / "tls").absolute())
+            local["tls"] = {
+                "listen": tls_listen,
+                "certificates": [{"cert": str(certificates.cert), "key": str(certificates.key)}],
+            }
         settings.write_text(json.dumps(local, indent=2) + "\n")
         options = ControlPlaneOptions(
             url=base,
@@ -124,6 +140,12 @@ def up(
             cfg = process.gateway.config
             typer.echo("meshgate is up:")
             typer.echo(f"  gateway        http://{cfg.listen} (admin http://{cfg.admin_listen})")
+            https = None
+            if cfg.tls is not None:
+                port = cfg.tls.listen.rpartition(":")[2]
+                https = f"https://localhost:{port}"
+                ca = f" (trust {certificates.ca})" if certificates is not None else ""
+                typer.echo(f"  https          {https}{ca}")
             typer.echo(f"  control plane  {base}/admin/api/ (OpenAPI: /admin/api/openapi.json)")
             typer.echo(f"  admin token    {token}  (kept in {data_dir / 'admin-token'})")
             product = example.products[0] if example.products else None
@@ -133,6 +155,9 @@ def up(
                 prefix = product.path_prefix.rstrip("/")
                 typer.echo("try:")
                 typer.echo(f"  curl -i -H '{header}: {key}' http://{cfg.listen}{prefix}/hello")
+                if https is not None:
+                    cacert = f"--cacert {certificates.ca} " if certificates is not None else ""
+                    typer.echo(f"  curl -i {cacert}-H '{header}: {key}' {https}{prefix}/hello")
                 typer.echo(
                     f"  curl -s -H 'Authorization: Bearer {token}' {base}/admin/api/products"
                 )

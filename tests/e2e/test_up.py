@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import time
 from importlib import resources
 from pathlib import Path
@@ -40,6 +41,7 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     config = tmp_path / "example.yaml"
     config.write_text(yaml.safe_dump(example))
     data = tmp_path / "data"
+    tls_port = free_port()
     args = [
         "up",
         "--config",
@@ -52,6 +54,8 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         str(data),
         "--integration-listen",
         f"127.0.0.1:{free_port()}",
+        "--tls-listen",
+        f"127.0.0.1:{tls_port}",
     ]
     proc = Proc(args, tmp_path, "up")
     try:
@@ -60,6 +64,14 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         assert token in proc.stdout()
         gateway = f"http://{example['listen']}"
         assert httpx.get(f"{gateway}/echo/hello", headers={"X-API-Key": "k1"}).status_code == 200
+        # HTTPS with the certificate made for localhost, trusted through the demo CA.
+        ca = data / "tls" / "ca.pem"
+        assert f"https://localhost:{tls_port}" in proc.stdout()
+        assert (data / "tls" / "localhost.key").stat().st_mode & 0o777 == 0o600
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
+            r = client.get(f"https://localhost:{tls_port}/echo/hello", headers={"X-API-Key": "k1"})
+        assert r.status_code == 200
+        assert r.json()["headers"]["x-forwarded-proto"] == "https"
 
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{control_port}/admin/api",
