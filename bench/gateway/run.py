@@ -40,7 +40,15 @@ BAD_KEY = "not-a-key"
 LOAD_CORE = "0"  # wrk and the upstream
 PROXY_CORE = "1"  # the proxy under test, alone
 REDIS_URL = "redis://127.0.0.1:6379/0"
-CPU_TARGETS = {"meshgate-memory": 1.5, "meshgate-redis": 2.0}  # x nginx-gateway CPU/req
+# x the peer's CPU/req (nginx-gateway, or its HTTPS / HTTP/2 configuration).
+CPU_TARGETS = {
+    "meshgate-memory": 1.5,
+    "meshgate-redis": 2.0,
+    "meshgate-https": 2.0,
+    "meshgate-h2": 2.5,
+}
+# Each system's peer, measured in the same run; the others are compared with nginx-gateway.
+PEERS = {"meshgate-https": "nginx-gateway-https", "meshgate-h2": "nginx-gateway-h2"}
 HALF_LOAD_P99_TARGET_MS = 2.0  # allowed p99 above the direct upstream's at the same rate
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 HERE = Path(__file__).resolve().parent
@@ -146,8 +154,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Ports whose system serves HTTPS (the bench's own self-signed certificate).
+HTTPS_PORTS: set[int] = set()
+
+
 def get(port: int, key: str | None, timeout: float = 2.0, path: str = PATH) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn: http.client.HTTPConnection
+    if port in HTTPS_PORTS:
+        import ssl
+
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=timeout, context=ssl._create_unverified_context()
+        )
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"X-API-Key": key} if key is not None else {})
         response = conn.getresponse()
@@ -260,6 +280,79 @@ GATEWAY_BODY = (
 )
 
 
+# The same gateway over HTTPS: TLS 1.2 and 1.3, session tickets, keep-alive.
+GATEWAY_HTTPS_BODY = GATEWAY_BODY.replace(
+    "listen 127.0.0.1:{port} backlog=4096;",
+    "listen 127.0.0.1:{port} ssl backlog=4096;\n"
+    "    ssl_certificate {cert}; ssl_certificate_key {key_file};\n"
+    "    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:tls:10m;",
+)
+
+
+def make_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, for both HTTPS systems."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = workdir / "bench.pem", workdir / "bench.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o644)  # nginx's worker runs as nobody
+    return cert_path, key_path
+
+
+def certificate(workdir: Path) -> tuple[Path, Path]:
+    """The bench's certificate, made once per run."""
+    cert, key = workdir / "bench.pem", workdir / "bench.key"
+    if not cert.exists():
+        make_certificate(workdir)
+    return cert, key
+
+
+def checkout(rev: str, workdir: Path) -> Path:
+    """A worktree of the repository at ``rev`` (removed with the work dir)."""
+    target = workdir / f"checkout-{re.sub(r'[^A-Za-z0-9._-]', '_', rev)}"
+    if not target.exists():
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(target), rev],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"cannot check out {rev}: {done.stderr.strip()}")
+    return target
+
+
 def start_nginx(name: str, body: str, core: str, workdir: Path) -> Server:
     prefix = workdir / name
     (prefix / "tmp").mkdir(parents=True)
@@ -307,18 +400,38 @@ products:
 """
 
 
-def meshgate_config(workdir: Path, name: str, port: int, upstream: int, limits: str) -> Path:
+def meshgate_config(
+    workdir: Path,
+    name: str,
+    port: int,
+    upstream: int,
+    limits: str,
+    tls: tuple[Path, Path] | None = None,
+) -> Path:
+    """The configuration; with ``tls`` (cert, key) the gateway serves HTTPS on ``port`` and
+    its cleartext listener on another port."""
     path = workdir / f"{name}.yaml"
-    path.write_text(
-        MESHGATE_CONFIG.format(
-            port=port, admin=free_port(), upstream=upstream, limits=limits, key=KEY
-        )
+    text = MESHGATE_CONFIG.format(
+        port=port if tls is None else free_port(),
+        admin=free_port(),
+        upstream=upstream,
+        limits=limits,
+        key=KEY,
     )
+    if tls is not None:
+        text += f"tls:\n  listen: 127.0.0.1:{port}\n"
+        text += f"  certificates: [{{cert: {tls[0]}, key: {tls[1]}}}]\n"
+    path.write_text(text)
     return path
 
 
-def start_meshgate(name: str, config: Path, core: str, workdir: Path) -> Server:
+def start_meshgate(
+    name: str, config: Path, core: str, workdir: Path, source: Path | None = None
+) -> Server:
+    """``meshgate gateway``; from the checkout ``source`` (its ``src``) when given."""
     args = [sys.executable, "-m", "meshgate", "gateway", "--config", str(config)]
+    if source is not None:
+        args = ["env", f"PYTHONPATH={source / 'src'}", *args]
     return Server(name, [*args, "--log-level", "WARNING"], core, workdir)
 
 
@@ -438,7 +551,8 @@ def wrk(
             "function delay()\n  return math.floor(math.random() * span + 0.5)\nend\n"
         )
         args += ["-s", str(script)]
-    args.append(f"http://127.0.0.1:{port}{PATH}")
+    scheme = "https" if port in HTTPS_PORTS else "http"
+    args.append(f"{scheme}://127.0.0.1:{port}{PATH}")
     before = meter.snapshot() if meter is not None else None
     rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
@@ -702,7 +816,15 @@ def progress(message: str) -> None:
 # the run
 
 
-SYSTEMS = ("direct", "nginx-proxy", "nginx-gateway", "meshgate-memory", "meshgate-redis")
+SYSTEMS = (
+    "direct",
+    "nginx-proxy",
+    "nginx-gateway",
+    "meshgate-memory",
+    "meshgate-redis",
+    "nginx-gateway-https",
+    "meshgate-https",
+)
 
 
 @contextmanager
@@ -743,6 +865,10 @@ def run(args: argparse.Namespace) -> Report:
     preflight()
     redis_version, redis_pid = redis_info()
     wanted = [s for s in SYSTEMS if s in args.systems]
+    if args.baseline:
+        # The commit to compare with, measured in the same run: right after the current one.
+        at = wanted.index("meshgate-memory") + 1 if "meshgate-memory" in wanted else len(wanted)
+        wanted.insert(at, f"meshgate-memory@{args.baseline}")
     report = Report(
         machine=machine(redis_version),
         settings={
@@ -783,10 +909,12 @@ def run(args: argparse.Namespace) -> Report:
             progress(f"configurations and logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    gateway = next((s for s in report.saturation if s.system == "nginx-gateway"), None)
-    if gateway is not None:
-        for s in report.saturation:
-            s.ratio_to_nginx_gateway = s.cpu_us_per_request / gateway.cpu_us_per_request
+            subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], capture_output=True)
+    by_system = {s.system: s for s in report.saturation}
+    for s in report.saturation:
+        peer = by_system.get(PEERS.get(s.system, "nginx-gateway"))
+        if peer is not None:
+            s.ratio_to_nginx_gateway = s.cpu_us_per_request / peer.cpu_us_per_request
     bad = [s.system for s in report.saturation if s.wrk.non_2xx or s.wrk.socket_errors]
     bad += [h.system + " (half load)" for h in report.half_load if h.wrk.non_2xx]
     if bad:
@@ -816,14 +944,28 @@ def _measure(
         elif system == "nginx-gateway":
             body = GATEWAY_BODY.format(port=port, upstream=up_port, key=KEY)
             server = track(start_nginx(system, body, PROXY_CORE, workdir))
+        elif system == "nginx-gateway-https":
+            cert, key = certificate(workdir)
+            HTTPS_PORTS.add(port)
+            body = GATEWAY_HTTPS_BODY.format(
+                port=port, upstream=up_port, key=KEY, cert=cert, key_file=key
+            )
+            server = track(start_nginx(system, body, PROXY_CORE, workdir))
         else:
             limits = (
-                "{backend: memory}"
-                if system == "meshgate-memory"
-                else f"{{backend: redis, redis_url: '{REDIS_URL}', key_prefix: {key_prefix}}}"
+                f"{{backend: redis, redis_url: '{REDIS_URL}', key_prefix: {key_prefix}}}"
+                if system == "meshgate-redis"
+                else "{backend: memory}"
             )
-            config = meshgate_config(workdir, system, port, up_port, limits)
-            server = track(start_meshgate(system, config, PROXY_CORE, workdir))
+            tls = None
+            if system == "meshgate-https":
+                tls = certificate(workdir)
+                HTTPS_PORTS.add(port)
+            source = None
+            if "@" in system:
+                source = checkout(system.partition("@")[2], workdir)
+            config = meshgate_config(workdir, system, port, up_port, limits, tls)
+            server = track(start_meshgate(system, config, PROXY_CORE, workdir, source))
         meter = Meter(server, upstream, redis_pid if system == "meshgate-redis" else None)
         wait_ready(server, port)
         verify(system, port, checks_key=system not in ("nginx-proxy",))
@@ -863,6 +1005,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(SYSTEMS)}",
     )
     parser.add_argument("--skip-half", action="store_true", help="skip the half-load runs")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure meshgate-memory as of this git revision (a worktree in the "
+        "temporary directory), right after the current one",
+    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     args = parser.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
