@@ -623,7 +623,7 @@ class HttpProtocol(asyncio.Protocol):
         conn = cycle.upstream
         if conn is not None:
             if cycle.upstream_chunked:
-                conn.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))  # type: ignore[union-attr]
+                conn.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
             else:
                 conn.write(body)
             return
@@ -912,7 +912,7 @@ class HttpProtocol(asyncio.Protocol):
                 out = [head, *buffered]
             if cycle.body_done and cycle.upstream_chunked:
                 out.append(b"0\r\n\r\n")
-            conn.transport.writelines(out)  # type: ignore[union-attr]
+            conn.writelines(out)
         elif cycle.body_done and cycle.upstream_chunked:
             conn.write(head + b"0\r\n\r\n")
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Iterable
 from typing import Protocol
 
 import httptools
@@ -140,6 +141,11 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def writelines(self, parts: Iterable[bytes]) -> None:
+        """Several pieces in one write (a head and body chunks with their framing)."""
+        assert self.transport is not None
+        self.transport.writelines(parts)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self._time()
