@@ -58,6 +58,7 @@ from meshgate.proxy import (
     UpstreamPool,
     problem,
 )
+from meshgate.proxy._h2conn import GracefulStates
 from meshgate.proxy._http2 import serve_h2
 
 T = TypeVar("T")
@@ -108,6 +109,8 @@ class H2Client:
             sock = tls.wrap_socket(sock, server_hostname="localhost")
         self.sock = sock
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        # After the server's GOAWAY the streams it covers still finish (h2 would end them).
+        self.conn.state_machine = GracefulStates()
         if settings:
             self.conn.local_settings.update(settings)
         self.conn.initiate_connection()

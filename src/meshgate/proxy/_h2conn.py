@@ -30,6 +30,7 @@ from hyperframe.frame import Frame
 __all__ = [
     "CONNECTION_WINDOW",
     "STREAM_WINDOW",
+    "GracefulStates",
     "Outbound",
     "client_connection",
     "server_connection",
@@ -44,7 +45,7 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 _DEFAULT_WINDOW = 65535
 
 
-class _GracefulStates(H2ConnectionStateMachine):
+class GracefulStates(H2ConnectionStateMachine):
     """h2's connection states, except that a GOAWAY sent (by a server) or received leaves
     the connection open: the streams it covers finish, and the engine opens no new ones."""
 
@@ -88,7 +89,7 @@ class _BoundedHeaderBlocks(FrameBuffer):
 
 
 def _configure(conn: H2Connection, server: bool, header_limit: int) -> None:
-    conn.state_machine = _GracefulStates()
+    conn.state_machine = GracefulStates()
     conn.incoming_buffer = _BoundedHeaderBlocks(server, header_limit)
     # In force from the first request, not only once the peer acknowledged our SETTINGS.
     conn.decoder.max_header_list_size = header_limit

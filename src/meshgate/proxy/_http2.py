@@ -668,8 +668,10 @@ class H2Protocol(asyncio.Protocol):
         if stream.stage >= _CONNECTING or stream.stage == _NEW:
             self._complete(stream)
         else:
-            # The handler is deciding: it completes the exchange when it returns.
+            # The handler is deciding: it completes the exchange when it returns. The
+            # stream is closed: it no longer counts against the concurrent-stream limit.
             stream.failure = stream.failure or problem(400, "Bad Request", exchange.error)
+            del self.streams[stream_id]
 
     def _on_goaway(self) -> None:
         # The client opens no more streams; those open finish.
@@ -1179,7 +1181,7 @@ class H2Protocol(asyncio.Protocol):
                 self._stream_late(stream, now)
             if stream.stage != _DONE:
                 nearest = min(nearest, stream.deadline)
-        if not self.streams:
+        if not self.streams and not self._block_since:
             wait = settings.idle_timeout if self._served else settings.header_timeout
             if now - self._idle_since >= wait:
                 self._abandon(ErrorCodes.NO_ERROR, b"idle")
