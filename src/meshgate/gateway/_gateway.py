@@ -28,20 +28,25 @@ from meshgate.policies import PolicyChain
 from meshgate.proxy import (
     BadTarget,
     Exchange,
+    H2UpstreamPool,
     Headers,
     Response,
     UpstreamPool,
+    client_context,
     problem,
     split_target,
 )
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
-__all__ = ["Gateway", "ProductRuntime", "build_products"]
+__all__ = ["Gateway", "Pools", "ProductRuntime", "build_products"]
 
 log = logging.getLogger("meshgate.gateway")
 
 _WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
+
+# Upstream pools, shared across products and reloads: one per address, timeouts and protocol.
+Pools = dict[tuple[str, int, float, float, str], UpstreamPool | H2UpstreamPool]
 
 
 class _State:
@@ -63,7 +68,7 @@ class _Backend:
 
     __slots__ = ("path", "pool", "base")
 
-    def __init__(self, path: str, pool: UpstreamPool, base: str) -> None:
+    def __init__(self, path: str, pool: UpstreamPool | H2UpstreamPool, base: str) -> None:
         self.path = path
         self.pool = pool
         self.base = base
@@ -75,7 +80,7 @@ class ProductRuntime:
     def __init__(
         self,
         product: Product,
-        pools: dict[tuple[str, int, float, float], UpstreamPool],
+        pools: Pools,
         config: Config,
     ):
         self.config = product
@@ -88,17 +93,11 @@ class ProductRuntime:
         backends = []
         for usage in product.backend_usages():
             host, port, base = _split_backend(usage.url)
-            # Pools are shared across products and reloads, one per address and timeouts.
-            key = (host, port, connect, respond)
+            protocol = product.backend_protocol(usage)
+            key = (host, port, connect, respond, protocol)
             pool = pools.get(key)
             if pool is None:
-                pool = pools[key] = UpstreamPool(
-                    host,
-                    port,
-                    connect_timeout=connect,
-                    response_timeout=respond,
-                    max_idle=config.upstream_keepalive,
-                )
+                pool = pools[key] = _new_pool(protocol, host, port, connect, respond)
             pool.max_idle = config.upstream_keepalive
             backends.append(_Backend(usage.path, pool, base.rstrip("/")))
         # One backend at / (the common case) is the hot path: no routing by backend path.
@@ -177,9 +176,17 @@ class ProductRuntime:
         return None
 
 
-async def build_products(
-    config: Config, pools: dict[tuple[str, int, float, float], UpstreamPool]
-) -> list[ProductRuntime]:
+def _new_pool(
+    protocol: str, host: str, port: int, connect: float, respond: float
+) -> UpstreamPool | H2UpstreamPool:
+    if protocol == "http1":
+        return UpstreamPool(host, port, connect_timeout=connect, response_timeout=respond)
+    # One multiplexed HTTP/2 connection per backend: h2 over TLS (ALPN), h2c in cleartext.
+    tls = client_context(alpn=("h2",)) if protocol == "h2" else None
+    return H2UpstreamPool(host, port, connect_timeout=connect, response_timeout=respond, tls=tls)
+
+
+async def build_products(config: Config, pools: Pools) -> list[ProductRuntime]:
     """The runtimes of ``config``'s products, built on the event loop one at a time, serving
     requests between them: a snapshot of 100 products and 100,000 keys takes 0.1 s to build,
     a millisecond or so a product."""
@@ -288,7 +295,7 @@ class Gateway:
         config: Config,
         counters: CounterBackend,
         metrics: GatewayMetrics,
-        pools: dict[tuple[str, int, float, float], UpstreamPool] | None = None,
+        pools: Pools | None = None,
         access_log: AccessLog | None = None,
         products: list[ProductRuntime] | None = None,
     ) -> None:

@@ -31,10 +31,10 @@ from meshgate.gateway._controlplane import (
     collector_paused,
     default_dataplane_id,
 )
-from meshgate.gateway._gateway import Gateway, ProductRuntime, build_products
+from meshgate.gateway._gateway import Gateway, Pools, ProductRuntime, build_products
 from meshgate.limits import CounterBackend, create_backend
 from meshgate.policies import schemas
-from meshgate.proxy import Server, ServerSettings, UpstreamPool
+from meshgate.proxy import Server, ServerSettings
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
@@ -145,7 +145,7 @@ class GatewayProcess:
         self.version = ""
         self.loaded_at = 0.0
         self.last_error: str | None = None
-        self.pools: dict[tuple[str, int, float, float], UpstreamPool] = {}
+        self.pools: Pools = {}
         self.metrics = GatewayMetrics()
         self.access_log = AccessLog()
         self._stop = asyncio.Event()
