@@ -31,7 +31,15 @@ from h2_support import (
 )
 from proxy_helpers import RawClient, Received, get, wait_until
 
-from meshgate.proxy import CertificateFiles, Server, ServerSettings, ServerTls, UpstreamPool
+from meshgate.proxy import (
+    CertificateFiles,
+    H2UpstreamPool,
+    Server,
+    ServerSettings,
+    ServerTls,
+    UpstreamPool,
+    client_context,
+)
 
 
 @pytest.fixture(scope="module")
@@ -394,3 +402,58 @@ def test_grpc_timeout_bounds_the_wait_for_the_upstream(engine):
     assert 0.25 < elapsed < 2.0
     ((_, status, error),) = _wait_completed(engine, "/up/grpc-slow")
     assert status == 504 and error is not None and "grpc-timeout" in error
+
+
+def test_a_request_body_that_stalls_is_408(engine):
+    with H2Client(engine.port) as client:
+        stream = client.request("/read/stall", method="POST", body=b"part", end=False)
+        started = time.monotonic()
+        response = client.response(stream)
+        elapsed = time.monotonic() - started
+        assert response.status == 408
+        assert SETTINGS["body_timeout"] * 0.9 < elapsed < SETTINGS["body_timeout"] + 1.5
+        assert client.response(client.request("/local/after-408")).status == 200
+
+
+def test_request_trailers_reach_an_http1_upstream(engine):
+    with H2Client(engine.port) as client:
+        stream = client.request("/up/trailers", method="POST", body=b"data", end=False)
+        client.conn.send_headers(stream, [(b"x-checksum", b"abc")], end_stream=True)
+        client.flush()
+        assert client.response(stream).status == 200
+    (seen,) = engine.recorder.requests_for("/up/trailers")
+    assert seen.header("transfer-encoding") == "chunked"
+    assert (seen.body, seen.trailers) == (b"data", [(b"x-checksum", b"abc")])
+
+
+@pytest.mark.parametrize("alpn", [("h2", "http/1.1"), ("http/1.1",)])
+def test_an_h2_upstream_over_tls_is_reached_by_alpn(engine, tmp_path: Path, alpn):
+    cert, key = self_signed(tmp_path)
+    origin_tls = ServerTls([CertificateFiles(cert, key)], alpn=alpn)
+    loop = engine.thread.loop
+
+    async def start() -> Server:
+        origin = Server(engine.origin, ServerSettings(), loop=loop, tls=origin_tls)
+        await origin.start("127.0.0.1", 0)
+        engine.handler.pools["tlsup"] = H2UpstreamPool(
+            "127.0.0.1",
+            origin.port,
+            loop=loop,
+            tls=client_context(ca_file=cert, alpn=("h2",)),
+            server_name="localhost",
+        )
+        return origin
+
+    origin = engine.thread.run(start())
+    try:
+        with H2Client(engine.port) as client:
+            response = client.response(client.request("/tlsup/x", method="POST", body=b"sec"))
+        if alpn[0] == "h2":
+            assert response.status == 200
+            doc = json.loads(response.body)
+            assert (doc["alpn"], doc["scheme"], doc["length"]) == ("h2", "https", 3)
+        else:
+            assert response.status == 502
+            assert "did not agree to HTTP/2" in json.loads(response.body)["detail"]
+    finally:
+        engine.thread.run(origin.shutdown(1.0))
