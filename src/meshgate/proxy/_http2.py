@@ -210,8 +210,7 @@ class _Stream:
             self.out.end = self.out.ended = True
         conn = self.upstream
         if conn is not None:
-            self.deadline = conn.last_activity + self.response_timeout
-            protocol._schedule(self.deadline)
+            protocol._set_deadline(self, conn.last_activity + self.response_timeout)
         protocol._flush_soon()
 
     def upstream_body(self, data: bytes) -> None:
@@ -441,7 +440,8 @@ class H2Protocol(asyncio.Protocol):
         if not self.streams:
             self._close()
             return False
-        return True
+        # Over TLS the transport closes on EOF whatever is returned (and warns if True).
+        return self.tls is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
