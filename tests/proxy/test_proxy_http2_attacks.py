@@ -12,6 +12,7 @@ when the server shuts down.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import struct
@@ -247,8 +248,8 @@ def test_shutdown_sends_goaway_and_lets_open_streams_finish():
         with H2Client(engine.port) as client:
             stream = client.request("/slow/0.6")
             assert client.wait(lambda: engine.handler.handled == 1, 3)
-            engine.thread.loop.call_soon_threadsafe(
-                lambda: engine.thread.loop.create_task(engine.server.shutdown(5.0))
+            shutdown = asyncio.run_coroutine_threadsafe(
+                engine.server.shutdown(5.0), engine.thread.loop
             )
             assert client.wait(lambda: client.goaway is not None, 3)
             assert client.goaway.error_code == ErrorCodes.NO_ERROR
@@ -256,6 +257,7 @@ def test_shutdown_sends_goaway_and_lets_open_streams_finish():
             response = client.response(stream)
             assert (response.status, bytes(response.body)) == (200, b"slow")
             assert client.closed_within(3)
+            shutdown.result(5)
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", engine.port), timeout=2)
 
@@ -289,8 +291,7 @@ def test_a_stream_opened_after_goaway_is_refused():
         headers.flags.add("END_STREAM")
         sock.sendall(PREFACE + SettingsFrame(0).serialize() + headers.serialize())
         assert wait_until(lambda: engine.handler.handled == 1)
-        loop = engine.thread.loop
-        loop.call_soon_threadsafe(lambda: loop.create_task(engine.server.shutdown(5.0)))
+        shutdown = asyncio.run_coroutine_threadsafe(engine.server.shutdown(5.0), engine.thread.loop)
         buffer = bytearray()
         seen: list[Frame] = []
         while not any(isinstance(f, GoAwayFrame) for f in seen):
@@ -301,6 +302,7 @@ def test_a_stream_opened_after_goaway_is_refused():
         sock.sendall(late.serialize())
         while not any(isinstance(f, DataFrame) and "END_STREAM" in f.flags for f in seen):
             seen += _read_frames(sock, buffer)
+        shutdown.result(5)
     (goaway,) = [f for f in seen if isinstance(f, GoAwayFrame)]
     assert (goaway.error_code, goaway.last_stream_id) == (0, 1)
     resets = [f for f in seen if isinstance(f, RstStreamFrame)]
