@@ -557,6 +557,7 @@ class H2Protocol(asyncio.Protocol):
             self.settings.scheme,
             (authority or host).decode("latin-1"),
             content_length,
+            # A body of undeclared length: what "chunked" means to the roles in HTTP/1.1.
             content_length is None and event.stream_ended is None,
             rid,
             self.tls,

@@ -26,7 +26,9 @@ class Sink(Protocol):
 
     Within one read from the upstream, ``upstream_head`` may hold the response head
     back so that it leaves with the first body bytes; the read ends with
-    ``upstream_flush`` (head held, no body yet) or ``upstream_done``.
+    ``upstream_flush`` (head held, no body yet) or ``upstream_done``. A sink that
+    forwards trailers also has ``upstream_trailers(fields)``: HTTP/2 upstreams call it
+    before ``upstream_done`` (see ``_upstream_h2``).
     """
 
     def upstream_head(
