@@ -289,3 +289,16 @@ def test_the_upstream_connection_is_opened_again_after_the_server_restarts(env):
         assert again(b"after", timeout=10) == b"AFTER"
     finally:
         second.stop(None)
+
+
+def test_a_call_in_flight_finishes_when_the_server_shuts_down_gracefully(env):
+    """The server's GOAWAY covers the call already sent: it completes on that connection."""
+    server, _ = _server(Echo(), "demo.Again", env.again_port)
+    try:
+        slow = env.unary("Slow", service="demo.Again").future(b"", timeout=10)
+        time.sleep(0.5)  # the call reached the server
+        stopping = server.stop(grace=5)
+        assert slow.result() == b"late"
+        stopping.wait()
+    finally:
+        server.stop(None)
