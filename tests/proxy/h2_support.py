@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import hashlib
 import ipaddress
 import json
@@ -293,8 +294,20 @@ class EngineThread:
         return self.run(call(), timeout)
 
     def stop(self) -> None:
+        """Cancel what still runs (handlers sleeping on), stop and close the loop, and
+        collect its garbage now rather than in a later test."""
+
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_the_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()
+        gc.collect()
 
 
 def self_signed(directory: Path) -> tuple[str, str]:
