@@ -58,6 +58,7 @@ VALID = {
     "no admin": changed(("admin_listen",), None),
     "no policies": changed((*P0, "policies"), []),
     "redis": changed(("limits",), {"backend": "redis", "redis_url": "redis://r:6379/1"}),
+    "h2c backend": changed((*P0, "protocol"), "h2c"),
 }
 
 INVALID = {
@@ -84,6 +85,7 @@ INVALID = {
     "policy config as list": changed((*P0, "policies"), [{"cors": []}]),
     "application state": changed((*P0, "applications", 0, "state"), "paused"),
     "jwt leeway": changed((*P0, "auth"), {"type": "jwt", "jwks_url": "u", "leeway_seconds": 301}),
+    "unknown protocol": changed((*P0, "protocol"), "http3"),
 }
 
 INVALID_WITH_POLICIES = {
@@ -92,6 +94,20 @@ INVALID_WITH_POLICIES = {
     "unknown policy field": changed((*P0, "policies"), [{"cors": {"origins": ["*"]}}]),
     "policy bound": changed((*P0, "policies"), [{"maintenance": {"status": 200}}]),
 }
+
+
+def test_h2_is_http2_over_tls_and_needs_an_https_backend() -> None:
+    for protocol in ("h2", "h2c"):
+        on_backend = changed((*P0, "backend"), DELETE)
+        on_backend["products"][0]["backends"] = [
+            {"path": "/", "url": "http://127.0.0.1:9001", "protocol": protocol}
+        ]
+        for data in (changed((*P0, "protocol"), protocol), on_backend):
+            if protocol == "h2c":
+                assert model_accepts(data)
+                continue
+            with pytest.raises(ConfigError, match="h2 is HTTP/2 over TLS"):
+                parse_config(json.dumps(data))
 
 
 def test_schema_header() -> None:

@@ -251,6 +251,36 @@ def test_each_change_is_reported_by_resource_and_field_then_applied(
     assert account["name"] == "default"  # the format has no accounts
 
 
+def test_the_backend_protocol_is_applied_exported_staged_and_kept_per_product(
+    control_sqlite: ControlPlane,
+) -> None:
+    cp = control_sqlite
+    applied(cp, rich_file())
+    grpc = rich_file()
+    grpc["products"][1]["protocol"] = "h2c"
+    assert texts(applied(cp, grpc)) == ['~ product tokens: protocol: "http1" → "h2c"']
+    exported = export(cp)
+    protocols = {p["name"]: p.get("protocol") for p in exported["products"]}
+    assert protocols == {"echo": None, "tokens": "h2c", "hashed": None}  # http1 left implicit
+    assert texts(applied(cp, exported)) == []
+    staged = cp.wait_snapshot(
+        "staging", lambda d: any(p.get("protocol") == "h2c" for p in d["products"])
+    )
+    assert {p["name"]: p.get("protocol") for p in staged["products"]} == protocols
+    tokens = next(p for p in cp.api.get("/products").json()["items"] if p["name"] == "tokens")
+    assert tokens["protocol"] == "h2c"
+    changed = cp.api.patch(f"/products/{tokens['id']}", json={"protocol": "http1"})
+    assert changed.status_code == 200 and changed.json()["protocol"] == "http1"
+    assert cp.api.patch(f"/products/{tokens['id']}", json={"protocol": "h3"}).status_code == 422
+
+    per_backend = rich_file()
+    per_backend["products"][0]["backends"][1]["protocol"] = "h2c"
+    response = apply(cp, per_backend)
+    assert response.status_code == 422, response.text
+    errors = {e["field"]: e["message"] for e in response.json()["errors"]}
+    assert "one protocol per product" in errors["products[0].backends[1].protocol"]
+
+
 def test_no_prune_leaves_unnamed_products_and_skip_applications_leaves_applications(
     control_sqlite: ControlPlane,
 ) -> None:
@@ -451,7 +481,7 @@ def test_the_apply_and_export_commands_end_to_end(
     bad.write_text("products:\n  - name: x\n    backend: ftp://nope\n    auth: {type: api_key}\n")
     refused = meshgate("apply", str(bad), *target, cwd=tmp_path)
     assert refused.returncode == 1
-    assert "products[0].backend: must be an http:// URL" in refused.stderr
+    assert "products[0].backend: must be an http:// or https:// URL" in refused.stderr
     assert "Traceback" not in refused.stderr
 
     # The control plane's own refusal, as lines with paths (the local check passes).

@@ -14,6 +14,7 @@ from harness import echo_upstream, example_product, gateway_config, run_gateway
 from meshgate.config import Config
 from meshgate.gateway import Gateway
 from meshgate.limits import create_backend
+from meshgate.proxy import H2UpstreamPool, UpstreamPool
 from meshgate.telemetry.metrics import GatewayMetrics
 
 KEY = {"X-API-Key": "k1"}
@@ -163,7 +164,7 @@ def test_backends_on_one_address_share_a_pool() -> None:
         )
 
     gateway = asyncio.run(build())
-    assert sorted((host, port) for host, port, _, _ in gateway.pools) == [
+    assert sorted((host, port) for host, port, *_ in gateway.pools) == [
         ("127.0.0.1", 9100),
         ("127.0.0.1", 9101),
     ]
@@ -197,3 +198,35 @@ def test_route_matches_on_segment_boundaries(path: str, expected: tuple[str, str
     (product,) = asyncio.run(build()).products
     routed = product.route(path)
     assert (None if routed is None else (routed[0].path, routed[1])) == expected
+
+
+def test_the_protocol_chooses_the_pool_per_backend() -> None:
+    async def build() -> Gateway:
+        auth = {"type": "none", "default_application": "a"}
+        apps = [{"id": "a", "plan": "p"}]
+        common: dict[str, Any] = {"auth": auth, "plans": [{"name": "p"}], "applications": apps}
+        return _gateway(
+            [
+                {
+                    "name": "grpc",
+                    "path_prefix": "/g",
+                    "protocol": "h2c",
+                    "backends": [
+                        {"path": "/a", "url": "http://127.0.0.1:9100"},
+                        {"path": "/b", "url": "http://127.0.0.1:9101", "protocol": "http1"},
+                    ],
+                    **common,
+                },
+                {"name": "plain", "backend": "http://127.0.0.1:9100", **common},
+            ]
+        )
+
+    gateway = asyncio.run(build())
+    grpc, plain = gateway.products
+    assert grpc.backends is not None
+    by_path = {b.path: b.pool for b in grpc.backends}
+    assert isinstance(by_path["/a"], H2UpstreamPool) and by_path["/a"].tls is None
+    assert isinstance(by_path["/b"], UpstreamPool)
+    # The same address spoken to in HTTP/1.1 by another product is another pool.
+    assert isinstance(plain.pool, UpstreamPool) and plain.pool is not by_path["/a"]
+    assert sorted(key[5] for key in gateway.pools) == ["h2c", "http1", "http1"]

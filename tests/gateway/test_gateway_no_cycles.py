@@ -58,6 +58,9 @@ def test_a_replaced_gateway_leaves_no_reference_cycle() -> None:
     text = snapshot()
     loop = asyncio.new_event_loop()  # the upstream pools' loop
     asyncio.set_event_loop(loop)
+    # Built once and cached (pydantic's schema building leaves inspect's garbage behind):
+    # not what this test is about.
+    parse_snapshot(text, policy_schemas=schemas())
     gc.collect()
     gc.disable()
     try:

@@ -21,6 +21,13 @@ from pydantic import (
 
 PERIODS = ("minute", "hour", "day", "week", "month", "year", "eternity")
 Period = Literal["minute", "hour", "day", "week", "month", "year", "eternity"]
+# How the gateway speaks to a backend: HTTP/1.1, HTTP/2 over TLS (ALPN h2), or cleartext
+# HTTP/2 with prior knowledge (h2c: gRPC servers without TLS).
+BackendProtocol = Literal["http1", "h2", "h2c"]
+_PROTOCOL_DOC = (
+    "HTTP to the backend: http1 (HTTP/1.1), h2 (HTTP/2 over TLS, an https:// backend) or "
+    "h2c (cleartext HTTP/2 with prior knowledge, e.g. a gRPC server without TLS)."
+)
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "ANY"]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -318,6 +325,9 @@ class BackendUsage(_Strict):
         "go to this backend, with the path removed.",
     )
     url: str = Field(description="Upstream base URL, http://host:port[/base/path].")
+    protocol: BackendProtocol | None = Field(
+        None, description=_PROTOCOL_DOC + " The product's protocol when not given."
+    )
 
     _path = field_validator("path")(classmethod(lambda cls, v: check_path_prefix(v)))
     _url = field_validator("url")(classmethod(lambda cls, v: check_backend_url(v)))
@@ -350,6 +360,7 @@ class Product(_Strict):
     backends: list[BackendUsage] = Field(
         [], description="Several backends at path prefixes; the longest matching path wins."
     )
+    protocol: BackendProtocol = Field("http1", description=_PROTOCOL_DOC)
     auth: Auth
     metrics: list[Metric] = [Metric(name="hits")]
     mapping_rules: list[MappingRule] = [MappingRule(method="ANY", pattern="/", metric="hits")]
@@ -396,6 +407,10 @@ class Product(_Strict):
             return [BackendUsage(path="/", url=self.backend)]
         return sorted(self.backends, key=lambda b: len(b.path), reverse=True)
 
+    def backend_protocol(self, usage: BackendUsage) -> BackendProtocol:
+        """The protocol the gateway speaks to one of this product's backends."""
+        return usage.protocol or self.protocol
+
     @model_validator(mode="after")
     def _references(self) -> Product:
         names = [m.name for m in self.metrics]
@@ -406,6 +421,16 @@ class Product(_Strict):
         paths = [b.path for b in self.backends]
         if len(set(paths)) != len(paths):
             problems.append("two backends at the same path")
+        for usage in self.backend_usages():
+            if self.backend_protocol(usage) == "h2" and not usage.url.startswith("https://"):
+                problems.append(
+                    f"backend {usage.url}: protocol h2 is HTTP/2 over TLS and needs an https:// "
+                    "backend; h2c is cleartext HTTP/2"
+                )
+            if self.backend_protocol(usage) == "h2c" and usage.url.startswith("https://"):
+                problems.append(
+                    f"backend {usage.url}: protocol h2c is cleartext HTTP/2; over TLS it is h2"
+                )
         if self.key_salt is None and any(a.key_hashes for a in self.applications):
             problems.append("applications carry key_hashes: give the product's key_salt")
         if len(known) != len(names):
@@ -539,6 +564,10 @@ class Config(_Strict):
     timeouts: Timeouts = Timeouts()
     max_header_size: int = Field(16384, ge=1024, le=1_048_576, description="Bytes, else 431.")
     access_log: bool = True
+    http2: bool = Field(
+        True,
+        description="Serve HTTP/2: h2c with prior knowledge on listen, h2 by ALPN on tls.listen.",
+    )
     upstream_keepalive: int = Field(
         64, ge=0, description="Idle upstream connections kept per backend."
     )

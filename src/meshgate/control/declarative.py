@@ -66,6 +66,7 @@ SETTINGS = (
     "max_body_size",
     "upstream_connect_timeout",
     "upstream_response_timeout",
+    "protocol",
 )
 _OPTIONAL = ("max_body_size", "upstream_connect_timeout", "upstream_response_timeout")
 _AUTH: TypeAdapter[Any] = TypeAdapter(Auth)
@@ -327,6 +328,8 @@ def render(state: ProductState, applications: bool = True) -> dict[str, Any]:
     for name in _OPTIONAL:
         if settings[name] is not None:
             doc[name] = settings[name]
+    if settings["protocol"] != "http1":
+        doc["protocol"] = settings["protocol"]
     if applications:
         doc["applications"] = [
             {
@@ -426,6 +429,13 @@ def _check_file(config: Config, options: Options) -> None:
             errors.add(path, "must not contain NUL characters")
         fields = {k: dumped[k] for k in (*SETTINGS, "name", "backend")}
         _admin_check(errors, s.ProductCreate, fields, where, {})
+        for j, usage in enumerate(product.backends):
+            if usage.protocol is not None and usage.protocol != product.protocol:
+                errors.add(
+                    f"{where}.backends[{j}].protocol",
+                    "the control plane holds one protocol per product: set the product's "
+                    "protocol instead",
+                )
         for model, part, renames in _ADMIN_CHECKS:
             for j, item in enumerate(dumped[part]):
                 _admin_check(errors, model, item, f"{where}.{part}[{j}]", renames)

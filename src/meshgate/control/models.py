@@ -118,6 +118,8 @@ class Product(_Resource, Base):
     max_body_size: Mapped[int | None] = mapped_column(BigInteger)
     upstream_connect_timeout: Mapped[float | None]
     upstream_response_timeout: Mapped[float | None]
+    # HTTP to the backends: http1, h2 (over TLS) or h2c (cleartext HTTP/2, e.g. gRPC).
+    protocol: Mapped[str] = mapped_column(String(8), default="http1", server_default="http1")
     key_salt: Mapped[str] = mapped_column(String(64))
     openapi: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 

@@ -25,6 +25,7 @@ from pydantic import (
 
 from meshgate.config.model import (
     Auth,
+    BackendProtocol,
     BackendUsage,
     Method,
     Period,
@@ -32,6 +33,10 @@ from meshgate.config.model import (
 )
 from meshgate.config.model import MappingRule as ConfigMappingRule
 
+_PROTOCOL = (
+    "HTTP to the product's backends: http1, h2 (HTTP/2 over TLS) or h2c (cleartext HTTP/2 "
+    "with prior knowledge, e.g. a gRPC server)."
+)
 MAX_ID = 2**31 - 1
 MAX_BIG = 2**63 - 1
 # For query parameters: PostgreSQL cannot compare text with NUL in it.
@@ -211,6 +216,7 @@ class ProductCreate(_In):
     max_body_size: Count | None = None
     upstream_connect_timeout: Seconds | None = None
     upstream_response_timeout: Seconds | None = None
+    protocol: BackendProtocol = Field("http1", description=_PROTOCOL)
     backend: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
         None, description="Shorthand: one backend at / created with the product."
     )
@@ -229,6 +235,7 @@ class ProductUpdate(_In):
     max_body_size: Count | None = None
     upstream_connect_timeout: Seconds | None = None
     upstream_response_timeout: Seconds | None = None
+    protocol: BackendProtocol | None = Field(None, description=_PROTOCOL)
 
 
 class ProductOut(_Out):
@@ -242,6 +249,7 @@ class ProductOut(_Out):
     max_body_size: int | None
     upstream_connect_timeout: float | None
     upstream_response_timeout: float | None
+    protocol: str
 
 
 class BackendCreate(_In):

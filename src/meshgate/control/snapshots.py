@@ -95,6 +95,8 @@ def product_document(session: Session, product: Product) -> dict[str, Any]:
         value = getattr(product, name)
         if value is not None:
             doc[name] = value
+    if product.protocol != "http1":
+        doc["protocol"] = product.protocol
     return doc
 
 

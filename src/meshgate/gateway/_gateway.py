@@ -30,6 +30,7 @@ from meshgate.policies import PolicyChain
 from meshgate.proxy import (
     BadTarget,
     Exchange,
+    H2UpstreamPool,
     Headers,
     Response,
     UpstreamPool,
@@ -44,10 +45,11 @@ __all__ = ["Gateway", "Pools", "ProductRuntime", "build_products"]
 
 log = logging.getLogger("meshgate.gateway")
 
-# Upstream pools, shared across products and reloads: one per address, timeouts and TLS.
-Pools = dict[tuple[object, ...], UpstreamPool]
-
 _WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
+
+# Upstream pools, shared across products and reloads: one per address, timeouts, connection
+# cap, protocol and TLS settings.
+Pools = dict[tuple[object, ...], UpstreamPool | H2UpstreamPool]
 
 
 class _State:
@@ -69,7 +71,7 @@ class _Backend:
 
     __slots__ = ("path", "pool", "base")
 
-    def __init__(self, path: str, pool: UpstreamPool, base: str) -> None:
+    def __init__(self, path: str, pool: UpstreamPool | H2UpstreamPool, base: str) -> None:
         self.path = path
         self.pool = pool
         self.base = base
@@ -95,24 +97,18 @@ class ProductRuntime:
         upstream_tls = product.upstream_tls
         for usage in product.backend_usages():
             scheme, host, port, base = _split_backend(usage.url)
+            protocol = product.backend_protocol(usage)
             tls_key: tuple[object, ...] = ()
             if scheme == "https":
                 tls_key = (
                     (None,) if upstream_tls is None else tuple(upstream_tls.model_dump().values())
                 )
             cap = product.max_upstream_connections
-            key = (host, port, connect, respond, cap, *tls_key)
+            key = (host, port, connect, respond, cap, protocol, *tls_key)
             pool = pools.get(key)
             if pool is None:
-                pool = pools[key] = UpstreamPool(
-                    host,
-                    port,
-                    connect_timeout=connect,
-                    response_timeout=respond,
-                    max_idle=config.upstream_keepalive,
-                    tls=_client_tls(upstream_tls) if scheme == "https" else None,
-                    server_name=upstream_tls.server_name if upstream_tls is not None else None,
-                    max_connections=cap,
+                pool = pools[key] = _new_pool(
+                    protocol, scheme, host, port, connect, respond, cap, upstream_tls
                 )
             pool.max_idle = config.upstream_keepalive
             backends.append(_Backend(usage.path, pool, base.rstrip("/")))
@@ -193,6 +189,41 @@ class ProductRuntime:
         return None
 
 
+def _new_pool(
+    protocol: str,
+    scheme: str,
+    host: str,
+    port: int,
+    connect: float,
+    respond: float,
+    cap: int,
+    upstream_tls: UpstreamTls | None,
+) -> UpstreamPool | H2UpstreamPool:
+    tls = None
+    if scheme == "https":
+        tls = _client_tls(upstream_tls, alpn=("h2",) if protocol == "h2" else None)
+    server_name = upstream_tls.server_name if upstream_tls is not None else None
+    if protocol == "http1":
+        return UpstreamPool(
+            host,
+            port,
+            connect_timeout=connect,
+            response_timeout=respond,
+            tls=tls,
+            server_name=server_name,
+            max_connections=cap,
+        )
+    # One multiplexed HTTP/2 connection per backend: h2 over TLS (ALPN), h2c in cleartext.
+    return H2UpstreamPool(
+        host,
+        port,
+        connect_timeout=connect,
+        response_timeout=respond,
+        tls=tls,
+        server_name=server_name,
+    )
+
+
 async def build_products(config: Config, pools: Pools) -> list[ProductRuntime]:
     """The runtimes of ``config``'s products, built on the event loop one at a time, serving
     requests between them: a snapshot of 100 products and 100,000 keys takes 0.1 s to build,
@@ -215,14 +246,17 @@ def _split_backend(url: str) -> tuple[str, str, int, str]:
     return scheme, host, int(port or (443 if scheme == "https" else 80)), slash + path
 
 
-def _client_tls(settings: UpstreamTls | None) -> ssl.SSLContext:
+def _client_tls(
+    settings: UpstreamTls | None, alpn: tuple[str, ...] | None = None
+) -> ssl.SSLContext:
     if settings is None:
-        return client_context()
+        return client_context(alpn=alpn)
     return client_context(
         ca_file=settings.ca_file,
         verify=settings.verify,
         cert=settings.client_cert,
         key=settings.client_key,
+        alpn=alpn,
     )
 
 

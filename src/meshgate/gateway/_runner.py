@@ -116,6 +116,7 @@ def _settings(config: Config, settings: ServerSettings | None = None) -> ServerS
     settings.body_timeout = config.timeouts.client_body
     settings.max_header_size = config.max_header_size
     settings.tunnel_idle_timeout = config.timeouts.tunnel_idle
+    settings.http2 = config.http2
     settings.body_total_timeout = config.timeouts.client_body_total
     settings.send_timeout = config.timeouts.client_send
     return settings
@@ -252,7 +253,7 @@ class GatewayProcess:
                     client_ca=config.tls.client_ca,
                     client_auth=config.tls.client_auth,
                     min_version=config.tls.min_version,
-                    alpn=ALPN,
+                    alpn=ALPN if config.http2 else ("http/1.1",),
                 )
             except TlsError as exc:
                 raise GatewayStartError(f"tls: {exc}") from None

@@ -1,4 +1,4 @@
-"""The HTTP proxy engine: knows HTTP and TLS, nothing about products or services."""
+"""The HTTP proxy engine: knows HTTP/1.1, HTTP/2 and TLS, nothing about products or services."""
 
 from meshgate.proxy._exchange import (
     ClientDisconnected,
@@ -23,6 +23,7 @@ from meshgate.proxy._tls import (
     subject_key,
 )
 from meshgate.proxy._upstream import UpstreamError, UpstreamPool
+from meshgate.proxy._upstream_h2 import H2UpstreamPool
 
 __all__ = [
     "ALPN",
@@ -30,6 +31,7 @@ __all__ = [
     "CertificateFiles",
     "ClientDisconnected",
     "Exchange",
+    "H2UpstreamPool",
     "Handler",
     "Headers",
     "PeerCertificate",

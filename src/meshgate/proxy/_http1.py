@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -679,7 +680,7 @@ class HttpProtocol(asyncio.Protocol):
         cycle.body_at = self.loop.time()
         if conn is not None:
             if cycle.upstream_chunked:
-                conn.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))  # type: ignore[union-attr]
+                conn.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
             else:
                 conn.write(body)
             return
@@ -945,14 +946,20 @@ class HttpProtocol(asyncio.Protocol):
             self._forward_failed(cycle)
 
     def _forward_failed(self, cycle: _Cycle) -> None:
-        log.exception("forwarding failed")
+        """Called from an ``except`` block: an UpstreamError says why, anything else is a bug."""
+        exc = sys.exc_info()[1]
+        detail = "the gateway failed to forward"
+        if isinstance(exc, UpstreamError):
+            detail = cycle.exchange.error = str(exc)
+        else:
+            log.exception("forwarding failed")
         cycle.keep_alive = False
         conn, cycle.upstream = cycle.upstream, None
         if conn is not None:
             conn.abort()
         if cycle.response_started and self.transport is not None:
             self.transport.abort()
-        self._respond(cycle, problem(502, "Bad Gateway", "the gateway failed to forward"))
+        self._respond(cycle, problem(502, "Bad Gateway", detail))
 
     def _send_request(self, cycle: _Cycle, conn: UpstreamConnection) -> None:
         exchange = cycle.exchange
@@ -977,7 +984,7 @@ class HttpProtocol(asyncio.Protocol):
                 out = [head, *buffered]
             if cycle.body_done and cycle.upstream_chunked:
                 out.append(b"0\r\n\r\n")
-            conn.transport.writelines(out)  # type: ignore[union-attr]
+            conn.writelines(out)
         elif cycle.body_done and cycle.upstream_chunked:
             conn.write(head + b"0\r\n\r\n")
         else:

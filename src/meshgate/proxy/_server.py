@@ -12,9 +12,11 @@ import asyncio
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from meshgate.proxy._exchange import Handler
 from meshgate.proxy._http1 import HttpProtocol
+from meshgate.proxy._http2 import serve_h2
 from meshgate.proxy._tls import ServerTls
 
 __all__ = ["Server", "ServerSettings", "bind_socket"]
@@ -33,6 +35,18 @@ class ServerSettings:
     scheme: str = "http"
     # An upgraded connection (WebSocket) with no byte either way for this long is closed.
     tunnel_idle_timeout: float = 300.0
+    # HTTP/2: h2 by ALPN on TLS listeners, h2c with prior knowledge on cleartext ones.
+    http2: bool = True
+    # Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    max_concurrent_streams: int = 100
+
+
+class _Connection(Protocol):
+    """A served connection, as the listener's shutdown sees it (HTTP/1.1 or HTTP/2)."""
+
+    transport: asyncio.Transport | None
+
+    def shutdown(self) -> None: ...
 
 
 class Server:
@@ -66,14 +80,16 @@ class Server:
         self.handler = handler
         self.settings = settings = settings or ServerSettings()
         self.loop = loop or asyncio.get_event_loop()
-        self.connections: set[HttpProtocol] = set()
+        self.connections: set[_Connection] = set()
         self.draining = False
         self.tls = tls
         if tls is not None:
             settings.scheme = "https"
         # Makes the protocol of a connection that asked for HTTP/2: (server, transport,
         # bytes already read) -> None. None while the engine serves HTTP/1.1 only.
-        self.h2: Callable[[Server, asyncio.Transport, bytes], None] | None = None
+        self.h2: Callable[[Server, asyncio.Transport, bytes], None] | None = (
+            serve_h2 if settings.http2 else None
+        )
         # The shortest timeout in use, upstream ones included as they are met: no
         # connection's timer is set further ahead than this (see HttpProtocol._arm).
         self.min_span = 0.0

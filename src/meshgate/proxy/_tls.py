@@ -39,7 +39,7 @@ _TLS12_CIPHERS = (
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 # What a TLS listener offers by ALPN: the protocols the engine serves.
-ALPN: tuple[str, ...] = ("http/1.1",)
+ALPN: tuple[str, ...] = ("h2", "http/1.1")
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _CLIENT_AUTH = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Iterable
 from typing import Protocol
 
 import httptools
@@ -33,7 +34,9 @@ class Sink(Protocol):
 
     Within one read from the upstream, ``upstream_head`` may hold the response head
     back so that it leaves with the first body bytes; the read ends with
-    ``upstream_flush`` (head held, no body yet) or ``upstream_done``.
+    ``upstream_flush`` (head held, no body yet) or ``upstream_done``. A sink that
+    forwards trailers also has ``upstream_trailers(fields)``: HTTP/2 upstreams call it
+    before ``upstream_done`` (see ``_upstream_h2``).
     """
 
     def upstream_head(
@@ -168,6 +171,11 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def writelines(self, parts: Iterable[bytes]) -> None:
+        """Several pieces in one write (a head and body chunks with their framing)."""
+        assert self.transport is not None
+        self.transport.writelines(parts)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self._time()
