@@ -356,6 +356,11 @@ class Product(_Strict):
         [], description="Several backends at path prefixes; the longest matching path wins."
     )
     auth: Auth
+    hide_credentials: bool = Field(
+        True,
+        description="Remove the credential the gateway read (its header, or its query "
+        "parameter) from the request sent upstream.",
+    )
     metrics: list[Metric] = [Metric(name="hits")]
     mapping_rules: list[MappingRule] = [MappingRule(method="ANY", pattern="/", metric="hits")]
     plans: list[Plan] = []

@@ -107,6 +107,7 @@ class ProductRuntime:
         self.pool = backends[0].pool
         self.base_path = backends[0].base
         self.auth = Authenticator.for_product(product)
+        self.hide_credentials = product.hide_credentials
         self.rules = MappingRules(product)
         self.chain = PolicyChain.build(product.policies)
         self.max_body_size = product.max_body_size
@@ -424,6 +425,8 @@ class Gateway:
         if response is not None:
             return response
         request = exchange.request
+        if product.hide_credentials:
+            product.auth.hide(request)
         routed = exchange.state.backend
         if routed is not None:
             backend, path = routed
