@@ -363,6 +363,11 @@ class Product(_Strict):
     )
     metrics: list[Metric] = [Metric(name="hits")]
     mapping_rules: list[MappingRule] = [MappingRule(method="ANY", pattern="/", metric="hits")]
+    case_insensitive_rules: bool = Field(
+        False,
+        description="Mapping rule paths match regardless of case: a rule on /admin also "
+        "counts /ADMIN (the path is forwarded as received).",
+    )
     plans: list[Plan] = []
     policies: list[PolicyEntry] = Field(
         [], description="Policy chain in order, each {policy_name: {config}}."
