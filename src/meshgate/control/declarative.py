@@ -62,12 +62,19 @@ SETTINGS = (
     "path_prefix",
     "strip_prefix",
     "auth",
+    "hide_credentials",
+    "case_insensitive_rules",
     "policies",
     "max_body_size",
     "upstream_connect_timeout",
     "upstream_response_timeout",
 )
 _OPTIONAL = ("max_body_size", "upstream_connect_timeout", "upstream_response_timeout")
+# Settings exported only when they differ from the file's default, as a gateway file has them.
+_SWITCHES = {
+    name: ProductConfig.model_fields[name].default
+    for name in ("hide_credentials", "case_insensitive_rules")
+}
 _AUTH: TypeAdapter[Any] = TypeAdapter(Auth)
 
 Rule = tuple[str, str, str, int, bool]  # method, pattern, metric, increment, last
@@ -326,6 +333,9 @@ def render(state: ProductState, applications: bool = True) -> dict[str, Any]:
     doc["policies"] = settings["policies"]
     for name in _OPTIONAL:
         if settings[name] is not None:
+            doc[name] = settings[name]
+    for name, default in _SWITCHES.items():
+        if settings[name] != default:
             doc[name] = settings[name]
     if applications:
         doc["applications"] = [
