@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -210,3 +212,44 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(tmp_path:
                     f"meanwhile {refused} requests were refused (503) and {uncounted} let "
                     "through uncounted" in log
                 ), log
+
+
+def test_a_redis_stall_counts_only_the_requests_let_through(tmp_path: Path) -> None:
+    plans = [
+        {"name": "basic", "limits": [{"metric": "hits", "period": "eternity", "value": 10**6}]}
+    ]
+    with private_redis(tmp_path) as redis_server, echo_upstream(tmp_path) as upstream:
+        limits = redis_limits(redis_server.url, "stall", redis_timeout=0.3)
+        config = gateway_config([example_product(upstream, plans=plans)], limits=limits)
+        with run_gateway(config, tmp_path) as gw:
+            codes: Counter[int] = Counter()
+            stop = threading.Event()
+
+            def client() -> None:
+                with httpx.Client(base_url=gw.url, timeout=TIMEOUT) as http:
+                    while not stop.is_set():
+                        code = http.get("/echo/x", headers=KEY).status_code
+                        with lock:
+                            codes[code] += 1
+
+            lock = threading.Lock()
+            threads = [threading.Thread(target=client) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            assert redis_server.popen is not None
+            try:
+                time.sleep(0.5)
+                # Redis stops reading and answering (a long command, a fork, a paused VM),
+                # then resumes and runs what it had read meanwhile.
+                redis_server.popen.send_signal(signal.SIGSTOP)
+                time.sleep(0.8)
+            finally:
+                redis_server.popen.send_signal(signal.SIGCONT)
+            time.sleep(0.5)
+            stop.set()
+            for thread in threads:
+                thread.join(TIMEOUT)
+            time.sleep(0.5)
+            assert set(codes) == {200, 503} and codes[503] >= 6, codes
+            # Every request let through is counted, and none of those refused.
+            assert values(gw, "app1") == {("hits", "eternity"): codes[200]}, codes
