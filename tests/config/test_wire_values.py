@@ -24,7 +24,7 @@ def product(**changes: Any) -> dict[str, Any]:
         "backend": "http://127.0.0.1:9001",
         "auth": {"type": "api_key"},
     }
-    return {**base, **changes}
+    return {k: v for k, v in {**base, **changes}.items() if v is not None}
 
 
 URL_PROBLEM = (
@@ -54,6 +54,18 @@ REFUSED = {
             ]
         },
         f"products[0].backends[0].url: {URL_PROBLEM}",
+    ),
+    "path prefix": (
+        {"products": [product(path_prefix=f"/echo{CRLF}", strip_prefix=False)]},
+        f"products[0].path_prefix: {URL_PROBLEM}",
+    ),
+    "backend path": (
+        {
+            "products": [
+                product(backend=None, backends=[{"path": "/v2 x", "url": "http://h:1"}]),
+            ]
+        },
+        f"products[0].backends[0].path: {URL_PROBLEM}",
     ),
     "host": (
         {"products": [product(hosts=[f"api.example.com{CRLF}"])]},

@@ -25,6 +25,7 @@ def _name() -> str:
         ({"backend": INJECTED}, "body.backend"),
         ({"backend": "http://127.0.0.1:9101/a b"}, "body.backend"),
         ({"hosts": [f"api.example.com{CRLF}"]}, "body.hosts[0]"),
+        ({"path_prefix": f"/a{CRLF}", "strip_prefix": False}, "body.path_prefix"),
         ({"auth": {"type": "api_key", "header": f"X-Key{CRLF}"}}, "body.auth.header"),
         ({"auth": {"type": "api_key", "query": "key\r\n"}}, "body.auth.query"),
         (

@@ -312,6 +312,8 @@ def check_path_prefix(value: str) -> str:
     """The prefix without its trailing slash, or ValueError saying what it must be."""
     if not value.startswith("/") or "//" in value or "/../" in value + "/":
         raise ValueError("must start with / and hold no empty or .. segments")
+    # Forwarded as it is when the prefix is not stripped.
+    _check_url(value)
     return value.rstrip("/") or "/"
 
 
@@ -320,6 +322,7 @@ class BackendUsage(_Strict):
 
     path: str = Field(
         "/",
+        json_schema_extra={"pattern": _URL},
         description="Requests under this path (after the product's prefix) "
         "go to this backend, with the path removed.",
     )
@@ -347,7 +350,7 @@ class Product(_Strict):
     hosts: list[HostName] = Field(
         ["*"], description="Host names; * matches any, *.example.com a suffix."
     )
-    path_prefix: str = "/"
+    path_prefix: str = Field("/", json_schema_extra={"pattern": _URL})
     strip_prefix: bool = True
     backend: BackendUrl | None = Field(
         None, description="Upstream base URL, http://host:port[/base/path]; or give backends."
