@@ -103,6 +103,9 @@ NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True)
 PRINTABLE = st.text(
     string.ascii_letters + string.digits + " -_./:'\"#{}[]&*!|>%@`", min_size=1, max_size=12
 )
+# What a header name (an RFC 9110 token) and a host name may hold: no spaces or quotes.
+TOKENS = st.text(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~", min_size=1, max_size=12)
+HOSTS = st.text(string.ascii_letters + string.digits + "-_.*[]:é", min_size=1, max_size=12)
 
 
 @st.composite
@@ -145,7 +148,7 @@ def products(draw: st.DrawFn, name: str) -> dict[str, Any]:
     auth = draw(
         st.sampled_from(
             [
-                {"type": "api_key", "header": draw(PRINTABLE)},
+                {"type": "api_key", "header": draw(TOKENS)},
                 {"type": "app_id_key", "app_id_query": None},
                 {
                     "type": "jwt",
@@ -161,7 +164,7 @@ def products(draw: st.DrawFn, name: str) -> dict[str, Any]:
     )
     return {
         "name": name,
-        "hosts": draw(st.lists(PRINTABLE, max_size=3)),
+        "hosts": draw(st.lists(HOSTS, max_size=3)),
         "path_prefix": "/" + draw(NAMES),
         "backend": f"http://127.0.0.1:{draw(st.integers(1, 65535))}",
         "auth": auth,

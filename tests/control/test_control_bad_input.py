@@ -34,7 +34,7 @@ def _product(cp: ControlPlane, **fields: Any) -> dict[str, Any]:
         ({"name": "has space", "auth": {"type": "api_key"}}, "body.name"),
         ({"name": "x" * 201, "auth": {"type": "api_key"}}, "body.name"),
         ({"name": "x", "auth": {"type": "saml"}}, "body.auth"),
-        ({"name": "x", "auth": {"type": "api_key", "header": "a\x00b"}}, "body.auth"),
+        ({"name": "x", "auth": {"type": "api_key", "header": "a\x00b"}}, "body.auth.header"),
         ({"name": "x", "auth": {"type": "api_key"}, "description": "\x00"}, "body.description"),
         ({"name": "x", "auth": {"type": "api_key"}, "hosts": ["a\x00"]}, "body.hosts"),
         ({"name": "x", "auth": {"type": "api_key"}, "hosts": "a.example"}, "body.hosts"),

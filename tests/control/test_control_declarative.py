@@ -82,6 +82,8 @@ def rich_file() -> dict[str, Any]:
                     "audience": "api",
                     "jwks_url": "https://idp.example.com/jwks",
                 },
+                "hide_credentials": False,
+                "case_insensitive_rules": True,
                 "plans": [{"name": "free"}],
                 "applications": [{"id": "client-1", "plan": "free"}],
             },
@@ -188,6 +190,13 @@ def test_apply_then_export_gives_back_an_equivalent_file_and_reapplying_is_a_no_
     assert export(control) == exported
 
     staged = control.wait_snapshot("staging", lambda d: len(d["products"]) == 3)
+    tokens_staged = next(p for p in staged["products"] if p["name"] == "tokens")
+    assert tokens_staged["hide_credentials"] is False
+    assert tokens_staged["case_insensitive_rules"] is True
+    tokens = next(p for p in exported["products"] if p["name"] == "tokens")
+    assert (tokens["hide_credentials"], tokens["case_insensitive_rules"]) == (False, True)
+    echo_exported = next(p for p in exported["products"] if p["name"] == "echo")
+    assert "hide_credentials" not in echo_exported  # defaults are left out, as in a file
     echo_staged = next(p for p in staged["products"] if p["name"] == "echo")
     assert {a["id"]: a.get("state", "live") for a in echo_staged["applications"]} == {
         "app-basic": "live",
@@ -207,6 +216,7 @@ def test_each_change_is_reported_by_resource_and_field_then_applied(
     echo = changed["products"][0]
     echo["path_prefix"] = "/echo2"
     echo["auth"]["header"] = "X-Key"
+    echo["case_insensitive_rules"] = True
     echo["metrics"] = [m for m in echo["metrics"] if m["name"] != "bytes"]
     echo["mapping_rules"] = [r for r in echo["mapping_rules"] if r["metric"] != "bytes"]
     echo["plans"] = [echo["plans"][0]]
@@ -223,7 +233,8 @@ def test_each_change_is_reported_by_resource_and_field_then_applied(
 
     expected = [
         "- product tokens: applications=1",
-        '~ product echo: path_prefix: "/echo" → "/echo2", auth.header: "X-API-Key" → "X-Key"',
+        '~ product echo: path_prefix: "/echo" → "/echo2", auth.header: "X-API-Key" → "X-Key", '
+        "case_insensitive_rules: false → true",
         "- mapping_rule echo POST /upload",
         "~ limit echo basic hits/minute: value: 5 → 10",
         "- limit echo pro hits/minute",

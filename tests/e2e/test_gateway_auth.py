@@ -30,7 +30,7 @@ def test_api_key_in_the_query(tmp_path: Path) -> None:
         ):
             ok = client.get("/echo/hello?user_key=k1&x=1")
             assert ok.status_code == 200
-            assert ok.json()["query"] == "user_key=k1&x=1"
+            assert ok.json()["query"] == "x=1"  # hide_credentials: the key stays here
             assert client.get("/echo/hello?user_key=nope").status_code == 403
             # Only the query was configured: the default header does not count.
             missing = client.get("/echo/hello", headers={"X-API-Key": "k1"})
@@ -80,6 +80,68 @@ def test_app_id_and_key(tmp_path: Path) -> None:
             assert values(gw, "app1") == {("hits", "eternity"): 2}
             assert status("/echo/a", **{"X-App-Id": "app1", "X-App-Key": "key-a"}) == 200
             assert status("/echo/a", **{"X-App-Id": "app1", "X-App-Key": "key-a"}) == 429
+
+
+def test_the_credential_read_is_hidden_from_the_upstream(tmp_path: Path) -> None:
+    secret = "s" * 32
+    bearer = "Bearer " + jwt.encode({"azp": "app1"}, secret, algorithm="HS256")
+    apps = [{"id": "app1", "plan": "basic", "keys": ["k1"]}]
+    with echo_upstream(tmp_path) as upstream:
+
+        def product(name: str, auth: dict[str, Any], **more: Any) -> dict[str, Any]:
+            return example_product(
+                upstream,
+                name=name,
+                path_prefix=f"/{name}",
+                auth=auth,
+                plans=[{"name": "basic", "limits": []}],
+                applications=apps,
+                **more,
+            )
+
+        jwt_auth = {"type": "jwt", "keys": [{"secret": secret}], "algorithms": ["HS256"]}
+        products = [
+            product("key", {"type": "api_key"}),
+            product("pair", {"type": "app_id_key"}),
+            product("token", jwt_auth),
+            product("shown", {"type": "api_key"}, hide_credentials=False),
+        ]
+        with (
+            run_gateway(gateway_config(products), tmp_path) as gw,
+            httpx.Client(base_url=gw.url, timeout=TIMEOUT) as client,
+        ):
+
+            def upstream_saw(path: str, headers: Any = ()) -> tuple[dict[str, str], str]:
+                answer = client.get(path, headers=headers)
+                assert answer.status_code == 200, answer.text
+                doc = answer.json()
+                return doc["headers"], doc["query"]
+
+            # The header read is removed, every field of it; other fields go through.
+            seen, query = upstream_saw(
+                "/key/a?user_key=k1", [("X-API-Key", "k1"), ("X-API-Key", "k2"), ("X-Other", "1")]
+            )
+            assert "x-api-key" not in seen and seen["x-other"] == "1"
+            # The header was read, not the parameter: that stays.
+            assert query == "user_key=k1"
+            # The parameter read is removed wherever it is; the rest is kept byte for byte.
+            _, query = upstream_saw("/key/a?a=1&user_key=k1&b=%2F+x%3d&&user%5Fkey=k2&c")
+            assert query == "a=1&b=%2F+x%3d&&c"
+            _, query = upstream_saw("/key/a?user_key=k1")
+            assert query == ""
+
+            seen, query = upstream_saw("/pair/a?app_key=k1&z=9", {"X-App-Id": "app1"})
+            assert "x-app-id" not in seen and query == "z=9"
+            seen, query = upstream_saw("/pair/a?app_id=app1&z=9", {"X-App-Key": "k1"})
+            assert "x-app-key" not in seen and query == "z=9"
+
+            seen, _ = upstream_saw("/token/a", {"Authorization": bearer})
+            assert "authorization" not in seen
+
+            seen, query = upstream_saw("/shown/a?user_key=k1", {"X-API-Key": "k1"})
+            assert seen["x-api-key"] == "k1" and query == "user_key=k1"
+            _, query = upstream_saw("/shown/a?user_key=k1")
+            assert query == "user_key=k1"
 
 
 class _Jwks:

@@ -92,6 +92,32 @@ products:
     assert "absent.yaml" in missing.stderr
 
 
+def test_validate_refuses_control_characters_where_they_would_reach_the_wire(
+    tmp_path: Path,
+) -> None:
+    injected = tmp_path / "injected.yaml"
+    product = {
+        "name": "echo",
+        "hosts": ["api.example\r\nX-Injected: 1"],
+        "backend": "http://127.0.0.1:9101/a HTTP/1.1\r\nX-Injected: 1\r\nX-Pad: ",
+        "auth": {"type": "api_key", "header": "X-API-Key\r\nX-Injected: 1"},
+        "policies": [
+            {"url_rewrite": {"commands": [{"regex": "^/", "replace": "/a\r\nX-Injected: 1"}]}}
+        ],
+    }
+    injected.write_text(yaml.safe_dump({"products": [product]}))
+    result = meshgate("validate", str(injected), cwd=tmp_path)
+    assert result.returncode != 0
+    errors = result.stderr.splitlines()
+    assert [line.partition(":")[0] for line in errors] == [
+        "products[0].hosts[0]",
+        "products[0].backend",
+        "products[0].auth.header",
+        "products[0].policies[0].url_rewrite.commands[0]",
+    ], errors
+    assert "Traceback" not in result.stderr
+
+
 def test_validate_accepts_the_example(tmp_path: Path) -> None:
     result = meshgate("validate", str(EXAMPLE), cwd=tmp_path)
     assert result.returncode == 0, result.stderr

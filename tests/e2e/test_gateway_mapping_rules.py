@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 from gateway_e2e_support import TIMEOUT, values
@@ -115,3 +116,53 @@ def test_a_request_matching_no_rule_counts_nothing(tmp_path: Path) -> None:
             assert values(gw, "app1") == zero
             assert client.get("/echo/search", headers=KEY).status_code == 200
             assert values(gw, "app1") == {("hits", "eternity"): 1, ("search", "eternity"): 1}
+
+
+def test_case_insensitive_rules_count_every_spelling_of_a_path(tmp_path: Path) -> None:
+    with echo_upstream(tmp_path) as upstream:
+
+        def product(name: str, **more: Any) -> dict[str, Any]:
+            return example_product(
+                upstream,
+                name=name,
+                path_prefix=f"/{name}",
+                metrics=[{"name": "hits"}, {"name": "admin", "parent": "hits"}],
+                mapping_rules=[
+                    {"method": "ANY", "pattern": "/admin", "metric": "admin", "last": True},
+                    {"method": "ANY", "pattern": "/", "metric": "hits"},
+                ],
+                plans=[
+                    {
+                        "name": "basic",
+                        "limits": [
+                            {"metric": "admin", "period": "eternity", "value": 0},
+                            {"metric": "hits", "period": "eternity", "value": 100},
+                        ],
+                    }
+                ],
+                **more,
+            )
+
+        products = [product("plain"), product("folded", case_insensitive_rules=True)]
+        with (
+            run_gateway(gateway_config(products), tmp_path) as gw,
+            httpx.Client(base_url=gw.url, timeout=TIMEOUT) as client,
+        ):
+
+            def status(path: str) -> int:
+                return client.get(path, headers=KEY).status_code
+
+            # The admin metric is forbidden (limit 0): a request its rule counts gets 429.
+            for spelling in ("/admin", "/ADMIN", "/Admin/x", "/%41dmin", "/aDmIn"):
+                assert status(f"/folded{spelling}") == 429, spelling
+            assert status("/folded/administrator") == 200
+            answer = client.get("/folded/ADMINISTRATOR", headers=KEY)
+            assert answer.status_code == 200 and answer.json()["path"] == "/ADMINISTRATOR"
+            # By default only the spelling of the rule matches it.
+            assert status("/plain/admin") == 429
+            for spelling in ("/ADMIN", "/Admin/x", "/%41dmin"):
+                assert status(f"/plain{spelling}") == 200, spelling
+            assert values(gw, "app1", "folded") == {
+                ("admin", "eternity"): 0,
+                ("hits", "eternity"): 2,
+            }

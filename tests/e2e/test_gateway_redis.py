@@ -4,6 +4,9 @@ happens while Redis is down and after it returns."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,6 +17,8 @@ from gateway_e2e_support import (
     TIMEOUT,
     drop_keys,
     private_redis,
+    sample_sum,
+    scrape,
     serving_workers,
     unique_prefix,
     values,
@@ -142,3 +147,109 @@ def test_redis_down_then_back_with_allow(tmp_path: Path) -> None:
             assert values(gw, "app1") == {("hits", "eternity"): 1}
             codes = [client.get("/echo/hello", headers=KEY).status_code for _ in range(5)]
             assert codes == [200] * 4 + [429]
+
+
+def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(tmp_path: Path) -> None:
+    plans = [{"name": "basic", "limits": [{"metric": "hits", "period": "eternity", "value": 99}]}]
+    with private_redis(tmp_path) as redis_server, echo_upstream(tmp_path) as upstream:
+        deny = gateway_config(
+            [example_product(upstream, plans=plans)],
+            limits=redis_limits(redis_server.url, "deny"),
+        )
+        allow = gateway_config(
+            [example_product(upstream, plans=plans)],
+            limits=redis_limits(redis_server.url, "allow", on_backend_error="allow"),
+        )
+        with (
+            run_gateway(deny, tmp_path, name="deny") as denying,
+            run_gateway(allow, tmp_path, name="allow") as allowing,
+        ):
+            # What each answer was: refused (503), let through uncounted (no RateLimit
+            # fields), or counted.
+            seen: dict[str, Counter[str]] = {"deny": Counter(), "allow": Counter()}
+
+            def counted(gw: Any, name: str) -> bool:
+                answer = httpx.get(f"{gw.url}/echo/x", headers=KEY, timeout=TIMEOUT)
+                if answer.status_code == 503:
+                    kind = "refused"
+                else:
+                    assert answer.status_code == 200, answer.text
+                    kind = "counted" if "ratelimit" in answer.headers else "uncounted"
+                seen[name][kind] += 1
+                return kind == "counted"
+
+            assert counted(denying, "deny") and counted(allowing, "allow")
+            redis_server.stop()
+            for _ in range(7):
+                assert not counted(denying, "deny") and not counted(allowing, "allow")
+            # A reload in the middle of an outage neither ends it nor starts another.
+            reloaded = copy.deepcopy(deny)
+            reloaded["products"][0]["applications"].append({"id": "app2", "plan": "basic"})
+            denying.write_config(reloaded)
+            wait_for(
+                lambda: sample_sum(scrape(denying), "meshgate_config_reloads_total") == 1,
+                what="the reload",
+            )
+            assert not counted(denying, "deny")
+            redis_server.start()
+            wait_for(lambda: counted(denying, "deny"), what="deny: counting again")
+            wait_for(lambda: counted(allowing, "allow"), what="allow: counting again")
+            for _ in range(3):
+                assert counted(denying, "deny") and counted(allowing, "allow")
+            assert seen["deny"]["refused"] >= 7 and seen["deny"]["uncounted"] == 0
+            assert seen["allow"]["uncounted"] >= 7 and seen["allow"]["refused"] == 0
+
+            for name, gw, during in (
+                ("deny", denying, "refusing requests (503)"),
+                ("allow", allowing, "letting requests through uncounted"),
+            ):
+                log = gw.proc.stderr()
+                assert log.count("usage limits unavailable") == 1, log
+                assert f"usage limits unavailable, {during} until the counter backend" in log
+                assert log.count("usage limits available again") == 1, log
+                refused, uncounted = seen[name]["refused"], seen[name]["uncounted"]
+                assert (
+                    f"meanwhile {refused} requests were refused (503) and {uncounted} let "
+                    "through uncounted" in log
+                ), log
+
+
+def test_a_redis_stall_counts_only_the_requests_let_through(tmp_path: Path) -> None:
+    plans = [
+        {"name": "basic", "limits": [{"metric": "hits", "period": "eternity", "value": 10**6}]}
+    ]
+    with private_redis(tmp_path) as redis_server, echo_upstream(tmp_path) as upstream:
+        limits = redis_limits(redis_server.url, "stall", redis_timeout=0.3)
+        config = gateway_config([example_product(upstream, plans=plans)], limits=limits)
+        with run_gateway(config, tmp_path) as gw:
+            codes: Counter[int] = Counter()
+            stop = threading.Event()
+
+            def client() -> None:
+                with httpx.Client(base_url=gw.url, timeout=TIMEOUT) as http:
+                    while not stop.is_set():
+                        code = http.get("/echo/x", headers=KEY).status_code
+                        with lock:
+                            codes[code] += 1
+
+            lock = threading.Lock()
+            threads = [threading.Thread(target=client) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            assert redis_server.popen is not None
+            try:
+                time.sleep(0.5)
+                # Redis stops reading and answering (a long command, a fork, a paused VM),
+                # then resumes and runs what it had read meanwhile.
+                redis_server.popen.send_signal(signal.SIGSTOP)
+                time.sleep(0.8)
+            finally:
+                redis_server.popen.send_signal(signal.SIGCONT)
+            time.sleep(0.5)
+            stop.set()
+            for thread in threads:
+                thread.join(TIMEOUT)
+            time.sleep(0.5)
+            assert set(codes) == {200, 503} and codes[503] >= 6, codes
+            # Every request let through is counted, and none of those refused.
+            assert values(gw, "app1") == {("hits", "eternity"): codes[200]}, codes

@@ -167,3 +167,35 @@ def test_no_request_fails_during_reloads_under_load(tmp_path: Path) -> None:
             assert failures == [], failures[:5]
             assert "Traceback" not in gw.proc.stderr()
             assert yaml.safe_load(gw.config_path.read_text()) == current
+
+
+def reloaded(gw: Gateway) -> float:
+    """Reloads tried: applied or refused."""
+    return reloads(gw, "applied") + reloads(gw, "refused")
+
+
+def test_files_that_would_inject_into_upstream_requests_are_refused(tmp_path: Path) -> None:
+    with echo_upstream(tmp_path) as upstream:
+        config = gateway_config([example_product(upstream, plans=ETERNAL_PLANS)])
+        with run_gateway(config, tmp_path) as gw:
+            injected = f"http://127.0.0.1:{upstream}/a HTTP/1.1\r\nX-Injected: 1\r\nX-Pad: "
+            rewrite = {"regex": "^/", "replace": "/a HTTP/1.1\r\nX-Injected: 1\r\nX-Pad: /"}
+            attempts = [
+                {"backend": injected},
+                {"hosts": ["*", "api.example\r\nX-Injected: 1"]},
+                {"auth": {"type": "api_key", "header": "X-API-Key\r\nX-Injected: 1"}},
+                {"policies": [{"url_rewrite": {"commands": [rewrite]}}]},
+                {"policies": [{"headers": {"request": {"set": {"X-A": "1\r\nX-Injected: 1"}}}}]},
+            ]
+            for tried, change in enumerate(attempts, start=1):
+                bad = copy.deepcopy(config)
+                bad["products"][0].update(change)
+                gw.write_config(bad)
+                wait_for(lambda n=tried: reloaded(gw) >= n, what=f"reload {tried}")
+                answer = httpx.get(f"{gw.url}/echo/x", headers={"X-API-Key": "k1"}, timeout=TIMEOUT)
+                assert answer.status_code == 200, answer.text
+                seen = answer.json()
+                assert "x-injected" not in seen["headers"] and "x-pad" not in seen["headers"]
+                assert seen["path"] == "/x"
+            assert reloads(gw, "refused") == len(attempts)
+            assert config_doc(gw)["last_error"]

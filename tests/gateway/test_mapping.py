@@ -15,7 +15,11 @@ from meshgate.gateway import mapping
 from meshgate.gateway.mapping import MappingRules
 
 
-def rules(*specs: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> MappingRules:
+def rules(
+    *specs: dict[str, Any],
+    metrics: list[dict[str, Any]] | None = None,
+    case_insensitive: bool = False,
+) -> MappingRules:
     names = {s["metric"] for s in specs}
     product = Product.model_validate(
         {
@@ -24,6 +28,7 @@ def rules(*specs: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -
             "auth": {"type": "api_key"},
             "metrics": metrics if metrics is not None else [{"name": n} for n in sorted(names)],
             "mapping_rules": list(specs),
+            "case_insensitive_rules": case_insensitive,
         }
     )
     return MappingRules(product)
@@ -337,3 +342,37 @@ _piece = st.sampled_from(["a", "b", ".", "/", "{x}", "ab"])
 def test_compiled_patterns_agree_with_plain_regex(pattern: str, exact: bool, path: str) -> None:
     pattern += "$" if exact else ""
     assert matches(rules(rule(pattern)), path) is _reference(pattern, path)
+
+
+@pytest.mark.parametrize(
+    ("path", "sensitive", "insensitive"),
+    [
+        ("/admin", True, True),
+        ("/ADMIN", False, True),
+        ("/Admin/", False, True),
+        ("/admin/users/7/keys", True, True),
+        ("/admin/Users/7/KEYS", False, True),
+        ("/ADMIN/users/7/keys/x", False, False),
+        ("/administrator", False, False),
+        ("/ADMINISTRATOR", False, False),
+    ],
+)
+def test_case_insensitive_rules_ignore_the_case_of_path_patterns(
+    path: str, sensitive: bool, insensitive: bool
+) -> None:
+    specs = (rule("/admin/$"), rule("/admin$"), rule("/admin/{section}/{id}/keys$", "keys"))
+    assert matches(rules(*specs), path) is sensitive
+    assert matches(rules(*specs, case_insensitive=True), path) is insensitive
+
+
+def test_case_insensitive_rules_leave_query_requirements_as_they_are() -> None:
+    mr = rules(rule("/search?type=full"), case_insensitive=True)
+    assert matches(mr, "/SEARCH", "type=full")
+    assert not matches(mr, "/SEARCH", "type=FULL")
+    assert not matches(mr, "/SEARCH", "TYPE=full")
+
+
+def test_case_insensitive_rules_fold_ascii_only() -> None:
+    # The Kelvin sign folds to k under Unicode rules; a normalized path is ASCII anyway.
+    mr = rules(rule("/k"), case_insensitive=True)
+    assert matches(mr, "/K") and not matches(mr, "/\u212a")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +27,8 @@ from meshgate.limits import BackendUnavailable, Decision, LimitCheck, RedisCount
 HITS = [LimitCheck("hits", "minute", 100, 1)]
 # A script reply as the fake server gives it: allowed, the counter at 1.
 ALLOWED = b"*2\r\n:0\r\n*1\r\n:1\r\n"
+# The fake server's clock is this far ahead of ours: deadlines are in its time, not ours.
+FAKE_CLOCK_AHEAD = 1000.0
 
 
 @pytest.fixture
@@ -59,7 +63,20 @@ class FakeRedis:
             return ALLOWED
         if words[:2] == [b"SCRIPT", b"LOAD"]:
             return b"$40\r\n" + b"0" * 40 + b"\r\n"
+        if words[0] == b"TIME":
+            return FakeRedis.time(FAKE_CLOCK_AHEAD + time.time())
         return b"+OK\r\n"
+
+    @staticmethod
+    def time(at: float) -> bytes:
+        """TIME's reply for ``at`` (seconds since the epoch)."""
+        seconds, micros = (b"%d" % part for part in divmod(int(at * 1_000_000), 1_000_000))
+        return b"*2\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+            len(seconds),
+            seconds,
+            len(micros),
+            micros,
+        )
 
     def evalshas(self) -> int:
         return sum(words[0] == b"EVALSHA" for words in self.commands)
@@ -269,14 +286,18 @@ def test_a_server_that_reads_but_never_answers_fails_every_pending_call(
             first = asyncio.ensure_future(
                 outcomes([counters.check_and_increment(f"p/a{i}", HITS) for i in range(30)])
             )
+            first_failed: list[float] = []
+            first.add_done_callback(lambda _: first_failed.append(time.monotonic() - started))
             await asyncio.sleep(0.5)
             later = await outcomes([counters.check_and_increment("p/b", HITS) for _ in range(30)])
             elapsed = time.monotonic() - started
             results = await first + later
             assert all(isinstance(r, BackendUnavailable) for r in results), results
             assert all("no answer within 1.0s" in str(r) for r in results)
-            # All fail together, when the oldest is due: the connection is dropped.
-            assert 0.98 <= elapsed < 1.4, elapsed
+            # Each call fails when its own time is up, not before: a younger one may still
+            # get its reply. The connection is dropped after the last.
+            assert 0.98 <= first_failed[0] < 1.4, first_failed
+            assert 1.48 <= elapsed < 1.9, elapsed
             assert fake.evalshas() == 60
 
             answering = True
@@ -561,3 +582,99 @@ def test_a_tls_url(redis_server_binary: str, tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize("stall", [0.35, 1.0])
+def test_a_stalled_redis_counts_no_call_that_failed(
+    private_redis: PrivateRedis, stall: float
+) -> None:
+    """Calls keep coming while Redis stops (as a long command, a fork or a paused VM stop
+    it) and resumes: it then runs what it had read, but counts only the calls that got
+    their answer here. The ones that failed meanwhile were refused (or let through
+    uncounted) by the gateway: counting them too would take from the application's plan."""
+    assert private_redis.process is not None
+    pid = private_redis.process.pid
+    admin = private_redis.client()
+
+    async def scenario() -> None:
+        counters = RedisCounters(private_redis.url, timeout=0.2, key_prefix="stall")
+        checks = [LimitCheck("hits", "eternity", 10**6, 1)]
+        answered = failed = 0
+
+        async def call() -> None:
+            nonlocal answered, failed
+            try:
+                await counters.check_and_increment("p/app", checks)
+                answered += 1
+            except BackendUnavailable:
+                failed += 1
+
+        async def stop_for_a_while() -> None:
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(stall)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+        try:
+            stopping = asyncio.ensure_future(stop_for_a_while())
+            calls = []
+            for _ in range(int((stall + 0.4) / 0.005)):
+                calls.append(asyncio.ensure_future(call()))
+                await asyncio.sleep(0.005)
+            await asyncio.gather(stopping, *calls)
+            await asyncio.sleep(0.3)  # what Redis had read has run by now
+        finally:
+            await counters.close()
+        assert failed > 0 and answered > 0, (answered, failed)
+        counted = sum(int(admin.get(key) or 0) for key in admin.keys("stall:*"))
+        assert counted == answered, (counted, answered, failed)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.close()
+
+
+def test_a_call_redis_runs_past_its_deadline_counts_nothing(private_redis: PrivateRedis) -> None:
+    async def scenario() -> None:
+        counters = RedisCounters(private_redis.url, key_prefix="late")
+        try:
+            assert (await counters.check_and_increment("p/app", HITS)).usages[0].value == 1
+            connection = counters._pipeline.connection
+            assert connection is not None
+            # As if Redis reached the next call long after the caller gave up on it.
+            connection._clock_offset -= 10_000_000
+            with pytest.raises(BackendUnavailable, match="too late to answer in time"):
+                await counters.check_and_increment("p/app", HITS)
+            connection._clock_offset += 10_000_000
+            assert (await counters.check_and_increment("p/app", HITS)).usages[0].value == 2
+        finally:
+            await counters.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_carries_its_deadline_in_the_redis_clock() -> None:
+    async def scenario(fake: FakeRedis) -> None:
+        timeout = 2.0
+        counters = RedisCounters(fake.url, timeout=timeout)
+        try:
+            sent = []
+            # The first call waits for the connection; the second goes out at once.
+            for _ in range(2):
+                sent.append(time.time())
+                await counters.check_and_increment("p/app", HITS)
+        finally:
+            await counters.close()
+        margin = min(_pipeline.FENCE_MARGIN, timeout / 4)
+        calls = [words for words in fake.commands if words[0] == b"EVALSHA"]
+        assert len(calls) == 2
+        for at, words in zip(sent, calls, strict=True):
+            # Redis's time at which the reply would still come in time: a lower bound (the
+            # TIME reply's delay), in the fake's clock.
+            expected = (FAKE_CLOCK_AHEAD + at + timeout - margin) * 1_000_000
+            assert expected - 50_000 <= int(words[-1]) <= expected + 5_000, (words, expected)
+
+    with_fake(scenario)

@@ -46,6 +46,12 @@ REFUSED = [
     "/rec/%2e%2e/%2e%2e/refused-climb-encoded",
     "/rec/refused-\u00e9-raw-latin1",
     "/rec/refused-#fragment",
+    "/rec/refused-path-parameter;x",
+    "/rec/refused-path-parameter;",
+    "/rec/..;/refused-dot-dot-parameter",
+    "/rec/x/..;/refused-dot-dot-parameter",
+    "/rec/refused-encoded-parameter%3Bx",
+    "/rec/refused-encoded-parameter%3b",
     "refused-relative",
     "*",
 ]
@@ -83,3 +89,13 @@ def test_mapping_rules_see_the_normalized_path(proxy_env, target):
     assert reply.status == 200
     assert reply.json()["target"] == "/search"
     assert _search_count(proxy_env) == before + 1
+
+
+@pytest.mark.parametrize("target", ["/api/search;x=1", "/api/..;/search", "/api/x/..;/search"])
+def test_a_path_parameter_cannot_dodge_a_mapping_rule(proxy_env, target):
+    before = _search_count(proxy_env)
+    reply = request(proxy_env.port, get(target, "X-API-Key: k1"))
+    assert reply.status == 400, reply.body
+    assert "path parameter" in reply.json()["detail"]
+    assert proxy_env.recorder.requests_for(";") == []
+    assert _search_count(proxy_env) == before

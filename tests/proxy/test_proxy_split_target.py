@@ -38,6 +38,13 @@ EXAMPLES = [
     (b"/a%5cb", None),
     (b"/a%00b", None),
     (b"/a\\b", None),
+    (b"/a;x", None),
+    (b"/a;", None),
+    (b"/..;/x", None),
+    (b"/a/..;/b", None),
+    (b"/a%3bx", None),
+    (b"/a%3B", None),
+    (b"/a?x=1;y=2", ("/a", "x=1;y=2")),
     (b"/..", None),
     (b"/a/../..", None),
     (b"/%", None),
@@ -67,7 +74,7 @@ _pieces = st.sampled_from(
     [
         "/", "//", ".", "..", "/./", "/../", "a", "b", "~", "%2e", "%2E", "%2f", "%2F", "%5c",
         "%5C", "%00", "%41", "%7e", "%20", "%25", "%3f", "%", "%z", "\\", "?", "#", "x=1",
-        "http://h", "é",
+        "http://h", "é", ";", "..;", "%3b", "%3B",
     ]
 )  # fmt: skip
 path_like = st.lists(_pieces, max_size=20).map(lambda parts: "".join(parts).encode("utf-8"))
@@ -101,6 +108,7 @@ def _decode_unreserved(path: bytes) -> bytes:
 @example(b"/a/%2e%2e/%2e%2e/b")
 @example(b"/.%2e")
 @example(b"/a/b/../../../")
+@example(b"/a/..;/b")
 def test_split_target_properties(raw):
     try:
         path, query = split_target(raw)
@@ -111,10 +119,12 @@ def test_split_target_properties(raw):
     assert "/../" not in path + "/" and "/./" not in path + "/" and "//" not in path
     assert not path.endswith("/..") and not path.endswith("/.")
     assert "\\" not in path and "#" not in path and "?" not in path
+    # No path parameter: nothing an upstream could read as /a or as a dot segment.
+    assert ";" not in path
     for escape in re.findall(r"%(..)", path):
         assert re.fullmatch("[0-9A-F]{2}", escape), path
         assert int(escape, 16) not in _UNRESERVED, path
-        assert escape not in ("2F", "5C", "00"), path
+        assert escape not in ("2F", "5C", "00", "3B"), path
     # Normalization is idempotent: the forwarded path means what was matched.
     assert split_target(path.encode("ascii")) == (path, "")
     # The query is passed through byte for byte.
@@ -140,3 +150,10 @@ def test_target_authority():
     assert target_authority(b"HTTPS://[::1]:8443") == b"[::1]:8443"
     assert target_authority(b"/a/b") == b""
     assert target_authority(b"*") == b""
+
+
+def test_a_path_parameter_is_refused_with_a_message_that_says_why():
+    with pytest.raises(BadTarget, match=r"holds a ; \(a path parameter"):
+        split_target(b"/echo/admin;x")
+    with pytest.raises(BadTarget, match="an encoded semicolon"):
+        split_target(b"/echo/admin%3bx")

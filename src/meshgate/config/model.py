@@ -33,6 +33,59 @@ Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TR
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]*):(\d{1,5})$")
 
+# What configuration may put on the wire is checked here, so that files and a control plane
+# refuse alike: a CR or LF in a URL or header would end a request head early (injection).
+FIELD_NAME = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"  # an RFC 9110 token
+_HOST = r"^[^\x00-\x20\x7f-\x9f]+$"  # no control characters, no spaces
+_QUERY_NAME = r"^[^\x00-\x1f\x7f-\x9f]+$"  # no control characters
+_URL = r"^[\x21-\x7e]+$"  # printable ASCII: no control characters, no spaces (RFC 3986)
+_FIELD_NAME_RE = re.compile(FIELD_NAME)
+_HOST_RE = re.compile(_HOST)
+_QUERY_NAME_RE = re.compile(_QUERY_NAME)
+_URL_RE = re.compile(_URL)
+
+
+def _check_header_name(value: str) -> str:
+    """The header field name, or ValueError unless it is an RFC 9110 token."""
+    if _FIELD_NAME_RE.fullmatch(value) is None:
+        raise ValueError(
+            "must be a header name: letters, digits and !#$%&'*+-.^_`|~ "
+            "(no spaces or control characters)"
+        )
+    return value
+
+
+def _check_host(value: str) -> str:
+    if _HOST_RE.fullmatch(value) is None:
+        raise ValueError("must be a host name without spaces or control characters")
+    return value
+
+
+def _check_query_name(value: str) -> str:
+    if _QUERY_NAME_RE.fullmatch(value) is None:
+        raise ValueError("must be a query parameter name without control characters")
+    return value
+
+
+def _check_url(value: str) -> str:
+    """The URL, or ValueError if it holds a space, a control character or non-ASCII text."""
+    if _URL_RE.fullmatch(value) is None:
+        raise ValueError(
+            "must not contain spaces, control characters or non-ASCII characters "
+            "(percent-encode them)"
+        )
+    return value
+
+
+Url = Annotated[str, AfterValidator(_check_url), Field(json_schema_extra={"pattern": _URL})]
+HeaderName = Annotated[
+    str, AfterValidator(_check_header_name), Field(json_schema_extra={"pattern": FIELD_NAME})
+]
+HostName = Annotated[str, AfterValidator(_check_host), Field(json_schema_extra={"pattern": _HOST})]
+QueryName = Annotated[
+    str, AfterValidator(_check_query_name), Field(json_schema_extra={"pattern": _QUERY_NAME})
+]
+
 
 class Problems(ValueError):
     """Independent problems found by one validator; loaders report one a line."""
@@ -48,7 +101,7 @@ class _Strict(BaseModel):
 
 
 def _check_listen(value: str) -> str:
-    m = _HOSTPORT.match(value)
+    m = _HOSTPORT.fullmatch(value)
     if not m or not 0 <= int(m.group(2)) <= 65535:
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080")
     return value
@@ -153,8 +206,8 @@ class ClientCertificate(_Strict):
 
 class ApiKeyAuth(_Strict):
     type: Literal["api_key"]
-    header: str | None = Field(None, description="Header carrying the key.")
-    query: str | None = Field(None, description="Query parameter carrying the key.")
+    header: HeaderName | None = Field(None, description="Header carrying the key.")
+    query: QueryName | None = Field(None, description="Query parameter carrying the key.")
 
     @model_validator(mode="before")
     @classmethod
@@ -167,10 +220,10 @@ class ApiKeyAuth(_Strict):
 
 class AppIdKeyAuth(_Strict):
     type: Literal["app_id_key"]
-    app_id_header: str = "X-App-Id"
-    app_key_header: str = "X-App-Key"
-    app_id_query: str | None = "app_id"
-    app_key_query: str | None = "app_key"
+    app_id_header: HeaderName = "X-App-Id"
+    app_key_header: HeaderName = "X-App-Key"
+    app_id_query: QueryName | None = "app_id"
+    app_key_query: QueryName | None = "app_key"
 
 
 class JwtKey(_Strict):
@@ -219,11 +272,11 @@ class JwtAuth(_Strict):
     issuer: str | None = None
     audience: str | list[str] | None = None
     keys: list[JwtKey] = []
-    jwks_url: str | None = None
+    jwks_url: Url | None = None
     jwks_cache_seconds: float = Field(300, gt=0)
     algorithms: list[str] = ["RS256", "ES256", "PS256", "EdDSA"]
     app_claim: str = Field("azp", description="Claim that names the application.")
-    header: str = "Authorization"
+    header: HeaderName = "Authorization"
     leeway_seconds: float = Field(0, ge=0, le=300)
 
     @field_validator("jwks_url")
@@ -277,14 +330,25 @@ PolicyEntry = Annotated[
 ]
 
 
-_BACKEND_URL = re.compile(r"^https?://([^/:?#]+|\[[0-9a-fA-F:.]+\])(:\d{1,5})?(/[^?#]*)?$")
+# RFC 3986 characters only: a host (reg-name or IP literal), a port, a path.
+BACKEND_URL = (
+    r"^https?://([A-Za-z0-9\-._~%!$&'()*+,;=]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+    r"(/[A-Za-z0-9\-._~%!$&'()*+,;=:@/]*)?$"
+)
+_BACKEND_URL = re.compile(BACKEND_URL)
 
 
 def check_backend_url(value: str) -> str:
     """The URL, or ValueError saying what a backend URL must be."""
-    if not _BACKEND_URL.match(value):
+    _check_url(value)
+    if _BACKEND_URL.fullmatch(value) is None:
         raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9001")
     return value
+
+
+BackendUrl = Annotated[
+    str, AfterValidator(check_backend_url), Field(json_schema_extra={"pattern": BACKEND_URL})
+]
 
 
 class UpstreamTls(_Strict):
@@ -296,7 +360,7 @@ class UpstreamTls(_Strict):
     verify: bool = Field(
         True, description="false skips verification: for tests only, never in production."
     )
-    server_name: str | None = Field(
+    server_name: HostName | None = Field(
         None, description="SNI and the name checked in the certificate; the URL's host by default."
     )
     client_cert: str | None = Field(None, description="PEM client certificate (upstream mTLS).")
@@ -313,6 +377,8 @@ def check_path_prefix(value: str) -> str:
     """The prefix without its trailing slash, or ValueError saying what it must be."""
     if not value.startswith("/") or "//" in value or "/../" in value + "/":
         raise ValueError("must start with / and hold no empty or .. segments")
+    # Forwarded as it is when the prefix is not stripped.
+    _check_url(value)
     return value.rstrip("/") or "/"
 
 
@@ -321,16 +387,16 @@ class BackendUsage(_Strict):
 
     path: str = Field(
         "/",
+        json_schema_extra={"pattern": _URL},
         description="Requests under this path (after the product's prefix) "
         "go to this backend, with the path removed.",
     )
-    url: str = Field(description="Upstream base URL, http://host:port[/base/path].")
+    url: BackendUrl = Field(description="Upstream base URL, http(s)://host:port[/base/path].")
     protocol: BackendProtocol | None = Field(
         None, description=_PROTOCOL_DOC + " The product's protocol when not given."
     )
 
     _path = field_validator("path")(classmethod(lambda cls, v: check_path_prefix(v)))
-    _url = field_validator("url")(classmethod(lambda cls, v: check_backend_url(v)))
 
 
 class Product(_Strict):
@@ -349,12 +415,12 @@ class Product(_Strict):
     )
 
     name: str = Field(pattern=_NAME)
-    hosts: list[str] = Field(
+    hosts: list[HostName] = Field(
         ["*"], description="Host names; * matches any, *.example.com a suffix."
     )
-    path_prefix: str = "/"
+    path_prefix: str = Field("/", json_schema_extra={"pattern": _URL})
     strip_prefix: bool = True
-    backend: str | None = Field(
+    backend: BackendUrl | None = Field(
         None, description="Upstream base URL, http://host:port[/base/path]; or give backends."
     )
     backends: list[BackendUsage] = Field(
@@ -362,8 +428,18 @@ class Product(_Strict):
     )
     protocol: BackendProtocol = Field("http1", description=_PROTOCOL_DOC)
     auth: Auth
+    hide_credentials: bool = Field(
+        True,
+        description="Remove the credential the gateway read (its header, or its query "
+        "parameter) from the request sent upstream.",
+    )
     metrics: list[Metric] = [Metric(name="hits")]
     mapping_rules: list[MappingRule] = [MappingRule(method="ANY", pattern="/", metric="hits")]
+    case_insensitive_rules: bool = Field(
+        False,
+        description="Mapping rule paths match regardless of case: a rule on /admin also "
+        "counts /ADMIN (the path is forwarded as received).",
+    )
     plans: list[Plan] = []
     policies: list[PolicyEntry] = Field(
         [], description="Policy chain in order, each {policy_name: {config}}."
@@ -395,11 +471,6 @@ class Product(_Strict):
     )
 
     _prefix = field_validator("path_prefix")(classmethod(lambda cls, v: check_path_prefix(v)))
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, value: str | None) -> str | None:
-        return None if value is None else check_backend_url(value)
 
     def backend_usages(self) -> list[BackendUsage]:
         """The backends by path, longest path first; ``backend`` is one at ``/``."""
@@ -485,7 +556,7 @@ class Product(_Strict):
 
 class LimitsConfig(_Strict):
     backend: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: Url = "redis://127.0.0.1:6379/0"
     on_backend_error: Literal["deny", "allow"] = Field(
         "deny", description="While the counter backend is unreachable: refuse (503) or let through."
     )
@@ -523,7 +594,9 @@ class TlsCertificate(_Strict):
     name: str | None = Field(None, pattern=_NAME, description="What products call it.")
     cert: str = Field(min_length=1, description="PEM certificate chain file.")
     key: str = Field(min_length=1, description="PEM private key file.")
-    hosts: list[str] = Field([], description="Server names beyond the certificate's own DNS names.")
+    hosts: list[HostName] = Field(
+        [], description="Server names beyond the certificate's own DNS names."
+    )
 
 
 class TlsListener(_Strict):

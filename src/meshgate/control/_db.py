@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from importlib import resources
 from typing import Any
 
@@ -43,6 +44,7 @@ class Database:
         self.is_sqlite = self.url.startswith("sqlite")
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if self.is_sqlite:
+            _create_private(make_url(self.url).database)
             # Sessions run in FastAPI's thread pool; SQLite waits for a writer instead of failing.
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
@@ -70,6 +72,19 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _create_private(path: str | None) -> None:
+    """Create the SQLite file readable by its owner only, as the gateway's snapshot cache is:
+    it holds JWT secrets, key and token hashes and the audit log. SQLite gives the -wal,
+    -shm and -journal files it makes beside it the database file's permissions."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        # There already, or not creatable: SQLite opens it, or says why it cannot.
+        pass
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

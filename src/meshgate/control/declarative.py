@@ -62,6 +62,8 @@ SETTINGS = (
     "path_prefix",
     "strip_prefix",
     "auth",
+    "hide_credentials",
+    "case_insensitive_rules",
     "policies",
     "max_body_size",
     "upstream_connect_timeout",
@@ -69,6 +71,11 @@ SETTINGS = (
     "protocol",
 )
 _OPTIONAL = ("max_body_size", "upstream_connect_timeout", "upstream_response_timeout")
+# Settings exported only when they differ from the file's default, as a gateway file has them.
+_SWITCHES = {
+    name: ProductConfig.model_fields[name].default
+    for name in ("hide_credentials", "case_insensitive_rules")
+}
 _AUTH: TypeAdapter[Any] = TypeAdapter(Auth)
 
 Rule = tuple[str, str, str, int, bool]  # method, pattern, metric, increment, last
@@ -330,6 +337,9 @@ def render(state: ProductState, applications: bool = True) -> dict[str, Any]:
             doc[name] = settings[name]
     if settings["protocol"] != "http1":
         doc["protocol"] = settings["protocol"]
+    for name, default in _SWITCHES.items():
+        if settings[name] != default:
+            doc[name] = settings[name]
     if applications:
         doc["applications"] = [
             {

@@ -23,7 +23,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 
@@ -114,6 +116,11 @@ class Product(_Resource, Base):
     path_prefix: Mapped[str] = mapped_column(String(1000), default="/")
     strip_prefix: Mapped[bool] = mapped_column(Boolean, default=True)
     auth: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Server defaults too: the columns came after products existed (migration 0003).
+    hide_credentials: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    case_insensitive_rules: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )
     policies: Mapped[list[Any]] = mapped_column(JSON, default=list)
     max_body_size: Mapped[int | None] = mapped_column(BigInteger)
     upstream_connect_timeout: Mapped[float | None]

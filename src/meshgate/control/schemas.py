@@ -212,6 +212,12 @@ class ProductCreate(_In):
     path_prefix: Annotated[str, StringConstraints(max_length=1000)] = "/"
     strip_prefix: bool = True
     auth: Auth
+    hide_credentials: bool = Field(
+        True, description="Remove the credential the gateway read from the upstream request."
+    )
+    case_insensitive_rules: bool = Field(
+        False, description="Mapping rule paths match regardless of ASCII case."
+    )
     policies: list[PolicyEntry] = Field([], max_length=100)
     max_body_size: Count | None = None
     upstream_connect_timeout: Seconds | None = None
@@ -231,6 +237,8 @@ class ProductUpdate(_In):
     path_prefix: Annotated[str, StringConstraints(max_length=1000)] | None = None
     strip_prefix: bool | None = None
     auth: Auth | None = None
+    hide_credentials: bool | None = None
+    case_insensitive_rules: bool | None = None
     policies: list[PolicyEntry] | None = Field(None, max_length=100)
     max_body_size: Count | None = None
     upstream_connect_timeout: Seconds | None = None
@@ -245,6 +253,8 @@ class ProductOut(_Out):
     path_prefix: str
     strip_prefix: bool
     auth: dict[str, Any]
+    hide_credentials: bool
+    case_insensitive_rules: bool
     policies: list[dict[str, Any]]
     max_body_size: int | None
     upstream_connect_timeout: float | None

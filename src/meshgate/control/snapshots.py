@@ -97,6 +97,12 @@ def product_document(session: Session, product: Product) -> dict[str, Any]:
             doc[name] = value
     if product.protocol != "http1":
         doc["protocol"] = product.protocol
+    # Only when not the default: snapshots of products that leave them alone stay as they
+    # were, and gateways that predate the settings keep running them.
+    if not product.hide_credentials:
+        doc["hide_credentials"] = False
+    if product.case_insensitive_rules:
+        doc["case_insensitive_rules"] = True
     return doc
 
 

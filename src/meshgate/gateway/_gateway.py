@@ -41,7 +41,7 @@ from meshgate.proxy import (
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
-__all__ = ["Gateway", "Pools", "ProductRuntime", "build_products"]
+__all__ = ["Gateway", "LimitsOutage", "Pools", "ProductRuntime", "build_products"]
 
 log = logging.getLogger("meshgate.gateway")
 
@@ -118,6 +118,7 @@ class ProductRuntime:
         self.pool = backends[0].pool
         self.base_path = backends[0].base
         self.auth = Authenticator.for_product(product)
+        self.hide_credentials = product.hide_credentials
         self.rules = MappingRules(product)
         self.chain = PolicyChain.build(product.policies)
         self.max_body_size = product.max_body_size
@@ -339,6 +340,48 @@ def _ratelimit_fields(u: Usage) -> tuple[bytes, bytes]:
     return policy, b"%s;r=%d;t=%d" % (name, u.remaining, u.reset_seconds)
 
 
+class LimitsOutage:
+    """While the counter backend fails: one warning when that starts, one when it ends saying
+    what became of the requests meanwhile, rather than a line for every request refused.
+
+    One per gateway process, handed from each configuration's gateway to the next, so that
+    a reload in the middle of an outage neither ends nor restarts it."""
+
+    __slots__ = ("since", "refused", "allowed")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.refused = 0
+        self.allowed = 0
+
+    def failed(self, error: BackendUnavailable, deny: bool) -> None:
+        """A request found the counter backend unavailable and was refused, or let through."""
+        if self.since is None:
+            self.since = time.monotonic()
+            self.refused = self.allowed = 0
+            log.warning(
+                "usage limits unavailable, %s until the counter backend answers again: %s",
+                "refusing requests (503)" if deny else "letting requests through uncounted",
+                error,
+            )
+        if deny:
+            self.refused += 1
+        else:
+            self.allowed += 1
+
+    def answered(self) -> None:
+        """The counter backend answered a request: an outage, if any, is over."""
+        if self.since is not None:
+            log.warning(
+                "usage limits available again after %.1fs; meanwhile %d requests were refused "
+                "(503) and %d let through uncounted",
+                time.monotonic() - self.since,
+                self.refused,
+                self.allowed,
+            )
+            self.since = None
+
+
 class Gateway:
     """The edge role's handler for the engine, built from one configuration."""
 
@@ -350,9 +393,11 @@ class Gateway:
         pools: Pools | None = None,
         access_log: AccessLog | None = None,
         products: list[ProductRuntime] | None = None,
+        outage: LimitsOutage | None = None,
     ) -> None:
         """``products``: the runtimes of ``config.products`` already built (with ``pools``),
-        e.g. by :func:`build_products`; built here when None."""
+        e.g. by :func:`build_products`; built here when None. ``outage``: the process's, kept
+        across configurations."""
         self.config = config
         self.counters = counters
         self.metrics = metrics
@@ -362,6 +407,7 @@ class Gateway:
         self.products = products
         self.router = _Router(self.products)
         self.deny_on_backend_error = config.limits.on_backend_error == "deny"
+        self.outage = outage if outage is not None else LimitsOutage()
         # Counters that never wait (memory) are called without a coroutine.
         self._check_nowait = getattr(counters, "check_and_increment_nowait", None)
         self.access_log = (access_log or AccessLog()) if config.access_log else None
@@ -463,14 +509,16 @@ class Gateway:
             decision = await self.counters.check_and_increment(scope, checks)
         except BackendUnavailable as exc:
             self.metrics.backend_errors.labels(self.config.limits.on_backend_error).inc()
+            self.outage.failed(exc, self.deny_on_backend_error)
             if self.deny_on_backend_error:
-                log.warning("usage limits unavailable, denying: %s", exc)
                 unavailable = problem(
                     503, "Service Unavailable", "usage limits cannot be checked right now"
                 )
                 unavailable.headers.set("retry-after", "1")
                 return unavailable
         else:
+            if self.outage.since is not None:
+                self.outage.answered()
             refused = self._decide(product, app, decision, exchange.state)
             if refused is not None:
                 return refused
@@ -490,6 +538,8 @@ class Gateway:
         if response is not None:
             return response
         request = exchange.request
+        if product.hide_credentials:
+            product.auth.hide(request)
         routed = exchange.state.backend
         if routed is not None:
             backend, path = routed

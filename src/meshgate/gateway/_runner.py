@@ -31,7 +31,7 @@ from meshgate.gateway._controlplane import (
     collector_paused,
     default_dataplane_id,
 )
-from meshgate.gateway._gateway import Gateway, Pools, ProductRuntime, build_products
+from meshgate.gateway._gateway import Gateway, LimitsOutage, Pools, ProductRuntime, build_products
 from meshgate.limits import CounterBackend, create_backend
 from meshgate.policies import schemas
 from meshgate.proxy import (
@@ -187,6 +187,7 @@ class GatewayProcess:
         self.pools: Pools = {}
         self.metrics = GatewayMetrics()
         self.access_log = AccessLog()
+        self.outage = LimitsOutage()
         self._stop = asyncio.Event()
         self._stamp: tuple[int, int, int, int] | None = None
         self._dismantling: set[asyncio.Task[None]] = set()
@@ -219,7 +220,9 @@ class GatewayProcess:
         counters: CounterBackend,
         products: list[ProductRuntime] | None = None,
     ) -> Gateway:
-        gateway = Gateway(config, counters, self.metrics, self.pools, self.access_log, products)
+        gateway = Gateway(
+            config, counters, self.metrics, self.pools, self.access_log, products, self.outage
+        )
         self.metrics.config_products.set(len(config.products))
         return gateway
 

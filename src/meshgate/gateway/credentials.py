@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterable
 from http.client import HTTPException
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 import jwt
 from cryptography import x509
@@ -109,6 +109,11 @@ class Authenticator:
         assert app is not None, "only JWT authentication awaits"
         return app
 
+    def hide(self, request: Request) -> None:
+        """Remove from ``request`` the credential authentication read: the header, or the
+        query parameter (every field or parameter of that name; the rest of the query is
+        kept byte for byte), so that the upstream never sees it (Kong's hide_credentials)."""
+
 
 def _admit(app: Application) -> Application:
     if app.state != "live":
@@ -133,6 +138,25 @@ def _lookup(request: Request, header: str | None, param: str | None) -> str | No
     if not value and param is not None:
         value = _query_param(request.query, param)
     return value or None
+
+
+def _hide(request: Request, header: str | None, param: str | None) -> None:
+    """Remove what :func:`_lookup` read: the header if it held a value, else the parameter."""
+    if header is not None and request.headers.get(header):
+        request.headers.remove(header)
+    elif param is not None and request.query:
+        request.query = _without_param(request.query, param)
+
+
+def _without_param(query: str, name: str) -> str:
+    """``query`` without the parameter ``name`` as ``parse_qsl`` reads names; the other
+    parameters (and separators) byte for byte."""
+    kept = [
+        item
+        for item in query.split("&")
+        if unquote_plus(item.partition("=")[0], errors="replace") != name
+    ]
+    return "&".join(kept)
 
 
 def _where(header: str | None, param: str | None) -> str:
@@ -214,6 +238,9 @@ class _ApiKey(Authenticator):
             raise AuthError(403, "credential invalid", "the API key is not valid")
         return _admit(app)
 
+    def hide(self, request: Request) -> None:
+        _hide(request, self._header, self._param)
+
     def _by_hashed_key(self, key: bytes) -> Application | None:
         assert self._hasher is not None
         app = self._hashed.get(key)
@@ -253,6 +280,10 @@ class _AppIdKey(Authenticator):
         if found is None or (app_key not in found[1] and not self._hash_matches(request, found[2])):
             raise AuthError(403, "credential invalid", "the application id or key is not valid")
         return _admit(found[0])
+
+    def hide(self, request: Request) -> None:
+        _hide(request, *self._id_at)
+        _hide(request, *self._key_at)
 
     def _hash_matches(self, request: Request, hashes: frozenset[str]) -> bool:
         if not hashes or self._hasher is None:
@@ -439,6 +470,9 @@ class _Jwt(Authenticator):
         if self._must_fetch(token.kid):
             await self._refresh()
         return self._verify(token)
+
+    def hide(self, request: Request) -> None:
+        request.headers.remove(self._auth.header)
 
     def _refused(self, error: str, description: str) -> AuthError:
         challenge = (

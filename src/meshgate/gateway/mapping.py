@@ -3,7 +3,9 @@
 Rules are evaluated in order. A rule matches when its method is the request's (or
 ``ANY``), its path pattern matches the route-relative path, and its required query
 parameters are present. Every matching rule adds its increment to its metric and to all
-of that metric's ancestors; a ``last`` rule ends the evaluation.
+of that metric's ancestors; a ``last`` rule ends the evaluation. With the product's
+``case_insensitive_rules`` the path patterns ignore ASCII case (query requirements do not),
+so that an upstream that ignores case cannot be reached past a rule by ``/ADMIN``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ class MappingRules:
                 cur = parents.get(cur)
             lineage[name] = tuple(chain)
 
-        compiled = [(r.method, _compile(r, lineage[r.metric])) for r in product.mapping_rules]
+        flags = re.IGNORECASE | re.ASCII if product.case_insensitive_rules else 0
+        compiled = [
+            (r.method, _compile(r, lineage[r.metric], flags)) for r in product.mapping_rules
+        ]
         methods = {m for m, _ in compiled if m != "ANY"}
         self._by_method: dict[str, tuple[_Rule, ...]] = {
             method: tuple(rule for m, rule in compiled if m in ("ANY", method))
@@ -87,7 +92,7 @@ def _query_satisfied(required: tuple[tuple[str, str | None], ...], params: dict[
     return True
 
 
-def _compile(rule: MappingRule, lineage: tuple[str, ...]) -> _Rule:
+def _compile(rule: MappingRule, lineage: tuple[str, ...], flags: int) -> _Rule:
     pattern = rule.pattern
     exact = pattern.endswith("$")
     if exact:
@@ -96,14 +101,14 @@ def _compile(rule: MappingRule, lineage: tuple[str, ...]) -> _Rule:
     if path.endswith("$"):
         exact, path = True, path[:-1]
     return _Rule(
-        match_path=_path_regex(path, exact).match,
+        match_path=_path_regex(path, exact, flags).match,
         query=_query_requirements(query) if query else None,
         usage=tuple((metric, rule.increment) for metric in lineage),
         last=rule.last,
     )
 
 
-def _path_regex(path: str, exact: bool) -> re.Pattern[str]:
+def _path_regex(path: str, exact: bool, flags: int) -> re.Pattern[str]:
     """One anchored regex for a path pattern, linear-time on any input.
 
     A wildcard is one non-empty run of non-``/`` characters. Ambiguity only arises
@@ -134,7 +139,7 @@ def _path_regex(path: str, exact: bool) -> re.Pattern[str]:
         out.append(r"\Z")
     elif not path.endswith("/"):
         out.append(r"(?=/|\Z)")
-    return re.compile("".join(out))
+    return re.compile("".join(out), flags)
 
 
 def _query_requirements(query: str) -> tuple[tuple[str, str | None], ...]:

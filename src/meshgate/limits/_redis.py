@@ -4,6 +4,12 @@ One Lua script checks every limit of a request and increments them only if all f
 decision is atomic and costs one round trip (EVALSHA; the script is reloaded if Redis
 answers NOSCRIPT, e.g. after a SCRIPT FLUSH). Decisions, the hot path, are pipelined on a
 connection of our own (``_pipeline``); redis-py serves the rest (MGET, PING).
+
+A decision is fenced: the script counts nothing once Redis's clock is past the time by
+which its reply could no longer reach us, so a call that failed here by timing out (the
+request refused, or let through uncounted) is not counted later by a stalled Redis that
+resumes. What stays unknowable without a second round trip: a connection lost after Redis
+ran the script but before its reply came (Redis killed or restarted, the network cut).
 """
 
 from __future__ import annotations
@@ -37,10 +43,15 @@ from meshgate.limits._base import (
 from meshgate.limits._pipeline import Address, Pipeline, PipelineError, encode_command
 from meshgate.limits.periods import window
 
-# KEYS[i] is the counter of check i; ARGV holds max, increment and TTL (0: none) per check.
+# KEYS[i] is the counter of check i; ARGV holds max, increment and TTL (0: none) per check,
+# then the Redis time (microseconds) past which nothing may be counted: -1, too late.
 # A key listed twice accumulates, so duplicate checks cannot overshoot together.
 _CHECK_AND_INCREMENT = """
 local n = #KEYS
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[3 * n + 1]) then
+  return {-1, {}}
+end
 local after = {}
 local values = {}
 for i = 1, n do
@@ -95,9 +106,10 @@ def _bulk_int(value: int) -> bytes:
 
 @lru_cache(maxsize=64)
 def _evalsha_head(checks: int) -> bytes:
-    """The start of an EVALSHA of ``checks`` keys, 3 arguments each, up to the keys."""
+    """The start of an EVALSHA of ``checks`` keys, 3 arguments each and the deadline (which
+    the pipeline adds), up to the keys."""
     return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (
-        3 + 4 * checks,
+        4 + 4 * checks,
         _SCRIPT_SHA,
         _bulk_int(checks),
     )
@@ -149,8 +161,9 @@ class RedisCounters:
     Decisions are pipelined on one connection per process (see ``_pipeline``): concurrent
     requests share its writes and reads, one EVALSHA each. Every call is bounded by
     ``timeout`` seconds (connecting included) and raises :class:`BackendUnavailable` past it
-    or on any connection error, failing with it the calls that were waiting on the same
-    connection; the next call opens a new one, so calls work again once Redis is back.
+    (a call that timed out counts nothing, even if Redis runs it later: see the module's
+    note) or on any connection error, failing with it the calls that were waiting on the
+    same connection; the next call opens a new one, so calls work again once Redis is back.
     After a failed connect, calls wait for the next attempt, at most one per 0.1 s.
     ``max_connections`` bounds the connections of :meth:`usage` and :meth:`ping` only
     (redis-py's pool); more calls at once wait for one.
@@ -198,12 +211,14 @@ class RedisCounters:
             now = time()
         evalsha, ends = self._evalsha(scope, checks, now)
         try:
-            reply = await self._pipeline.send(evalsha)
+            reply = await self._pipeline.send(evalsha, fenced=True)
             if type(reply) is not list:
                 reply = await self._retry(reply, evalsha)
+            rejected, values = reply
+            if rejected < 0:
+                raise PipelineError("Redis ran the check too late to answer in time: not counted")
         except PipelineError as error:
             raise self._unavailable("check_and_increment", error) from error
-        rejected, values = reply
         usages = [
             make_usage(check, value, end, now)
             for check, value, end in zip(checks, values, ends, strict=True)
@@ -222,7 +237,7 @@ class RedisCounters:
                 # Its failure is the retry's too; nobody awaits it.
                 loading.add_done_callback(_ignore)
                 self._script_load = loading
-            reply = await self._pipeline.send(evalsha)
+            reply = await self._pipeline.send(evalsha, fenced=True)
         if type(reply) is not list:
             raise PipelineError(f"Redis answered: {reply}")
         return reply

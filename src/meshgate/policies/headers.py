@@ -14,12 +14,13 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
+from meshgate.config.model import FIELD_NAME
 from meshgate.policies._base import Policy, PolicyConfig
 from meshgate.proxy import Exchange, Headers, Request, Response
 
 __all__ = ["HeaderEdits", "HeadersConfig", "HeadersPolicy", "check_field_name", "is_field_name"]
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN = re.compile(FIELD_NAME)
 # Field values go on the wire as latin-1; control characters would break framing.
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _PLACEHOLDERS = ("{request_id}", "{client_ip}")

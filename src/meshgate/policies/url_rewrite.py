@@ -21,6 +21,8 @@ from meshgate.proxy import Exchange, Response
 
 __all__ = ["RewriteCommand", "UrlRewriteConfig", "UrlRewritePolicy"]
 
+_NOT_IN_A_PATH = re.compile(r"[^\x21-\x7e]")
+
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 
 
@@ -28,7 +30,10 @@ class RewriteCommand(PolicyConfig):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     regex: str = Field(min_length=1, description="Python regular expression, searched in the path.")
-    replace: str = Field(description=r"Replacement; \1 or \g<name> insert groups.")
+    replace: str = Field(
+        description=r"Replacement; \1 or \g<name> insert groups.",
+        json_schema_extra={"pattern": r"^[\x21-\x7e]*$"},
+    )
     break_: bool = Field(False, alias="break", description="Stop after this command if it matched.")
     global_: bool = Field(
         False, alias="global", description="Replace every match, not only the first."
@@ -48,11 +53,22 @@ class RewriteCommand(PolicyConfig):
 
     @model_validator(mode="after")
     def _replacement(self) -> RewriteCommand:
+        regex = re.compile(self.regex)
+        # The same groups, each matching nothing: what the replacement itself puts in a path.
+        names = {index: name for name, index in regex.groupindex.items()}
+        groups = "".join(
+            f"(?P<{names[i]}>)" if i in names else "()" for i in range(1, regex.groups + 1)
+        )
         try:
-            # Compiles the replacement template, so a bad group reference fails here.
-            re.compile(self.regex).sub(self.replace, "")
+            literal = re.compile(groups).sub(self.replace, "", count=1)
         except (re.error, IndexError) as exc:
             raise ValueError(f"invalid replacement {self.replace!r}: {exc}") from None
+        if _NOT_IN_A_PATH.search(literal):
+            # Written into the upstream request line: a space or CR/LF would split it.
+            raise ValueError(
+                f"invalid replacement {self.replace!r}: it puts spaces, control characters "
+                "or non-ASCII characters in the path (percent-encode them)"
+            )
         return self
 
 

@@ -4,6 +4,11 @@ The path the gateway matches against its prefixes and rules is the path it forwa
 ``..``, ``%2e%2e`` and encoded slashes cannot route to one place and arrive at another.
 Unreserved characters are decoded (RFC 3986 6.2.2.2), dot segments removed (5.2.4),
 repeated slashes merged; encoded ``/``, ``\\`` and NUL are refused outright.
+
+A ``;`` in the path is refused too, raw or encoded (as Spring's StrictHttpFirewall does):
+servlet containers and others take ``/admin;x`` for ``/admin`` with a path parameter, and
+``/..;/`` for ``/../``, so the upstream would act on a path the gateway never matched.
+Stripping the parameter instead would forward something else than what was received.
 """
 
 from __future__ import annotations
@@ -14,7 +19,16 @@ __all__ = ["BadTarget", "split_target", "target_authority"]
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_FORBIDDEN_ENCODED = {b"2F": "an encoded slash", b"5C": "an encoded backslash", b"00": "NUL"}
+_FORBIDDEN_ENCODED = {
+    b"2F": "an encoded slash",
+    b"5C": "an encoded backslash",
+    b"00": "NUL",
+    b"3B": "an encoded semicolon",
+}
+_PATH_PARAMETER = (
+    "the path holds a ; (a path parameter, which upstreams read differently: /a;x as /a, "
+    "/..;/ as /../); send the path without it"
+)
 _ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#]*)")
 
 
@@ -38,6 +52,8 @@ def split_target(raw: bytes) -> tuple[str, str]:
     if 0x23 in raw:  # '#'
         raise BadTarget("a request target cannot hold a fragment (#)")
     path, sep, query = raw.partition(b"?")
+    if 0x3B in path:  # ';'
+        raise BadTarget(_PATH_PARAMETER)
     if 0x25 in path:  # '%'
         path = _decode_unreserved(path)
     if 0x5C in path or path.find(b"//") >= 0 or (0x2E in path and path.find(b"/.") >= 0):
