@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import ssl
 import signal
 import socket
 import subprocess
@@ -155,6 +156,7 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
     args = ["up", "--config", str(path), "--upstream", f"127.0.0.1:{upstream}"]
     args += ["--control-listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "d")]
     args += ["--integration-listen", f"127.0.0.1:{free_port()}"]
+    args += ["--tls-listen", f"127.0.0.1:{free_port()}"]
     proc = Proc(args, tmp_path, "up")
     try:
         port = int(config["listen"].rpartition(":")[2])
@@ -162,14 +164,19 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
         wait_for(lambda: "stop with Ctrl-C" in proc.stdout(), what="the banner")
         out = proc.stdout()
         curls = [shlex.split(line) for line in out.splitlines() if line.strip().startswith("curl ")]
-        assert len(curls) == 3, out
-        gateway, admin, orders = curls
+        assert len(curls) == 4, out
+        gateway, https, admin, orders = curls
         assert gateway[:3] == ["curl", "-i", "-H"]
         name, _, value = gateway[3].partition(": ")
         answer = httpx.get(gateway[4], headers={name: value}, timeout=TIMEOUT)
         assert answer.status_code == 200
         assert answer.json()["path"] == "/hello"
         assert answer.headers["ratelimit-policy"] == '"hits-minute";q=5;w=60'
+        assert https[:3] == ["curl", "-i", "--cacert"]
+        name, _, value = https[5].partition(": ")
+        with httpx.Client(verify=ssl.create_default_context(cafile=https[3])) as client:
+            answer = client.get(https[6], headers={name: value}, timeout=TIMEOUT)
+        assert answer.status_code == 200
         name, _, value = admin[3].partition(": ")
         products = httpx.get(admin[4], headers={name: value}, timeout=TIMEOUT).json()
         assert [p["name"] for p in products["items"]] == ["echo"]
