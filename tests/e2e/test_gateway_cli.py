@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import shlex
-import ssl
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
