@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Gateway benchmark: meshgate against nginx as a plain proxy and as an API gateway.
 
-One run measures, on loopback, five systems in front of (or being) one nginx upstream:
-the upstream directly, nginx ``proxy_pass``, nginx as an API gateway (key map + limit_req),
-meshgate on in-memory counters and meshgate on Redis counters. The load generator (wrk)
-and the upstream share core 0; the proxy under test has core 1 to itself. For each
-system: throughput and latency at saturation, the proxy's CPU time per request (from
-/proc), and p99 at half of that system's saturation rate next to the direct upstream's
-p99 at the same rate. Figures are ratios against peers measured in the same run; this
-is not a pass/fail test. See README.md.
+One run measures, on loopback, systems in front of (or being) one nginx upstream: the
+upstream directly, nginx ``proxy_pass``, nginx as an API gateway (key map + limit_req),
+meshgate on in-memory counters and on Redis counters, then nginx-as-gateway and meshgate
+over HTTPS (wrk) and over HTTP/2 with TLS (h2load); last, gRPC unary calls to a grpcio
+server directly and through meshgate (a grpcio load client). The load generator and the
+upstream share core 0; the proxy under test has core 1 to itself. For each system:
+throughput and latency at saturation, the proxy's CPU time per request (from /proc), and
+(HTTP/1.1 load only) p99 at half of that system's saturation rate next to the direct
+upstream's p99 at the same rate. Figures are ratios against peers measured in the same
+run; this is not a pass/fail test. See README.md.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import http.client
+import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -27,8 +31,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -37,7 +42,7 @@ from pathlib import Path
 PATH = "/echo/hello"
 KEY = "k1"
 BAD_KEY = "not-a-key"
-LOAD_CORE = "0"  # wrk and the upstream
+LOAD_CORE = "0"  # the load generator (wrk, h2load, the gRPC client) and the upstream
 PROXY_CORE = "1"  # the proxy under test, alone
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # x the peer's CPU/req (nginx-gateway, or its HTTPS / HTTP/2 configuration).
@@ -48,7 +53,14 @@ CPU_TARGETS = {
     "meshgate-h2": 2.5,
 }
 # Each system's peer, measured in the same run; the others are compared with nginx-gateway.
-PEERS = {"meshgate-https": "nginx-gateway-https", "meshgate-h2": "nginx-gateway-h2"}
+# meshgate-grpc's is the gRPC server's own CPU per call when called directly.
+PEERS = {
+    "meshgate-https": "nginx-gateway-https",
+    "meshgate-h2": "nginx-gateway-h2",
+    "meshgate-grpc": "grpc-direct",
+}
+H2_SYSTEMS = ("nginx-gateway-h2", "meshgate-h2")  # loaded by h2load over TLS (ALPN h2)
+GRPC_SYSTEMS = ("grpc-direct", "meshgate-grpc")  # loaded by grpc_load.py, cleartext HTTP/2
 HALF_LOAD_P99_TARGET_MS = 2.0  # allowed p99 above the direct upstream's at the same rate
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 HERE = Path(__file__).resolve().parent
@@ -176,12 +188,16 @@ def get(port: int, key: str | None, timeout: float = 2.0, path: str = PATH) -> t
         conn.close()
 
 
-def wait_ready(server: Server, port: int, timeout: float = 20.0) -> None:
+def wait_ready(server: Server, port: int, timeout: float = 20.0, http: bool = True) -> None:
+    """Until ``port`` answers HTTP (or, ``http=False``, accepts connections: gRPC)."""
     deadline = time.monotonic() + timeout
     while True:
         server.check_alive()
         try:
-            get(port, KEY, timeout=1.0)
+            if http:
+                get(port, KEY, timeout=1.0)
+            else:
+                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
             return
         except OSError:
             if time.monotonic() > deadline:
@@ -288,6 +304,9 @@ GATEWAY_HTTPS_BODY = GATEWAY_BODY.replace(
     "    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:tls:10m;",
 )
 
+# And over HTTP/2 (ALPN h2 on the TLS listener; nginx 1.22 syntax), upstream still HTTP/1.1.
+GATEWAY_H2_BODY = GATEWAY_HTTPS_BODY.replace(" ssl backlog=4096;", " ssl http2 backlog=4096;")
+
 
 def make_certificate(workdir: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and localhost, for both HTTPS systems."""
@@ -370,13 +389,16 @@ def start_nginx(name: str, body: str, core: str, workdir: Path) -> Server:
 # meshgate
 
 MESHGATE_CONFIG = """\
-# The issue's example configuration, with a minute limit that never rejects here.
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin}
 access_log: false
 limits: {limits}
 timeouts: {{shutdown_grace: 1}}
 products:
+{product}"""
+
+# The issue's example configuration, with a minute limit that never rejects here.
+ECHO_PRODUCT = """\
   - name: echo
     hosts: ["*"]
     path_prefix: /echo
@@ -399,6 +421,25 @@ products:
       - {{id: app1, plan: basic, keys: [{key}]}}
 """
 
+# The gRPC server's service, its paths forwarded whole over h2c; the same key and a plan
+# whose minute limit never rejects here.
+GRPC_PRODUCT = """\
+  - name: grpc
+    hosts: ["*"]
+    path_prefix: /bench.Echo
+    strip_prefix: false
+    backend: http://127.0.0.1:{upstream}
+    protocol: h2c
+    auth: {{type: api_key, header: X-API-Key}}
+    metrics: [{{name: hits}}]
+    mapping_rules: [{{method: POST, pattern: "/", metric: hits}}]
+    plans:
+      - name: basic
+        limits: [{{metric: hits, period: minute, value: 1000000000}}]
+    applications:
+      - {{id: app1, plan: basic, keys: [{key}]}}
+"""
+
 
 def meshgate_config(
     workdir: Path,
@@ -407,6 +448,7 @@ def meshgate_config(
     upstream: int,
     limits: str,
     tls: tuple[Path, Path] | None = None,
+    product: str = ECHO_PRODUCT,
 ) -> Path:
     """The configuration; with ``tls`` (cert, key) the gateway serves HTTPS on ``port`` and
     its cleartext listener on another port."""
@@ -414,9 +456,8 @@ def meshgate_config(
     text = MESHGATE_CONFIG.format(
         port=port if tls is None else free_port(),
         admin=free_port(),
-        upstream=upstream,
         limits=limits,
-        key=KEY,
+        product=product.format(upstream=upstream, key=KEY),
     )
     if tls is not None:
         text += f"tls:\n  listen: 127.0.0.1:{port}\n"
@@ -441,23 +482,27 @@ def admin_port(config: Path) -> int:
     return int(match.group(1))
 
 
-# wrk
+# load generators
 
 
 @dataclass
-class WrkResult:
+class LoadResult:
+    """What one run of a load generator (wrk, h2load, grpc_load.py) achieved."""
+
+    tool: str
     connections: int
     seconds: float
-    requests: int
+    requests: int  # completed, whatever their status
     rps: float
     p50_ms: float
     p99_ms: float
-    non_2xx: int  # wrk counts "non-2xx or 3xx"
-    socket_errors: int
+    non_2xx: int  # wrk: not 2xx or 3xx; h2load: not 2xx; gRPC: calls not OK
+    socket_errors: int  # h2load: streams that failed
+    streams: int = 1  # requests in flight per connection (h2load -m; gRPC: the calls)
     delay_ms: float | None = None  # mean pause between a connection's requests (paced)
     # CPU seconds over the run: measured (the process(es) under test), upstream, redis,
-    # wrk, others (every other process on the machine: the noise of a shared host), and
-    # the idle seconds of cores 0 and 1.
+    # load (the load generator), others (every other process on the machine: the noise of
+    # a shared host), and the idle seconds of cores 0 and 1.
     cpu_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -468,7 +513,7 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * _UNIT_MS[unit]
 
 
-def parse_wrk(text: str, connections: int, delay_ms: float | None) -> WrkResult:
+def parse_wrk(text: str, connections: int, delay_ms: float | None) -> LoadResult:
     """The figures of ``wrk --latency`` output."""
 
     def find(pattern: str) -> re.Match[str]:
@@ -484,7 +529,8 @@ def parse_wrk(text: str, connections: int, delay_ms: float | None) -> WrkResult:
     errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
     )
-    return WrkResult(
+    return LoadResult(
+        tool="wrk",
         connections=connections,
         seconds=_ms(total.group(2), total.group(3)) / 1e3,
         requests=int(total.group(1)),
@@ -495,6 +541,24 @@ def parse_wrk(text: str, connections: int, delay_ms: float | None) -> WrkResult:
         socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
         delay_ms=delay_ms,
     )
+
+
+def read_request_log(path: Path) -> list[tuple[int, int]]:
+    """(status, µs) per request from h2load's ``--log-file`` (grpc_load.py writes the same
+    columns): start µs, status (-1 for a failed stream), µs until the end of the response."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            fields = line.split("\t")
+            rows.append((int(fields[1]), int(fields[2])))
+    return rows
+
+
+def percentile_ms(sorted_us: list[int], fraction: float) -> float:
+    """Nearest-rank percentile of sorted µs latencies, in ms."""
+    if not sorted_us:
+        return float("nan")
+    return sorted_us[max(1, math.ceil(len(sorted_us) * fraction)) - 1] / 1e3
 
 
 def _machine_ticks() -> tuple[int, int, int]:
@@ -527,6 +591,41 @@ class Meter:
         )
 
 
+def cpu_split(before: tuple[int, ...], after: tuple[int, ...], load_s: float) -> dict[str, float]:
+    """CPU seconds between two ``Meter`` snapshots, by party; ``load_s``: the load generator's."""
+    measured, upstream, redis, machine, idle0, idle1 = (
+        (b - a) * TICK_US / 1e6 for a, b in zip(before, after, strict=True)
+    )
+    return {
+        "measured": measured,
+        "upstream": upstream,
+        "redis": redis,
+        "load": load_s,
+        "others": max(0.0, machine - measured - upstream - redis - load_s),
+        # Idle time left on each core: a saturated proxy leaves none on core 1.
+        "idle_core0": idle0,
+        "idle_core1": idle1,
+    }
+
+
+def run_load(
+    args: list[str], timeout: float, meter: Meter | None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, float]]:
+    """Run a load generator to its end; with ``meter``, whose CPU its run took."""
+    before = meter.snapshot() if meter is not None else None
+    rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, preexec_fn=_die_with_parent
+    )
+    rusage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = meter.snapshot() if meter is not None else None
+    # Only the load generator was reaped in between: the servers are still running.
+    load_s = (rusage1.ru_utime + rusage1.ru_stime) - (rusage0.ru_utime + rusage0.ru_stime)
+    if before is None or after is None:
+        return done, {}
+    return done, cpu_split(before, after, load_s)
+
+
 def wrk(
     port: int,
     connections: int,
@@ -534,7 +633,7 @@ def wrk(
     workdir: Path,
     delay_ms: float | None = None,
     meter: Meter | None = None,
-) -> WrkResult:
+) -> LoadResult:
     """One wrk run on the load core.
 
     ``delay_ms`` paces each connection: after each response a Lua ``delay()`` waits a
@@ -553,33 +652,159 @@ def wrk(
         args += ["-s", str(script)]
     scheme = "https" if port in HTTPS_PORTS else "http"
     args.append(f"{scheme}://127.0.0.1:{port}{PATH}")
-    before = meter.snapshot() if meter is not None else None
-    rusage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(
-        args, capture_output=True, text=True, timeout=seconds + 60, preexec_fn=_die_with_parent
-    )
-    rusage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    after = meter.snapshot() if meter is not None else None
+    done, cpu = run_load(args, seconds + 60, meter)
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     result = parse_wrk(done.stdout, connections, delay_ms)
-    # Only wrk was reaped in between: the servers are still running.
-    wrk_s = (rusage1.ru_utime + rusage1.ru_stime) - (rusage0.ru_utime + rusage0.ru_stime)
-    if before is not None and after is not None:
-        measured, upstream, redis, machine, idle0, idle1 = (
-            (b - a) * TICK_US / 1e6 for a, b in zip(before, after, strict=True)
-        )
-        result.cpu_s = {
-            "measured": measured,
-            "upstream": upstream,
-            "redis": redis,
-            "wrk": wrk_s,
-            "others": max(0.0, machine - measured - upstream - redis - wrk_s),
-            # Idle time left on each core: a saturated proxy leaves none on core 1.
-            "idle_core0": idle0,
-            "idle_core1": idle1,
-        }
+    result.cpu_s = cpu
     return result
+
+
+def h2load(
+    name: str,
+    port: int,
+    load: list[str],
+    workdir: Path,
+    key: str = KEY,
+    meter: Meter | None = None,
+) -> tuple[str, list[tuple[int, int]], dict[str, float]]:
+    """One h2load run on the load core over TLS (h2 offered by ALPN, as h2load does), with
+    the ``load`` options: its output, (status, µs) per request, and the CPU split.
+
+    Refuses a run whose connection did not negotiate h2 (h2load would go on in HTTP/1.1).
+    """
+    log = workdir / "h2load-requests.log"
+    log.unlink(missing_ok=True)
+    args = ["taskset", "-c", LOAD_CORE, "h2load", *load, "-H", f"X-API-Key: {key}"]
+    args += ["--log-file", str(log), f"https://127.0.0.1:{port}{PATH}"]
+    done, cpu = run_load(args, 120, meter)
+    if done.returncode != 0:
+        raise BenchError(f"h2load failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    protocol = re.search(r"^Application protocol: (\S+)$", done.stdout, re.M)
+    if protocol is None or protocol.group(1) != "h2":
+        said = protocol.group(1) if protocol else "none: no TLS connection"
+        raise BenchError(f"{name} does not speak HTTP/2 (ALPN negotiated {said}):\n{done.stdout}")
+    return done.stdout, read_request_log(log) if log.exists() else [], cpu
+
+
+def h2load_saturation(
+    name: str, port: int, args: argparse.Namespace, workdir: Path, meter: Meter
+) -> LoadResult:
+    """A warm-up, then the measured h2load run: the same requests in flight as wrk's
+    connections, ``--h2-streams`` of them on each connection."""
+    streams = args.h2_streams
+    connections = max(1, args.connections // streams)
+    load = [f"-c{connections}", f"-m{streams}", "-t1"]
+    h2load(name, port, [*load, "-D", f"{args.warmup * 1000:.0f}ms"], workdir)
+    out, rows, cpu = h2load(
+        name, port, [*load, "-D", f"{args.duration * 1000:.0f}ms"], workdir, meter=meter
+    )
+    finished = re.search(r"^finished in ([\d.]+)(us|ms|s|m|h),", out, re.M)
+    if finished is None:
+        raise BenchError(f"unexpected h2load output (no 'finished in'):\n{out}")
+    seconds = _ms(*finished.groups()) / 1e3
+    latencies = sorted(us for status, us in rows if status != -1)
+    return LoadResult(
+        tool="h2load",
+        connections=connections,
+        streams=streams,
+        seconds=seconds,
+        requests=len(latencies),
+        rps=len(latencies) / seconds,
+        p50_ms=percentile_ms(latencies, 0.50),
+        p99_ms=percentile_ms(latencies, 0.99),
+        non_2xx=sum(1 for status, _ in rows if status != -1 and not 200 <= status < 300),
+        socket_errors=sum(1 for status, _ in rows if status == -1),
+        cpu_s=cpu,
+    )
+
+
+def verify_h2(name: str, port: int, workdir: Path) -> None:
+    """Refuse to measure a system that does not answer HTTP/2 (ALPN h2) with 200 to the
+    key and 403 to a bad one (``verify`` checks the body, over HTTPS/1.1)."""
+    for key, expected in ((KEY, 200), (BAD_KEY, 403)):
+        _, rows, _ = h2load(name, port, ["-n1", "-c1", "-m1"], workdir, key=key)
+        statuses = [status for status, _ in rows]
+        if statuses != [expected]:
+            which = "the key" if key == KEY else "a bad API key"
+            raise BenchError(
+                f"{name}: GET {PATH} over HTTP/2 with {which} answered {statuses}, "
+                f"expected [{expected}]"
+            )
+
+
+def grpc_load(
+    name: str, port: int, args: argparse.Namespace, workdir: Path, meter: Meter
+) -> LoadResult:
+    """grpc_load.py on the load core: ``--connections`` unary calls in flight on one
+    channel (one HTTP/2 connection), a warm-up, then the measured duration, whose start
+    and end it announces on stdout so that the CPU is read across exactly that window.
+
+    It first checks the echo (and, through meshgate, that a bad key is refused): an
+    answer other than the bytes sent ends the benchmark before anything is measured.
+    """
+    log, errors = workdir / "grpc-calls.log", workdir / f"{name}-grpc-load.err"
+    command = ["taskset", "-c", LOAD_CORE, sys.executable, str(HERE / "grpc_load.py")]
+    command += ["--target", f"127.0.0.1:{port}", "--key", KEY, "--calls", str(args.connections)]
+    command += ["--warmup", f"{args.warmup:g}", "--duration", f"{args.duration:g}"]
+    command += ["--log-file", str(log)]
+    if name != "grpc-direct":
+        command += ["--bad-key", BAD_KEY]
+    with open(errors, "w") as stderr:
+        client = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
+    # The client has deadlines on every call; this one is for a client that hangs anyway.
+    watchdog = threading.Timer(args.warmup + args.duration + 60, client.kill)
+    watchdog.start()
+    before: tuple[tuple[int, ...], int] | None = None
+    after: tuple[tuple[int, ...], int] | None = None
+    seconds = 0.0
+    try:
+        assert client.stdout is not None
+        for line in client.stdout:
+            if line == "measure\n":
+                before = meter.snapshot(), _cpu_ticks(client.pid)
+            elif line.startswith("done "):
+                after = meter.snapshot(), _cpu_ticks(client.pid)
+                seconds = float(line.split()[1])
+        client.wait()
+    finally:
+        watchdog.cancel()
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    if client.returncode != 0 or before is None or after is None:
+        reason = errors.read_text(errors="replace").strip()
+        raise BenchError(f"{name}: the gRPC load client failed ({client.returncode}): {reason}")
+    rows = read_request_log(log)
+    ok = sorted(us for status, us in rows if status == 0)
+    return LoadResult(
+        tool="grpc_load.py",
+        connections=1,
+        streams=args.connections,
+        seconds=seconds,
+        requests=len(rows),
+        rps=len(rows) / seconds,
+        p50_ms=percentile_ms(ok, 0.50),
+        p99_ms=percentile_ms(ok, 0.99),
+        non_2xx=len(rows) - len(ok),
+        socket_errors=0,
+        cpu_s=cpu_split(before[0], after[0], (after[1] - before[1]) * TICK_US / 1e6),
+    )
+
+
+def start_grpc_server(workdir: Path) -> tuple[Server, int]:
+    """grpc_echo.py on the load core, like the nginx upstream."""
+    port = free_port()
+    args = [sys.executable, str(HERE / "grpc_echo.py"), "--port", str(port)]
+    server = Server("grpc-server", args, LOAD_CORE, workdir)
+    return server, port
 
 
 # measurements
@@ -588,22 +813,23 @@ def wrk(
 @dataclass
 class Saturation:
     system: str
-    wrk: WrkResult
-    cpu_us_per_request: float
+    load: LoadResult
+    cpu_us_per_request: float  # gRPC: per call
     proxy_core_busy: float  # CPU seconds of the process(es) under test / wall seconds
-    load_core_busy: float  # wrk + upstream CPU / wall seconds
+    load_core_busy: float  # load generator + upstream CPU / wall seconds
     others_busy: float  # CPU of every other process on the machine / wall seconds
     idle: tuple[float, float]  # idle fraction of core 0 and core 1
     redis_cpu_us_per_request: float | None = None
-    ratio_to_nginx_gateway: float | None = None
+    ratio_to_peer: float | None = None  # CPU per request over the peer's (see PEERS)
+    latency_added_ms: tuple[float, float] | None = None  # meshgate-grpc: p50, p99 - direct's
 
 
 @dataclass
 class HalfLoad:
     system: str
     target_rps: float
-    wrk: WrkResult
-    direct: WrkResult | None = None  # the upstream alone at the same rate
+    load: LoadResult
+    direct: LoadResult | None = None  # the upstream alone at the same rate
     p99_delta_ms: float | None = None
 
 
@@ -619,17 +845,22 @@ class Report:
 def saturate(
     system: str, port: int, meter: Meter, args: argparse.Namespace, workdir: Path
 ) -> Saturation:
-    wrk(port, args.connections, args.warmup, workdir)
-    result = wrk(port, args.connections, args.duration, workdir, meter=meter)
+    if system in H2_SYSTEMS:
+        result = h2load_saturation(system, port, args, workdir, meter)
+    elif system in GRPC_SYSTEMS:
+        result = grpc_load(system, port, args, workdir, meter)
+    else:
+        wrk(port, args.connections, args.warmup, workdir)
+        result = wrk(port, args.connections, args.duration, workdir, meter=meter)
     cpu, secs = result.cpu_s, result.seconds
     requests = max(result.requests, 1)
     return Saturation(
         system=system,
-        wrk=result,
+        load=result,
         cpu_us_per_request=cpu["measured"] * 1e6 / requests,
         proxy_core_busy=cpu["measured"] / secs,
         # Direct: the upstream is the measured process, on the load core.
-        load_core_busy=(cpu["upstream" if meter.upstream else "measured"] + cpu["wrk"]) / secs,
+        load_core_busy=(cpu["upstream" if meter.upstream else "measured"] + cpu["load"]) / secs,
         others_busy=cpu["others"] / secs,
         idle=(cpu["idle_core0"] / secs, cpu["idle_core1"] / secs),
         redis_cpu_us_per_request=cpu["redis"] * 1e6 / requests if meter.redis_pid else None,
@@ -638,7 +869,7 @@ def saturate(
 
 def paced(
     port: int, rate: float, args: argparse.Namespace, workdir: Path, meter: Meter
-) -> WrkResult:
+) -> LoadResult:
     """A wrk run at about ``rate`` req/s over the saturation run's connections.
 
     Each connection's cycle is its pause plus the time its request takes, so
@@ -693,11 +924,13 @@ def machine(redis_version: str | None) -> dict[str, str]:
         "python": platform.python_version(),
         "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: nginx/"),
         "wrk": _first_line(["wrk", "-v"]).split(" [")[0],
+        "h2load": _first_line(["h2load", "--version"]),
         "redis": redis_version or "not reachable",
         "meshgate": f"{_version('meshgate')} @ {commit}"
         + (" + uncommitted src changes" if dirty not in ("", "?") else ""),
         "uvloop": _version("uvloop"),
         "httptools": _version("httptools"),
+        "grpcio": _version("grpcio"),
         "loadavg": " ".join(open("/proc/loadavg").read().split()[:3]),
     }
 
@@ -734,50 +967,108 @@ def _f(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _busy(w: WrkResult) -> str:
+def _busy(w: LoadResult) -> str:
     return f"{w.cpu_s['others'] / w.seconds:.0%}" if w.cpu_s else "?"
 
 
+def _ratio(s: Saturation) -> str:
+    if s.ratio_to_peer is None:
+        return "—"
+    target = CPU_TARGETS.get(s.system)
+    return f"{s.ratio_to_peer:.2f}x" + ("" if target is None else f" (target ≤ {target:g}x)")
+
+
+def _proxy_busy(s: Saturation) -> str:
+    return "(on load core)" if s.system in ("direct", "grpc-direct") else f"{s.proxy_core_busy:.0%}"
+
+
 def markdown(report: Report) -> str:
-    m = report.machine
+    m, settings = report.machine, report.settings
+    http = [s for s in report.saturation if s.system not in GRPC_SYSTEMS]
+    grpc = [s for s in report.saturation if s.system in GRPC_SYSTEMS]
+    h2 = next((s.load for s in http if s.load.tool == "h2load"), None)
+    load = f"wrk -t1 -c{settings['connections']}"
+    if h2 is not None:
+        load += (
+            f" (HTTP/1.1 and HTTPS rows); h2load -t1 -c{h2.connections} -m{h2.streams} "
+            f"(HTTP/2 rows, TLS, ALPN h2: the same {h2.connections * h2.streams} requests "
+            "in flight)"
+        )
     out = [
         f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, "
-        f"nginx {m['nginx']}, {m['wrk']}, Redis {m['redis']}; meshgate {m['meshgate']} "
-        f"(uvloop {m['uvloop']}, httptools {m['httptools']}); load average {m['loadavg']}",
-        "",
-        f"Saturation: wrk -t1 -c{report.settings['connections']} for "
-        f"{report.settings['duration']} s after a {report.settings['warmup']} s warm-up; "
-        f"wrk + upstream on core {LOAD_CORE}, proxy on core {PROXY_CORE}.",
-        "",
-        "| system | req/s | p50 ms | p99 ms | CPU µs/req | ratio | non-2xx | socket errors "
-        "| proxy busy | load busy | idle core 0 / 1 | other processes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"nginx {m['nginx']}, {m['wrk']}, {m['h2load']}, Redis {m['redis']}; meshgate "
+        f"{m['meshgate']} (uvloop {m['uvloop']}, httptools {m['httptools']}, grpcio "
+        f"{m['grpcio']}); load average {m['loadavg']}",
     ]
-    for s in report.saturation:
-        w = s.wrk
-        ratio = "—" if s.ratio_to_nginx_gateway is None else f"{s.ratio_to_nginx_gateway:.2f}x"
-        target = CPU_TARGETS.get(s.system)
-        if target is not None and s.ratio_to_nginx_gateway is not None:
-            ratio += f" (target ≤ {target:g}x)"
+    if http:
+        out += [
+            "",
+            f"Saturation: {load} for {settings['duration']} s after a {settings['warmup']} s "
+            f"warm-up; load generator + upstream on core {LOAD_CORE}, proxy on core "
+            f"{PROXY_CORE}.",
+            "",
+            "| system | req/s | p50 ms | p99 ms | CPU µs/req | ratio | non-2xx | socket errors "
+            "| proxy busy | load busy | idle core 0 / 1 | other processes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    for s in http:
+        w = s.load
         cpu = _f(s.cpu_us_per_request, 1)
         if s.redis_cpu_us_per_request is not None:
             cpu += f" (+{s.redis_cpu_us_per_request:.1f} Redis)"
-        proxy = "(on load core)" if s.system == "direct" else f"{s.proxy_core_busy:.0%}"
         out.append(
-            f"| {s.system} | {w.rps:,.0f} | {_f(w.p50_ms)} | {_f(w.p99_ms)} | {cpu} | {ratio} "
-            f"| {w.non_2xx} | {w.socket_errors} | {proxy} | {s.load_core_busy:.0%} "
-            f"| {s.idle[0]:.0%} / {s.idle[1]:.0%} | {s.others_busy:.0%} |"
+            f"| {s.system} | {w.rps:,.0f} | {_f(w.p50_ms)} | {_f(w.p99_ms)} | {cpu} "
+            f"| {_ratio(s)} | {w.non_2xx} | {w.socket_errors} | {_proxy_busy(s)} "
+            f"| {s.load_core_busy:.0%} | {s.idle[0]:.0%} / {s.idle[1]:.0%} "
+            f"| {s.others_busy:.0%} |"
         )
-    out += [
-        "",
-        "CPU µs/req: utime+stime of the process(es) under test (nginx: master + worker; "
-        "direct: the upstream) over the measured run / requests completed. Ratio: against "
-        "nginx-gateway. Redis's own CPU is shown apart (it runs unpinned). Busy: CPU "
-        "seconds per wall second; load core = wrk + upstream; other processes = the rest of "
-        "the machine's user+system CPU during the run (noise from a shared host, any core); "
-        "idle: /proc/stat idle of each core (a saturated proxy leaves core 1 no idle time; "
-        "softirq and hypervisor steal make busy + idle less than 100%).",
-    ]
+    if http:
+        out += [
+            "",
+            "CPU µs/req: utime+stime of the process(es) under test (nginx: master + worker; "
+            "direct: the upstream) over the measured run / requests completed. Ratio: "
+            "against the peer, meshgate-https against nginx-gateway-https, meshgate-h2 "
+            "against nginx-gateway-h2, the others against nginx-gateway. Redis's own CPU is "
+            "shown apart (it runs unpinned). Busy: CPU seconds per wall second; load core = "
+            "load generator + upstream; other processes = the rest of the machine's "
+            "user+system CPU during the run (noise from a shared host, any core); idle: "
+            "/proc/stat idle of each core (a saturated proxy leaves core 1 no idle time; "
+            "softirq and hypervisor steal make busy + idle less than 100%). p50/p99 of the "
+            "HTTP/2 rows: computed from h2load's per-request log.",
+        ]
+    if grpc:
+        out += [
+            "",
+            f"gRPC unary: /bench.Echo/Say echoing a short message, grpc_load.py (grpc.aio) keeping "
+            f"{grpc[0].load.streams} calls in flight on one channel (one HTTP/2 connection, "
+            f"cleartext) for {settings['duration']} s after a {settings['warmup']} s warm-up; "
+            f"client + gRPC server on core {LOAD_CORE}, meshgate on core {PROXY_CORE}.",
+            "",
+            "| system | calls/s | p50 ms | p99 ms | CPU µs/call | ratio | added p50 / p99 ms "
+            "| not OK | proxy busy | load busy | idle core 0 / 1 | other processes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for s in grpc:
+            w = s.load
+            added = "—"
+            if s.latency_added_ms is not None:
+                added = f"{s.latency_added_ms[0]:+.2f} / {s.latency_added_ms[1]:+.2f}"
+            out.append(
+                f"| {s.system} | {w.rps:,.0f} | {_f(w.p50_ms)} | {_f(w.p99_ms)} "
+                f"| {_f(s.cpu_us_per_request, 1)} | {_ratio(s)} | {added} | {w.non_2xx} "
+                f"| {_proxy_busy(s)} | {s.load_core_busy:.0%} "
+                f"| {s.idle[0]:.0%} / {s.idle[1]:.0%} | {s.others_busy:.0%} |"
+            )
+        out += [
+            "",
+            "CPU µs/call: of the gRPC server (grpc-direct) or of meshgate (meshgate-grpc) over "
+            "the measured run / calls completed. Ratio: meshgate's CPU per call over the gRPC "
+            "server's own in the grpc-direct run. Added: meshgate-grpc's p50 and p99 minus "
+            "grpc-direct's. The Python client and server share core 0 and saturate it at a "
+            "few thousand calls/s, so calls/s and latency say more about them than about the "
+            "proxy (busy and idle show which side was saturated); the proxy's CPU per call "
+            "is the figure to compare.",
+        ]
     if report.half_load:
         out += [
             "",
@@ -791,7 +1082,7 @@ def markdown(report: Report) -> str:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
         ]
         for h in report.half_load:
-            w, d = h.wrk, h.direct
+            w, d = h.load, h.direct
             within = (
                 "—"
                 if h.p99_delta_ms is None
@@ -824,6 +1115,8 @@ SYSTEMS = (
     "meshgate-redis",
     "nginx-gateway-https",
     "meshgate-https",
+    *H2_SYSTEMS,
+    *GRPC_SYSTEMS,
 )
 
 
@@ -843,14 +1136,21 @@ def servers() -> Iterator[Callable[[Server], Server]]:
             server.stop()
 
 
-def preflight() -> None:
-    for tool, hint in (
+def preflight(systems: Collection[str] = ()) -> None:
+    """Refuse to start without the tools and cores the ``systems`` need."""
+    tools = [
         ("nginx", "apt-get install nginx"),
         ("wrk", "apt-get install wrk"),
         ("taskset", "apt-get install util-linux"),
-    ):
+    ]
+    if set(systems) & set(H2_SYSTEMS):
+        tools.append(("h2load", "apt-get install nghttp2-client"))
+    for tool, hint in tools:
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             raise BenchError(f"{tool} is not installed: {hint}")
+    # Found, not imported: grpc in this process would have to survive every fork after it.
+    if set(systems) & set(GRPC_SYSTEMS) and importlib.util.find_spec("grpc") is None:
+        raise BenchError("grpcio is not installed: pip install grpcio")
     if shutil.which("nginx") is None:
         os.environ["PATH"] += ":/usr/sbin"
     if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
@@ -862,7 +1162,7 @@ def preflight() -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    preflight()
+    preflight(args.systems)
     redis_version, redis_pid = redis_info()
     wanted = [s for s in SYSTEMS if s in args.systems]
     if args.baseline:
@@ -875,6 +1175,7 @@ def run(args: argparse.Namespace) -> Report:
             "duration": args.duration,
             "warmup": args.warmup,
             "connections": args.connections,
+            "h2_streams": args.h2_streams,
             "systems": wanted,
         },
     )
@@ -894,9 +1195,25 @@ def run(args: argparse.Namespace) -> Report:
             )
             wait_ready(upstream, up_port)
             verify("upstream", up_port, checks_key=False)
+            grpc_upstream: tuple[Server, int] | None = None
             for system in wanted:
+                own_upstream, own_port = upstream, up_port
+                if system in GRPC_SYSTEMS:
+                    if grpc_upstream is None:  # started for the gRPC rows only, then kept
+                        grpc_upstream = start_grpc_server(workdir)
+                        track(grpc_upstream[0])
+                        wait_ready(*grpc_upstream, http=False)
+                    own_upstream, own_port = grpc_upstream
                 _measure(
-                    system, up_port, upstream, track, args, workdir, report, key_prefix, redis_pid
+                    system,
+                    own_port,
+                    own_upstream,
+                    track,
+                    args,
+                    workdir,
+                    report,
+                    key_prefix,
+                    redis_pid,
                 )
     finally:
         if "meshgate-redis" in wanted:
@@ -912,13 +1229,24 @@ def run(args: argparse.Namespace) -> Report:
             subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], capture_output=True)
     by_system = {s.system: s for s in report.saturation}
     for s in report.saturation:
+        if s.system == "grpc-direct":  # the gRPC rows compare only with each other
+            continue
         peer = by_system.get(PEERS.get(s.system, "nginx-gateway"))
         if peer is not None:
-            s.ratio_to_nginx_gateway = s.cpu_us_per_request / peer.cpu_us_per_request
-    bad = [s.system for s in report.saturation if s.wrk.non_2xx or s.wrk.socket_errors]
-    bad += [h.system + " (half load)" for h in report.half_load if h.wrk.non_2xx]
+            s.ratio_to_peer = s.cpu_us_per_request / peer.cpu_us_per_request
+            if s.system == "meshgate-grpc":
+                s.latency_added_ms = (
+                    s.load.p50_ms - peer.load.p50_ms,
+                    s.load.p99_ms - peer.load.p99_ms,
+                )
+    bad = [s.system for s in report.saturation if s.load.non_2xx or s.load.socket_errors]
+    bad += [h.system + " (half load)" for h in report.half_load if h.load.non_2xx]
     if bad:
-        report.notes.append(f"non-2xx responses or socket errors in: {', '.join(bad)}")
+        report.notes.append(
+            f"non-2xx responses (gRPC: calls not OK) or socket errors in: {', '.join(bad)}"
+        )
+    if not args.skip_half and set(wanted) & {*H2_SYSTEMS, *GRPC_SYSTEMS}:
+        report.notes.append("no half-load run for the HTTP/2 and gRPC rows (wrk paces only)")
     return report
 
 
@@ -933,9 +1261,11 @@ def _measure(
     key_prefix: str,
     redis_pid: int | None,
 ) -> None:
+    """Start ``system`` in front of ``upstream`` (nginx, or the gRPC server for the gRPC
+    rows), check its answers, saturate it, and (wrk only) load it at half that rate."""
     port = free_port()
     server: Server | None = None
-    if system == "direct":
+    if system in ("direct", "grpc-direct"):
         port, meter = up_port, Meter(upstream)
     else:
         if system == "nginx-proxy":
@@ -944,12 +1274,11 @@ def _measure(
         elif system == "nginx-gateway":
             body = GATEWAY_BODY.format(port=port, upstream=up_port, key=KEY)
             server = track(start_nginx(system, body, PROXY_CORE, workdir))
-        elif system == "nginx-gateway-https":
+        elif system in ("nginx-gateway-https", "nginx-gateway-h2"):
             cert, key = certificate(workdir)
             HTTPS_PORTS.add(port)
-            body = GATEWAY_HTTPS_BODY.format(
-                port=port, upstream=up_port, key=KEY, cert=cert, key_file=key
-            )
+            template = GATEWAY_H2_BODY if system == "nginx-gateway-h2" else GATEWAY_HTTPS_BODY
+            body = template.format(port=port, upstream=up_port, key=KEY, cert=cert, key_file=key)
             server = track(start_nginx(system, body, PROXY_CORE, workdir))
         else:
             limits = (
@@ -958,36 +1287,41 @@ def _measure(
                 else "{backend: memory}"
             )
             tls = None
-            if system == "meshgate-https":
+            if system in ("meshgate-https", "meshgate-h2"):
                 tls = certificate(workdir)
                 HTTPS_PORTS.add(port)
             source = None
             if "@" in system:
                 source = checkout(system.partition("@")[2], workdir)
-            config = meshgate_config(workdir, system, port, up_port, limits, tls)
+            product = GRPC_PRODUCT if system == "meshgate-grpc" else ECHO_PRODUCT
+            config = meshgate_config(workdir, system, port, up_port, limits, tls, product)
             server = track(start_meshgate(system, config, PROXY_CORE, workdir, source))
         meter = Meter(server, upstream, redis_pid if system == "meshgate-redis" else None)
         wait_ready(server, port)
-        verify(system, port, checks_key=system not in ("nginx-proxy",))
+        # The gRPC client checks its own calls before it loads (see grpc_load).
+        if system not in GRPC_SYSTEMS:
+            verify(system, port, checks_key=system != "nginx-proxy")
+        if system in H2_SYSTEMS:
+            verify_h2(system, port, workdir)
         if system.startswith("meshgate"):
             status, _ = get(admin_port(workdir / f"{system}.yaml"), None, path="/metrics")
             if status != 200:
                 raise BenchError(f"{system}: the admin listener's /metrics answered {status}")
-    progress(f"{system}: saturation, {args.connections} connections, {args.duration:g} s")
+    progress(f"{system}: saturation, {args.connections} in flight, {args.duration:g} s")
     sat = saturate(system, port, meter, args, workdir)
     meter.measured.check_alive()
     report.saturation.append(sat)
     progress(
-        f"{system}: {sat.wrk.rps:,.0f} req/s, p99 {sat.wrk.p99_ms:.2f} ms, "
+        f"{system}: {sat.load.rps:,.0f} req/s, p99 {sat.load.p99_ms:.2f} ms, "
         f"{sat.cpu_us_per_request:.1f} µs CPU/req"
     )
-    if not args.skip_half:
-        target = sat.wrk.rps / 2
+    if not args.skip_half and sat.load.tool == "wrk":
+        target = sat.load.rps / 2
         progress(f"{system}: half load, {target:,.0f} req/s")
         half = HalfLoad(system, target, paced(port, target, args, workdir, meter))
         if system != "direct":
-            half.direct = paced(up_port, half.wrk.rps, args, workdir, Meter(upstream))
-            half.p99_delta_ms = half.wrk.p99_ms - half.direct.p99_ms
+            half.direct = paced(up_port, half.load.rps, args, workdir, Meter(upstream))
+            half.p99_delta_ms = half.load.p99_ms - half.direct.p99_ms
         report.half_load.append(half)
     if server is not None:
         server.stop()
@@ -997,7 +1331,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10, help="seconds per measured run")
     parser.add_argument("--warmup", type=float, default=2, help="seconds of warm-up per run")
-    parser.add_argument("--connections", type=int, default=50, help="wrk connections at saturation")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=50,
+        help="requests in flight at saturation: wrk connections, h2load connections x "
+        "streams, gRPC calls",
+    )
+    parser.add_argument(
+        "--h2-streams",
+        type=int,
+        default=5,
+        help="h2load streams per connection (-m); connections: --connections / this",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument(
         "--systems",

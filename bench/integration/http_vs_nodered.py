@@ -44,7 +44,7 @@ REPO = HERE.parent.parent
 # The gateway benchmark's process, /proc and wrk helpers, shared rather than copied.
 sys.path.insert(0, str(HERE.parent / "gateway"))
 import run as gateway_bench  # noqa: E402
-from run import BenchError, Server, WrkResult, free_port, progress  # noqa: E402
+from run import BenchError, LoadResult, Server, free_port, progress  # noqa: E402
 
 LOAD_CORE = "0"  # wrk
 SERVER_CORE = "1"  # the server under test, alone
@@ -292,7 +292,7 @@ class HttpResult:
     round: int = 1
 
 
-def wrk(port: int, connections: int, seconds: float, workdir: Path) -> WrkResult:
+def wrk(port: int, connections: int, seconds: float, workdir: Path) -> LoadResult:
     script = workdir / "orders.lua"
     script.write_text(WRK_SCRIPT.format(small=lua_string(SMALL), big=lua_string(BIG)))
     args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
