@@ -246,8 +246,15 @@ class AttachedGateway:
 
 @contextmanager
 def attached_gateway(
-    workdir: Path, cp_url: str, token: str, env: str = "production", name: str = "gw1"
+    workdir: Path,
+    cp_url: str,
+    token: str,
+    env: str = "production",
+    name: str = "gw1",
+    settings_extra: dict[str, Any] | None = None,
 ) -> Iterator[AttachedGateway]:
+    """A gateway attached to the control plane; ``settings_extra`` joins its local settings
+    (a ``tls`` listener, say)."""
     port, admin_port = free_port(), free_port()
     settings = workdir / f"{name}-settings.yaml"
     settings.write_text(
@@ -256,6 +263,7 @@ def attached_gateway(
                 "listen": f"127.0.0.1:{port}",
                 "admin_listen": f"127.0.0.1:{admin_port}",
                 "limits": {"backend": "memory"},
+                **(settings_extra or {}),
             }
         )
     )

@@ -81,7 +81,7 @@ def test_invalid_values_of_each_resource_name_their_field(control_shared: Contro
         ("post", "/accounts", {"name": "a", "description": "x" * 10_001}, "body.description"),
         ("post", f"/accounts/{ids['account']['id']}/users", {"email": "a@b.c"}, "body.username"),
         ("post", f"/products/{product_id}/backends", {"url": "http://h", "path": "x"}, "body.path"),
-        ("post", f"/products/{product_id}/backends", {"url": "https://h"}, "body.url"),
+        ("post", f"/products/{product_id}/backends", {"url": "gopher://h"}, "body.url"),
         ("post", f"/products/{product_id}/backends", {"url": "http://h/\x00"}, "body.url"),
         ("post", f"/products/{product_id}/metrics", {"name": "a b"}, "body.name"),
         (

@@ -56,7 +56,7 @@ def test_a_change_a_gateway_could_not_run_is_refused_and_staging_kept(
         (
             "patch",
             f"/backends/{_backend(cp, product_id)}",
-            {"url": "https://secure.example"},
+            {"url": "ftp://secure.example"},
             "body.url",
         ),
         (

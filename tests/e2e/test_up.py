@@ -72,6 +72,14 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
             r = client.get(f"https://localhost:{tls_port}/echo/hello", headers={"X-API-Key": "k1"})
         assert r.status_code == 200
         assert r.json()["headers"]["x-forwarded-proto"] == "https"
+        # HTTP/2: by ALPN over TLS, and with prior knowledge in cleartext.
+        context = ssl.create_default_context(cafile=str(ca))
+        with httpx.Client(verify=context, http2=True) as client:
+            r = client.get(f"https://localhost:{tls_port}/echo/hello", headers={"X-API-Key": "k1"})
+        assert (r.status_code, r.http_version) == (200, "HTTP/2")
+        with httpx.Client(http1=False, http2=True) as client:
+            r = client.get(f"{gateway}/echo/hello", headers={"X-API-Key": "k1"})
+        assert (r.status_code, r.http_version) == (200, "HTTP/2")
 
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{control_port}/admin/api",

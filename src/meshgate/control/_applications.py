@@ -93,6 +93,7 @@ def create_application(
             app_id=body.app_id or secrets.token_hex(8),
             state="pending" if plan.approval_required else "live",
             trial_ends_at=utcnow() + timedelta(days=plan.trial_days) if plan.trial_days else None,
+            certificates=[c.model_dump(exclude_none=True) for c in body.certificates] or None,
         )
         session.add(app)
         session.flush()

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
 from meshgate.config import new_salt
-from meshgate.config.model import check_backend_url, check_path_prefix
+from meshgate.config.model import UpstreamTls, check_backend_url, check_path_prefix
 from meshgate.control import schemas as s
 from meshgate.control._crud import Change, Parent, Resource, routes
 from meshgate.control._problems import Problem
@@ -48,6 +48,11 @@ def _metric_of(change: Change, metric_id: int, product_id: int, field: str = "me
 
 
 def _prepare_product(change: Change, row: Product, data: dict[str, Any], creating: bool) -> None:
+    if data.get("upstream_tls") is not None:
+        # Stored whole, defaults included, as apply stores it: equal settings compare equal.
+        data["upstream_tls"] = UpstreamTls.model_validate(data["upstream_tls"]).model_dump(
+            exclude_none=True
+        )
     if "path_prefix" in data:
         data["path_prefix"] = _checked("path_prefix", check_path_prefix, data["path_prefix"])
     if creating:

@@ -43,6 +43,7 @@ from meshgate.control.models import (
     Product,
     utcnow,
 )
+from meshgate.control.snapshots import client_certificates
 
 __all__ = [
     "DEFAULT_ACCOUNT",
@@ -69,12 +70,26 @@ SETTINGS = (
     "upstream_connect_timeout",
     "upstream_response_timeout",
     "protocol",
+    "upstream_tls",
+    "certificate",
+    "websocket",
+    "max_upstream_connections",
 )
-_OPTIONAL = ("max_body_size", "upstream_connect_timeout", "upstream_response_timeout")
+_OPTIONAL = (
+    "max_body_size",
+    "upstream_connect_timeout",
+    "upstream_response_timeout",
+    "certificate",
+)
 # Settings exported only when they differ from the file's default, as a gateway file has them.
 _SWITCHES = {
     name: ProductConfig.model_fields[name].default
-    for name in ("hide_credentials", "case_insensitive_rules")
+    for name in (
+        "hide_credentials",
+        "case_insensitive_rules",
+        "websocket",
+        "max_upstream_connections",
+    )
 }
 _AUTH: TypeAdapter[Any] = TypeAdapter(Auth)
 
@@ -158,6 +173,8 @@ class AppState:
     plan: str
     state: str
     keys: tuple[str, ...]  # key hashes, oldest first
+    # auth mtls: the client certificates, each {sha256}, {subject} or {san} (set keys only).
+    certificates: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -269,7 +286,9 @@ def _load(session: Session, names: Iterable[str] | None) -> dict[str, _Current]:
         cur.apps[app.app_id] = app
         app_ids[app.id] = app.app_id
         _, plan_name = plan_names[app.plan_id]
-        cur.state.applications[app.app_id] = AppState(plan_name, app.state, ())
+        cur.state.applications[app.app_id] = AppState(
+            plan_name, app.state, (), client_certificates(app.certificates or [])
+        )
     for key in session.scalars(
         select(ApplicationKey).where(ApplicationKey.product_id.in_(ids)).order_by(ApplicationKey.id)
     ):
@@ -340,6 +359,8 @@ def render(state: ProductState, applications: bool = True) -> dict[str, Any]:
     for name, default in _SWITCHES.items():
         if settings[name] != default:
             doc[name] = settings[name]
+    if settings["upstream_tls"] is not None:
+        doc["upstream_tls"] = {k: v for k, v in settings["upstream_tls"].items() if v is not None}
     if applications:
         doc["applications"] = [
             {
@@ -347,6 +368,7 @@ def render(state: ProductState, applications: bool = True) -> dict[str, Any]:
                 "plan": app.plan,
                 **({"state": app.state} if app.state != "live" else {}),
                 **({"key_hashes": list(app.keys)} if app.keys else {}),
+                **({"certificates": app.certificates} if app.certificates else {}),
             }
             for app_id, app in state.applications.items()
         ]
@@ -526,6 +548,10 @@ def _state_of(product: ProductConfig, salt: str, index: int, errors: FieldErrors
     dumped = product.model_dump(mode="json")
     settings = {k: dumped[k] for k in SETTINGS}
     settings["auth"] = normal_auth(dumped["auth"])
+    if settings["upstream_tls"] is not None:
+        settings["upstream_tls"] = {
+            k: v for k, v in settings["upstream_tls"].items() if v is not None
+        }
     backends = {b.path: b.url for b in product.backend_usages()}
     applications: dict[str, AppState] = {}
     owners: dict[str, str] = {}
@@ -542,7 +568,8 @@ def _state_of(product: ProductConfig, salt: str, index: int, errors: FieldErrors
                     f"products[{index}].applications[{j}].keys",
                     f"a key of {app.id!r} is also a key of application {other!r}",
                 )
-        applications[app.id] = AppState(app.plan, app.state, tuple(hashes))
+        certificates = [c.model_dump(exclude_none=True) for c in app.certificates]
+        applications[app.id] = AppState(app.plan, app.state, tuple(hashes), certificates)
     return ProductState(
         name=product.name,
         settings=settings,
@@ -712,11 +739,20 @@ class _ProductSync:
         for app_id, app in self.want.applications.items():
             before = old_apps.get(app_id)
             if before is None:
-                fields = {"plan": (None, app.plan), "state": (None, app.state)}
+                fields: dict[str, tuple[Any, Any]] = {
+                    "plan": (None, app.plan),
+                    "state": (None, app.state),
+                }
+                if app.certificates:
+                    fields["certificates"] = (None, app.certificates)
                 self._add("add", "application", app_id, fields)
             else:
-                old = {"plan": before.plan, "state": before.state}
-                fields = _fields(old, {"plan": app.plan, "state": app.state})
+                old: dict[str, Any] = {"plan": before.plan, "state": before.state}
+                new: dict[str, Any] = {"plan": app.plan, "state": app.state}
+                if before.certificates or app.certificates:
+                    old["certificates"] = before.certificates
+                    new["certificates"] = app.certificates
+                fields = _fields(old, new)
                 if fields:
                     self._add("change", "application", app_id, fields)
             old_keys = before.keys if before else ()
@@ -896,13 +932,19 @@ class _ProductSync:
                     trial_ends_at=(
                         utcnow() + timedelta(days=plan.trial_days) if plan.trial_days else None
                     ),
+                    certificates=app.certificates or None,
                 )
                 w.session.add(row)
                 cur.apps[app_id] = row
                 w.created("application", row)
-            elif (row.plan_id, row.state) != (plan.id, app.state):
+            elif (row.plan_id, row.state, client_certificates(row.certificates or [])) != (
+                plan.id,
+                app.state,
+                app.certificates,
+            ):
                 w.updating("application", row)
                 row.plan_id, row.state = plan.id, app.state
+                row.certificates = app.certificates or None
         # Removals land before additions: a key may move from one application to another.
         for (app_id, key_hash), key in list(cur.keys.items()):
             wanted = self.want.applications.get(app_id)

@@ -127,6 +127,14 @@ class Product(_Resource, Base):
     upstream_response_timeout: Mapped[float | None]
     # HTTP to the backends: http1, h2 (over TLS) or h2c (cleartext HTTP/2, e.g. gRPC).
     protocol: Mapped[str] = mapped_column(String(8), default="http1", server_default="http1")
+    # TLS to https:// backends: ca_file, verify, server_name, client_cert, client_key.
+    upstream_tls: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The gateway's TLS listener certificate (by name) that serves this product's hosts.
+    certificate: Mapped[str | None] = mapped_column(String(200))
+    websocket: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    max_upstream_connections: Mapped[int] = mapped_column(
+        Integer, default=1024, server_default=text("1024")
+    )
     key_salt: Mapped[str] = mapped_column(String(64))
     openapi: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
@@ -244,6 +252,8 @@ class Application(_Resource, Base):
     # The public identifier: app_id for app_id_key, the client id claim for jwt.
     app_id: Mapped[str] = mapped_column(String(200), unique=True)
     trial_ends_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # auth mtls: [{sha256}, {subject} or {san}], the client certificates that identify it.
+    certificates: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
 
 
 class ApplicationKey(Base):

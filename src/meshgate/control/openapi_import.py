@@ -506,11 +506,12 @@ def _product(spec: Spec, current: dict[str, Any] | None, options: ImportOptions)
             if not backends:
                 raise _fail(
                     "servers[0].url",
-                    f"{spec.server!r} is not an http:// URL a gateway can proxy to: pass "
+                    f"{spec.server!r} is not an http:// or https:// URL a gateway can proxy "
+                    "to: pass "
                     "backend=http://HOST:PORT[/PATH]",
                 ) from None
             spec.notes.append(
-                f"servers[0].url {spec.server!r} is not an http:// URL: the "
+                f"servers[0].url {spec.server!r} is not an http:// or https:// URL: the "
                 "product's backends are kept"
             )
     if url is not None:

@@ -27,9 +27,11 @@ from meshgate.config.model import (
     Auth,
     BackendProtocol,
     BackendUsage,
+    ClientCertificate,
     Method,
     Period,
     PolicyEntry,
+    UpstreamTls,
 )
 from meshgate.config.model import MappingRule as ConfigMappingRule
 
@@ -203,6 +205,28 @@ class UserOut(_Out):
 # Products and what belongs to them
 
 
+class UpstreamTlsIn(UpstreamTls):
+    """``UpstreamTls`` read as strictly as the rest of a request body."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class ClientCertificateIn(ClientCertificate):
+    model_config = ConfigDict(strict=True)
+
+
+_UPSTREAM_TLS = (
+    "For https:// backends: ca_file, verify, server_name, client_cert, client_key (files on "
+    "the gateways' hosts; no key material is stored here)."
+)
+_CERTIFICATE = "The name of the gateways' TLS listener certificate that serves these hosts."
+_MAX_CONNECTIONS = "Connections open to each backend at most; past it, 503 at once."
+_CLIENT_CERTIFICATES = (
+    "auth mtls: the client certificates that identify the application, each {sha256}, "
+    "{subject} or {san}."
+)
+
+
 class ProductCreate(_In):
     name: Name
     description: Text = ""
@@ -223,6 +247,12 @@ class ProductCreate(_In):
     upstream_connect_timeout: Seconds | None = None
     upstream_response_timeout: Seconds | None = None
     protocol: BackendProtocol = Field("http1", description=_PROTOCOL)
+    upstream_tls: UpstreamTlsIn | None = Field(None, description=_UPSTREAM_TLS)
+    certificate: Name | None = Field(None, description=_CERTIFICATE)
+    websocket: bool = Field(True, description="Allow protocol upgrades (WebSocket).")
+    max_upstream_connections: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        1024, description=_MAX_CONNECTIONS
+    )
     backend: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
         None, description="Shorthand: one backend at / created with the product."
     )
@@ -244,6 +274,10 @@ class ProductUpdate(_In):
     upstream_connect_timeout: Seconds | None = None
     upstream_response_timeout: Seconds | None = None
     protocol: BackendProtocol | None = Field(None, description=_PROTOCOL)
+    upstream_tls: UpstreamTlsIn | None = Field(None, description=_UPSTREAM_TLS)
+    certificate: Name | None = Field(None, description=_CERTIFICATE)
+    websocket: bool | None = None
+    max_upstream_connections: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
 
 class ProductOut(_Out):
@@ -260,6 +294,10 @@ class ProductOut(_Out):
     upstream_connect_timeout: float | None
     upstream_response_timeout: float | None
     protocol: str
+    upstream_tls: dict[str, Any] | None
+    certificate: str | None
+    websocket: bool
+    max_upstream_connections: int
 
 
 class BackendCreate(_In):
@@ -425,11 +463,17 @@ class ApplicationCreate(_In):
         ]
         | None
     ) = Field(None, description="Public application id; generated when not given.")
+    certificates: list[ClientCertificateIn] = Field(
+        [], max_length=20, description=_CLIENT_CERTIFICATES
+    )
 
 
 class ApplicationUpdate(_In):
     name: Label | None = None
     description: Text | None = None
+    certificates: list[ClientCertificateIn] | None = Field(
+        None, max_length=20, description=_CLIENT_CERTIFICATES
+    )
 
 
 class ApplicationOut(_Out):
@@ -441,6 +485,17 @@ class ApplicationOut(_Out):
     state: str
     app_id: str
     trial_ends_at: Timestamp | None
+    certificates: list[dict[str, str]] | None
+
+    @field_validator("certificates", mode="before")
+    @classmethod
+    def _set_keys_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [
+                {k: v for k, v in c.items() if v is not None} if isinstance(c, dict) else c
+                for c in value
+            ] or None
+        return value
 
 
 class ApplicationCreated(ApplicationOut):

@@ -103,7 +103,20 @@ def product_document(session: Session, product: Product) -> dict[str, Any]:
         doc["hide_credentials"] = False
     if product.case_insensitive_rules:
         doc["case_insensitive_rules"] = True
+    if product.upstream_tls is not None:
+        doc["upstream_tls"] = {k: v for k, v in product.upstream_tls.items() if v is not None}
+    if product.certificate is not None:
+        doc["certificate"] = product.certificate
+    if not product.websocket:
+        doc["websocket"] = False
+    if product.max_upstream_connections != 1024:
+        doc["max_upstream_connections"] = product.max_upstream_connections
     return doc
+
+
+def client_certificates(stored: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """An application's client certificates as a gateway file has them (set keys only)."""
+    return [{k: v for k, v in c.items() if v is not None} for c in stored]
 
 
 class StagingError(ValueError):
@@ -191,7 +204,7 @@ def compile_environment(session: Session, env: str) -> Compiled:
     ):
         key_hashes[app_id].append(key_hash)
     apps_by_product: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for row_id, product_id, public_id, state, plan, account_state in session.execute(
+    for row_id, product_id, public_id, state, plan, account_state, certs in session.execute(
         select(
             Application.id,
             Application.product_id,
@@ -199,6 +212,7 @@ def compile_environment(session: Session, env: str) -> Compiled:
             Application.state,
             Plan.name,
             Account.state,
+            Application.certificates,
         )
         .join(Plan, Plan.id == Application.plan_id)
         .join(Account, Account.id == Application.account_id)
@@ -213,6 +227,8 @@ def compile_environment(session: Session, env: str) -> Compiled:
         hashes = key_hashes.get(row_id)
         if hashes:
             app["key_hashes"] = hashes
+        if certs:
+            app["certificates"] = client_certificates(certs)
         apps_by_product[product_id].append(app)
 
     products, errors = [], []

@@ -104,7 +104,7 @@ def server_connection(max_streams: int, header_limit: int) -> H2Connection:
     the limit h2 enforces is set higher than the one advertised: it stops only a client
     that ignores the refusals.
     """
-    conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    conn = H2Connection(_config(client_side=False))
     _configure(conn, True, header_limit)
     advertised = {
         SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
@@ -121,9 +121,22 @@ def server_connection(max_streams: int, header_limit: int) -> H2Connection:
     return conn
 
 
+def _config(client_side: bool) -> H2Configuration:
+    # What the peer sends is validated; what the engine sends is already valid: names
+    # lowercased and values checked by the parser that read them (httptools or h2) or by the
+    # configuration model, hop-by-hop fields removed. Checking it again costs a third of
+    # the time h2 spends on a request.
+    return H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+
+
 def client_connection(header_limit: int) -> H2Connection:
     """A client connection (to an upstream), its preface and SETTINGS queued for sending."""
-    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    conn = H2Connection(_config(client_side=True))
     _configure(conn, False, header_limit)
     conn.local_settings = Settings(
         client=True,

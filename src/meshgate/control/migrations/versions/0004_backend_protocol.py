@@ -1,7 +1,7 @@
 """The protocol a product's backends speak: http1, h2 or h2c.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 """
 
 from __future__ import annotations
