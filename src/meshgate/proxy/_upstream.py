@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 import httptools
 
-__all__ = ["UpstreamBusy", "UpstreamPool", "UpstreamConnection", "UpstreamError", "Sink"]
+__all__ = [
+    "Sink",
+    "UpstreamBusy",
+    "UpstreamConnection",
+    "UpstreamError",
+    "UpstreamPool",
+    "open_connection",
+]
 
 
 class UpstreamError(Exception):
@@ -365,6 +372,58 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
 
 
+class _Endpoint(Protocol):
+    """What :func:`open_connection` needs of a pool."""
+
+    host: str
+    port: int
+    connect_timeout: float
+    tls: ssl.SSLContext | None
+    server_name: str
+    loop: asyncio.AbstractEventLoop
+
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+async def open_connection(
+    pool: _Endpoint, factory: Callable[[], _P]
+) -> tuple[asyncio.Transport, _P]:
+    """A connection to the pool's address, TLS as its context says, within its connect
+    timeout; UpstreamError saying why not (a certificate that does not verify included)."""
+    host, port = pool.host, pool.port
+    tls = pool.tls
+    try:
+        if tls is None:
+            opening = pool.loop.create_connection(factory, host, port)
+        else:
+            opening = pool.loop.create_connection(
+                factory,
+                host,
+                port,
+                ssl=tls,
+                server_hostname=pool.server_name,
+                ssl_handshake_timeout=pool.connect_timeout,
+            )
+        transport, protocol = await asyncio.wait_for(opening, pool.connect_timeout)
+    except ssl.SSLCertVerificationError as exc:
+        raise UpstreamError(
+            f"the TLS certificate of {host}:{port} does not verify "
+            f"(as {pool.server_name}): {exc.verify_message or exc.reason}"
+        ) from None
+    except ssl.SSLError as exc:
+        raise UpstreamError(
+            f"the TLS handshake with {host}:{port} failed: {exc.reason or exc}"
+        ) from None
+    except TimeoutError:
+        raise UpstreamError(
+            f"connecting to {host}:{port} took longer than {pool.connect_timeout}s"
+        ) from None
+    except OSError as exc:
+        raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    return transport, protocol  # type: ignore[return-value]
+
+
 class UpstreamPool:
     """Connections to one backend address, reused LIFO while they stay healthy.
 
@@ -436,40 +495,9 @@ class UpstreamPool:
             raise UpstreamBusy(
                 f"{self.host}:{self.port} already has {cap} connections open, its limit"
             )
-        tls = self.tls
         self.opening += 1
         try:
-            if tls is None:
-                opening = self.loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
-                )
-            else:
-                opening = self.loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    self.host,
-                    self.port,
-                    ssl=tls,
-                    server_hostname=self.server_name,
-                    ssl_handshake_timeout=self.connect_timeout,
-                )
-            _, conn = await asyncio.wait_for(opening, self.connect_timeout)
-        except ssl.SSLCertVerificationError as exc:
-            raise UpstreamError(
-                f"the TLS certificate of {self.host}:{self.port} does not verify "
-                f"(as {self.server_name}): {exc.verify_message or exc.reason}"
-            ) from None
-        except ssl.SSLError as exc:
-            raise UpstreamError(
-                f"the TLS handshake with {self.host}:{self.port} failed: {exc.reason or exc}"
-            ) from None
-        except TimeoutError:
-            raise UpstreamError(
-                f"connecting to {self.host}:{self.port} took longer than {self.connect_timeout}s"
-            ) from None
-        except OSError as exc:
-            raise UpstreamError(
-                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
+            _, conn = await open_connection(self, lambda: UpstreamConnection(self))
         finally:
             self.opening -= 1
         return conn

@@ -28,7 +28,6 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
 
 import httptools
 from h2.errors import ErrorCodes
@@ -52,6 +51,7 @@ from meshgate.proxy._upstream import (
     FRAMING_NONE,
     Sink,
     UpstreamError,
+    open_connection,
 )
 
 __all__ = ["H2UpstreamConnection", "H2UpstreamPool", "H2UpstreamStream"]
@@ -642,35 +642,7 @@ class H2UpstreamPool:
 
     async def _open(self) -> H2UpstreamConnection:
         tls = self.tls
-        options: dict[str, Any] = {}
-        if tls is not None:
-            options = {
-                "ssl": tls,
-                "server_hostname": self.server_name,
-                "ssl_handshake_timeout": self.connect_timeout,
-            }
-        try:
-            opening = self.loop.create_connection(
-                lambda: H2UpstreamConnection(self), self.host, self.port, **options
-            )
-            transport, conn = await asyncio.wait_for(opening, self.connect_timeout)
-        except ssl.SSLCertVerificationError as exc:
-            raise UpstreamError(
-                f"the TLS certificate of {self.host}:{self.port} does not verify "
-                f"(as {self.server_name}): {exc.verify_message or exc.reason}"
-            ) from None
-        except ssl.SSLError as exc:
-            raise UpstreamError(
-                f"the TLS handshake with {self.host}:{self.port} failed: {exc.reason or exc}"
-            ) from None
-        except TimeoutError:
-            raise UpstreamError(
-                f"connecting to {self.host}:{self.port} took longer than {self.connect_timeout}s"
-            ) from None
-        except OSError as exc:
-            raise UpstreamError(
-                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
+        transport, conn = await open_connection(self, lambda: H2UpstreamConnection(self))
         if tls is not None:
             ssl_object = transport.get_extra_info("ssl_object")
             alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
