@@ -4,6 +4,7 @@ tunnelled with back pressure both ways and an idle timeout; refusals and hostile
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -306,3 +307,51 @@ def test_an_idle_tunnel_is_closed(tmp_path: Path) -> None:
                 lambda: [e for e in gw.access_log() if e.get("status") == 101], what="log"
             )[0]
             assert "no bytes either way" in line["error"]
+
+
+def test_open_tunnels_count_against_the_upstream_connection_cap(tmp_path: Path) -> None:
+    with WsUpstream() as upstream:
+        config = gateway_config([ws_product(upstream.port, max_upstream_connections=1)])
+        with run_gateway(config, tmp_path) as gw:
+            url = f"ws://127.0.0.1:{gw.port}/echo/chat"
+
+            async def two() -> int:
+                async with connect(url, additional_headers={"X-API-Key": "k1"}) as ws:
+                    await ws.send("hold")
+                    assert await ws.recv() == "hold"
+                    with pytest.raises(InvalidStatus) as caught:
+                        async with connect(url, additional_headers={"X-API-Key": "k1"}):
+                            pass
+                    return caught.value.response.status_code
+
+            assert run(two()) == 503
+
+            async def again() -> str:
+                async with connect(url, additional_headers={"X-API-Key": "k1"}) as ws:
+                    await ws.send("free")
+                    return str(await ws.recv())
+
+            # The closed tunnel gave its connection back.
+            assert wait_for(lambda: run(again()) == "free", what="a free connection")
+
+
+def test_a_tunnel_whose_client_reads_nothing_is_let_go(tmp_path: Path) -> None:
+    with WsUpstream() as upstream:
+        config = gateway_config([ws_product(upstream.port)], timeouts={"tunnel_idle": 1})
+        with run_gateway(config, tmp_path) as gw:
+            fds = f"/proc/{gw.proc.pid}/fd"
+            before = len(os.listdir(fds))
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", gw.port))
+            try:
+                # The upstream floods 30 MiB at once; the client never reads.
+                sock.sendall(UPGRADE.replace(b"/echo/ws", b"/echo/flood?n=30"))
+                wait_for(lambda: len(os.listdir(fds)) > before, what="the tunnel to open")
+                wait_for(
+                    lambda: len(os.listdir(fds)) <= before,
+                    timeout=15,
+                    what="both of the tunnel's sockets to be closed",
+                )
+            finally:
+                sock.close()

@@ -332,7 +332,12 @@ class GatewayProcess:
             if config is None or config.tls is None:
                 tls.reload()
             else:
-                tls.reload(_certificate_files(config))
+                if (config.tls.client_auth, config.tls.min_version) != (
+                    tls.client_auth,
+                    tls.min_version_name,
+                ):
+                    log.warning("tls.client_auth and tls.min_version change only on restart")
+                tls.reload(_certificate_files(config), client_ca=config.tls.client_ca)
         except TlsError as exc:
             self.refuse(f"tls: {exc}")
             return False

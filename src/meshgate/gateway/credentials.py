@@ -318,14 +318,15 @@ class _Mtls(Authenticator):
 
     def __init__(self, apps: Iterable[Application]) -> None:
         self.by_sha256: dict[str, Application] = {}
-        self.by_subject: dict[frozenset[str], Application] = {}
+        self.by_subject: dict[tuple[str, ...], Application] = {}
         self.by_san: dict[str, Application] = {}
         for app in apps:
             for cert in app.certificates:
                 if cert.sha256 is not None:
                     self.by_sha256[cert.sha256.replace(":", "").lower()] = app
                 elif cert.subject is not None:
-                    self.by_subject[subject_key(cert.subject)] = app
+                    for order in subject_key(cert.subject):
+                        self.by_subject[order] = app
                 elif cert.san is not None:
                     self.by_san[cert.san] = app
 

@@ -82,6 +82,7 @@ _REQUEST_SKIP = frozenset(
         b"x-forwarded-proto",
         b"x-forwarded-host",
         b"x-request-id",
+        b"http2-settings",
     }
 )
 # Request fields the head parser looks at; every other field goes by with one lookup.
@@ -432,12 +433,20 @@ class HttpProtocol(asyncio.Protocol):
             # after it on this connection is parsed as HTTP.
             cycle = self._queue[-1] if self._queue else self._current
             self._parsing = None
-            if cycle is not None and cycle.exchange.request.upgrade:
-                if cycle.failure is None:
-                    cycle.early = data[exc.args[0] :]
+            request = cycle.exchange.request if cycle is not None else None
+            if request is not None and request.upgrade:
+                if cycle.failure is None:  # type: ignore[union-attr]
+                    cycle.early = data[exc.args[0] :]  # type: ignore[union-attr]
                     self._pause(_PAUSE_UPGRADE)
                     return
-                refusal = cycle.failure
+                refusal = cycle.failure  # type: ignore[union-attr]
+            elif request is not None and request.method != "CONNECT":
+                # An upgrade that is not forwarded (h2c, say): served as a plain request,
+                # its Upgrade field dropped as hop-by-hop; what follows is parsed as HTTP.
+                rest = data[exc.args[0] :]
+                if rest:
+                    self._feed(rest, self._in_head)
+                return
             else:
                 refusal = problem(501, "Not Implemented", "CONNECT is not served")
             self._pause(_PAUSE_QUEUE)
@@ -493,7 +502,7 @@ class HttpProtocol(asyncio.Protocol):
         # The client has that long to read again (send timeout).
         deadline = now + self.settings.send_timeout
         cycle = self._current
-        if (cycle is None or cycle.stage == _STREAMING) and deadline < self._deadline:
+        if cycle is not None and cycle.stage == _STREAMING and deadline < self._deadline:
             self._deadline = deadline
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
@@ -613,7 +622,7 @@ class HttpProtocol(asyncio.Protocol):
                 host = target_authority(url) or host
         rid = request_id.decode() if request_id and _REQUEST_ID.match(request_id) else _request_id()
         method = parser.get_method()
-        if upgrade and parser.should_upgrade() and method != b"CONNECT":
+        if upgrade.lower() == b"websocket" and parser.should_upgrade() and method != b"CONNECT":
             if chunked or content_length or version != "1.1":
                 failure = failure or problem(
                     400, "Bad Request", "an upgrade request must be HTTP/1.1 without a body"
@@ -832,6 +841,12 @@ class HttpProtocol(asyncio.Protocol):
             self._hold = False
 
     def _serve(self, cycle: _Cycle) -> None:
+        if not cycle.body_done:
+            # Time a pipelined request waited behind another one, reading paused, is not
+            # the client's silence.
+            now = self.loop.time()
+            cycle.body_at = now
+            cycle.body_by = now + self.settings.body_total_timeout
         handler = cycle.handler = self.server.handler
         if cycle.failure is not None:
             self._respond(cycle, cycle.failure)
@@ -1188,7 +1203,7 @@ class HttpProtocol(asyncio.Protocol):
             conn.transport,
             self.settings.tunnel_idle_timeout,
             self.loop,
-            lambda up, down, error: self._tunnel_closed(cycle, up, down, error),
+            lambda up, down, error: self._tunnel_closed(cycle, conn, up, down, error),
         )
         tunnel.send_client(rest)
         early, cycle.early = cycle.early, b""
@@ -1198,7 +1213,15 @@ class HttpProtocol(asyncio.Protocol):
         if conn.paused:
             conn.transport.resume_reading()
 
-    def _tunnel_closed(self, cycle: _Cycle, up: int, down: int, error: str | None) -> None:
+    def _tunnel_closed(
+        self,
+        cycle: _Cycle,
+        conn: UpstreamConnection,
+        up: int,
+        down: int,
+        error: str | None,
+    ) -> None:
+        conn.uncount()
         self._tunnel = None
         self._closed = True
         self.server.connections.discard(self)
@@ -1504,10 +1527,10 @@ class HttpProtocol(asyncio.Protocol):
         self._closed = True
         self._cancel_timer()
         self.server.connections.discard(self)
-        if self._write_paused:
-            # A client that reads nothing would hold a graceful close open forever.
-            transport.abort()
-            return
+        if transport.get_write_buffer_size():
+            # What is buffered still goes out, but a client that reads nothing cannot hold
+            # the close open for longer than the send timeout.
+            self.loop.call_later(self.settings.send_timeout, transport.abort)
         if linger and transport.can_write_eof():
             # The client may still be sending what we did not read. Closing now would
             # make its kernel answer with a reset that can destroy our answer before it

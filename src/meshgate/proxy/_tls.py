@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import ssl
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -60,9 +61,11 @@ class CertificateFiles:
 
 
 class _ServerSSLObject(ssl.SSLObject):
-    """Keeps the server name the client asked for (SNI), for the connection's TLS info."""
+    """Keeps the server name the client asked for (SNI) and the listener, for the
+    connection's TLS info."""
 
     server_name: str | None = None
+    listener: ServerTls | None = None
 
 
 def _stamp(paths: Iterable[str | None]) -> tuple[tuple[int, int, int, int], ...]:
@@ -119,11 +122,15 @@ class ServerTls:
             raise TlsError("client certificates need client_ca, the CA bundle that signs them")
         self.client_ca = client_ca
         self.client_auth = client_auth
+        self.min_version_name = min_version
         self.min_version = _VERSIONS.get(min_version)
         if self.min_version is None:
             raise TlsError("min_version must be 1.2 or 1.3")
         self.alpn = list(alpn)
         self.reloads = 0
+        # When the trusted client CAs last changed: a session resumed from before then
+        # proves no client certificate (it was verified against CAs no longer trusted).
+        self.trust_changed_at = 0.0
         self._certificates: tuple[CertificateFiles, ...] = ()
         self._stamps: tuple[tuple[int, int, int, int], ...] = ()
         self._exact: dict[str, ssl.SSLContext] = {}
@@ -154,6 +161,8 @@ class ServerTls:
         return ctx
 
     def _load(self, certificates: tuple[CertificateFiles, ...]) -> None:
+        # Stamped before reading: a file replaced while it is read is read again next time.
+        stamps = _stamp(self._files(certificates))
         exact: dict[str, ssl.SSLContext] = {}
         wildcard: dict[str, ssl.SSLContext] = {}
         default: ssl.SSLContext | None = None
@@ -175,7 +184,7 @@ class ServerTls:
         # One assignment each, all built first: a handshake sees the old set or the new.
         self._exact, self._wildcard, self._default = exact, wildcard, default
         self._certificates = certificates
-        self._stamps = _stamp(self._files(certificates))
+        self._stamps = stamps
 
     def _files(self, certificates: Iterable[CertificateFiles]) -> list[str | None]:
         files: list[str | None] = [self.client_ca]
@@ -194,6 +203,7 @@ class ServerTls:
             if found is not None:
                 ctx = found
             conn.server_name = name  # type: ignore[attr-defined]
+        conn.listener = self  # type: ignore[attr-defined]
         conn.context = ctx  # type: ignore[assignment]
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
@@ -207,11 +217,26 @@ class ServerTls:
         """Whether a certificate, key or CA file changed on disk since it was loaded."""
         return _stamp(self._files(self._certificates)) != self._stamps
 
-    def reload(self, certificates: Sequence[CertificateFiles] | None = None) -> None:
-        """Read the files again (or load ``certificates``): new handshakes get the new
-        contexts, open connections keep theirs. Raises TlsError and keeps the old set when
-        a file cannot be used."""
-        self._load(tuple(certificates) if certificates is not None else self._certificates)
+    def reload(
+        self,
+        certificates: Sequence[CertificateFiles] | None = None,
+        client_ca: str | None | bool = False,
+    ) -> None:
+        """Read the files again (or load ``certificates``, and ``client_ca`` when given):
+        new handshakes get the new contexts, open connections keep theirs. Raises TlsError
+        and keeps the old set when a file cannot be used."""
+        old_ca, old_stamp = self.client_ca, _stamp([self.client_ca])
+        if client_ca is not False:
+            if client_ca is None and self.client_auth != "none":
+                raise TlsError("client certificates need client_ca")
+            self.client_ca = client_ca  # type: ignore[assignment]
+        try:
+            self._load(tuple(certificates) if certificates is not None else self._certificates)
+        except TlsError:
+            self.client_ca = old_ca
+            raise
+        if self.client_ca != old_ca or _stamp([self.client_ca]) != old_stamp:
+            self.trust_changed_at = time.time()
         self.reloads += 1
 
 
@@ -220,14 +245,19 @@ class _Probe:
     server_name: str | None = None
 
 
-def subject_key(subject: str) -> frozenset[str]:
-    """``CN=app1, O=Acme`` and ``O=Acme,CN=app1`` alike, as :attr:`PeerCertificate.subject_key`."""
-    parts = re.split(r"(?<!\\),", subject)
-    out = set()
-    for part in parts:
-        name, _, value = part.partition("=")
-        out.add(f"{name.strip().upper()}={value.strip().replace(chr(92) + ',', ',')}")
-    return frozenset(out)
+def subject_key(subject: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The relative names of a subject as written (``CN=app1, O=Acme``), in that order and
+    reversed (RFC 4514 writes the last name first, ``openssl x509 -subject`` the first):
+    a certificate matches when its :attr:`PeerCertificate.subject_key` is either."""
+    names = []
+    for rdn in re.split(r"(?<!\\),", subject):
+        values = []
+        for part in re.split(r"(?<!\\)\+", rdn):
+            name, _, value = part.partition("=")
+            value = value.strip().replace("\\,", ",").replace("\\+", "+")
+            values.append(f"{name.strip().upper()}={value}")
+        names.append("+".join(sorted(values)))
+    return tuple(names), tuple(reversed(names))
 
 
 class PeerCertificate:
@@ -254,11 +284,13 @@ class PeerCertificate:
         return self._cert.subject.rfc4514_string()
 
     @cached_property
-    def subject_key(self) -> frozenset[str]:
-        """The subject's attributes as ``TYPE=value`` texts: what :func:`subject_key`
-        makes of a subject written in any order and spacing."""
-        return frozenset(
-            f"{attr.rfc4514_attribute_name.upper()}={attr.value!s}" for attr in self._cert.subject
+    def subject_key(self) -> tuple[str, ...]:
+        """The subject's relative names in certificate order, each ``TYPE=value`` (several
+        values of one name joined by ``+``): what :func:`subject_key` makes of a subject
+        written either way round, with any spacing."""
+        return tuple(
+            "+".join(sorted(f"{a.rfc4514_attribute_name.upper()}={a.value!s}" for a in rdn))
+            for rdn in self._cert.subject.rdns
         )
 
     @cached_property
@@ -294,12 +326,18 @@ class TlsInfo:
     def of(cls, ssl_object: ssl.SSLObject) -> TlsInfo:
         der = ssl_object.getpeercert(binary_form=True)
         cipher = ssl_object.cipher()
+        peer = PeerCertificate(der) if der else None
+        listener: ServerTls | None = getattr(ssl_object, "listener", None)
+        if peer is not None and listener is not None and ssl_object.session_reused:
+            session = ssl_object.session
+            if session is None or session.time <= listener.trust_changed_at:
+                peer = None  # verified before the trusted CAs changed: not any more
         return cls(
             ssl_object.version() or "",
             cipher[0] if cipher else "",
             ssl_object.selected_alpn_protocol(),
             getattr(ssl_object, "server_name", None),
-            PeerCertificate(der) if der else None,
+            peer,
         )
 
 

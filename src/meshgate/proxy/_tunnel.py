@@ -114,8 +114,13 @@ class Tunnel:
             self._timer.cancel()
             self._timer = None
         for side in (self.client, self.upstream):
-            if not side.transport.is_closing():
-                side.transport.close()
+            transport = side.transport
+            if not transport.is_closing():
+                transport.close()
+            if transport.get_write_buffer_size():
+                # What is buffered still goes out, within the idle timeout: a peer that
+                # reads nothing cannot hold the socket open after the tunnel has closed.
+                self._loop.call_later(self.idle_timeout, transport.abort)
         on_close(self.client.received, self.upstream.received, error)
 
     def abort(self) -> None:

@@ -199,7 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink = None
                 self.closed = True
                 self.pool.forget(self)
-                self._uncount()
+                # Still counted against the pool's cap: the tunnel uncounts it when it closes.
                 sink.upstream_switched(self._headers, self._protocol, data[exc.args[0] :])
                 return
             self.close()
@@ -311,7 +311,8 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None
 
-    def _uncount(self) -> None:
+    def uncount(self) -> None:
+        """No longer one of the pool's open connections (closed, or its tunnel closed)."""
         if self.counted:
             self.counted = False
             self.pool.open -= 1
@@ -319,7 +320,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        self._uncount()
+        self.uncount()
         sink, self.sink = self.sink, None
         if sink is None:
             return
