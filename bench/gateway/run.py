@@ -309,53 +309,18 @@ GATEWAY_H2_BODY = GATEWAY_HTTPS_BODY.replace(" ssl backlog=4096;", " ssl http2 b
 
 
 def make_certificate(workdir: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost, for both HTTPS systems."""
-    import datetime
-    import ipaddress
+    """A certificate for 127.0.0.1 and localhost, for both HTTPS systems (the demo's: the
+    clients here do not verify it)."""
+    from meshgate.demo.tls import demo_certificates
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = workdir / "bench.pem", workdir / "bench.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o644)  # nginx's worker runs as nobody
-    return cert_path, key_path
+    made = demo_certificates(workdir / "tls")
+    made.key.chmod(0o644)  # nginx's worker runs as nobody
+    return made.cert, made.key
 
 
 def certificate(workdir: Path) -> tuple[Path, Path]:
     """The bench's certificate, made once per run."""
-    cert, key = workdir / "bench.pem", workdir / "bench.key"
-    if not cert.exists():
-        make_certificate(workdir)
-    return cert, key
+    return make_certificate(workdir)
 
 
 def checkout(rev: str, workdir: Path) -> Path:

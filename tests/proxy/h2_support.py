@@ -6,7 +6,7 @@
   :meth:`H2Client.send_raw` writes bytes h2 would never write (invalid frames, floods).
 - :class:`EngineThread` runs an event loop in a thread, for servers and pools of the
   engine started in this process.
-- :func:`self_signed` writes a certificate and key for ``localhost`` / 127.0.0.1.
+- :func:`localhost_certificate` writes a CA and a certificate for ``localhost`` / 127.0.0.1.
 - :func:`running_engine` starts the engine under test: a server whose handler answers
   by path (:class:`StreamHandler`), the recording upstream, and a second engine server
   as an h2c origin that echoes what it receives (:class:`OriginHandler`).
@@ -15,10 +15,8 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import gc
 import hashlib
-import ipaddress
 import json
 import socket
 import ssl
@@ -31,10 +29,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -49,6 +43,7 @@ from h2.events import (
 from h2.settings import SettingCodes
 from proxy_helpers import RecordingUpstream
 
+from meshgate.demo.tls import demo_certificates
 from meshgate.proxy import (
     Exchange,
     H2UpstreamPool,
@@ -310,39 +305,10 @@ class EngineThread:
         gc.collect()
 
 
-def self_signed(directory: Path) -> tuple[str, str]:
-    """A certificate (its own CA) and key for localhost and 127.0.0.1, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = directory / "cert.pem"
-    key_path = directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
+def localhost_certificate(directory: Path) -> tuple[str, str, str]:
+    """The CA, certificate and key files of a certificate for localhost and 127.0.0.1."""
+    made = demo_certificates(directory)
+    return str(made.ca), str(made.cert), str(made.key)
 
 
 # The engine under test

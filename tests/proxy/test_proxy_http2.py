@@ -26,8 +26,8 @@ from h2_support import (
     EngineThread,
     H2Client,
     StreamHandler,
+    localhost_certificate,
     running_engine,
-    self_signed,
 )
 from proxy_helpers import RawClient, Received, get, wait_until
 
@@ -117,14 +117,14 @@ def test_forwarded_to_http1_with_the_proxy_fields_and_both_body_framings(engine)
 
 
 def test_h2_over_tls_by_alpn(tmp_path: Path):
-    cert, key = self_signed(tmp_path)
+    ca, cert, key = localhost_certificate(tmp_path)
     thread = EngineThread()
     handler = StreamHandler({})
     tls = ServerTls([CertificateFiles(cert, key)])
     server = Server(handler, ServerSettings(), loop=thread.loop, tls=tls)
     thread.run(server.start("127.0.0.1", 0))
     try:
-        context = ssl.create_default_context(cafile=cert)
+        context = ssl.create_default_context(cafile=ca)
         with httpx.Client(http2=True, verify=context, timeout=10) as client:
             response = client.get(f"https://localhost:{server.port}/info/tls")
         assert response.http_version == "HTTP/2"
@@ -430,7 +430,7 @@ def test_request_trailers_reach_an_http1_upstream(engine):
 
 @pytest.mark.parametrize("alpn", [("h2", "http/1.1"), ("http/1.1",)])
 def test_an_h2_upstream_over_tls_is_reached_by_alpn(engine, tmp_path: Path, alpn):
-    cert, key = self_signed(tmp_path)
+    ca, cert, key = localhost_certificate(tmp_path)
     origin_tls = ServerTls([CertificateFiles(cert, key)], alpn=alpn)
     loop = engine.thread.loop
 
@@ -441,7 +441,7 @@ def test_an_h2_upstream_over_tls_is_reached_by_alpn(engine, tmp_path: Path, alpn
             "127.0.0.1",
             origin.port,
             loop=loop,
-            tls=client_context(ca_file=cert, alpn=("h2",)),
+            tls=client_context(ca_file=ca, alpn=("h2",)),
             server_name="localhost",
         )
         return origin

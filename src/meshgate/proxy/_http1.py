@@ -622,7 +622,14 @@ class HttpProtocol(asyncio.Protocol):
                 host = target_authority(url) or host
         rid = request_id.decode() if request_id and _REQUEST_ID.match(request_id) else _request_id()
         method = parser.get_method()
-        if upgrade.lower() == b"websocket" and parser.should_upgrade() and method != b"CONNECT":
+        # Only WebSocket is tunnelled; the test of ``upgrade`` first keeps this free for the
+        # requests that ask for nothing.
+        if (
+            upgrade
+            and upgrade.lower() == b"websocket"
+            and method != b"CONNECT"
+            and parser.should_upgrade()
+        ):
             if chunked or content_length or version != "1.1":
                 failure = failure or problem(
                     400, "Bad Request", "an upgrade request must be HTTP/1.1 without a body"
