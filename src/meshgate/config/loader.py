@@ -33,6 +33,7 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from meshgate.config.mesh import MeshConfig, SidecarConfig
 from meshgate.config.model import _NAME, Config, Problems, Product
 
 __all__ = [
@@ -785,3 +786,23 @@ def _explain_tag(error: ErrorDetails, where: _Where) -> tuple[str, str]:
     if error["type"] == "union_tag_invalid":
         return path, f"must be one of {expected}"
     return path, f"is required (one of {expected})"
+
+
+def load_mesh(path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES) -> SidecarConfig:
+    """Read and validate a sidecar's file: its ``sidecar`` settings and the mesh's services."""
+    source = os.fspath(path)
+    return parse_mesh(_read(source, max_bytes), source, max_bytes=max_bytes)
+
+
+def parse_mesh(
+    text: str | bytes, source: str = "<string>", *, max_bytes: int = MAX_BYTES
+) -> SidecarConfig:
+    """Validate a mesh configuration (YAML or JSON), with every error and its path."""
+    return _validate(SidecarConfig, _parse_yaml(text, source, max_bytes), source)
+
+
+def validate_mesh(data: Any, source: str = "<mesh snapshot>") -> MeshConfig:
+    """A control plane's mesh snapshot, already parsed from JSON."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level: must be a mapping, got {_kind_of(data)}"], source)
+    return _validate(MeshConfig, data, source)
