@@ -369,8 +369,8 @@ class MeshConfig(_Strict):
         problems = []
         by_name = {s.name: s for s in self.services}
         if len(by_name) != len(self.services):
-            seen: set[str] = set()
-            dup = sorted({s.name for s in self.services if s.name in seen or seen.add(s.name)})
+            names = [s.name for s in self.services]
+            dup = sorted({n for n in names if names.count(n) > 1})
             problems.append(f"service names must be unique: {', '.join(dup)} given twice")
         vips = [s.virtual_ip for s in self.services if s.virtual_ip is not None]
         if len(set(vips)) != len(vips):
