@@ -275,11 +275,17 @@ class ConsistentHash(_Strict):
 
 
 class ConnectionPool(_Strict):
-    """Limits per instance; a request beyond them is a fast 503 (circuit breaking)."""
+    """Limits whose overflow is a fast 503, never a queue (circuit breaking)."""
 
-    max_connections: int = Field(1024, ge=1, le=1_000_000)
-    max_pending_requests: int = Field(1024, ge=1, le=1_000_000)
-    max_requests_per_connection: int = Field(0, ge=0, description="0: unlimited.")
+    max_connections: int = Field(
+        1024, ge=1, le=1_000_000, description="Connections open to each instance at once."
+    )
+    max_requests: int = Field(
+        1024, ge=1, le=1_000_000, description="Requests in flight to the service at once."
+    )
+    max_requests_per_connection: int = Field(
+        0, ge=0, description="A connection is closed after this many requests; 0: unlimited."
+    )
     connect_timeout: float = Field(10, gt=0, le=300)
     idle: int = Field(64, ge=0, le=100_000, description="Idle connections kept per instance.")
 
