@@ -384,6 +384,150 @@ def control(
         pass
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def sidecar(
+    ctx: typer.Context,
+    service: Annotated[
+        str | None, typer.Option(help="The service this sidecar fronts (one instance of it).")
+    ] = None,
+    app_port: Annotated[int | None, typer.Option(help="The port the app listens on.")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="The instance's version label (subsets select on it).")
+    ] = None,
+    zone: Annotated[str | None, typer.Option(help="The instance's zone (locality).")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="Further labels, KEY=VALUE; repeat for several.")
+    ] = None,
+    app_address: Annotated[str | None, typer.Option(help="The app's address.")] = None,
+    ready_path: Annotated[
+        str | None,
+        typer.Option(help="The app is ready when GET PATH answers 2xx (else: when it accepts)."),
+    ] = None,
+    inbound: Annotated[
+        str | None, typer.Option(help="HOST:PORT other services call (default 0.0.0.0:15006).")
+    ] = None,
+    outbound: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of the app's HTTP proxy (default 127.0.0.1:15001)."),
+    ] = None,
+    admin: Annotated[
+        str | None, typer.Option(help="HOST:PORT of /healthz /readyz /metrics (127.0.0.1:15000).")
+    ] = None,
+    upstream: Annotated[
+        list[str] | None,
+        typer.Option(help="SERVICE=PORT: a local port that reaches SERVICE; repeat for several."),
+    ] = None,
+    advertise: Annotated[
+        str | None, typer.Option(help="The address registered for this instance.")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Mesh file: services, routes, policies, and sidecar settings."
+        ),
+    ] = None,
+    control_plane: Annotated[
+        str | None, typer.Option("--control-plane", help="The control plane's URL.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="MESHGATE_CONTROL_PLANE_TOKEN", help="Data-plane token."),
+    ] = None,
+    env: Annotated[str, typer.Option(help="Environment whose mesh configuration to use.")] = (
+        "production"
+    ),
+    drain_seconds: Annotated[
+        float | None, typer.Option(help="Grace for in-flight requests on SIGTERM.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
+    sidecar serves, and the sidecar exits with the app."""
+    from pydantic import ValidationError
+
+    from meshgate.config.loader import load_mesh
+    from meshgate.config.mesh import SidecarSettings
+    from meshgate.mesh import ControlPlaneSettings, SidecarStartError, run_sidecar
+
+    _logging(log_level.upper())
+    app_command = list(ctx.args)
+    if app_command and app_command[0] == "--":
+        app_command = app_command[1:]
+    if app_command and app_command[0].startswith("-"):
+        raise _fail(f"unknown option {app_command[0]}; put the app's command after --")
+    base: dict[str, object] = {}
+    if config is not None:
+        try:
+            loaded = load_mesh(config)
+        except ConfigError as exc:
+            raise _fail(f"invalid configuration: {exc}") from None
+        if loaded.sidecar is not None:
+            base = loaded.sidecar.model_dump(exclude_unset=True)
+    given: dict[str, object] = {
+        "service": service,
+        "app_port": app_port,
+        "version": version,
+        "zone": zone,
+        "app_address": app_address,
+        "inbound": inbound,
+        "outbound": outbound,
+        "admin": admin,
+        "advertise": advertise,
+        "drain_seconds": drain_seconds,
+    }
+    base.update({k: v for k, v in given.items() if v is not None})
+    if ready_path is not None:
+        base["readiness"] = {"http": ready_path}
+    try:
+        if label:
+            base["labels"] = dict(_pair(item, "--label", "KEY=VALUE") for item in label)
+        if upstream:
+            base["upstreams"] = [
+                {"service": name, "local_port": _port(port)}
+                for name, port in (_pair(item, "--upstream", "SERVICE=PORT") for item in upstream)
+            ]
+        settings = SidecarSettings.model_validate(base)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or 'sidecar'}: {e['msg']}" for e in exc.errors()
+        ]
+        raise _fail("invalid sidecar settings: " + "; ".join(problems)) from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    cp = None
+    if control_plane is not None:
+        if not token:
+            raise _fail("--control-plane needs --token (or MESHGATE_CONTROL_PLANE_TOKEN)")
+        cp = ControlPlaneSettings(control_plane, token, env)
+    elif config is None:
+        raise _fail("give --config FILE, or --control-plane URL with --token")
+    try:
+        code = run_sidecar(
+            settings,
+            config_path=None if cp is not None else config,
+            control_plane=cp,
+            app_command=app_command or None,
+        )
+    except SidecarStartError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+def _pair(item: str, option: str, form: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{option} {item!r}: must be {form}")
+    return key, value
+
+
+def _port(value: str) -> int:
+    if not value.isdigit():
+        raise ValueError(f"--upstream: {value!r} is not a port number")
+    return int(value)
+
+
 @app.command()
 def validate(file: Annotated[Path, typer.Argument(help="Configuration file to check.")]) -> None:
     """Check a gateway configuration file; print every error with its path."""

@@ -38,7 +38,7 @@ from harness import (
 )
 
 from meshgate.gateway import cache_file, write_cache
-from meshgate.gateway._http_client import HttpError, HttpResponse, request
+from meshgate.proxy.client import HttpError, HttpResponse, request
 
 TOKEN = "dp-token-for-tests"
 KEY = {"X-API-Key": "k1"}

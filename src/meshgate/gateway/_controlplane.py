@@ -36,8 +36,8 @@ from urllib.parse import quote
 from meshgate.config import Config, ConfigError, Product, validate_snapshot
 from meshgate.config.loader import assemble_snapshot, validate_snapshot_product
 from meshgate.gateway._gateway import Gateway
-from meshgate.gateway._http_client import HttpError, HttpResponse, ResponseTooLarge, request
 from meshgate.policies import schemas
+from meshgate.proxy.client import HttpError, HttpResponse, ResponseTooLarge, request
 
 if TYPE_CHECKING:
     from meshgate.gateway._runner import GatewayProcess

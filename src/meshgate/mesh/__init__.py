@@ -1,6 +1,9 @@
-"""The service-mesh sidecar: a second role on the proxy engine, beside each service instance.
+"""The sidecar role: a service's calls in and out, through the mesh.
 
-It routes an app's outbound calls to the instances of other services (Envoy's router and
-cluster manager) and guards its own instance's inbound side. It imports ``meshgate.proxy``
-and ``meshgate.config``, never another role.
+It imports the engine (``meshgate.proxy``) and ``meshgate.config``, never the gateway or
+the control plane (a sidecar stays small beside every instance).
 """
+
+from meshgate.mesh._sidecar import ControlPlaneSettings, Sidecar, SidecarStartError, run_sidecar
+
+__all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]

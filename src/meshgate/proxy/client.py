@@ -1,20 +1,21 @@
 """A small HTTP/1.1 client for the control plane: one request per connection, on asyncio.
 
-Only what a data plane needs to pull snapshots and report status: http:// and https://,
-one overall deadline per request, responses parsed by httptools and bounded in size.
-Cancelling the calling task closes the connection at once (a long poll must not hold a
-shutdown).
+Only what a data plane needs to pull snapshots, report status and follow a stream of
+events: http:// and https://, one overall deadline per request (or, for a stream, for its
+head), responses parsed by httptools and bounded in size. Cancelling the calling task
+closes the connection at once (a long poll must not hold a shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator
+from urllib.parse import SplitResult, urlsplit
 
 import httptools
 
-__all__ = ["HttpError", "HttpResponse", "ResponseTooLarge", "request"]
+__all__ = ["HttpError", "HttpResponse", "HttpStream", "ResponseTooLarge", "open_stream", "request"]
 
 _READ_SIZE = 65536
 _MAX_HEAD = 65536
@@ -92,6 +93,21 @@ async def request(
     Raises :class:`HttpError` when the server cannot be reached, times out or answers
     something that is not HTTP/1.x, and :class:`ResponseTooLarge` past ``max_body`` bytes.
     """
+    parts, host, port, context, head = _prepare(method, url, headers, body)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _exchange(host, port, context, head + body, method, max_body)
+    except TimeoutError:
+        raise HttpError(f"no complete answer from {parts.netloc} within {timeout:g}s") from None
+    except ssl.SSLError as exc:
+        raise HttpError(f"TLS with {parts.netloc} failed: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise HttpError(f"cannot reach {parts.netloc}: {exc.strerror or exc}") from None
+
+
+def _prepare(
+    method: str, url: str, headers: dict[str, str] | None, body: bytes
+) -> tuple[SplitResult, str, int, ssl.SSLContext | None, bytes]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HttpError(f"not an http:// or https:// URL: {url!r}")
@@ -108,15 +124,7 @@ async def request(
         lines.append(f"Content-Length: {len(body)}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     context = ssl.create_default_context() if parts.scheme == "https" else None
-    try:
-        async with asyncio.timeout(timeout):
-            return await _exchange(host, port, context, head + body, method, max_body)
-    except TimeoutError:
-        raise HttpError(f"no complete answer from {parts.netloc} within {timeout:g}s") from None
-    except ssl.SSLError as exc:
-        raise HttpError(f"TLS with {parts.netloc} failed: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise HttpError(f"cannot reach {parts.netloc}: {exc.strerror or exc}") from None
+    return parts, host, port, context, head
 
 
 async def _exchange(
@@ -154,3 +162,84 @@ async def _exchange(
         return HttpResponse(parser.get_status_code(), parsed.headers, b"".join(parsed.chunks))
     finally:
         writer.close()
+
+
+class HttpStream:
+    """A response whose body is read as it comes (server-sent events): ``status``,
+    ``headers``, then :meth:`chunks` until the server ends it. Close it when done."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._parsed = _Parsed(0)
+        self._parser = httptools.HttpResponseParser(self._parsed)
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    async def _head(self) -> None:
+        parsed = self._parsed
+        received = 0
+        while not parsed.head_done:
+            chunk = await self._reader.read(_READ_SIZE)
+            if not chunk:
+                raise HttpError("the connection closed before the response head")
+            received += len(chunk)
+            if received > _MAX_HEAD and not parsed.head_done:
+                raise HttpError(f"response head larger than {_MAX_HEAD} bytes")
+            self._feed(chunk)
+        self.status = self._parser.get_status_code()
+        self.headers = parsed.headers
+
+    def _feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.feed_data(chunk)
+        except httptools.HttpParserUpgrade:
+            raise HttpError("the server switched protocols") from None
+        except httptools.HttpParserError as exc:
+            raise HttpError(f"malformed HTTP response: {exc}") from None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (de-chunked); ends with the response or the connection."""
+        parsed = self._parsed
+        parsed.max_body = 2**62
+        while True:
+            if parsed.chunks:
+                pending, parsed.chunks = parsed.chunks, []
+                for piece in pending:
+                    yield piece
+            if parsed.complete:
+                return
+            chunk = await self._reader.read(_READ_SIZE)
+            if not chunk:
+                if parsed.framed:
+                    raise HttpError("the connection closed in the middle of the stream")
+                return
+            self._feed(chunk)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+async def open_stream(
+    url: str, *, headers: dict[str, str] | None = None, timeout: float
+) -> HttpStream:
+    """GET ``url`` and return once the response head is in (within ``timeout`` seconds);
+    the body is then read with :meth:`HttpStream.chunks`, with no deadline of its own."""
+    parts, host, port, context, head = _prepare("GET", url, headers, b"")
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
+            stream = HttpStream(reader, writer)
+            try:
+                writer.write(head)
+                await stream._head()
+            except BaseException:
+                writer.close()
+                raise
+            return stream
+    except TimeoutError:
+        raise HttpError(f"no response head from {parts.netloc} within {timeout:g}s") from None
+    except ssl.SSLError as exc:
+        raise HttpError(f"TLS with {parts.netloc} failed: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise HttpError(f"cannot reach {parts.netloc}: {exc.strerror or exc}") from None
