@@ -7,7 +7,7 @@ The engine creates one :class:`Exchange` per request and hands it to the role's
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -251,6 +251,13 @@ class Exchange:
     ``status``, byte counts and timings as the exchange proceeds. ``state`` belongs to
     the role (product, application, usage...). A handler that must see the request body
     before it answers awaits :meth:`read_body`.
+
+    For a handler with ``retry`` (see :class:`Handler`): ``timeout``, when set, replaces
+    the pool's ``response_timeout`` for each attempt (the wait for the response head,
+    and the silence allowed while its body streams); ``retry_statuses`` are the response
+    statuses offered to ``retry`` before their head reaches the client; ``attempts``
+    counts the attempts at forwarding, each counted as it starts (a connect that fails
+    is one; the engine's own resend on a stale pooled connection is not).
     """
 
     __slots__ = (
@@ -269,6 +276,9 @@ class Exchange:
         "error",
         "state",
         "response_headers",
+        "timeout",
+        "retry_statuses",
+        "attempts",
         "_body_source",
     )
 
@@ -291,6 +301,9 @@ class Exchange:
         self.error: str | None = None
         self.state: Any = None
         self.response_headers: Headers | None = None
+        self.timeout: float | None = None
+        self.retry_statuses: frozenset[int] | None = None
+        self.attempts = 0
 
     async def read_body(self, limit: int | None = None) -> bytes:
         """The whole request body, once it has arrived: for a handler that needs it to answer.
@@ -333,6 +346,20 @@ class Handler(Protocol):
     response head before it is sent. ``on_complete`` runs exactly once per exchange that
     reached ``handle``, after the last byte was sent (or the exchange failed), and must not
     raise.
+
+    Optionally, ``retry(exchange, status, error) -> bool`` (synchronous) is offered an
+    attempt that failed before any response byte went to the client, when the request
+    can be sent again whole (it has no body, or the handler read it with ``read_body``):
+    connecting failed (``status`` 502, or 503 when the pool is at its connection limit;
+    ``error`` says why), the upstream closed before the response head (502), the
+    attempt's response timeout passed (504), or a response head arrived whose status is
+    in ``exchange.retry_statuses`` (that status, ``error`` None; the response is
+    discarded, ``on_response`` never sees it). Returning True sends the same request
+    again to ``exchange.upstream``, which the handler may have changed (as it may
+    ``timeout``); ``exchange.error`` is cleared for the new attempt. False (or an
+    exception, logged) lets the failure go to the client as without ``retry``. The
+    engine asks a handler's class once whether it has the method (:func:`retry_hook`):
+    a handler without it pays nothing.
     """
 
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]: ...
@@ -340,3 +367,21 @@ class Handler(Protocol):
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> None: ...
 
     def on_complete(self, exchange: Exchange) -> None: ...
+
+
+# A handler's optional ``retry`` method (see Handler).
+RetryHook = Callable[[Exchange, int, str | None], bool]
+# Whether a handler class has ``retry``: asked once a class, on the first failed attempt.
+_RETRYING: dict[type, bool] = {}
+
+
+def retry_hook(handler: Handler) -> RetryHook | None:
+    """``handler.retry``, or None when the handler's class has no such method.
+
+    Looked up by class, not by instance, so that a handler swapped out is not kept alive.
+    """
+    kind = type(handler)
+    retrying = _RETRYING.get(kind)
+    if retrying is None:
+        retrying = _RETRYING[kind] = callable(getattr(kind, "retry", None))
+    return handler.retry if retrying else None  # type: ignore[attr-defined]

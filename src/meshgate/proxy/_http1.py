@@ -12,6 +12,10 @@ connection being opened.
 A handler that needs the request body before it answers awaits ``Exchange.read_body``:
 the body is then collected for it (no pause, bounded by its limit, watched by the body
 timeout); a handler that does not call it costs nothing more.
+
+An attempt that fails before the response head went out may be sent again, to the pool
+the handler's optional ``retry`` chooses (see ``Handler``): the cycle goes back to
+connecting, and the failed connection is aborted, never drained.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from meshgate.proxy._exchange import (
     RequestBodyError,
     Response,
     problem,
+    retry_hook,
     wrap_headers,
 )
 from meshgate.proxy._path import BadTarget, split_target, target_authority
@@ -240,6 +245,7 @@ class _Cycle:
         "early",
         "body_at",
         "body_by",
+        "response_timeout",
     )
 
     def __init__(
@@ -270,6 +276,8 @@ class _Cycle:
         # The last request body bytes (loop time), and when the whole body must be in.
         self.body_at = 0.0
         self.body_by = 0.0
+        # The attempt's response timeout: the exchange's own, else its pool's.
+        self.response_timeout = 0.0
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -729,7 +737,7 @@ class HttpProtocol(asyncio.Protocol):
                 conn.write(b"0\r\n\r\n")
             if cycle.stage == _WAITING:
                 # The response timeout counts from the end of the request.
-                deadline = self.loop.time() + cycle.exchange.upstream.response_timeout
+                deadline = self.loop.time() + cycle.response_timeout
                 self._deadline = deadline
                 if self._timer is None or deadline < self._timer_at:
                     self._arm(deadline)
@@ -933,6 +941,7 @@ class HttpProtocol(asyncio.Protocol):
         try:
             pool: UpstreamPool = exchange.upstream
             exchange.upstream_start = _now()
+            exchange.attempts += 1
             cycle.retry_allowed = not exchange.request.has_body
             conn = pool.take_idle()
             if conn is None:
@@ -953,6 +962,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._forward_failed(cycle)
                 return
             cycle.exchange.error = cycle.exchange.error or str(exc)
+            if self._retry(cycle, exc.status, str(exc)):
+                return
             if exc.status == 503:
                 self._respond(cycle, problem(503, "Service Unavailable", str(exc)))
             else:
@@ -982,6 +993,44 @@ class HttpProtocol(asyncio.Protocol):
         if cycle.response_started and self.transport is not None:
             self.transport.abort()
         self._respond(cycle, problem(502, "Bad Gateway", detail))
+
+    def _retry(self, cycle: _Cycle, status: int, error: str | None) -> bool:
+        """Offer the failed attempt to the handler's ``retry``; True when it is sent again.
+
+        Only before a response byte went out, and only for a request that can be sent
+        again whole: no body, or one the handler read (the engine still holds it).
+        """
+        retry = retry_hook(cycle.handler)  # type: ignore[arg-type]
+        if retry is None or self._closed or cycle.response_started or not cycle.body_done:
+            return False
+        exchange = cycle.exchange
+        reading = cycle.reading
+        if exchange.request.has_body and (reading is None or reading.body is None):
+            return False
+        try:
+            again = retry(exchange, status, error)
+        except Exception:
+            log.exception("retry phase failed")
+            return False
+        if not again or exchange.upstream is None:
+            return False
+        # Discarded, not drained: whatever else that attempt sends, nobody reads it.
+        conn, cycle.upstream = cycle.upstream, None
+        if conn is not None:
+            conn.abort()
+        cycle.stage = _CONNECTING  # deaf to the old connection's events from here on
+        exchange.error = None
+        if reading is not None and reading.body:
+            cycle.buffered, cycle.buffered_size = [reading.body], len(reading.body)
+        if self._paused:
+            self._resume(_PAUSE_UPSTREAM)  # that attempt's back pressure went with it
+        # Sent once the callback that failed has unwound (it may be the old parser's).
+        self.loop.call_soon(self._attempt_again, cycle)
+        return True
+
+    def _attempt_again(self, cycle: _Cycle) -> None:
+        if cycle.stage == _CONNECTING and cycle.upstream is None and not self._closed:
+            self._forward(cycle)
 
     def _send_request(self, cycle: _Cycle, conn: UpstreamConnection) -> None:
         exchange = cycle.exchange
@@ -1013,7 +1062,10 @@ class HttpProtocol(asyncio.Protocol):
             conn.write(head)
         if self._paused:
             self._resume(_PAUSE_BUFFER)
-        wait = pool.response_timeout
+        wait = exchange.timeout
+        if wait is None:
+            wait = pool.response_timeout
+        cycle.response_timeout = wait
         if wait < self.server.min_span:
             self.server.min_span = wait
         deadline = self.loop.time() + wait
@@ -1075,8 +1127,11 @@ class HttpProtocol(asyncio.Protocol):
         cycle = self._current
         if cycle is None or cycle.stage != _WAITING:
             return
-        cycle.stage = _STREAMING
         exchange = cycle.exchange
+        statuses = exchange.retry_statuses
+        if statuses is not None and status in statuses and self._retry(cycle, status, None):
+            return
+        cycle.stage = _STREAMING
         exchange.status = status
         exchange.upstream_headers_at = _now()
         cycle.upstream_reusable = keep_alive
@@ -1097,7 +1152,7 @@ class HttpProtocol(asyncio.Protocol):
         if framing != FRAMING_NONE:
             conn = cycle.upstream
             assert conn is not None
-            deadline = self._deadline = conn.last_activity + exchange.upstream.response_timeout
+            deadline = self._deadline = conn.last_activity + cycle.response_timeout
             if self._timer is None or deadline < self._timer_at:
                 self._arm(deadline)
 
@@ -1168,6 +1223,8 @@ class HttpProtocol(asyncio.Protocol):
                 cycle.retry_allowed = False
                 cycle.stage = _CONNECTING
                 self.loop.create_task(self._connect(cycle, conn.pool))
+                return
+            if self._retry(cycle, 502, exchange.error):
                 return
             self._respond(cycle, problem(502, "Bad Gateway", exchange.error))
             return
@@ -1435,7 +1492,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _upstream_late(self, cycle: _Cycle, now: float) -> None:
         exchange = cycle.exchange
-        timeout = exchange.upstream.response_timeout
+        timeout = cycle.response_timeout
         if not cycle.body_done:
             late = self._body_late_by(cycle, now)
             if late is not None:
@@ -1457,6 +1514,8 @@ class HttpProtocol(asyncio.Protocol):
         if conn is not None:
             conn.abort()
         exchange.error = f"upstream sent no response within {timeout}s"
+        if self._retry(cycle, 504, exchange.error):
+            return
         cycle.keep_alive = cycle.keep_alive and cycle.body_done
         self._respond(cycle, problem(504, "Gateway Timeout", exchange.error))
 
@@ -1491,7 +1550,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._body_overdue(cycle, late)
                 self._fail(cycle, problem(408, "Request Timeout", late))
                 return
-        timeout = exchange.upstream.response_timeout
+        timeout = cycle.response_timeout
         if conn.paused and self._write_paused:
             # The client does not read: its silence, not the upstream's, up to send_timeout.
             send_timeout = self.settings.send_timeout

@@ -55,6 +55,7 @@ from meshgate.proxy._exchange import (
     RequestBodyError,
     Response,
     problem,
+    retry_hook,
     wrap_headers,
 )
 from meshgate.proxy._grpc import grpc_timeout, is_grpc, problem_message, trailers_only
@@ -192,8 +193,11 @@ class _Stream:
         if self.stage != _WAITING:
             return
         protocol = self.protocol
-        self.stage = _STREAMING
         exchange = self.exchange
+        statuses = exchange.retry_statuses
+        if statuses is not None and status in statuses and protocol._retry(self, status, None):
+            return
+        self.stage = _STREAMING
         exchange.status = status
         exchange.upstream_headers_at = _now()
         self.upstream_reusable = keep_alive
@@ -260,6 +264,8 @@ class _Stream:
                 self.retry_allowed = False
                 self.stage = _CONNECTING
                 protocol.loop.create_task(protocol._connect(self, conn.pool))
+                return
+            if protocol._retry(self, 502, exchange.error):
                 return
             protocol._respond(self, problem(502, "Bad Gateway", exchange.error))
         else:
@@ -772,8 +778,11 @@ class H2Protocol(asyncio.Protocol):
         try:
             pool = exchange.upstream
             exchange.upstream_start = _now()
+            exchange.attempts += 1
             stream.retry_allowed = stream.body_done and not stream.buffered_size
-            timeout = pool.response_timeout
+            timeout = exchange.timeout
+            if timeout is None:
+                timeout = pool.response_timeout
             if timeout < self.server.min_span:
                 self.server.min_span = timeout
             if stream.grpc_deadline < _INF:
@@ -800,7 +809,8 @@ class H2Protocol(asyncio.Protocol):
                 self._forward_failed(stream)
             else:
                 stream.exchange.error = stream.exchange.error or str(exc)
-                self._respond(stream, problem(502, "Bad Gateway", str(exc)))
+                if not self._retry(stream, exc.status, str(exc)):
+                    self._respond(stream, problem(502, "Bad Gateway", str(exc)))
             self._flush()
             return
         if stream.stage != _CONNECTING or self._closed:
@@ -823,6 +833,46 @@ class H2Protocol(asyncio.Protocol):
             self._complete(stream)
             return
         self._respond(stream, problem(502, "Bad Gateway", "the gateway failed to forward"))
+
+    def _retry(self, stream: _Stream, status: int, error: str | None) -> bool:
+        """Offer the failed attempt to the handler's ``retry``; True when it is sent again.
+
+        Only before the response head went out, and only for a request that can be sent
+        again whole: no body, or one the handler read (the engine still holds it).
+        """
+        retry = retry_hook(stream.handler)  # type: ignore[arg-type]
+        if retry is None or self._closed or stream.response_started or not stream.body_done:
+            return False
+        exchange = stream.exchange
+        reading = stream.reading
+        if exchange.request.has_body and (reading is None or reading.body is None):
+            return False
+        try:
+            again = retry(exchange, status, error)
+        except Exception:
+            log.exception("retry phase failed")
+            return False
+        if not again or exchange.upstream is None:
+            return False
+        # Discarded, not drained: whatever else that attempt sends, nobody reads it.
+        conn, stream.upstream = stream.upstream, None
+        if conn is not None:
+            conn.abort()
+        stream.stage = _CONNECTING  # deaf to the old upstream's events from here on
+        stream.upstream_blocked = False
+        stream.response_trailers = None
+        exchange.error = None
+        if reading is not None and reading.body:
+            stream.buffered, stream.buffered_size = [reading.body], len(reading.body)
+        self._set_deadline(stream, _INF)  # the gRPC deadline still holds
+        # Sent once the callback that failed has unwound (it may be the old parser's).
+        self.loop.call_soon(self._attempt_again, stream)
+        return True
+
+    def _attempt_again(self, stream: _Stream) -> None:
+        if stream.stage == _CONNECTING and stream.upstream is None and not self._closed:
+            self._forward(stream)
+            self._flush()
 
     def _send_request(self, stream: _Stream, conn: Any) -> None:
         exchange = stream.exchange
@@ -1250,6 +1300,8 @@ class H2Protocol(asyncio.Protocol):
             self._respond(stream, problem(408, "Request Timeout", exchange.error))
             return
         exchange.error = f"upstream sent no response within {timeout:g}s"
+        if self._retry(stream, 504, exchange.error):
+            return
         self._respond(stream, problem(504, "Gateway Timeout", exchange.error))
 
     def _upstream_stalled(self, stream: _Stream, now: float) -> None:
