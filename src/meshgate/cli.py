@@ -443,10 +443,7 @@ def sidecar(
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
     sidecar serves, and the sidecar exits with the app."""
-    from pydantic import ValidationError
-
-    from meshgate.config.loader import load_mesh
-    from meshgate.config.mesh import SidecarSettings
+    from meshgate.config.loader import load_mesh, parse_mesh
     from meshgate.mesh import ControlPlaneSettings, SidecarStartError, run_sidecar
 
     _logging(log_level.upper())
@@ -455,14 +452,6 @@ def sidecar(
         app_command = app_command[1:]
     if app_command and app_command[0].startswith("-"):
         raise _fail(f"unknown option {app_command[0]}; put the app's command after --")
-    base: dict[str, object] = {}
-    if config is not None:
-        try:
-            loaded = load_mesh(config)
-        except ConfigError as exc:
-            raise _fail(f"invalid configuration: {exc}") from None
-        if loaded.sidecar is not None:
-            base = loaded.sidecar.model_dump(exclude_unset=True)
     given: dict[str, object] = {
         "service": service,
         "app_port": app_port,
@@ -475,25 +464,30 @@ def sidecar(
         "advertise": advertise,
         "drain_seconds": drain_seconds,
     }
-    base.update({k: v for k, v in given.items() if v is not None})
+    flags = {k: v for k, v in given.items() if v is not None}
     if ready_path is not None:
-        base["readiness"] = {"http": ready_path}
+        flags["readiness"] = {"http": ready_path}
     try:
         if label:
-            base["labels"] = dict(_pair(item, "--label", "KEY=VALUE") for item in label)
+            flags["labels"] = dict(_pair(item, "--label", "KEY=VALUE") for item in label)
         if upstream:
-            base["upstreams"] = [
+            flags["upstreams"] = [
                 {"service": name, "local_port": _port(port)}
                 for name, port in (_pair(item, "--upstream", "SERVICE=PORT") for item in upstream)
             ]
-        settings = SidecarSettings.model_validate(base)
-    except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc']) or 'sidecar'}: {e['msg']}" for e in exc.errors()
-        ]
-        raise _fail("invalid sidecar settings: " + "; ".join(problems)) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    try:
+        if config is not None:
+            loaded = load_mesh(config, sidecar=flags)
+        else:
+            # Flags only: checked as a file holding just them would be, with their paths.
+            loaded = parse_mesh("{}", "flags", sidecar=flags)
+    except ConfigError as exc:
+        raise _fail(f"invalid configuration: {exc}") from None
+    settings = loaded.sidecar
+    if settings is None:
+        raise _fail("give --service and --app-port, or a sidecar section in --config")
     cp = None
     if control_plane is not None:
         if not token:
@@ -504,6 +498,7 @@ def sidecar(
     try:
         code = run_sidecar(
             settings,
+            config=None if cp is not None else loaded,
             config_path=None if cp is not None else config,
             control_plane=cp,
             app_command=app_command or None,

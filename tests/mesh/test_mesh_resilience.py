@@ -3,6 +3,7 @@ circuit breaking, consistent hashing and locality, against real instances on loo
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,8 +35,11 @@ def test_a_retry_lands_on_another_instance(tmp_path: Path) -> None:
         metrics = sidecar.metrics()
         # Round robin sent 2 of every 3 first attempts to a failing instance: each retried.
         assert metric(metrics, "meshgate_mesh_retries_total", service="payments") >= 20
-        log = sidecar.access_log()
-        assert max(e["attempts"] for e in log if e["direction"] == "outbound") >= 2
+        deadline = time.monotonic() + 5
+        while len(sidecar.access_log()) < 30 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        attempts = [e["attempts"] for e in sidecar.access_log() if e["direction"] == "outbound"]
+        assert len(attempts) == 30 and max(attempts) >= 2
 
 
 def test_no_retry_for_a_status_not_asked_for(tmp_path: Path) -> None:
@@ -216,16 +220,20 @@ def test_circuit_breaking_under_a_burst(tmp_path: Path) -> None:
         policy={"connection_pool": {"max_requests": 5}, "outlier_detection": None},
     )
     sidecar = start_sidecar(tmp_path, "web", caller.port, config={"services": [service]})
+    clients = [httpx.Client(proxy=sidecar.proxy, timeout=10) for _ in range(20)]
+    start = threading.Barrier(20)
     with running(app, caller, sidecar):
 
-        def call(_: int) -> tuple[int, float]:
+        def call(client: httpx.Client) -> tuple[int, float]:
+            start.wait()
             started = time.monotonic()
-            with httpx.Client(proxy=sidecar.proxy, timeout=10) as c:
-                r = c.get("http://inventory/x")
+            r = client.get("http://inventory/x")
             return r.status_code, time.monotonic() - started
 
         with ThreadPoolExecutor(20) as pool:
-            results = list(pool.map(call, range(20)))
+            results = list(pool.map(call, clients))
+        for c in clients:
+            c.close()
         statuses = [s for s, _ in results]
         assert statuses.count(200) >= 5
         assert statuses.count(503) >= 10

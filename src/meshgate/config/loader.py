@@ -788,17 +788,35 @@ def _explain_tag(error: ErrorDetails, where: _Where) -> tuple[str, str]:
     return path, f"is required (one of {expected})"
 
 
-def load_mesh(path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES) -> SidecarConfig:
-    """Read and validate a sidecar's file: its ``sidecar`` settings and the mesh's services."""
+def load_mesh(
+    path: str | os.PathLike[str],
+    *,
+    sidecar: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> SidecarConfig:
+    """Read and validate a sidecar's file: its ``sidecar`` settings and the mesh's services.
+
+    ``sidecar`` holds settings given another way (command-line flags): they override the
+    file's, and are checked with them."""
     source = os.fspath(path)
-    return parse_mesh(_read(source, max_bytes), source, max_bytes=max_bytes)
+    return parse_mesh(_read(source, max_bytes), source, sidecar=sidecar, max_bytes=max_bytes)
 
 
 def parse_mesh(
-    text: str | bytes, source: str = "<string>", *, max_bytes: int = MAX_BYTES
+    text: str | bytes,
+    source: str = "<string>",
+    *,
+    sidecar: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_BYTES,
 ) -> SidecarConfig:
     """Validate a mesh configuration (YAML or JSON), with every error and its path."""
-    return _validate(SidecarConfig, _parse_yaml(text, source, max_bytes), source)
+    data = _parse_yaml(text, source, max_bytes)
+    if sidecar:
+        section = data.get("sidecar")
+        merged = dict(section) if isinstance(section, dict) else {}
+        merged.update(sidecar)
+        data["sidecar"] = merged
+    return _validate(SidecarConfig, data, source)
 
 
 def validate_mesh(data: Any, source: str = "<mesh snapshot>") -> MeshConfig:

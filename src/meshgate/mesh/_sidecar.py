@@ -284,7 +284,8 @@ class Sidecar:
         if self.config_path is None:
             return
         try:
-            config = load_mesh(self.config_path)
+            # The sidecar's own settings are the process's: only services change here.
+            config = load_mesh(self.config_path, sidecar=self.settings.model_dump())
         except ConfigError as exc:
             log.error("configuration refused, the running one is kept: %s", exc)
             self.metrics.config_updates.labels("refused").inc()
@@ -485,19 +486,15 @@ class _AdminHandler:
 def run_sidecar(
     settings: SidecarSettings,
     *,
+    config: MeshConfig | None = None,
     config_path: Path | None = None,
     control_plane: ControlPlaneSettings | None = None,
     app_command: list[str] | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT (or the app exits); the exit status to use."""
+    """Serve until SIGTERM/SIGINT (or the app exits); the exit status to use. The mesh
+    configuration is ``config`` (read from ``config_path``, which SIGHUP reads again) or
+    comes from the control plane."""
     import uvloop
-
-    config = None
-    if config_path is not None:
-        try:
-            config = load_mesh(config_path)
-        except ConfigError as exc:
-            raise SidecarStartError(str(exc)) from None
 
     async def main() -> int:
         sidecar = Sidecar(
