@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -298,10 +299,18 @@ def test_transparent_capture_across_hosts_http_and_tcp(
             "print((greeting + rest).decode())\n",
         )
         assert out.strip().splitlines() == ["hello from db-1", "SELECT 1"]
-        metrics = _in_ns(a, "import httpx; print(httpx.get('http://127.0.0.1:15000/metrics').text)")
-        opened = metric(metrics, "istio_tcp_connections_opened_total", destination_service="db")
-        assert opened == 1
+        code = "import httpx; print(httpx.get('http://127.0.0.1:15000/metrics').text)"
+        deadline = time.monotonic() + 5
+        while True:
+            metrics = _in_ns(a, code)
+            closed = metric(metrics, "istio_tcp_connections_closed_total", destination_service="db")
+            if closed or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert metric(metrics, "istio_tcp_connections_opened_total", destination_service="db") == 1
+        assert closed == 1
         assert metric(metrics, "istio_tcp_received_bytes_total", destination_service="db") == 8
+        assert metric(metrics, "istio_tcp_sent_bytes_total", destination_service="db") == 24
     finally:
         for p in procs:
             p.terminate()

@@ -44,11 +44,13 @@ class _Peer(asyncio.Protocol):
             client.transport.write(data)
 
     def eof_received(self) -> bool:
-        transport = self.client.transport
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()
-            return True
-        return False
+        client = self.client
+        client.peer_eof = True
+        transport = client.transport
+        if client.client_eof or transport is None or not transport.can_write_eof():
+            return False  # both directions are done: the transports close
+        transport.write_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.peer_lost()
@@ -80,6 +82,7 @@ class TcpProxy(asyncio.Protocol):
         self.peer: _Peer | None = None
         self.pending: list[bytes] = []
         self.client_eof = False
+        self.peer_eof = False
         self.sent = 0
         self.received = 0
         self.service: ServiceRuntime | None = None
@@ -88,14 +91,13 @@ class TcpProxy(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         self.started = time.monotonic()
         self.service = self.resolve()
         if self.service is None:
             transport.close()
             return
-        transport.pause_reading()
+        transport.pause_reading()  # type: ignore[attr-defined]
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -155,8 +157,11 @@ class TcpProxy(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.client_eof = True
         peer = self.peer
-        if peer is not None and peer.transport is not None and peer.transport.can_write_eof():
-            peer.transport.write_eof()
+        if peer is None or peer.transport is None:
+            return True  # passed on once connected
+        if self.peer_eof or not peer.transport.can_write_eof():
+            return False
+        peer.transport.write_eof()
         return True
 
     def pause_writing(self) -> None:
