@@ -444,7 +444,8 @@ def sidecar(
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
     sidecar serves, and the sidecar exits with the app."""
     from meshgate.config.loader import load_mesh, parse_mesh
-    from meshgate.mesh import ControlPlaneSettings, SidecarStartError, run_sidecar
+    from meshgate.mesh import ControlPlaneSettings
+    from meshgate.mesh.__main__ import ENV as SIDECAR_ENV
 
     _logging(log_level.upper())
     app_command = list(ctx.args)
@@ -495,19 +496,18 @@ def sidecar(
         cp = ControlPlaneSettings(control_plane, token, env)
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
-    try:
-        code = run_sidecar(
-            settings,
-            config=None if cp is not None else loaded,
-            config_path=None if cp is not None else config,
-            control_plane=cp,
-            app_command=app_command or None,
-        )
-    except SidecarStartError as exc:
-        raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    # The sidecar runs without this command line's parser: the process becomes it.
+    args = {
+        "settings": settings.model_dump(mode="json"),
+        "config_path": str(config.absolute()) if config is not None and cp is None else None,
+        "control_plane": vars(cp) if cp is not None else None,
+        "app_command": app_command,
+        "log_level": log_level.upper(),
+    }
+    environment = {**os.environ, SIDECAR_ENV: json.dumps(args)}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "meshgate.mesh"], environment)
 
 
 def _pair(item: str, option: str, form: str) -> tuple[str, str]:

@@ -5,10 +5,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-import jwt
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -239,6 +235,11 @@ class JwtKey(_Strict):
         # Checked here, not only when a gateway builds the product: a control plane must
         # refuse a key that would make its gateways refuse the whole snapshot.
         if value is not None:
+            # Imported here: cryptography costs megabytes a sidecar has no use for.
+            from cryptography import x509
+            from cryptography.exceptions import UnsupportedAlgorithm
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
             data = value.encode()
             try:
                 if b"CERTIFICATE" in data:
@@ -253,6 +254,8 @@ class JwtKey(_Strict):
     @classmethod
     def _loadable_jwk(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
+            import jwt
+
             try:
                 jwt.PyJWK(value)
             except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
