@@ -443,7 +443,7 @@ def sidecar(
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
     sidecar serves, and the sidecar exits with the app."""
-    from meshgate.config.loader import load_mesh, parse_mesh
+    from meshgate.config.mesh import load_mesh, parse_mesh
     from meshgate.mesh import ControlPlaneSettings
     from meshgate.mesh.__main__ import ENV as SIDECAR_ENV
 

@@ -14,8 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from meshgate.config.loader import ConfigError, load_mesh
-from meshgate.config.mesh import SidecarSettings
+from meshgate.config.mesh import ConfigError, SidecarSettings, load_mesh
 from meshgate.mesh._sidecar import ControlPlaneSettings, SidecarStartError, run_sidecar
 
 ENV = "MESHGATE_SIDECAR"

@@ -23,8 +23,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from meshgate.config.loader import ConfigError, validate_mesh
-from meshgate.config.mesh import Instance, MeshConfig, SidecarSettings
+from meshgate.config.mesh import ConfigError, Instance, MeshConfig, SidecarSettings, validate_mesh
 from meshgate.proxy.client import HttpError, open_stream, request
 
 __all__ = ["ControlPlaneLink"]
