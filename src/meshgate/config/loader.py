@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -26,6 +27,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     create_model,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
@@ -33,8 +35,8 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from meshgate.config.mesh import MeshConfig, SidecarConfig
-from meshgate.config.model import _NAME, Config, Problems, Product
+from meshgate.config.mesh import MeshConfig, Service, SidecarConfig
+from meshgate.config.model import _NAME, Config, Problems, Product, _Strict
 
 __all__ = [
     "MAX_BYTES",
@@ -45,7 +47,9 @@ __all__ = [
     "DepthLimitedLoader",
     "assemble_snapshot",
     "load_config",
+    "load_declarative",
     "parse_config",
+    "parse_declarative",
     "parse_snapshot",
     "validate_snapshot",
     "validate_snapshot_product",
@@ -103,7 +107,10 @@ def parse_config(
 
     ``max_bytes`` is for hand-written files by default; a control plane's snapshot of a large
     model is bigger (pass :data:`MAX_SNAPSHOT_BYTES`)."""
-    data = _parse_yaml(text, source, max_bytes)
+    return _config_of(_parse_yaml(text, source, max_bytes), source, policy_schemas)
+
+
+def _config_of(data: dict[str, Any], source: str, policy_schemas: PolicySchemas | None) -> Config:
     if policy_schemas is not None:
         _validate(_validation_model(tuple(policy_schemas.items())), data, source)
     return _validate(Config, data, source)
@@ -806,3 +813,80 @@ def validate_mesh(data: Any, source: str = "<mesh snapshot>") -> MeshConfig:
     if not isinstance(data, dict):
         raise ConfigError([f"top level: must be a mapping, got {_kind_of(data)}"], source)
     return _validate(MeshConfig, data, source)
+
+
+def load_declarative(
+    path: str | os.PathLike[str],
+    *,
+    policy_schemas: PolicySchemas | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> tuple[Config, list[Service] | None]:
+    """Read and validate a control plane's declarative file (see :func:`parse_declarative`)."""
+    source = os.fspath(path)
+    return parse_declarative(
+        _read(source, max_bytes), source, policy_schemas=policy_schemas, max_bytes=max_bytes
+    )
+
+
+def parse_declarative(
+    text: str | bytes,
+    source: str = "<string>",
+    *,
+    policy_schemas: PolicySchemas | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> tuple[Config, list[Service] | None]:
+    """A control plane's declarative file: the gateway file format, and the mesh's services
+    in an optional ``mesh: {services: [...]}`` section (None when the file has none); every
+    error of both parts with its path.
+
+    Each service is checked on its own; whether they refer to each other rightly depends on
+    the services the control plane keeps beside them, and it checks that."""
+    data = _parse_yaml(text, source, max_bytes)
+    present = "mesh" in data
+    mesh = data.pop("mesh", None)
+    errors: list[str] = []
+    config: Config | None = None
+    try:
+        config = _config_of(data, source, policy_schemas)
+    except ConfigError as exc:
+        errors += exc.errors
+    section: _MeshSection | None = None
+    if present:
+        if not isinstance(mesh, dict):
+            errors.append(f"mesh: must be a mapping with services, got {_kind_of(mesh)}")
+        else:
+            try:
+                section = _validate(_MeshSection, mesh, source)
+            except ConfigError as exc:
+                errors += [_under("mesh", line) for line in exc.errors]
+    if errors:
+        raise ConfigError(errors, source)
+    assert config is not None
+    return config, None if section is None else list(section.services)
+
+
+class _MeshSection(_Strict):
+    """A declarative file's ``mesh`` section: services, each valid on its own."""
+
+    services: list[Service] = Field(max_length=10_000)
+
+    @model_validator(mode="after")
+    def _unique(self) -> _MeshSection:
+        counts = collections.Counter(s.name for s in self.services)
+        twice = sorted(name for name, count in counts.items() if count > 1)
+        if twice:
+            raise ValueError(f"service names must be unique: {', '.join(twice)} given twice")
+        return self
+
+
+def _under(prefix: str, line: str) -> str:
+    """An error of a nested document as its parent has it: ``services[0].port: ...`` becomes
+    ``mesh.services[0].port: ...``."""
+    path, _, message = line.partition(": ")
+    if path == "top level":
+        # Cross-reference problems name their own path in the message.
+        inner, sep, rest = message.partition(": ")
+        if sep and inner.startswith("services["):
+            return f"{prefix}.{inner}: {rest}"
+        return f"{prefix}: {message}"
+    return f"{prefix}.{path}: {message}"
