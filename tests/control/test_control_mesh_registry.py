@@ -630,6 +630,19 @@ def test_200_concurrent_registrations_all_land_exactly_once(
         watcher.close()
 
 
+def test_a_stopping_control_plane_ends_its_streams_at_once(control_sqlite: ControlPlane) -> None:
+    watcher = Stream(control_sqlite)
+    try:
+        watcher.next()
+        started = time.monotonic()
+        control_sqlite.stop()
+        # Not the 5 s uvicorn gives open connections to finish by themselves.
+        assert time.monotonic() - started < 3.0
+        assert watcher.items.get(timeout=1) is None  # the stream ended
+    finally:
+        watcher.close()
+
+
 # The registry's stream mechanics, in process.
 
 

@@ -284,7 +284,11 @@ class ControlPlane:
             pass
 
     def status(self) -> dict[str, Any]:
-        return {"pending": sorted(self._pending), "errors": self.errors}
+        return {
+            "pending": sorted(self._pending),
+            "errors": self.errors,
+            "mesh": self.registry.counts(),
+        }
 
 
 def mesh_channel(env: str) -> str:
