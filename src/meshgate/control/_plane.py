@@ -215,7 +215,7 @@ class ControlPlane:
         replica published it."""
         for env in snapshots.ENVIRONMENTS:
             latest = await asyncio.to_thread(self.latest_mesh, env)
-            if latest is not None:
+            if latest is not None and latest.version > self.registry.configured(env):
                 services = json.loads(latest.body)["services"]
                 self.registry.configure(env, latest.version, services)
 

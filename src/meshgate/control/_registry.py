@@ -278,6 +278,10 @@ class Registry:
                 self._mark(env, name)
         state.static = static
 
+    def configured(self, env: str) -> int:
+        """The version of the environment's mesh configuration taken last (0: none)."""
+        return self._env(env).config_version
+
     # Streams
 
     def subscribe(
