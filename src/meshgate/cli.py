@@ -351,10 +351,40 @@ def control(
             "on your gateways); policy configurations are then checked by gateways only.",
         ),
     ] = False,
+    mesh_ttl: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            max=3600,
+            help="Seconds a sidecar's registration lives without a heartbeat (it sends one "
+            "every third of it).",
+        ),
+    ] = 10.0,
+    mesh_grace: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=3600,
+            help="Seconds a registration outlives the closed endpoint stream bound to it.",
+        ),
+    ] = 1.0,
+    mesh_max_instances: Annotated[
+        int, typer.Option(min=1, help="Registered instances at most, in all.")
+    ] = 20_000,
+    mesh_max_instances_per_token: Annotated[
+        int, typer.Option(min=1, help="Registered instances at most, per token.")
+    ] = 5_000,
+    mesh_max_streams: Annotated[
+        int, typer.Option(min=1, help="Open endpoint streams at most, in all.")
+    ] = 10_000,
+    mesh_max_streams_per_token: Annotated[
+        int, typer.Option(min=1, help="Open endpoint streams at most, per token.")
+    ] = 5_000,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Run the control plane: admin API, snapshots, and the data-plane API gateways pull."""
-    from meshgate.control import ControlPlane, ControlSettings
+    """Run the control plane: admin API, snapshots, the data-plane API gateways pull, and the
+    mesh's configuration, registry and endpoint streams for sidecars."""
+    from meshgate.control import ControlPlane, ControlSettings, RegistrySettings
     from meshgate.control._runner import ControlStartError, database_url_for, run_control
     from meshgate.policies import schemas
 
@@ -367,6 +397,14 @@ def control(
             admin_token=admin_token,
             # Products are checked as gateways check them, policy configurations included.
             policy_schemas=None if custom_policies else schemas(),
+            registry=RegistrySettings(
+                ttl=mesh_ttl,
+                grace=mesh_grace,
+                max_instances=mesh_max_instances,
+                max_instances_per_token=mesh_max_instances_per_token,
+                max_streams=mesh_max_streams,
+                max_streams_per_token=mesh_max_streams_per_token,
+            ),
         )
 
         def ready(plane: ControlPlane) -> None:
@@ -653,9 +691,12 @@ def _print_changes(result: dict[str, object]) -> None:
             "remove (dry run: nothing applied)"
         )
     else:
+        mesh = any(c.get("resource") == "mesh_service" for c in changes)
         typer.echo(
             f"applied: {counts['add']} added, {counts['change']} changed, {counts['remove']} "
-            "removed (in staging: promote products to reach production)"
+            "removed (in staging: promote products"
+            + (", and the mesh (POST /admin/api/mesh/promote)," if mesh else "")
+            + " to reach production)"
         )
 
 
@@ -683,12 +724,12 @@ def apply_file(
     token: AdminToken = None,
 ) -> None:
     """Show the difference between a declarative file and the control plane, then apply it."""
-    from meshgate.config import load_config
+    from meshgate.config.loader import load_declarative
     from meshgate.policies import schemas
 
     try:
         # Policies are checked here too: the control plane stores them as given.
-        load_config(file, policy_schemas=schemas())
+        load_declarative(file, policy_schemas=schemas())
     except ConfigError as exc:
         for line in exc.errors:
             typer.echo(f"{file}: {line}", err=True)
@@ -719,14 +760,15 @@ def export_file(
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
     token: AdminToken = None,
 ) -> None:
-    """Write the control plane's products as a declarative gateway file (YAML)."""
-    from meshgate.config import parse_config
+    """Write the control plane's products (and the mesh's staging services) as a declarative
+    file (YAML)."""
+    from meshgate.config.loader import parse_declarative
 
     params = {"format": "yaml", "applications": str(applications).lower()}
     _, body = _admin_call(control_plane, token, "GET", "/declarative", params)
     text = body.decode()
     try:
-        parse_config(text, "export")
+        parse_declarative(text, "export")
     except ConfigError as exc:
         typer.echo("warning: apply will refuse this export until these are fixed:", err=True)
         for line in exc.errors:

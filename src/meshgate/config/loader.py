@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -19,8 +20,10 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     create_model,
+    model_validator,
 )
 
+from meshgate.config._fields import _Strict
 from meshgate.config._parse import (  # noqa: F401 (re-exported)
     _EXPONENT_FLOAT,
     MAX_BYTES,
@@ -38,7 +41,7 @@ from meshgate.config._parse import (  # noqa: F401 (re-exported)
     _too_large,
     _validate,
 )
-from meshgate.config.mesh import load_mesh, parse_mesh, validate_mesh  # noqa: F401
+from meshgate.config.mesh import Service, load_mesh, parse_mesh, validate_mesh  # noqa: F401
 from meshgate.config.model import Config, Product
 
 __all__ = [
@@ -50,7 +53,9 @@ __all__ = [
     "DepthLimitedLoader",
     "assemble_snapshot",
     "load_config",
+    "load_declarative",
     "parse_config",
+    "parse_declarative",
     "parse_snapshot",
     "validate_snapshot",
     "validate_snapshot_product",
@@ -83,7 +88,10 @@ def parse_config(
 
     ``max_bytes`` is for hand-written files by default; a control plane's snapshot of a large
     model is bigger (pass :data:`MAX_SNAPSHOT_BYTES`)."""
-    data = _parse_yaml(text, source, max_bytes)
+    return _config_of(_parse_yaml(text, source, max_bytes), source, policy_schemas)
+
+
+def _config_of(data: dict[str, Any], source: str, policy_schemas: PolicySchemas | None) -> Config:
     if policy_schemas is not None:
         _validate(_validation_model(tuple(policy_schemas.items())), data, source)
     return _validate(Config, data, source)
@@ -215,3 +223,80 @@ def _validation_model(policies: tuple[tuple[str, type[BaseModel]], ...]) -> type
     return create_model(
         "Config", __base__=Config, __doc__=Config.__doc__, products=(list[product], Field([]))
     )
+
+
+def load_declarative(
+    path: str | os.PathLike[str],
+    *,
+    policy_schemas: PolicySchemas | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> tuple[Config, list[Service] | None]:
+    """Read and validate a control plane's declarative file (see :func:`parse_declarative`)."""
+    source = os.fspath(path)
+    return parse_declarative(
+        _read(source, max_bytes), source, policy_schemas=policy_schemas, max_bytes=max_bytes
+    )
+
+
+def parse_declarative(
+    text: str | bytes,
+    source: str = "<string>",
+    *,
+    policy_schemas: PolicySchemas | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> tuple[Config, list[Service] | None]:
+    """A control plane's declarative file: the gateway file format, and the mesh's services
+    in an optional ``mesh: {services: [...]}`` section (None when the file has none); every
+    error of both parts with its path.
+
+    Each service is checked on its own; whether they refer to each other rightly depends on
+    the services the control plane keeps beside them, and it checks that."""
+    data = _parse_yaml(text, source, max_bytes)
+    present = "mesh" in data
+    mesh = data.pop("mesh", None)
+    errors: list[str] = []
+    config: Config | None = None
+    try:
+        config = _config_of(data, source, policy_schemas)
+    except ConfigError as exc:
+        errors += exc.errors
+    section: _MeshSection | None = None
+    if present:
+        if not isinstance(mesh, dict):
+            errors.append(f"mesh: must be a mapping with services, got {_kind_of(mesh)}")
+        else:
+            try:
+                section = _validate(_MeshSection, mesh, source)
+            except ConfigError as exc:
+                errors += [_under("mesh", line) for line in exc.errors]
+    if errors:
+        raise ConfigError(errors, source)
+    assert config is not None
+    return config, None if section is None else list(section.services)
+
+
+class _MeshSection(_Strict):
+    """A declarative file's ``mesh`` section: services, each valid on its own."""
+
+    services: list[Service] = Field(max_length=10_000)
+
+    @model_validator(mode="after")
+    def _unique(self) -> _MeshSection:
+        counts = collections.Counter(s.name for s in self.services)
+        twice = sorted(name for name, count in counts.items() if count > 1)
+        if twice:
+            raise ValueError(f"service names must be unique: {', '.join(twice)} given twice")
+        return self
+
+
+def _under(prefix: str, line: str) -> str:
+    """An error of a nested document as its parent has it: ``services[0].port: ...`` becomes
+    ``mesh.services[0].port: ...``."""
+    path, _, message = line.partition(": ")
+    if path == "top level":
+        # Cross-reference problems name their own path in the message.
+        inner, sep, rest = message.partition(": ")
+        if sep and inner.startswith("services["):
+            return f"{prefix}.{inner}: {rest}"
+        return f"{prefix}: {message}"
+    return f"{prefix}.{path}: {message}"
