@@ -95,7 +95,14 @@ def test_instances_come_and_go_and_every_sidecar_follows(tmp_path: Path) -> None
         c_sidecar.proc.kill()
         c.proc.kill()
         killed = time.monotonic()
-        time.sleep(2.0)
+        c_address = f"127.0.0.1:{c_sidecar.inbound}"
+
+        def known() -> set[str]:
+            return {e["address"] for e in caller.clusters().get("payments", [])}
+
+        took = _within(3, lambda: c_address not in known(), "the killed instance forgotten")
+        assert took < 1.5, took
+        assert c_address.rpartition(":")[2] not in {str(i["port"]) for i in cp.instances()}
         assert load.last[c.instance] - killed < 1.2
         load.stop()
         assert load.failures == [], load.failures[:5]
