@@ -87,13 +87,21 @@ def up(
             "local CA in DATA_DIR/tls; '' for none."
         ),
     ] = "127.0.0.1:8443",
+    mesh: Annotated[
+        bool,
+        typer.Option(
+            help="Start the mesh demo: orders and payments, two instances each, each behind "
+            "a sidecar (ports 9101-9202 and 15000-15036)."
+        ),
+    ] = True,
 ) -> None:
     """Start the demo: the control plane (SQLite), the echo upstream, a gateway attached to
-    the control plane (seeded with the example products on the first start), and the
-    example integration routes."""
+    the control plane (seeded with the example products on the first start), the example
+    integration routes, and a small service mesh."""
     import uvloop
 
     from meshgate.demo.echo import serve
+    from meshgate.demo.mesh import MeshDemo, start_mesh_demo
     from meshgate.gateway import (
         ControlPlaneOptions,
         GatewayProcess,
@@ -112,6 +120,7 @@ def up(
     token = _demo_token(data_dir)
     base = f"http://{control_listen}"
     control = _start_control_plane(data_dir, control_listen, token)
+    meshes: list[MeshDemo] = []
     try:
         _seed_control_plane(base, token, path)
         settings = data_dir / "gateway-settings.yaml"
@@ -135,6 +144,11 @@ def up(
         )
         host, _, port = upstream.rpartition(":")
         running: list[RunningExample] = []
+        if mesh:
+            try:
+                meshes.append(start_mesh_demo(base, token, (data_dir / "mesh").absolute()))
+            except RuntimeError as exc:
+                raise _fail(f"the mesh demo: {exc}") from None
 
         def ready(process: GatewayProcess) -> None:
             cfg = process.gateway.config
@@ -164,6 +178,9 @@ def up(
             for example_run in running:
                 for line in example_run.usage():
                     typer.echo(line)
+            for demo in meshes:
+                for line in demo.usage():
+                    typer.echo(line)
             typer.echo("stop with Ctrl-C")
 
         async def main() -> None:
@@ -185,6 +202,8 @@ def up(
 
         _serve_until_stopped(lambda: uvloop.run(main()))
     finally:
+        for demo in meshes:
+            demo.stop()
         control.terminate()
         try:
             control.wait(15)

@@ -209,3 +209,16 @@ def _wait_ready(demo: MeshDemo, timeout: float = 20.0) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the sidecar of {i.name} was not ready within {timeout}s")
             time.sleep(0.1)
+    # Ready instances reach the callers through the registry's stream: wait until the
+    # first orders sidecar (the one the walkthrough calls through) knows both payments.
+    admin = INSTANCES[0].admin
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/clusters", timeout=1) as r:
+                if len(json.load(r).get("payments", [])) == 2:
+                    return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the orders sidecar did not learn of payments within {timeout}s")
+        time.sleep(0.05)
