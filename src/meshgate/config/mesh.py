@@ -188,12 +188,14 @@ class RetryPolicy(_Strict):
     per_try_timeout: float | None = Field(
         None, gt=0, description="Seconds each attempt may wait for the response head."
     )
+    # Istio's default: connection failures, and 503 (an instance that is shutting down or
+    # overloaded answers it; another one may not).
     retry_on: list[RetryCondition] = Field(
-        ["connect-failure", "refused-stream", "unavailable"],
+        ["connect-failure", "refused-stream", "unavailable", "retriable-status-codes"],
         description="Conditions that are retried (Envoy's names).",
     )
     retriable_status_codes: list[Annotated[int, Field(ge=100, le=599)]] = Field(
-        [], max_length=32, description="Statuses retried with retry-on retriable-status-codes."
+        [503], max_length=32, description="Statuses retried with retry-on retriable-status-codes."
     )
 
 
@@ -247,7 +249,7 @@ class HttpRoute(_Strict):
         None, gt=0, description="Seconds for the whole call, retries included."
     )
     retries: RetryPolicy | None = Field(
-        None, description="Istio's default when absent: 2 retries on connection failures."
+        None, description="Istio's default when absent: 2 retries on connection failures and 503."
     )
     fault: Fault | None = None
     mirror: Mirror | None = None

@@ -24,7 +24,7 @@ from meshgate.proxy import Headers, Request
 
 __all__ = ["CompiledRoute", "DEFAULT_RETRIES", "HeaderEdit", "compile_routes"]
 
-# Istio's behaviour when nothing is configured: 2 retries on connection failures.
+# Istio's behaviour when nothing is configured: 2 retries on connection failures and 503.
 DEFAULT_RETRIES = RetryPolicy()
 
 _Test = Callable[[str], bool]

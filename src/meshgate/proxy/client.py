@@ -171,7 +171,8 @@ class HttpStream:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._parsed = _Parsed(0)
+        # No bound: the events of a stream are bounded by its reader (they may come with the head).
+        self._parsed = _Parsed(2**62)
         self._parser = httptools.HttpResponseParser(self._parsed)
         self.status = 0
         self.headers: dict[str, str] = {}
@@ -201,7 +202,6 @@ class HttpStream:
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (de-chunked); ends with the response or the connection."""
         parsed = self._parsed
-        parsed.max_body = 2**62
         while True:
             if parsed.chunks:
                 pending, parsed.chunks = parsed.chunks, []
