@@ -291,9 +291,6 @@ class ConnectionPool(_Strict):
     max_requests: int = Field(
         1024, ge=1, le=1_000_000, description="Requests in flight to the service at once."
     )
-    max_requests_per_connection: int = Field(
-        0, ge=0, description="A connection is closed after this many requests; 0: unlimited."
-    )
     connect_timeout: float = Field(10, gt=0, le=300)
     idle: int = Field(64, ge=0, le=100_000, description="Idle connections kept per instance.")
 
