@@ -47,13 +47,17 @@ def wait_port(
 class Proc:
     """A child process whose output goes to files, stopped with SIGTERM."""
 
-    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
+    def __init__(
+        self, args: list[str], workdir: Path, name: str, module: str | None = "meshgate"
+    ) -> None:
+        """``python -m MODULE ARGS`` (``python ARGS`` when ``module`` is None)."""
+        self.name = name
         self.stdout_path = workdir / f"{name}.out"
         self.stderr_path = workdir / f"{name}.err"
         self._out = open(self.stdout_path, "wb")
         self._err = open(self.stderr_path, "wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "meshgate", *args],
+            [sys.executable, *(["-m", module] if module else []), *args],
             stdout=self._out,
             stderr=self._err,
             cwd=workdir,
@@ -71,6 +75,10 @@ class Proc:
 
     def signal(self, sig: int) -> None:
         self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.popen.poll() is None:
@@ -245,3 +253,13 @@ def shared_redis_url() -> str:
     finally:
         client.close()
     return url
+
+
+def within(seconds: float, check: Any, what: str) -> float:
+    """Poll ``check`` until true; the time it took. Fails after ``seconds``."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > seconds:
+            raise AssertionError(f"{what}: not within {seconds}s")
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -292,13 +292,3 @@ def attached_gateway(
         yield AttachedGateway(proc, port, admin_port)
     finally:
         proc.stop()
-
-
-def within(seconds: float, check: Any, what: str) -> float:
-    """Poll ``check`` until true; the time it took. Fails after ``seconds``."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > seconds:
-            raise AssertionError(f"{what}: not within {seconds}s")
-        time.sleep(0.02)
-    return time.monotonic() - started

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,55 +17,20 @@ from typing import Any
 
 import httpx
 import yaml
-from harness import free_port, wait_port
+from harness import Proc, free_port, wait_port
 
 TIMEOUT = 15.0
 
 
-class Process:
-    """A child process with its output in files, stopped with SIGTERM."""
-
-    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
-        self.name = name
-        self.stdout_path = workdir / f"{name}.out"
-        self.stderr_path = workdir / f"{name}.err"
-        self._out = open(self.stdout_path, "wb")
-        self._err = open(self.stderr_path, "wb")
-        self.popen = subprocess.Popen(
-            [sys.executable, *args], stdout=self._out, stderr=self._err, cwd=workdir
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait()
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._out.close()
-        self._err.close()
-        return self.popen.returncode
+def python_process(args: list[str], workdir: Path, name: str) -> Proc:
+    """``python ARGS`` as a :class:`Proc`."""
+    return Proc(args, workdir, name, module=None)
 
 
 class App:
     """A demo service instance."""
 
-    def __init__(self, proc: Process, name: str, version: str, port: int) -> None:
+    def __init__(self, proc: Proc, name: str, version: str, port: int) -> None:
         self.proc = proc
         self.name = name
         self.version = version
@@ -104,7 +67,7 @@ def start_app(
     ]
     if proxy is not None:
         args += ["--proxy", f"127.0.0.1:{proxy}"]
-    proc = Process(args, workdir, f"app-{name}-{port}")
+    proc = python_process(args, workdir, f"app-{name}-{port}")
     wait_port(port, proc=proc.popen)
     return App(proc, name, version, port)
 
@@ -112,7 +75,7 @@ def start_app(
 class SidecarProc:
     """A running ``meshgate sidecar``."""
 
-    def __init__(self, proc: Process, ports: dict[str, int], config_path: Path | None) -> None:
+    def __init__(self, proc: Proc, ports: dict[str, int], config_path: Path | None) -> None:
         self.proc = proc
         self.ports = ports
         self.config_path = config_path
@@ -192,7 +155,7 @@ def start_sidecar(
         path.write_text(yaml.safe_dump(config))
         args += ["--config", str(path)]
     args += extra or []
-    proc = Process(args, workdir, name)
+    proc = python_process(args, workdir, name)
     sidecar = SidecarProc(proc, ports, path)
     wait_port(ports["admin"], proc=proc.popen)
     if wait_ready:
@@ -240,7 +203,7 @@ ADMIN_TOKEN = "mesh-test-admin-token-0123456789abcdef"
 class ControlPlaneProc:
     """A running ``meshgate control`` on SQLite, and a client of its admin API."""
 
-    def __init__(self, proc: Process, port: int) -> None:
+    def __init__(self, proc: Proc, port: int) -> None:
         self.proc = proc
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -276,7 +239,7 @@ def start_control_plane(workdir: Path, *extra: str) -> ControlPlaneProc:
         "-m", "meshgate", "control", "--database-url", f"sqlite:///{workdir / 'cp.db'}",
         "--listen", f"127.0.0.1:{port}", "--admin-token", ADMIN_TOKEN, *extra,
     ]  # fmt: skip
-    proc = Process(args, workdir, f"control-{port}")
+    proc = python_process(args, workdir, f"control-{port}")
     deadline = time.monotonic() + 30
     while True:
         if proc.popen.poll() is not None:

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from harness import within
 from mesh_support import (
     App,
     SidecarProc,
@@ -18,15 +19,6 @@ from mesh_support import (
     start_app,
     start_control_plane,
 )
-
-
-def _within(seconds: float, check, what: str) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > seconds:
-            raise AssertionError(f"{what}: not within {seconds}s")
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 class Caller(threading.Thread):
@@ -78,11 +70,11 @@ def test_instances_come_and_go_and_every_sidecar_follows(tmp_path: Path) -> None
         b, b_sidecar = add("v1")
         load = Caller(caller, "http://payments/pay")
         load.start()
-        _within(5, lambda: {a.instance, b.instance} <= set(load.seen), "both instances seen")
+        within(5, lambda: {a.instance, b.instance} <= set(load.seen), "both instances seen")
         # A new instance gets its first request within a second of registering.
         c, c_sidecar = add("v2")
         registered = time.monotonic()
-        took = _within(5, lambda: c.instance in load.seen, "the new instance reached")
+        took = within(5, lambda: c.instance in load.seen, "the new instance reached")
         assert took < 1.5, took
         _ = registered
         # SIGTERM drains: the instance leaves the registry first, nothing fails.
@@ -100,7 +92,7 @@ def test_instances_come_and_go_and_every_sidecar_follows(tmp_path: Path) -> None
         def known() -> set[str]:
             return {e["address"] for e in caller.clusters().get("payments", [])}
 
-        took = _within(3, lambda: c_address not in known(), "the killed instance forgotten")
+        took = within(3, lambda: c_address not in known(), "the killed instance forgotten")
         assert took < 1.5, took
         assert c_address.rpartition(":")[2] not in {str(i["port"]) for i in cp.instances()}
         assert load.last[c.instance] - killed < 1.2
@@ -109,7 +101,7 @@ def test_instances_come_and_go_and_every_sidecar_follows(tmp_path: Path) -> None
         # It comes back.
         c2, _ = add("v2")
         with caller.client() as client:
-            _within(
+            within(
                 5,
                 lambda: client.get("http://payments/x").headers["x-served-by"] == c2.instance,
                 "back",
@@ -153,7 +145,7 @@ def test_traffic_configuration_from_the_control_plane(tmp_path: Path) -> None:
     s1 = attached_sidecar(tmp_path, cp, "reviews", v1.port, "--version", "v1")
     s2 = attached_sidecar(tmp_path, cp, "reviews", v2.port, "--version", "v2")
     with running(caller_app, caller, v1, v2, s1, s2), caller.client() as client:
-        _within(
+        within(
             5,
             lambda: (
                 len({client.get("http://reviews/").headers["x-served-by"] for _ in range(4)}) == 2
@@ -167,7 +159,7 @@ def test_traffic_configuration_from_the_control_plane(tmp_path: Path) -> None:
                 "routes": [{"destinations": [{"subset": "v2"}]}],
             }
         )
-        _within(
+        within(
             3,
             lambda: (
                 served_by([client.get("http://reviews/") for _ in range(6)]) == {v2.instance: 6}

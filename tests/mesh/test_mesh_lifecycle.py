@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import yaml
 from harness import free_port, wait_port
-from mesh_support import Process, metric, running, start_app, start_sidecar, static_service
+from mesh_support import metric, python_process, running, start_app, start_sidecar, static_service
 
 
 def test_ready_only_when_the_app_is(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_sigterm_reaches_the_app_and_the_sidecar_waits_for_it(tmp_path: Path) ->
     ]  # fmt: skip
     (tmp_path / "empty.yaml").write_text("services: []\n")
     args[args.index("/dev/null")] = str(tmp_path / "empty.yaml")
-    proc = Process(args, tmp_path, "sidecar")
+    proc = python_process(args, tmp_path, "sidecar")
     try:
         wait_port(admin, proc=proc.popen)
         time.sleep(0.3)
