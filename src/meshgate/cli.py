@@ -87,13 +87,21 @@ def up(
             "local CA in DATA_DIR/tls; '' for none."
         ),
     ] = "127.0.0.1:8443",
+    mesh: Annotated[
+        bool,
+        typer.Option(
+            help="Start the mesh demo: orders and payments, two instances each, each behind "
+            "a sidecar (ports 9101-9202 and 15000-15036)."
+        ),
+    ] = True,
 ) -> None:
     """Start the demo: the control plane (SQLite), the echo upstream, a gateway attached to
-    the control plane (seeded with the example products on the first start), and the
-    example integration routes."""
+    the control plane (seeded with the example products on the first start), the example
+    integration routes, and a small service mesh."""
     import uvloop
 
     from meshgate.demo.echo import serve
+    from meshgate.demo.mesh import MeshDemo, start_mesh_demo
     from meshgate.gateway import (
         ControlPlaneOptions,
         GatewayProcess,
@@ -112,6 +120,7 @@ def up(
     token = _demo_token(data_dir)
     base = f"http://{control_listen}"
     control = _start_control_plane(data_dir, control_listen, token)
+    meshes: list[MeshDemo] = []
     try:
         _seed_control_plane(base, token, path)
         settings = data_dir / "gateway-settings.yaml"
@@ -135,6 +144,11 @@ def up(
         )
         host, _, port = upstream.rpartition(":")
         running: list[RunningExample] = []
+        if mesh:
+            try:
+                meshes.append(start_mesh_demo(base, token, (data_dir / "mesh").absolute()))
+            except RuntimeError as exc:
+                raise _fail(f"the mesh demo: {exc}") from None
 
         def ready(process: GatewayProcess) -> None:
             cfg = process.gateway.config
@@ -164,6 +178,9 @@ def up(
             for example_run in running:
                 for line in example_run.usage():
                     typer.echo(line)
+            for demo in meshes:
+                for line in demo.usage():
+                    typer.echo(line)
             typer.echo("stop with Ctrl-C")
 
         async def main() -> None:
@@ -185,6 +202,8 @@ def up(
 
         _serve_until_stopped(lambda: uvloop.run(main()))
     finally:
+        for demo in meshes:
+            demo.stop()
         control.terminate()
         try:
             control.wait(15)
@@ -351,10 +370,40 @@ def control(
             "on your gateways); policy configurations are then checked by gateways only.",
         ),
     ] = False,
+    mesh_ttl: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            max=3600,
+            help="Seconds a sidecar's registration lives without a heartbeat (it sends one "
+            "every third of it).",
+        ),
+    ] = 10.0,
+    mesh_grace: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=3600,
+            help="Seconds a registration outlives the closed endpoint stream bound to it.",
+        ),
+    ] = 1.0,
+    mesh_max_instances: Annotated[
+        int, typer.Option(min=1, help="Registered instances at most, in all.")
+    ] = 20_000,
+    mesh_max_instances_per_token: Annotated[
+        int, typer.Option(min=1, help="Registered instances at most, per token.")
+    ] = 5_000,
+    mesh_max_streams: Annotated[
+        int, typer.Option(min=1, help="Open endpoint streams at most, in all.")
+    ] = 10_000,
+    mesh_max_streams_per_token: Annotated[
+        int, typer.Option(min=1, help="Open endpoint streams at most, per token.")
+    ] = 5_000,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Run the control plane: admin API, snapshots, and the data-plane API gateways pull."""
-    from meshgate.control import ControlPlane, ControlSettings
+    """Run the control plane: admin API, snapshots, the data-plane API gateways pull, and the
+    mesh's configuration, registry and endpoint streams for sidecars."""
+    from meshgate.control import ControlPlane, ControlSettings, RegistrySettings
     from meshgate.control._runner import ControlStartError, database_url_for, run_control
     from meshgate.policies import schemas
 
@@ -367,6 +416,14 @@ def control(
             admin_token=admin_token,
             # Products are checked as gateways check them, policy configurations included.
             policy_schemas=None if custom_policies else schemas(),
+            registry=RegistrySettings(
+                ttl=mesh_ttl,
+                grace=mesh_grace,
+                max_instances=mesh_max_instances,
+                max_instances_per_token=mesh_max_instances_per_token,
+                max_streams=mesh_max_streams,
+                max_streams_per_token=mesh_max_streams_per_token,
+            ),
         )
 
         def ready(plane: ControlPlane) -> None:
@@ -443,8 +500,9 @@ def sidecar(
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
     sidecar serves, and the sidecar exits with the app."""
-    from meshgate.config.loader import load_mesh, parse_mesh
-    from meshgate.mesh import ControlPlaneSettings, SidecarStartError, run_sidecar
+    from meshgate.config.mesh import load_mesh, parse_mesh
+    from meshgate.mesh import ControlPlaneSettings
+    from meshgate.mesh.__main__ import ENV as SIDECAR_ENV
 
     _logging(log_level.upper())
     app_command = list(ctx.args)
@@ -495,19 +553,18 @@ def sidecar(
         cp = ControlPlaneSettings(control_plane, token, env)
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
-    try:
-        code = run_sidecar(
-            settings,
-            config=None if cp is not None else loaded,
-            config_path=None if cp is not None else config,
-            control_plane=cp,
-            app_command=app_command or None,
-        )
-    except SidecarStartError as exc:
-        raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    # The sidecar runs without this command line's parser: the process becomes it.
+    args = {
+        "settings": settings.model_dump(mode="json"),
+        "config_path": str(config.absolute()) if config is not None and cp is None else None,
+        "control_plane": vars(cp) if cp is not None else None,
+        "app_command": app_command,
+        "log_level": log_level.upper(),
+    }
+    environment = {**os.environ, SIDECAR_ENV: json.dumps(args)}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "meshgate.mesh"], environment)
 
 
 def _pair(item: str, option: str, form: str) -> tuple[str, str]:
@@ -653,9 +710,12 @@ def _print_changes(result: dict[str, object]) -> None:
             "remove (dry run: nothing applied)"
         )
     else:
+        mesh = any(c.get("resource") == "mesh_service" for c in changes)
         typer.echo(
             f"applied: {counts['add']} added, {counts['change']} changed, {counts['remove']} "
-            "removed (in staging: promote products to reach production)"
+            "removed (in staging: promote products"
+            + (", and the mesh (POST /admin/api/mesh/promote)," if mesh else "")
+            + " to reach production)"
         )
 
 
@@ -683,12 +743,12 @@ def apply_file(
     token: AdminToken = None,
 ) -> None:
     """Show the difference between a declarative file and the control plane, then apply it."""
-    from meshgate.config import load_config
+    from meshgate.config.loader import load_declarative
     from meshgate.policies import schemas
 
     try:
         # Policies are checked here too: the control plane stores them as given.
-        load_config(file, policy_schemas=schemas())
+        load_declarative(file, policy_schemas=schemas())
     except ConfigError as exc:
         for line in exc.errors:
             typer.echo(f"{file}: {line}", err=True)
@@ -719,14 +779,15 @@ def export_file(
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
     token: AdminToken = None,
 ) -> None:
-    """Write the control plane's products as a declarative gateway file (YAML)."""
-    from meshgate.config import parse_config
+    """Write the control plane's products (and the mesh's staging services) as a declarative
+    file (YAML)."""
+    from meshgate.config.loader import parse_declarative
 
     params = {"format": "yaml", "applications": str(applications).lower()}
     _, body = _admin_call(control_plane, token, "GET", "/declarative", params)
     text = body.decode()
     try:
-        parse_config(text, "export")
+        parse_declarative(text, "export")
     except ConfigError as exc:
         typer.echo("warning: apply will refuse this export until these are fixed:", err=True)
         for line in exc.errors:

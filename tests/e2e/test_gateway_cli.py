@@ -163,9 +163,13 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
         wait_port(port, proc=proc.popen, timeout=60)
         wait_for(lambda: "stop with Ctrl-C" in proc.stdout(), what="the banner")
         out = proc.stdout()
-        curls = [shlex.split(line) for line in out.splitlines() if line.strip().startswith("curl ")]
-        assert len(curls) == 4, out
-        gateway, https, admin, orders = curls
+        curls = [
+            shlex.split(line, comments=True)
+            for line in out.splitlines()
+            if line.strip().startswith("curl ")
+        ]
+        assert len(curls) == 7, out
+        gateway, https, admin, orders, via_sidecar, via_app, clusters = curls
         assert gateway[:3] == ["curl", "-i", "-H"]
         name, _, value = gateway[3].partition(": ")
         answer = httpx.get(gateway[4], headers={name: value}, timeout=TIMEOUT)
@@ -188,6 +192,20 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
             headers={"content-type": "application/json"},
         )
         assert accepted.status_code == 200 and accepted.json() == {"accepted": True, "id": "o-1"}
+        # The mesh: orders calls payments through its sidecar (the HTTP proxy port).
+        assert via_sidecar[:3] == ["curl", "-s", "-x"]
+        with httpx.Client(proxy=via_sidecar[3], timeout=TIMEOUT) as client:
+            answer = client.get(via_sidecar[4])
+        assert answer.status_code == 200 and answer.json()["service"] == "payments"
+        assert answer.json()["source"] == "orders/v1"
+        called = httpx.get(via_app[-1], timeout=TIMEOUT).json()
+        assert (called["service"], called["called"], called["status"]) == (
+            "orders",
+            "payments",
+            200,
+        )
+        known = httpx.get(clusters[-1], timeout=TIMEOUT).json()
+        assert len(known["payments"]) == 2
     finally:
         code = proc.stop()
     assert code == 0, proc.stderr()

@@ -7,6 +7,7 @@ import signal
 import socket
 import ssl
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -81,10 +82,26 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
             r = client.get(f"{gateway}/echo/hello", headers={"X-API-Key": "k1"})
         assert (r.status_code, r.http_version) == (200, "HTTP/2")
 
+        # The mesh demo: orders calls payments through its sidecar, 90 % v1 and 10 % v2,
+        # and beta testers (x-beta: 1) reach v2 only.
+        with httpx.Client(proxy="http://127.0.0.1:15001", timeout=10) as client:
+            versions = Counter(
+                client.get("http://payments/charge").json()["version"] for _ in range(400)
+            )
+            beta = {
+                client.get("http://payments/charge", headers={"x-beta": "1"}).json()["version"]
+                for _ in range(10)
+            }
+        assert set(versions) == {"v1", "v2"} and 0.04 <= versions["v2"] / 400 <= 0.18, versions
+        assert beta == {"v2"}
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{control_port}/admin/api",
             headers={"Authorization": f"Bearer {token}"},
         )
+        assert {i["service"] for i in api.get("/mesh/instances").json()["items"]} == {
+            "orders",
+            "payments",
+        }
         [product] = api.get("/products").json()["items"]
         assert product["name"] == "echo"
         [plan] = api.get(f"/products/{product['id']}/plans").json()["items"]
@@ -107,6 +124,7 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         proc.signal(signal.SIGINT)
         assert proc.stop() in (0, 130)
     assert _closed(control_port), "the control plane outlived meshgate up"
+    assert _closed(15001) and _closed(9101), "the mesh demo outlived meshgate up"
 
     # A second start keeps the data and the token, and seeds nothing again.
     proc = Proc(args, tmp_path, "up-again")
@@ -119,6 +137,7 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         )
         assert api.get("/products").json()["total"] == 1
         assert api.get("/applications").json()["total"] == 2
+        assert api.get("/mesh/services").json()["total"] == 1
         api.close()
     finally:
         proc.signal(signal.SIGINT)

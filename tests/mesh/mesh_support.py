@@ -232,3 +232,74 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+ADMIN_TOKEN = "mesh-test-admin-token-0123456789abcdef"
+
+
+class ControlPlaneProc:
+    """A running ``meshgate control`` on SQLite, and a client of its admin API."""
+
+    def __init__(self, proc: Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.token = ADMIN_TOKEN
+        self.api = httpx.Client(
+            base_url=f"{self.url}/admin/api",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+        )
+
+    def instances(self, service: str | None = None) -> list[dict[str, Any]]:
+        params = {"service": service} if service else {}
+        r = self.api.get("/mesh/instances", params={"env": "production", **params})
+        r.raise_for_status()
+        body = r.json()
+        return list(body["items"] if isinstance(body, dict) else body)
+
+    def put_service(self, doc: dict[str, Any], promote: bool = True) -> None:
+        r = self.api.put(f"/mesh/services/{doc['name']}", json=doc)
+        assert r.status_code in (200, 201), r.text
+        if promote:
+            r = self.api.post("/mesh/promote")
+            assert r.status_code in (200, 201), r.text
+
+    def stop(self) -> int:
+        self.api.close()
+        return self.proc.stop()
+
+
+def start_control_plane(workdir: Path, *extra: str) -> ControlPlaneProc:
+    port = free_port()
+    args = [
+        "-m", "meshgate", "control", "--database-url", f"sqlite:///{workdir / 'cp.db'}",
+        "--listen", f"127.0.0.1:{port}", "--admin-token", ADMIN_TOKEN, *extra,
+    ]  # fmt: skip
+    proc = Process(args, workdir, f"control-{port}")
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"meshgate control exited: {proc.stderr()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return ControlPlaneProc(proc, port)
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise TimeoutError(f"meshgate control not up: {proc.stderr()[-2000:]}")
+        time.sleep(0.05)
+
+
+def attached_sidecar(
+    workdir: Path, cp: ControlPlaneProc, service: str, app_port: int, *extra: str, **kw: Any
+) -> SidecarProc:
+    """A sidecar that registers with, and takes its configuration from, ``cp``."""
+    return start_sidecar(
+        workdir,
+        service,
+        app_port,
+        extra=["--control-plane", cp.url, "--token", cp.token, *extra],
+        **kw,
+    )

@@ -10,12 +10,14 @@ section (:class:`SidecarSettings`) that says which service this sidecar fronts.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from meshgate.config.model import (
+from meshgate.config._fields import (
     HeaderName,
     HostName,
     Problems,
@@ -23,6 +25,7 @@ from meshgate.config.model import (
     _check_listen,
     _Strict,
 )
+from meshgate.config._parse import MAX_BYTES, ConfigError, _kind_of, _parse_yaml, _read, _validate
 
 __all__ = [
     "AbortFault",
@@ -50,6 +53,9 @@ __all__ = [
     "StringMatch",
     "Subset",
     "Upstream",
+    "load_mesh",
+    "parse_mesh",
+    "validate_mesh",
 ]
 
 # Service names are DNS labels joined by dots: what an app writes as the host of its URL.
@@ -480,3 +486,41 @@ class SidecarConfig(MeshConfig):
     """A sidecar's file: its own settings and, standalone, the mesh configuration."""
 
     sidecar: SidecarSettings | None = None
+
+
+def load_mesh(
+    path: str | os.PathLike[str],
+    *,
+    sidecar: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> SidecarConfig:
+    """Read and validate a sidecar's file: its ``sidecar`` settings and the mesh's services.
+
+    ``sidecar`` holds settings given another way (command-line flags): they override the
+    file's, and are checked with them."""
+    source = os.fspath(path)
+    return parse_mesh(_read(source, max_bytes), source, sidecar=sidecar, max_bytes=max_bytes)
+
+
+def parse_mesh(
+    text: str | bytes,
+    source: str = "<string>",
+    *,
+    sidecar: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_BYTES,
+) -> SidecarConfig:
+    """Validate a mesh configuration (YAML or JSON), with every error and its path."""
+    data = _parse_yaml(text, source, max_bytes)
+    if sidecar:
+        section = data.get("sidecar")
+        merged = dict(section) if isinstance(section, dict) else {}
+        merged.update(sidecar)
+        data["sidecar"] = merged
+    return _validate(SidecarConfig, data, source)
+
+
+def validate_mesh(data: Any, source: str = "<mesh snapshot>") -> MeshConfig:
+    """A control plane's mesh snapshot, already parsed from JSON."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level: must be a mapping, got {_kind_of(data)}"], source)
+    return _validate(MeshConfig, data, source)

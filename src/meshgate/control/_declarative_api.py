@@ -17,8 +17,8 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from meshgate.config import ConfigError, parse_config
-from meshgate.config.loader import MAX_BYTES
+from meshgate.config import ConfigError
+from meshgate.config.loader import MAX_BYTES, parse_declarative
 from meshgate.control import schemas as s
 from meshgate.control._auth import Reader, Writer
 from meshgate.control._crud import get_or_404
@@ -85,7 +85,8 @@ def _transaction(plane: Any, write: bool) -> Iterator[Session]:
     "/declarative",
     tags=["declarative"],
     operation_id="export_declarative",
-    summary="The products, plans and applications in the gateway file format (keys as hashes)",
+    summary="The products, plans and applications in the gateway file format (keys as "
+    "hashes), and the mesh's staging services in a mesh section",
     responses={200: {"content": {"application/json": {}, "application/yaml": {}}}},
 )
 def export(
@@ -112,7 +113,8 @@ def export(
     summary="Apply a gateway configuration file: the difference, made in one transaction",
     description="Products the file does not name are removed unless prune=false; within a "
     "product the file names, the file is the whole product (applications too, unless "
-    "applications=false).",
+    "applications=false). A mesh section ({services: [...]}) is staging's mesh services, "
+    "synchronised the same way; without one the mesh is left alone.",
     openapi_extra=_FILE_BODY,
 )
 async def apply(
@@ -125,7 +127,7 @@ async def apply(
     _media_type(request)
     body = await _body(request)
     try:
-        config = parse_config(body, "body")
+        config, mesh = parse_declarative(body, "body")
     except ConfigError as exc:
         errors = []
         for line in exc.errors:
@@ -142,7 +144,8 @@ async def apply(
 
     def run() -> dict[str, Any]:
         with _transaction(plane, write=not dry_run) as session:
-            outcome = synchronise(session, actor, config, options, dry_run, plane.stage)
+            outcome = synchronise(session, actor, config, options, dry_run, plane.stage, mesh=mesh)
+        plane.mesh_published(outcome.mesh_snapshot)
         if outcome.applied and outcome.changes:
             if outcome.config_changed:
                 plane.changed("config")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -28,7 +29,7 @@ from meshgate.control.models import (
     utcnow,
 )
 
-__all__ = ["admin", "dataplane"]
+__all__ = ["admin", "dataplane", "long_poll"]
 
 admin = APIRouter()
 dataplane = APIRouter(prefix="/dp/v1", tags=["data plane"])
@@ -278,23 +279,38 @@ async def pull_snapshot(
         if time.monotonic() - last > 5:
             plane.dataplane_seen[x_meshgate_dataplane] = time.monotonic()
             await run_in_threadpool(_seen, plane, None, x_meshgate_dataplane, env)
+    return await long_poll(
+        plane, env, lambda: plane.latest(env), wait, if_none_match, f"{env} has no snapshot yet"
+    )
+
+
+async def long_poll(
+    plane: Any,
+    channel: str,
+    latest: Callable[[], Any],
+    wait: float,
+    if_none_match: str | None,
+    missing: str,
+) -> Response:
+    """The newest version ``latest()`` gives, or 304 when ``If-None-Match`` still names it
+    after waiting up to ``wait`` seconds for a new version of ``channel``."""
     deadline = time.monotonic() + min(wait, plane.settings.max_wait)
     while True:
-        latest = await run_in_threadpool(plane.latest, env)
-        if latest is None:
-            raise Problem(503, f"{env} has no snapshot yet", headers={"Retry-After": "1"})
-        if if_none_match != latest.etag:
+        current = await run_in_threadpool(latest)
+        if current is None:
+            raise Problem(503, missing, headers={"Retry-After": "1"})
+        if if_none_match != current.etag:
             return Response(
-                latest.body,
+                current.body,
                 media_type="application/json",
-                headers={"ETag": latest.etag, "X-Meshgate-Version": str(latest.version)},
+                headers={"ETag": current.etag, "X-Meshgate-Version": str(current.version)},
             )
         left = deadline - time.monotonic()
         if left <= 0:
-            return Response(status_code=304, headers={"ETag": latest.etag})
+            return Response(status_code=304, headers={"ETag": current.etag})
         # Woken by a local publish; the store is read again at least every 2 s for the
         # versions other control-plane replicas publish.
-        await plane.wait_for_change(env, min(left, 2.0))
+        await plane.wait_for_change(channel, min(left, 2.0))
 
 
 @dataplane.post(

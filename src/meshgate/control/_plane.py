@@ -8,24 +8,28 @@ version of their environment is stored.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from meshgate.control import snapshots
+from meshgate.control import _mesh, snapshots
 from meshgate.control._auth import TokenCache, hash_token, new_token
 from meshgate.control._db import Database
 from meshgate.control._problems import Problem
-from meshgate.control.models import AdminToken, Product, Snapshot
+from meshgate.control._registry import Registry, RegistrySettings
+from meshgate.control.models import AdminToken, MeshSnapshot, Product, Snapshot
 
-__all__ = ["ControlPlane", "ControlSettings"]
+__all__ = ["ControlPlane", "ControlSettings", "mesh_channel"]
 
 log = logging.getLogger("meshgate.control")
+
+_Compiled = TypeVar("_Compiled", Snapshot, MeshSnapshot)
 
 
 @dataclass
@@ -40,6 +44,8 @@ class ControlSettings:
     # by whoever starts the control plane: with them, a policy a gateway would refuse is
     # refused here; without them, policies are stored unchecked.
     policy_schemas: snapshots.PolicySchemas | None = None
+    # The mesh's service registry: TTL, stream grace, caps (see RegistrySettings).
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
 
 
 @dataclass
@@ -62,6 +68,8 @@ class ControlPlane:
         self._versions: dict[str, asyncio.Event] = {}
         self._latest: dict[str, _Latest] = {}
         self._task: asyncio.Task[None] | None = None
+        self._mesh_task: asyncio.Task[None] | None = None
+        self.registry = Registry(settings.registry, snapshots.ENVIRONMENTS)
         self.bootstrap_token: str | None = None
         # When each gateway was last recorded as seen (monotonic), to write that rarely.
         self.dataplane_seen: dict[str, float] = {}
@@ -74,18 +82,26 @@ class ControlPlane:
         self.bootstrap_token = self._bootstrap_token()
         for env in snapshots.ENVIRONMENTS:
             self.publish(env, "start")
+            with self.db.writer() as session, session.begin():
+                _mesh.publish(session, env, "start")
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._versions = {env: asyncio.Event() for env in snapshots.ENVIRONMENTS}
+        channels = [*snapshots.ENVIRONMENTS, *map(mesh_channel, snapshots.ENVIRONMENTS)]
+        self._versions = {channel: asyncio.Event() for channel in channels}
         self._task = self._loop.create_task(self._compile_forever())
+        await self._follow_mesh()
+        self._mesh_task = self._loop.create_task(self._follow_mesh_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self.registry.close()
+        for task in (self._task, self._mesh_task):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         # Whatever was pending is compiled before exit, so that no change waits for a restart.
@@ -179,48 +195,86 @@ class ControlPlane:
                 snapshot.size,
                 reason,
             )
-            self._remember(snapshot)
+            self._remember(env, snapshot)
         return snapshot
+
+    def mesh_published(self, snapshot: MeshSnapshot | None) -> None:
+        """After the commit of a new mesh version: wake the sidecars waiting for it, and
+        give the registry its static instances."""
+        if snapshot is None:
+            return
+        self._remember(mesh_channel(snapshot.env), snapshot)
+        services = json.loads(snapshot.document)["services"]
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                self.registry.configure, snapshot.env, snapshot.version, services
+            )
+
+    async def _follow_mesh(self) -> None:
+        """Give the registry each environment's newest mesh configuration, also when another
+        replica published it."""
+        for env in snapshots.ENVIRONMENTS:
+            latest = await asyncio.to_thread(self.latest_mesh, env)
+            if latest is not None and latest.version > self.registry.configured(env):
+                services = json.loads(latest.body)["services"]
+                self.registry.configure(env, latest.version, services)
+
+    async def _follow_mesh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await self._follow_mesh()
+            except Exception:
+                log.exception("reading the mesh configuration failed; will retry")
 
     # Distribution
 
-    def _remember(self, snapshot: Snapshot) -> None:
-        latest = _Latest(snapshot.version, _etag(snapshot), snapshot.document.encode())
-        current = self._latest.get(snapshot.env)
+    def _remember(self, channel: str, snapshot: Snapshot | MeshSnapshot) -> None:
+        latest = _Latest(snapshot.version, _etag(channel, snapshot), snapshot.document.encode())
+        current = self._latest.get(channel)
         if current is None or current.version < latest.version:
-            self._latest[snapshot.env] = latest
+            self._latest[channel] = latest
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._notify, snapshot.env)
+            self._loop.call_soon_threadsafe(self._notify, channel)
 
-    def _notify(self, env: str) -> None:
-        event = self._versions.get(env)
+    def _notify(self, channel: str) -> None:
+        event = self._versions.get(channel)
         if event is not None:
             event.set()
-        self._versions[env] = asyncio.Event()
+        self._versions[channel] = asyncio.Event()
 
     def latest(self, env: str) -> _Latest | None:
         """The newest version of ``env``; read from the store, so other replicas' count."""
+        return self._latest_of(Snapshot, env, env)
+
+    def latest_mesh(self, env: str) -> _Latest | None:
+        """The newest mesh configuration of ``env``, as :meth:`latest`."""
+        return self._latest_of(MeshSnapshot, mesh_channel(env), env)
+
+    def _latest_of(self, model: type[_Compiled], channel: str, env: str) -> _Latest | None:
         with self.db.session() as session:
             row = session.execute(
-                select(Snapshot.version)
-                .where(Snapshot.env == env)
-                .order_by(Snapshot.version.desc())
+                select(model.version)
+                .where(model.env == env)
+                .order_by(model.version.desc())
                 .limit(1)
             ).first()
             if row is None:
                 return None
-            cached = self._latest.get(env)
+            cached = self._latest.get(channel)
             if cached is not None and cached.version == row.version:
                 return cached
             snapshot = session.scalars(
-                select(Snapshot).where(Snapshot.env == env, Snapshot.version == row.version)
+                select(model).where(model.env == env, model.version == row.version)
             ).one()
-        latest = _Latest(snapshot.version, _etag(snapshot), snapshot.document.encode())
-        self._latest[env] = latest
+        latest = _Latest(snapshot.version, _etag(channel, snapshot), snapshot.document.encode())
+        self._latest[channel] = latest
         return latest
 
-    async def wait_for_change(self, env: str, timeout: float) -> None:
-        event = self._versions.get(env)
+    async def wait_for_change(self, channel: str, timeout: float) -> None:
+        """Until ``channel`` (an environment, or :func:`mesh_channel` of one) has a new
+        version, or ``timeout`` seconds."""
+        event = self._versions.get(channel)
         if event is None:
             await asyncio.sleep(timeout)
             return
@@ -230,7 +284,16 @@ class ControlPlane:
             pass
 
     def status(self) -> dict[str, Any]:
-        return {"pending": sorted(self._pending), "errors": self.errors}
+        return {
+            "pending": sorted(self._pending),
+            "errors": self.errors,
+            "mesh": self.registry.counts(),
+        }
+
+
+def mesh_channel(env: str) -> str:
+    """What waiters for the mesh configuration of ``env`` wait on."""
+    return f"mesh:{env}"
 
 
 def _field(path: str) -> str:
@@ -242,5 +305,6 @@ def _field(path: str) -> str:
 _PARTS = ("backends", "metrics", "mapping_rules")
 
 
-def _etag(snapshot: Snapshot) -> str:
-    return f'"{snapshot.env}-{snapshot.version}-{snapshot.digest[:12]}"'
+def _etag(channel: str, snapshot: Snapshot | MeshSnapshot) -> str:
+    # "production-3-…" for the products, "mesh-production-3-…" for the mesh.
+    return f'"{channel.replace(":", "-")}-{snapshot.version}-{snapshot.digest[:12]}"'

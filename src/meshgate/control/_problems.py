@@ -32,6 +32,7 @@ _TITLES = {
     415: "unsupported media type",
     422: "invalid request",
     428: "precondition required",
+    429: "too many requests",
     500: "internal error",
     503: "unavailable",
 }

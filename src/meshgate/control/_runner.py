@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def run_control(
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
+    stop_serving = server.shutdown
+
+    async def shutdown(sockets: list[socket.socket] | None = None) -> None:
+        # Endpoint streams never end by themselves: end them first, or the server would
+        # wait its whole graceful timeout for them (their sidecars reconnect elsewhere).
+        plane.registry.close()
+        await stop_serving(sockets)
+
+    server.shutdown = shutdown  # type: ignore[method-assign]
     if on_ready is not None:
         original = server.startup
 

@@ -17,6 +17,8 @@ from meshgate.control._auth import AuthenticationGate
 from meshgate.control._declarative_api import router as declarative
 from meshgate.control._environments import admin as environments
 from meshgate.control._environments import dataplane
+from meshgate.control._mesh_api import admin as mesh
+from meshgate.control._mesh_api import dataplane as mesh_dataplane
 from meshgate.control._plane import ControlPlane, ControlSettings
 from meshgate.control._resources import router as resources
 
@@ -24,24 +26,33 @@ __all__ = ["MAX_BODY", "create_app"]
 
 # A declarative file of 50,000 applications is a few MiB; an OpenAPI document less.
 MAX_BODY = 64 * 1024 * 1024
+# A sidecar's registration or heartbeat is a few hundred bytes.
+MAX_MESH_DATAPLANE_BODY = 64 * 1024
 
 
 class _BodyLimit:
-    """Refuse request bodies above a size with 413, counted as they arrive."""
+    """Refuse request bodies above a size with 413, counted as they arrive; ``smaller``
+    holds lower limits for paths under a prefix."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, smaller: dict[str, int] | None = None) -> None:
         self.app = app
-        self.limit = limit
+        self.default = limit
+        self.smaller = smaller or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        limit = next(
+            (size for prefix, size in self.smaller.items() if path.startswith(prefix)),
+            self.default,
+        )
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if not value.isdigit() or int(value) > self.limit:
+                if not value.isdigit() or int(value) > limit:
                     await _problems.problem_response(
-                        413, f"the request body exceeds {self.limit} bytes"
+                        413, f"the request body exceeds {limit} bytes"
                     )(scope, receive, send)
                     return
         seen = 0
@@ -51,10 +62,10 @@ class _BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # An HTTPException: FastAPI's body reader lets it through (any other
                     # exception there becomes a 400), and the problem handlers answer it.
-                    raise HTTPException(413, f"the request body exceeds {self.limit} bytes")
+                    raise HTTPException(413, f"the request body exceeds {limit} bytes")
             return message
 
         await self.app(scope, counted, send)
@@ -75,8 +86,9 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     app = FastAPI(
         title="meshgate control plane",
         version="1",
-        description="Manage API products, plans, applications and keys; gateways pull the "
-        "compiled configuration from /dp/v1.",
+        description="Manage API products, plans, applications and keys, and the mesh's "
+        "services; gateways pull the compiled configuration from /dp/v1, sidecars the mesh's "
+        "from /dp/v1/mesh, where they also register and stream the endpoints.",
         openapi_url="/admin/api/openapi.json",
         docs_url="/admin/api/docs",
         redoc_url=None,
@@ -85,16 +97,19 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     app.state.plane = plane
     _problems.install(app)
     app.openapi = lambda: _problems.document_problems(app)  # type: ignore[method-assign]
-    for router in (resources, applications, environments):
+    for router in (resources, applications, environments, mesh):
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
     app.include_router(dataplane)
+    app.include_router(mesh_dataplane)
 
     @app.get("/healthz", tags=["health"], operation_id="health")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", **plane.status()}
 
     # Outermost first: a request without a valid token is refused before its size is.
-    app.add_middleware(_BodyLimit, limit=MAX_BODY)
+    app.add_middleware(
+        _BodyLimit, limit=MAX_BODY, smaller={"/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY}
+    )
     app.add_middleware(AuthenticationGate)
     return app

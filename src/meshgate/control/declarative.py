@@ -8,6 +8,11 @@ created from a file belong to the account :data:`DEFAULT_ACCOUNT`; existing ones
 Applying synchronises: products the file does not name are removed, unless ``prune`` is off;
 within a product the file names, the file is the whole product (backends, metrics, mapping
 rules, plans, limits, and, unless ``applications`` is off, applications and their keys).
+
+The file's optional ``mesh: {services: [...]}`` section is the mesh's services in staging, as
+products are (promoted with ``POST /admin/api/mesh/promote``): a file with the section
+synchronises them the same way, services it does not name being removed unless ``prune`` is
+off; a file without it leaves the mesh alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from sqlalchemy.orm import Session
 
 from meshgate.config import Auth, Config, hash_key, new_salt
 from meshgate.config import Product as ProductConfig
+from meshgate.config.mesh import Service
+from meshgate.control import _mesh
 from meshgate.control import schemas as s
 from meshgate.control._applications import MAX_KEYS
 from meshgate.control._auth import Actor
@@ -38,6 +45,7 @@ from meshgate.control.models import (
     Backend,
     Limit,
     MappingRule,
+    MeshSnapshot,
     Metric,
     Plan,
     Product,
@@ -152,6 +160,8 @@ class Outcome:
     # applications, keys) or the set of products did: what the caller recompiles.
     config_changed: bool = False
     live_changed: bool = False
+    # The staging mesh version the apply published, for the caller to announce.
+    mesh_snapshot: MeshSnapshot | None = None
 
     def summary(self) -> dict[str, int]:
         counts = {"add": 0, "change": 0, "remove": 0}
@@ -379,9 +389,18 @@ def render(state: ProductState, applications: bool = True) -> dict[str, Any]:
 def export_document(
     session: Session, applications: bool = True, names: Iterable[str] | None = None
 ) -> dict[str, Any]:
-    """The control plane's products in the gateway file format; keys only as salted hashes."""
+    """The control plane's products in the gateway file format; keys only as salted hashes.
+    With every product, the mesh's staging services too, in a ``mesh`` section (none when
+    there are none)."""
     current = _load(session, names)
-    return {"products": [render(cur.state, applications) for cur in current.values()]}
+    document: dict[str, Any] = {
+        "products": [render(cur.state, applications) for cur in current.values()]
+    }
+    if names is None:
+        services = list(_mesh.documents(session, "staging").values())
+        if services:
+            document["mesh"] = {"services": services}
+    return document
 
 
 # The file's side
@@ -1102,8 +1121,10 @@ def synchronise(
     options: Options = Options(),
     dry_run: bool = False,
     stage: Any = None,
+    mesh: list[Service] | None = None,
 ) -> Outcome:
-    """The difference between ``config`` and the store; unless ``dry_run``, make it so.
+    """The difference between ``config`` (and ``mesh``, the file's mesh section, if it has
+    one) and the store; unless ``dry_run``, make it so.
 
     Runs inside the caller's transaction. ``stage(session, product_id)`` restages a product's
     gateway configuration (the control plane's ``stage``); raising rolls everything back.
@@ -1132,28 +1153,35 @@ def synchronise(
         changes.append(Change("remove", "product", cur.state.name, "", fields))
     for sync in syncs:
         changes += sync.changes
+    product_changes = bool(changes)
+    mesh_sync = _MeshSync(session, mesh, options) if mesh is not None else None
     outcome = Outcome(changes, notes, applied=not dry_run)
     outcome.config_changed = any(sync.config_changed for sync in syncs) or bool(removed)
     outcome.live_changed = bool(removed) or any(
         c.resource not in ("product", "backend", "metric", "mapping_rule") for c in changes
     )
+    if mesh_sync is not None:
+        changes += mesh_sync.changes
     if dry_run or not changes:
         return outcome
 
-    w = _Writer(session, actor)
-    for sync in syncs:
-        sync.remove_applications(w)
-    session.flush()
-    for cur in removed:
-        w.delete("product", cur.row)
-    session.flush()
-    for sync in syncs:
-        sync.apply(w)
-    w.finish()
-    if stage is not None:
+    if product_changes:
+        w = _Writer(session, actor)
         for sync in syncs:
-            if sync.config_changed and sync.cur is not None:
-                stage(session, sync.cur.row.id)
+            sync.remove_applications(w)
+        session.flush()
+        for cur in removed:
+            w.delete("product", cur.row)
+        session.flush()
+        for sync in syncs:
+            sync.apply(w)
+        w.finish()
+        if stage is not None:
+            for sync in syncs:
+                if sync.config_changed and sync.cur is not None:
+                    stage(session, sync.cur.row.id)
+    if mesh_sync is not None and mesh_sync.changes:
+        outcome.mesh_snapshot = mesh_sync.apply(actor)
     audit(
         session,
         actor,
@@ -1168,3 +1196,52 @@ def synchronise(
         },
     )
     return outcome
+
+
+class _MeshSync:
+    """The difference between the file's mesh section and staging's services, checked as the
+    whole mesh configuration staging would then have."""
+
+    def __init__(self, session: Session, mesh: list[Service], options: Options) -> None:
+        self.session = session
+        _mesh.lock(session)
+        self.current = _mesh.documents(session, "staging")
+        given = {
+            service.name: service.model_dump(mode="json", exclude_unset=True) for service in mesh
+        }
+        errors = FieldErrors()
+        for i, document in enumerate(given.values()):
+            for error in _mesh.storable_errors(document, f"mesh.services[{i}]"):
+                errors.add(error["field"], error["message"])
+        errors.raise_if_any()
+        kept = {} if options.prune else {k: v for k, v in self.current.items() if k not in given}
+        self.wanted = {**given, **kept}
+        own = {name: f"mesh.services[{i}]" for i, name in enumerate(given)}
+        _mesh.validated(self.wanted, own, top="mesh.services")
+        self.changes: list[Change] = []
+        for name, document in given.items():
+            before = self.current.get(name)
+            if before is None:
+                self.changes.append(Change("add", "mesh_service", name, "", _fields({}, document)))
+            elif before != document:
+                keys = dict.fromkeys([*before, *document])
+                fields = {
+                    k: (before.get(k), document.get(k))
+                    for k in keys
+                    if before.get(k) != document.get(k)
+                }
+                self.changes.append(Change("change", "mesh_service", name, "", fields))
+        for name in self.current:
+            if name not in self.wanted:
+                self.changes.append(Change("remove", "mesh_service", name))
+
+    def apply(self, actor: Actor) -> MeshSnapshot | None:
+        _mesh.write(self.session, "staging", dict(sorted(self.wanted.items())))
+        for change in self.changes:
+            name = change.product
+            before, after = self.current.get(name), self.wanted.get(name)
+            audit(self.session, actor, _ACTIONS[change.action], "mesh_service", name, before, after)
+        return _mesh.publish(self.session, "staging", "apply")
+
+
+_ACTIONS = {"add": "create", "change": "update", "remove": "delete"}

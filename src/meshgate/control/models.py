@@ -41,6 +41,8 @@ __all__ = [
     "EnvironmentProduct",
     "Limit",
     "MappingRule",
+    "MeshService",
+    "MeshSnapshot",
     "Metric",
     "Plan",
     "PricingRule",
@@ -312,11 +314,9 @@ class EnvironmentProduct(Base):
     )
 
 
-class Snapshot(Base):
-    """An immutable compiled configuration of one environment; every version is kept."""
+class _Compiled:
+    """Columns of an immutable, versioned document of one environment."""
 
-    __tablename__ = "snapshots"
-    __table_args__ = (UniqueConstraint("env", "version"), Index("ix_snapshots_env", "env"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     env: Mapped[str] = mapped_column(String(32))
     version: Mapped[int] = mapped_column(Integer)
@@ -325,6 +325,34 @@ class Snapshot(Base):
     reason: Mapped[str] = mapped_column(String(200))
     size: Mapped[int] = mapped_column(Integer)
     document: Mapped[str] = mapped_column(Text)
+
+
+class Snapshot(_Compiled, Base):
+    """An immutable compiled configuration of one environment; every version is kept."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (UniqueConstraint("env", "version"), Index("ix_snapshots_env", "env"))
+
+
+class MeshService(Base):
+    """A mesh service's traffic configuration as an environment has it (staging: every
+    change; production: what was promoted), as the document a sidecar reads."""
+
+    __tablename__ = "mesh_services"
+    env: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class MeshSnapshot(_Compiled, Base):
+    """An immutable mesh configuration (``MeshConfig``) of one environment; every version
+    is kept."""
+
+    __tablename__ = "mesh_snapshots"
+    __table_args__ = (UniqueConstraint("env", "version"),)
 
 
 class Dataplane(Base):

@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
 )
 
+from meshgate.config.mesh import Instance, ServiceName
 from meshgate.config.model import (
     Auth,
     BackendProtocol,
@@ -622,3 +623,52 @@ def backend_usage(path: str, url: str) -> BackendUsage:
 
 def mapping_rule(method: str, pattern: str, metric: str) -> ConfigMappingRule:
     return ConfigMappingRule(method=method, pattern=pattern, metric=metric)  # type: ignore[arg-type]
+
+
+# The mesh's registry
+
+# Registration ids as the registry makes them (secrets.token_urlsafe).
+INSTANCE_ID = r"^[A-Za-z0-9_\-]{1,64}$"
+
+
+class InstanceRegistration(Instance):
+    """A sidecar's instance: where it listens and what it is, as static instances are
+    configured, and the service, whether it takes requests now, and the environment."""
+
+    model_config = ConfigDict(strict=True)
+
+    service: ServiceName
+    ready: bool = Field(True, description="false: registered, but not among the endpoints.")
+    env: Env = "production"
+
+
+class Registered(BaseModel):
+    id: str = Field(description="The registration's id: heartbeat and remove it with it.")
+    ttl: float = Field(description="Seconds it lives without a heartbeat; send one every ttl/3.")
+
+
+class Heartbeat(_In):
+    ready: bool = Field(description="Whether the instance takes requests now.")
+
+
+class HeartbeatOut(BaseModel):
+    ttl: float = Field(description="Seconds it lives without another heartbeat.")
+
+
+class MeshInstanceOut(BaseModel):
+    id: str = Field(description="The registration's id; static:ADDRESS:PORT for a static one.")
+    env: str
+    service: str
+    address: str
+    port: int
+    version: str
+    zone: str
+    labels: dict[str, str]
+    weight: int
+    ready: bool
+    source: Literal["registered", "static"]
+    owner: str | None = Field(None, description="The name of the token that registered it.")
+    registered_at: Timestamp | None = None
+    last_heartbeat: Timestamp | None = None
+    expires_in: float | None = Field(None, description="Seconds left without a heartbeat.")
+    streams: int = Field(0, description="Endpoint streams open for it (instance=ID).")

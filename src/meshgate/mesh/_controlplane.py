@@ -23,8 +23,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from meshgate.config.loader import ConfigError, validate_mesh
-from meshgate.config.mesh import Instance, MeshConfig, SidecarSettings
+from meshgate.config.mesh import ConfigError, Instance, MeshConfig, SidecarSettings, validate_mesh
 from meshgate.proxy.client import HttpError, open_stream, request
 
 __all__ = ["ControlPlaneLink"]
@@ -70,6 +69,10 @@ class ControlPlaneLink:
         self._ready_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._known_services: set[str] = set()
+        self._registered = asyncio.Event()
+        # The open endpoint stream: closed when the instance registers anew, so that the
+        # next one is bound to the new registration (its liveness rides on it).
+        self._stream: Any = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -166,6 +169,9 @@ class ControlPlaneLink:
         if status not in (200, 201) or not isinstance(doc, dict) or "id" not in doc:
             raise HttpError(f"registration refused: HTTP {status}: {_detail(doc)}")
         self.instance_id = str(doc["id"])
+        self._registered.set()
+        if self._stream is not None:
+            self._stream.close()
         ttl = doc.get("ttl")
         if isinstance(ttl, int | float) and ttl > 0:
             self.ttl = float(ttl)
@@ -201,25 +207,33 @@ class ControlPlaneLink:
 
     async def _endpoints(self) -> None:
         backoff = 0.2
+        try:
+            # The first stream is bound to the registration when it comes quickly.
+            await asyncio.wait_for(self._registered.wait(), 2.0)
+        except TimeoutError:
+            pass
         while True:
             url = f"{self.url}/dp/v1/mesh/endpoints?env={quote(self.env)}"
-            if self.instance_id is not None:
-                url += f"&instance={quote(self.instance_id)}"
+            bound = self.instance_id
+            if bound is not None:
+                url += f"&instance={quote(bound)}"
             headers = self.headers
             if self.endpoints_version is not None:
                 headers = {**headers, "Last-Event-ID": str(self.endpoints_version)}
             try:
-                stream = await open_stream(url, headers=headers, timeout=10.0)
+                stream = self._stream = await open_stream(url, headers=headers, timeout=10.0)
                 try:
                     if stream.status != 200:
                         raise HttpError(f"endpoint stream refused: HTTP {stream.status}")
                     self._contact()
-                    bound = self.instance_id
                     await self._follow(stream, bound)
                 finally:
+                    self._stream = None
                     stream.close()
                 backoff = 0.2
             except HttpError as exc:
+                if bound != self.instance_id:
+                    continue  # closed on purpose: registered anew, bind the next stream
                 self._failed("endpoint stream", exc)
                 await asyncio.sleep(backoff * (1 + random.random()))
                 backoff = min(backoff * 2, 5.0)

@@ -3,21 +3,21 @@
 ``istio_requests_total``, ``istio_request_duration_milliseconds``, ``istio_request_bytes``,
 ``istio_response_bytes`` and the ``istio_tcp_*`` series, reported by the caller's sidecar
 (``reporter="source"``) and the callee's (``reporter="destination"``), so that dashboards
-made for Istio read a meshgate mesh. Counts are plain numbers updated without locks and
-turned into metric families at scrape time (one process, one thread on the hot path).
+made for Istio read a meshgate mesh. Counts are plain numbers updated without locks (one
+process, one thread on the hot path) and written out in the Prometheus text format at
+scrape time. The format is written here rather than by prometheus_client: a sidecar's
+memory budget (40 MB beside every instance) has no room for the library's megabyte and a
+half, and the sidecar needs nothing else of it.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+__all__ = ["CONTENT_TYPE", "MeshMetrics", "REQUEST_LABELS"]
 
-__all__ = ["MeshMetrics", "REQUEST_LABELS"]
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Istio's default duration buckets, in milliseconds.
 _MS_BOUNDS = (
@@ -87,8 +87,64 @@ class _Histogram:
         return out
 
 
-_MS_LE = tuple(floatToGoString(b) for b in _MS_BOUNDS)
-_BYTE_LE = tuple(floatToGoString(b) for b in _BYTE_BOUNDS)
+def _number(value: float) -> str:
+    """A sample value or bound as Prometheus writes it (+Inf, 1.0, 2.5e+06)."""
+    if value == float("inf"):
+        return "+Inf"
+    if value == int(value) and abs(value) < 1e15:
+        return f"{int(value)}.0"
+    return repr(float(value))
+
+
+_MS_LE = tuple(_number(b) for b in _MS_BOUNDS)
+_BYTE_LE = tuple(_number(b) for b in _BYTE_BOUNDS)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Iterable[str], values: Iterable[str], extra: str = "") -> str:
+    pairs = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        pairs.append(extra)
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+class _Child:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class Family:
+    """A counter or gauge with labels: ``family.labels(*values).inc()``."""
+
+    def __init__(self, name: str, help: str, labels: Iterable[str], kind: str = "counter"):
+        self.name = name
+        self.help = help
+        self.label_names = tuple(labels)
+        self.kind = kind
+        self.children: dict[tuple[str, ...], _Child] = {}
+
+    def labels(self, *values: str) -> _Child:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = _Child()
+        return child
+
+    def render(self, out: list[str]) -> None:
+        sample = self.name + "_total" if self.kind == "counter" else self.name
+        out.append(f"# HELP {sample} {self.help}\n# TYPE {sample} {self.kind}\n")
+        for values, child in list(self.children.items()):
+            out.append(f"{sample}{_labels(self.label_names, values)} {_number(child.value)}\n")
 
 
 class _Request:
@@ -110,127 +166,109 @@ class _Tcp:
         self.opened = self.closed = self.sent = self.received = 0
 
 
-class _Series(Collector):
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, ...], _Request] = {}
-        self.tcp: dict[tuple[str, ...], _Tcp] = {}
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        labels = list(REQUEST_LABELS)
-        total = CounterMetricFamily(
-            "istio_requests", "Requests, by source and destination.", labels=labels
-        )
-        duration = HistogramMetricFamily(
-            "istio_request_duration_milliseconds", "Request duration.", labels=labels
-        )
-        request_bytes = HistogramMetricFamily(
-            "istio_request_bytes", "Request body sizes.", labels=labels
-        )
-        response_bytes = HistogramMetricFamily(
-            "istio_response_bytes", "Response body sizes.", labels=labels
-        )
-        for key, series in list(self.requests.items()):
-            values = list(key)
-            total.add_metric(values, float(series.count))
-            duration.add_metric(values, series.duration.buckets(), series.duration.sum)
-            request_bytes.add_metric(
-                values, series.request_bytes.buckets(), series.request_bytes.sum
-            )
-            response_bytes.add_metric(
-                values, series.response_bytes.buckets(), series.response_bytes.sum
-            )
-        yield from (total, duration, request_bytes, response_bytes)
-        tcp_labels = list(_TCP_LABELS)
-        families = {
-            "opened": CounterMetricFamily(
-                "istio_tcp_connections_opened", "TCP connections opened.", labels=tcp_labels
-            ),
-            "closed": CounterMetricFamily(
-                "istio_tcp_connections_closed", "TCP connections closed.", labels=tcp_labels
-            ),
-            "sent": CounterMetricFamily(
-                "istio_tcp_sent_bytes", "Bytes sent to the client.", labels=tcp_labels
-            ),
-            "received": CounterMetricFamily(
-                "istio_tcp_received_bytes", "Bytes received from the client.", labels=tcp_labels
-            ),
-        }
-        for key, tcp in list(self.tcp.items()):
-            values = list(key)
-            for name, family in families.items():
-                family.add_metric(values, float(getattr(tcp, name)))
-        yield from families.values()
+def _render_histogram(
+    out: list[str], name: str, label_names: tuple[str, ...], values: tuple[str, ...], h: _Histogram
+) -> None:
+    total = 0
+    for le, n in zip(h.le, h.counts, strict=True):
+        total += n
+        labels = _labels(label_names, values, f'le="{le}"')
+        out.append(f"{name}_bucket{labels} {total}.0\n")
+    plain = _labels(label_names, values)
+    out.append(f"{name}_count{plain} {total}.0\n{name}_sum{plain} {_number(h.sum)}\n")
 
 
 class MeshMetrics:
-    """A sidecar's metrics: Istio's standard ones, and the mesh's own (retries, ejections)."""
+    """A sidecar's metrics: Istio's standard ones, and the mesh's own (retries, ejections).
+
+    ``gauges`` are read when scraped (endpoint counts and ejections come from the clusters
+    as they are then)."""
 
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self._series = _Series()
-        r.register(self._series)
-        self.retries = Counter(
-            "meshgate_mesh_retries",
-            "Retries sent, by destination service.",
-            ["service"],
-            registry=r,
+        self.requests: dict[tuple[str, ...], _Request] = {}
+        self.tcp_series: dict[tuple[str, ...], _Tcp] = {}
+        self.retries = Family(
+            "meshgate_mesh_retries", "Retries sent, by destination service.", ["service"]
         )
-        self.retry_budget_exhausted = Counter(
+        self.retry_budget_exhausted = Family(
             "meshgate_mesh_retry_budget_exhausted",
             "Retries not sent because the service's retry budget was spent.",
             ["service"],
-            registry=r,
         )
-        self.overflows = Counter(
+        self.overflows = Family(
             "meshgate_mesh_overflows",
             "Requests refused at once because the service had max_requests in flight (503).",
             ["service"],
-            registry=r,
         )
-        self.ejections = Counter(
-            "meshgate_mesh_ejections",
-            "Instances ejected by outlier detection.",
-            ["service"],
-            registry=r,
+        self.mirrored = Family(
+            "meshgate_mesh_mirrored", "Requests copied to a mirror.", ["service"]
         )
-        self.endpoints = Gauge(
-            "meshgate_mesh_endpoints",
-            "Instances known per service, healthy or ejected.",
-            ["service", "state"],
-            registry=r,
+        self.faults = Family(
+            "meshgate_mesh_faults", "Faults injected, by kind.", ["service", "kind"]
         )
-        self.mirrored = Counter(
-            "meshgate_mesh_mirrored", "Requests copied to a mirror.", ["service"], registry=r
+        self.config_updates = Family(
+            "meshgate_mesh_config_updates", "Configurations applied, by result.", ["result"]
         )
-        self.faults = Counter(
-            "meshgate_mesh_faults", "Faults injected, by kind.", ["service", "kind"], registry=r
-        )
-        self.config_updates = Counter(
-            "meshgate_mesh_config_updates",
-            "Configurations applied, by result.",
-            ["result"],
-            registry=r,
-        )
+        self.counters = [
+            self.retries,
+            self.retry_budget_exhausted,
+            self.overflows,
+            self.mirrored,
+            self.faults,
+            self.config_updates,
+        ]
+        # Called at scrape time: families whose values are read from live state.
+        self.gauges: list[Callable[[], Iterable[Family]]] = []
 
     def request(
         self, labels: tuple[str, ...], duration_ms: float, bytes_in: int, bytes_out: int
     ) -> None:
-        series = self._series.requests.get(labels)
+        series = self.requests.get(labels)
         if series is None:
-            series = self._series.requests[labels] = _Request()
+            series = self.requests[labels] = _Request()
         series.count += 1
         series.duration.observe(duration_ms)
         series.request_bytes.observe(bytes_in)
         series.response_bytes.observe(bytes_out)
 
     def tcp(self, labels: tuple[str, ...]) -> _Tcp:
-        series = self._series.tcp.get(labels)
+        series = self.tcp_series.get(labels)
         if series is None:
-            series = self._series.tcp[labels] = _Tcp()
+            series = self.tcp_series[labels] = _Tcp()
         return series
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        out: list[str] = []
+        names = REQUEST_LABELS
+        requests = list(self.requests.items())
+        out.append(
+            "# HELP istio_requests_total Requests, by source and destination.\n"
+            "# TYPE istio_requests_total counter\n"
+        )
+        for values, series in requests:
+            out.append(f"istio_requests_total{_labels(names, values)} {series.count}.0\n")
+        for name, help, attribute in (
+            ("istio_request_duration_milliseconds", "Request duration.", "duration"),
+            ("istio_request_bytes", "Request body sizes.", "request_bytes"),
+            ("istio_response_bytes", "Response body sizes.", "response_bytes"),
+        ):
+            out.append(f"# HELP {name} {help}\n# TYPE {name} histogram\n")
+            for values, series in requests:
+                _render_histogram(out, name, names, values, getattr(series, attribute))
+        tcp = list(self.tcp_series.items())
+        for attribute, name, help in (
+            ("opened", "istio_tcp_connections_opened_total", "TCP connections opened."),
+            ("closed", "istio_tcp_connections_closed_total", "TCP connections closed."),
+            ("sent", "istio_tcp_sent_bytes_total", "Bytes sent to the client."),
+            ("received", "istio_tcp_received_bytes_total", "Bytes received from the client."),
+        ):
+            out.append(f"# HELP {name} {help}\n# TYPE {name} counter\n")
+            for values, connection in tcp:
+                value = getattr(connection, attribute)
+                out.append(f"{name}{_labels(_TCP_LABELS, values)} {value}.0\n")
+        for family in self.counters:
+            family.render(out)
+        for read in self.gauges:
+            for family in read():
+                family.render(out)
+        return "".join(out).encode()

@@ -30,10 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from meshgate.config.loader import ConfigError, load_mesh
-from meshgate.config.mesh import MeshConfig, SidecarSettings
+from meshgate.config.mesh import ConfigError, MeshConfig, SidecarSettings, load_mesh
 from meshgate.mesh._controlplane import ControlPlaneLink
-from meshgate.mesh._metrics import MeshMetrics
+from meshgate.mesh._metrics import CONTENT_TYPE, Family, MeshMetrics
 from meshgate.mesh._tcp import TcpProxy
 from meshgate.mesh._traffic import Inbound, Mesh, Outbound
 from meshgate.proxy import (
@@ -136,6 +135,7 @@ class Sidecar:
         self.app_command = app_command
         self.on_ready = on_ready
         self.metrics = MeshMetrics()
+        self.metrics.gauges.append(self._cluster_metrics)
         self.access_log = AccessLog(1) if settings.access_log else None
         self.mesh = Mesh(settings, self.metrics, access_log=self.access_log)
         if config is not None:
@@ -243,6 +243,7 @@ class Sidecar:
         )
         gc.collect()
         gc.freeze()
+        _return_free_memory()
         if self.on_ready is not None:
             self.on_ready(self)
         app_waiter = None
@@ -394,6 +395,25 @@ class Sidecar:
             doc["control_plane"] = self.link.describe()
         return doc
 
+    def _cluster_metrics(self) -> list[Family]:
+        now = time.monotonic()
+        endpoints = Family(
+            "meshgate_mesh_endpoints",
+            "Instances known, by service and state.",
+            ["service", "state"],
+            "gauge",
+        )
+        ejections = Family(
+            "meshgate_mesh_ejections", "Instances ejected by outlier detection.", ["service"]
+        )
+        for name, runtime in self.mesh.services.items():
+            cluster = runtime.cluster
+            ejected = sum(1 for e in cluster.endpoints if e.ejected_until > now)
+            endpoints.labels(name, "healthy").set(len(cluster.endpoints) - ejected)
+            endpoints.labels(name, "ejected").set(ejected)
+            ejections.labels(name).set(cluster.ejections_total)
+        return [endpoints, ejections]
+
     def clusters(self) -> dict[str, Any]:
         now = time.monotonic()
         out: dict[str, Any] = {}
@@ -416,6 +436,17 @@ def _settings() -> ServerSettings:
     return ServerSettings(
         header_timeout=_LISTENER.header_timeout, idle_timeout=_LISTENER.idle_timeout
     )
+
+
+def _return_free_memory() -> None:
+    """Give the allocator's free pages back to the system: building the models at start
+    leaves megabytes of freed heap a sidecar would otherwise keep for its lifetime."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def _default_address() -> str:
@@ -463,9 +494,7 @@ class _AdminHandler:
             )
             return _json(503, {"status": "unavailable", "reason": reason})
         if path == "/metrics":
-            from meshgate.telemetry.metrics import CONTENT_TYPE_LATEST
-
-            return Response(200, sidecar.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+            return Response(200, sidecar.metrics.render(), content_type=CONTENT_TYPE)
         if path == "/config":
             return _json(200, sidecar.describe())
         if path == "/clusters":

@@ -16,7 +16,6 @@ from typing import Protocol
 
 from meshgate.proxy._exchange import Handler
 from meshgate.proxy._http1 import HttpProtocol
-from meshgate.proxy._http2 import serve_h2
 from meshgate.proxy._tls import ServerTls
 
 __all__ = ["Server", "ServerSettings", "bind_socket"]
@@ -88,7 +87,7 @@ class Server:
         # Makes the protocol of a connection that asked for HTTP/2: (server, transport,
         # bytes already read) -> None. None while the engine serves HTTP/1.1 only.
         self.h2: Callable[[Server, asyncio.Transport, bytes], None] | None = (
-            serve_h2 if settings.http2 else None
+            _serve_h2 if settings.http2 else None
         )
         # The shortest timeout in use, upstream ones included as they are met: no
         # connection's timer is set further ahead than this (see HttpProtocol._arm).
@@ -144,6 +143,14 @@ class Server:
             for conn in list(self.connections):
                 if conn.transport is not None:
                     conn.transport.abort()
+
+
+def _serve_h2(server: Server, transport: asyncio.Transport, data: bytes) -> None:
+    # Imported when a client first speaks HTTP/2: h2 costs megabytes a sidecar whose
+    # apps speak HTTP/1.1 never needs.
+    from meshgate.proxy._http2 import serve_h2
+
+    serve_h2(server, transport, data)
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

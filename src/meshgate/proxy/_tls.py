@@ -17,9 +17,11 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+if TYPE_CHECKING:
+    from cryptography import x509
+
 
 __all__ = [
     "ALPN",
@@ -83,6 +85,8 @@ def _stamp(paths: Iterable[str | None]) -> tuple[tuple[int, int, int, int], ...]
 
 
 def _dns_names(cert_file: str) -> list[str]:
+    from cryptography import x509
+
     try:
         with open(cert_file, "rb") as f:
             cert = x509.load_pem_x509_certificate(f.read())
@@ -276,6 +280,8 @@ class PeerCertificate:
 
     @cached_property
     def _cert(self) -> x509.Certificate:
+        from cryptography import x509
+
         return x509.load_der_x509_certificate(self.der)
 
     @cached_property
@@ -295,12 +301,16 @@ class PeerCertificate:
 
     @cached_property
     def common_name(self) -> str | None:
+        from cryptography.x509.oid import NameOID
+
         names = self._cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(names[0].value) if names else None
 
     @cached_property
     def sans(self) -> tuple[str, ...]:
         """DNS names, URIs (SPIFFE IDs), e-mail addresses and IP addresses, as text."""
+        from cryptography import x509
+
         try:
             ext = self._cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         except x509.ExtensionNotFound:
