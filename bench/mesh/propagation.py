@@ -244,12 +244,14 @@ def _start_target(name: str, workdir: Path, track: Callable[[Server], Server]) -
     return port, log
 
 
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``check`` until true; the seconds it took."""
+def _wait(check: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> float:
+    """Poll ``check`` until true; the seconds it took. ``what`` says what failed (a function:
+    what it says when the time is up)."""
     start = time.monotonic()
     while not check():
         if time.monotonic() - start > timeout:
-            raise BenchError(f"{what}: not after {timeout:g} s")
+            said = what() if callable(what) else what
+            raise BenchError(f"{said} after {timeout:g} s")
         time.sleep(0.01)
     return time.monotonic() - start
 
@@ -316,15 +318,25 @@ def measure_propagation(
     )
     track(caller.server)
 
+    listed = {"bulk": 0, "target": 0}
+
     def synced() -> bool:
         caller.server.check_alive()
         try:
             clusters = caller.admin_get("/clusters")
         except (OSError, BenchError):
             return False
-        return len(clusters.get("bulk", ())) == args.bulk and len(clusters.get("target", ())) == 2
+        listed.update({name: len(clusters.get(name, ())) for name in listed})
+        return listed == {"bulk": args.bulk, "target": 2}
 
-    _wait(synced, 60, "the caller's sidecar never listed every registered instance")
+    _wait(
+        synced,
+        60,
+        lambda: (
+            f"the caller's sidecar lists {listed['bulk']} of the {args.bulk} bulk and "
+            f"{listed['target']} of the 2 target instances"
+        ),
+    )
     result = Propagation(
         control_source=source,
         bulk=args.bulk,
@@ -421,7 +433,11 @@ def _kill_one(
     )
     track(sidecar.server)
     address = f"127.0.0.1:{sidecar.inbound}"
-    _wait(lambda: address in caller.endpoints("target"), 30, "the caller never listed it")
+    _wait(
+        lambda: address in caller.endpoints("target"),
+        30,
+        "the caller does not list an instance registered by its own sidecar",
+    )
     time.sleep(GAP_S)
     killed = time.monotonic()
     sidecar.server.popen.kill()
