@@ -469,6 +469,7 @@ class LoadResult:
     # load (the load generator), others (every other process on the machine: the noise of
     # a shared host), and the idle seconds of cores 0 and 1.
     cpu_s: dict[str, float] = field(default_factory=dict)
+    p90_ms: float | None = None  # wrk only
 
 
 _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -489,6 +490,7 @@ def parse_wrk(text: str, connections: int, delay_ms: float | None) -> LoadResult
 
     total = find(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),")
     p50 = find(r"^\s*50%\s+([\d.]+)(us|ms|s|m|h)\s*$")
+    p90 = find(r"^\s*90%\s+([\d.]+)(us|ms|s|m|h)\s*$")
     p99 = find(r"^\s*99%\s+([\d.]+)(us|ms|s|m|h)\s*$")
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
     errors = re.search(
@@ -505,6 +507,7 @@ def parse_wrk(text: str, connections: int, delay_ms: float | None) -> LoadResult
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
         delay_ms=delay_ms,
+        p90_ms=_ms(*p90.groups()),
     )
 
 
@@ -591,6 +594,19 @@ def run_load(
     return done, cpu_split(before, after, load_s)
 
 
+def pace_script(workdir: Path, delay_ms: float) -> Path:
+    """A wrk Lua script whose ``delay()`` pauses each connection a whole number of ms drawn
+    around a uniform 0..2*delay_ms before each request: the mean can be fractional, and
+    connections do not fire in step on the timer's ms ticks."""
+    script = workdir / "pace.lua"
+    script.write_text(
+        f"local span = {2 * delay_ms:.4f}\n"
+        "math.randomseed(os.time())\n"
+        "function delay()\n  return math.floor(math.random() * span + 0.5)\nend\n"
+    )
+    return script
+
+
 def wrk(
     port: int,
     connections: int,
@@ -599,22 +615,11 @@ def wrk(
     delay_ms: float | None = None,
     meter: Meter | None = None,
 ) -> LoadResult:
-    """One wrk run on the load core.
-
-    ``delay_ms`` paces each connection: after each response a Lua ``delay()`` waits a
-    whole number of ms drawn around a uniform 0..2*delay_ms, so that the mean can be
-    fractional and connections do not fire in step on the timer's ms ticks.
-    """
+    """One wrk run on the load core; ``delay_ms`` paces each connection (``pace_script``)."""
     args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
     args += ["--latency", "-H", f"X-API-Key: {KEY}"]
     if delay_ms is not None:
-        script = workdir / "pace.lua"
-        script.write_text(
-            f"local span = {2 * delay_ms:.4f}\n"
-            "math.randomseed(os.time())\n"
-            "function delay()\n  return math.floor(math.random() * span + 0.5)\nend\n"
-        )
-        args += ["-s", str(script)]
+        args += ["-s", str(pace_script(workdir, delay_ms))]
     scheme = "https" if port in HTTPS_PORTS else "http"
     args.append(f"{scheme}://127.0.0.1:{port}{PATH}")
     done, cpu = run_load(args, seconds + 60, meter)
@@ -832,26 +837,29 @@ def saturate(
     )
 
 
-def paced(
-    port: int, rate: float, args: argparse.Namespace, workdir: Path, meter: Meter
-) -> LoadResult:
-    """A wrk run at about ``rate`` req/s over the saturation run's connections.
-
-    Each connection's cycle is its pause plus the time its request takes, so
-    ``rate = connections / (pause + service)``: short warm-up runs measure the service
-    time and set the pause (same connection count as at saturation, so no system has to
-    open connections beyond its keep-alive pool).
-    """
-    connections = args.connections
+def pace_for(port: int, rate: float, connections: int, seconds: float, workdir: Path) -> float:
+    """The mean pause (ms) that paces ``connections`` wrk connections to about ``rate``
+    req/s: each connection's cycle is its pause plus the time its request takes, so
+    ``rate = connections / (pause + service)``; short trial runs of ``seconds`` (which
+    also warm the system up) measure the service time and set the pause."""
     cycle_ms = connections * 1000 / rate
     service_ms = 0.3
     for _ in range(3):
         delay = max(0.0, cycle_ms - service_ms)
-        trial = wrk(port, connections, args.warmup, workdir, delay)
+        trial = wrk(port, connections, seconds, workdir, delay)
         if trial.rps <= 0 or abs(trial.rps - rate) / rate < 0.02:
             break
         service_ms = max(0.0, connections * 1000 / trial.rps - delay)
-    return wrk(port, connections, args.duration, workdir, delay, meter)
+    return delay
+
+
+def paced(
+    port: int, rate: float, args: argparse.Namespace, workdir: Path, meter: Meter
+) -> LoadResult:
+    """A wrk run at about ``rate`` req/s over the saturation run's connections (the same
+    count, so no system has to open connections beyond its keep-alive pool)."""
+    delay = pace_for(port, rate, args.connections, args.warmup, workdir)
+    return wrk(port, args.connections, args.duration, workdir, delay, meter)
 
 
 # machine
