@@ -14,6 +14,7 @@ from urllib.parse import quote
 import httpx
 import yaml
 from harness import Proc, free_port, service_url, unavailable, wait_port
+from harness import within as within  # re-exported for the suites that import it here
 
 TOKEN = "mgt_test-admin-token-0123456789abcdef"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"

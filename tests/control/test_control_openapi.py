@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from control_support import TOKEN, ControlPlane, attached_gateway, within
-from harness import echo_upstream
+from control_support import TOKEN, ControlPlane, attached_gateway
+from harness import echo_upstream, within
 
 from meshgate.config.loader import MAX_BYTES
 

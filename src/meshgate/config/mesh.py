@@ -331,7 +331,11 @@ class DestinationPolicy(_Strict):
 
 class Service(_Strict):
     name: ServiceName
-    protocol: Literal["http", "tcp"] = "http"
+    protocol: Literal["http", "http2", "tcp"] = Field(
+        "http",
+        description="How sidecars call its instances: http (HTTP/1.1), http2 (cleartext "
+        "HTTP/2: gRPC services, streams and trailers end to end) or tcp (bytes relayed).",
+    )
     virtual_ip: str | None = Field(
         None, description="The address apps call under transparent capture (a ClusterIP)."
     )
@@ -453,7 +457,9 @@ class SidecarSettings(_Strict):
     labels: Labels = {}
     app_port: Port
     app_address: HostName = "127.0.0.1"
-    app_protocol: Literal["http", "tcp"] = "http"
+    app_protocol: Literal["http", "http2", "tcp"] = Field(
+        "http", description="What the app speaks: http (HTTP/1.1), http2 (h2c, gRPC) or tcp."
+    )
     readiness: Readiness = Readiness(tcp=True)
     inbound: Listen = Field("0.0.0.0:15006", description="What other services' sidecars call.")
     advertise: str | None = Field(

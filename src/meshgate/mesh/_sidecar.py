@@ -34,14 +34,13 @@ from meshgate.config.mesh import ConfigError, MeshConfig, SidecarSettings, load_
 from meshgate.mesh._controlplane import ControlPlaneLink
 from meshgate.mesh._metrics import CONTENT_TYPE, Family, MeshMetrics
 from meshgate.mesh._tcp import TcpProxy
-from meshgate.mesh._traffic import Inbound, Mesh, Outbound
+from meshgate.mesh._traffic import Inbound, Mesh, Outbound, new_pool
 from meshgate.proxy import (
     Exchange,
     Headers,
     Response,
     Server,
     ServerSettings,
-    UpstreamPool,
     bind_socket,
     problem,
 )
@@ -152,8 +151,13 @@ class Sidecar:
         self._listeners: list[asyncio.base_events.Server] = []
         self._by_service: dict[str, Server] = {}
         self.ports: dict[str, int] = {}
-        app = UpstreamPool(settings.app_address, settings.app_port, connect_timeout=5.0)
-        app.host_header = settings.service.encode()
+        app = new_pool(
+            settings.app_address,
+            settings.app_port,
+            settings.app_protocol,
+            settings.service,
+            connect_timeout=5.0,
+        )
         self.app_pool = app
         self.inbound = Server(Inbound(self.mesh, app), _settings())
         self.outbound = Server(Outbound(self.mesh), _settings())

@@ -56,23 +56,59 @@ class ServiceRuntime:
         self.static = bool(config.instances)
 
 
-def _pool_factory(policy: DestinationPolicy, service: str) -> Callable[[Instance], UpstreamPool]:
+def _pool_factory(
+    policy: DestinationPolicy, service: str, protocol: str = "http"
+) -> Callable[[Instance], Any]:
     pool_settings = policy.connection_pool
 
-    def make(instance: Instance) -> UpstreamPool:
-        pool = UpstreamPool(
+    def make(instance: Instance) -> Any:
+        return new_pool(
             instance.address,
             instance.port,
+            protocol,
+            service,
             connect_timeout=pool_settings.connect_timeout,
-            response_timeout=DEFAULT_RESPONSE_TIMEOUT,
             max_idle=pool_settings.idle,
             max_connections=pool_settings.max_connections,
         )
-        # The callee sees the service's name as the host it was called by, as with Istio.
-        pool.host_header = service.encode()
-        return pool
 
     return make
+
+
+def new_pool(
+    address: str,
+    port: int,
+    protocol: str,
+    host: str,
+    *,
+    connect_timeout: float,
+    max_idle: int = 64,
+    max_connections: int | None = None,
+) -> Any:
+    """Connections to one instance: HTTP/1.1, or one multiplexed cleartext HTTP/2 connection
+    (``http2``: gRPC and its trailers pass end to end). The callee sees ``host`` as the
+    authority it was called by, as with Istio."""
+    if protocol == "http2":
+        from meshgate.proxy import H2UpstreamPool
+
+        h2 = H2UpstreamPool(
+            address,
+            port,
+            connect_timeout=connect_timeout,
+            response_timeout=DEFAULT_RESPONSE_TIMEOUT,
+        )
+        h2.host_header = host.encode()
+        return h2
+    pool = UpstreamPool(
+        address,
+        port,
+        connect_timeout=connect_timeout,
+        response_timeout=DEFAULT_RESPONSE_TIMEOUT,
+        max_idle=max_idle,
+        max_connections=max_connections,
+    )
+    pool.host_header = host.encode()
+    return pool
 
 
 class Mesh:
@@ -124,6 +160,9 @@ class Mesh:
                 runtime.cluster.set_endpoints(())
 
     def _runtime(self, config: Service, previous: ServiceRuntime | None) -> ServiceRuntime:
+        if previous is not None and previous.config.protocol != config.protocol:
+            previous.cluster.set_endpoints(())  # its pools speak the old protocol
+            previous = None
         if previous is not None:
             cluster = previous.cluster
             cluster.set_policy(config.policy, config.subsets)
@@ -133,7 +172,7 @@ class Mesh:
                 config.policy,
                 config.subsets,
                 zone=self.settings.zone,
-                pool_factory=_pool_factory(config.policy, config.name),
+                pool_factory=_pool_factory(config.policy, config.name, config.protocol),
                 rng=self.rng,
             )
         runtime = ServiceRuntime(config, cluster)
@@ -158,7 +197,7 @@ class Mesh:
             s.service,
             config.policy,
             [],
-            pool_factory=_pool_factory(config.policy, s.service),
+            pool_factory=_pool_factory(config.policy, s.service, s.app_protocol),
             rng=self.rng,
         )
         cluster.set_endpoints(config.instances)
@@ -476,7 +515,7 @@ class Outbound:
 class Inbound:
     """The handler of calls to the local app: forwards every request to it."""
 
-    def __init__(self, mesh: Mesh, app: UpstreamPool) -> None:
+    def __init__(self, mesh: Mesh, app: Any) -> None:
         self.mesh = mesh
         self.app = app
         self.labels: dict[tuple[str, int], tuple[str, ...]] = {}
