@@ -127,3 +127,36 @@ def test_route_matches(tmp_path: Path, match: dict, hit: str | None, miss: str |
         else:
             assert client.get(f"http://catalog{hit}").headers["x-served-by"] == v2.instance
             assert client.get(f"http://catalog{miss}").headers["x-served-by"] == v1.instance
+
+
+def test_header_changes_both_ways(tmp_path: Path) -> None:
+    app = start_app(tmp_path, "catalog")
+    caller = start_app(tmp_path, "web")
+    service = static_service(
+        "catalog",
+        [app],
+        routes=[
+            {
+                "headers": {
+                    "request": {
+                        "set": {"x-env": "canary"},
+                        "add": {"x-tag": "mesh"},
+                        "remove": ["x-debug"],
+                    },
+                    "response": {"set": {"x-served-through": "mesh"}, "remove": ["x-served-by"]},
+                }
+            }
+        ],
+    )
+    sidecar = start_sidecar(tmp_path, "web", caller.port, config={"services": [service]})
+    with running(app, caller, sidecar), sidecar.client() as client:
+        r = client.get(
+            "http://catalog/x", headers={"x-env": "prod", "x-debug": "1", "x-tag": "app"}
+        )
+        seen = r.json()["headers"]
+        assert seen["x-env"] == "canary"
+        assert "x-debug" not in seen
+        # The demo app keeps the last of repeated fields: the added one came after.
+        assert seen["x-tag"] == "mesh"
+        assert r.headers["x-served-through"] == "mesh"
+        assert "x-served-by" not in r.headers

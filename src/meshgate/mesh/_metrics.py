@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 __all__ = ["CONTENT_TYPE", "MeshMetrics", "REQUEST_LABELS"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Request series kept at most; later label sets are counted together as "other".
+MAX_SERIES = 10_000
 
 # Istio's default duration buckets, in milliseconds.
 _MS_BOUNDS = (
@@ -223,9 +225,15 @@ class MeshMetrics:
     def request(
         self, labels: tuple[str, ...], duration_ms: float, bytes_in: int, bytes_out: int
     ) -> None:
-        series = self.requests.get(labels)
+        requests = self.requests
+        series = requests.get(labels)
         if series is None:
-            series = self.requests[labels] = _Request()
+            if len(requests) >= MAX_SERIES:
+                # Callers name their own source: past the bound, new names count as one.
+                labels = (labels[0], *(("other",) * (len(labels) - 1)))
+                series = requests.get(labels)
+            if series is None:
+                series = requests[labels] = _Request()
         series.count += 1
         series.duration.observe(duration_ms)
         series.request_bytes.observe(bytes_in)

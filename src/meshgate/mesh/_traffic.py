@@ -293,6 +293,8 @@ class Outbound:
         self.mesh = mesh
         self.service = service
         self.clock = time.monotonic
+        # The label values of each (service, version, status, flags) seen: built once.
+        self.labels: dict[tuple[str, str, int, str], tuple[str, ...]] = {}
 
     def destination(self, exchange: Exchange) -> ServiceRuntime | None:
         mesh = self.mesh
@@ -470,20 +472,27 @@ class Outbound:
                 )
             flags = call.flags
         else:
-            service = self.service or exchange.request.host or "unknown"
+            # Not the Host the client sent: a label of every name asked for would let any
+            # client grow the metrics without bound.
+            service = self.service or "unknown"
             flags = "NR"
-        labels = (
-            "source",
-            mesh.source,
-            mesh.source_version,
-            service,
-            service,
-            service,
-            version,
-            "http",
-            str(status),
-            flags,
-        )
+        key = (service, version, status, flags)
+        labels = self.labels.get(key)
+        if labels is None:
+            labels = (
+                "source",
+                mesh.source,
+                mesh.source_version,
+                service,
+                service,
+                service,
+                version,
+                "http",
+                str(status),
+                flags,
+            )
+            if len(self.labels) < 4096:
+                self.labels[key] = labels
         duration = exchange.end - exchange.start
         mesh.metrics.request(labels, duration * 1000, exchange.bytes_in, exchange.bytes_out)
         if mesh.access_log is not None:
