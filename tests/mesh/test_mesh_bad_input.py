@@ -46,7 +46,7 @@ def test_made_up_names_and_hostile_label_values(tmp_path: Path) -> None:
         metrics = sidecar.metrics()
         assert metric(metrics, "istio_requests_total", response_flags="NR") == 50
         assert "made-up" not in metrics
-        # A caller that names itself with quotes and backslashes: escaped, still parses.
+        # A caller that names itself with quotes, backslashes and newlines: kept out.
         hostile = 'evil"} 1\\n# x/v"1'
         with httpx.Client(timeout=10) as client:
             r = client.get(
@@ -60,7 +60,7 @@ def test_made_up_names_and_hostile_label_values(tmp_path: Path) -> None:
             for s in f.samples
             if s.name == "istio_requests_total"
         }
-        assert 'evil"} 1\\n# x' in workloads
+        assert "unknown" in workloads and not any("evil" in w for w in workloads if w)
 
 
 @pytest.mark.parametrize(
@@ -91,3 +91,17 @@ def test_an_oversized_file_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="big.yaml"):
         load_mesh(path)
+
+
+def test_a_connection_that_broke_after_sending_is_not_retried_by_default() -> None:
+    from meshgate.mesh._routes import DEFAULT_RETRIES
+    from meshgate.mesh._traffic import _ERROR_RETRIED_BY, _classify
+
+    on = set(DEFAULT_RETRIES.retry_on)
+    # Nothing was sent: retried.
+    assert _classify(502, "cannot connect to 127.0.0.1:9: Connection refused") == "connect-failure"
+    assert _ERROR_RETRIED_BY["connect-failure"] & on
+    # Sent, then the connection broke: the instance may have acted on it.
+    for error in ("upstream closed the connection", "[Errno 104] Connection reset by peer"):
+        assert _classify(502, error) == "reset"
+    assert not _ERROR_RETRIED_BY["reset"] & on

@@ -203,6 +203,14 @@ class Cluster:
         endpoint.active += 1
         return True
 
+    def release(self, endpoint: Endpoint) -> None:
+        """A request that :meth:`begin` let through never reached ``endpoint`` (refused
+        before it was sent): no longer in flight, and no mark on the endpoint."""
+        if self.active > 0:
+            self.active -= 1
+        if endpoint.active > 0:
+            endpoint.active -= 1
+
     def end(self, endpoint: Endpoint, status: int, seconds: float, error: bool = False) -> None:
         """A request that :meth:`begin` let through is over, answered ``status`` after
         ``seconds``; ``error`` when it failed without an answer (connect failure, reset,

@@ -222,6 +222,8 @@ class ControlPlaneLink:
                 headers = {**headers, "Last-Event-ID": str(self.endpoints_version)}
             try:
                 stream = self._stream = await open_stream(url, headers=headers, timeout=10.0)
+                # The control plane pings every 5 s: three missed, and the stream is dead.
+                stream.idle = 15.0
                 try:
                     if stream.status != 200:
                         raise HttpError(f"endpoint stream refused: HTTP {stream.status}")
@@ -231,7 +233,7 @@ class ControlPlaneLink:
                     self._stream = None
                     stream.close()
                 backoff = 0.2
-            except HttpError as exc:
+            except (HttpError, OSError, ValueError) as exc:
                 if bound != self.instance_id:
                     continue  # closed on purpose: registered anew, bind the next stream
                 self._failed("endpoint stream", exc)

@@ -219,13 +219,12 @@ class Sidecar:
         flusher = loop.create_task(self._flush_logs())
         if self.control_plane_settings is not None:
             cp = self.control_plane_settings
-            host, port = _split(settings.advertise or settings.inbound)
-            if settings.advertise is None:
-                port = self.ports["inbound"]
-                if host in ("0.0.0.0", "::", ""):
-                    host = _default_address()
-            else:
-                port = self.ports["inbound"]
+            # Registered as other hosts reach the inbound listener: the advertised address
+            # (a bare address), or the listener's, or this host's when it listens on all.
+            host = settings.advertise or _split(settings.inbound)[0]
+            port = self.ports["inbound"]
+            if host in ("0.0.0.0", "::", ""):
+                host = _default_address()
             self.link = ControlPlaneLink(
                 cp.url,
                 cp.token,
@@ -315,6 +314,8 @@ class Sidecar:
 
     async def _run_app(self) -> None:
         assert self.app_command is not None
+        if self._stop.is_set():
+            return  # stopped before the app was started: nothing to wait for
         try:
             self.app_process = await asyncio.create_subprocess_exec(*self.app_command)
         except OSError as exc:

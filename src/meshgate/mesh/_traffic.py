@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from random import Random
@@ -40,6 +41,7 @@ REPLAY_LIMIT = 65536
 DEFAULT_RESPONSE_TIMEOUT = 60.0
 # Who called, as the caller's sidecar tells the callee's (service/version).
 SOURCE_HEADER = "x-meshgate-source"
+_SOURCE = re.compile(rb"[a-z0-9][a-z0-9.\-]{0,252}/[A-Za-z0-9_.\-]{0,63}")
 
 
 class ServiceRuntime:
@@ -160,8 +162,11 @@ class Mesh:
                 runtime.cluster.set_endpoints(())
 
     def _runtime(self, config: Service, previous: ServiceRuntime | None) -> ServiceRuntime:
-        if previous is not None and previous.config.protocol != config.protocol:
-            previous.cluster.set_endpoints(())  # its pools speak the old protocol
+        if previous is not None and (
+            previous.config.protocol != config.protocol
+            or previous.config.policy.connection_pool != config.policy.connection_pool
+        ):
+            previous.cluster.set_endpoints(())  # its pools were made with the old settings
             previous = None
         if previous is not None:
             cluster = previous.cluster
@@ -180,7 +185,10 @@ class Mesh:
         if instances is None:
             instances = list(config.instances)
         cluster.set_endpoints(instances)
-        if previous is not None:
+        if (
+            previous is not None
+            and previous.config.policy.retry_budget == config.policy.retry_budget
+        ):
             runtime.budget = previous.budget
         return runtime
 
@@ -265,24 +273,40 @@ class _Call:
         self.tried: list[Endpoint] | None = None
 
 
-def _classify(status: int, error: str | None) -> str:
-    """The retry condition an attempt that got no response met."""
+def _classify(status: int, error: str) -> str:
+    """The retry condition an attempt that got no response met, from the engine's answer:
+    a connection that never opened (nothing was sent) apart from one that broke later
+    (the instance may have acted on the request)."""
     if status == 504:
         return "timeout"
     if status == 503:
         return "overflow"
-    if error is not None and ("connect" in error or "TLS" in error):
+    if error.startswith(("cannot connect to", "connecting to ", "the TLS")):
         return "connect-failure"
+    if "REFUSED_STREAM" in error:
+        return "refused-stream"
     return "reset"
 
 
+# Which retry_on conditions retry an attempt that got no response. A reset is retried only
+# when asked for (reset, 5xx, gateway-error): the instance may have acted on the request.
 _ERROR_RETRIED_BY = {
     "connect-failure": frozenset({"connect-failure", "5xx", "gateway-error"}),
-    "reset": frozenset({"reset", "refused-stream", "5xx", "gateway-error"}),
+    "refused-stream": frozenset({"refused-stream", "5xx", "gateway-error"}),
+    "reset": frozenset({"reset", "5xx", "gateway-error"}),
     "timeout": frozenset({"5xx", "gateway-error", "reset"}),
     "overflow": frozenset({"refused-stream"}),
 }
-_FLAG = {"connect-failure": "UF", "reset": "UC", "timeout": "UT", "overflow": "UO"}
+_FLAG = {
+    "connect-failure": "UF",
+    "refused-stream": "UC",
+    "reset": "UC",
+    "timeout": "UT",
+    "overflow": "UO",
+}
+# The least time an attempt is given: a shorter one is answered 504 at once (the engine's
+# timers never need to run finer than this).
+MIN_ATTEMPT_SECONDS = 0.01
 
 
 class Outbound:
@@ -376,6 +400,10 @@ class Outbound:
         self, exchange: Exchange, call: _Call, avoid: Endpoint | None = None
     ) -> Response | None:
         """Pick an instance and point the exchange at it; a local answer when none can take it."""
+        if call.deadline and call.deadline - self.clock() < MIN_ATTEMPT_SECONDS:
+            call.flags = "UT"
+            timeout = call.route.timeout
+            return problem(504, "Gateway Timeout", f"the route's timeout of {timeout}s has passed")
         service = call.service
         cluster = service.cluster
         endpoint = cluster.pick(call.target.subset, key=call.key, avoid=avoid)
@@ -422,25 +450,33 @@ class Outbound:
         now = self.clock()
         service = call.service
         failed = call.endpoint
-        call.endpoint = None
+        kind = _classify(status, error) if error is not None else None
+        allowed = True
+        if kind is not None:
+            call.flags = _FLAG[kind]
+            allowed = bool(_ERROR_RETRIED_BY[kind] & call.route.retry_errors)
+            if kind == "overflow":
+                # The instance never saw it (the pool was full here): not its failure.
+                service.cluster.release(failed)
+                call.endpoint = None
+        if allowed and call.retries_left <= 0:
+            call.flags = "URX"
+            allowed = False
+        if allowed and call.deadline and now >= call.deadline:
+            allowed = False
+        if allowed and not service.budget.try_retry():
+            self.mesh.metrics.retry_budget_exhausted.labels(service.name).inc()
+            allowed = False
+        if not allowed:
+            # The engine answers with this attempt's outcome; on_complete accounts for it.
+            return False
+        if call.endpoint is not None:
+            service.cluster.end(failed, status, now - call.attempt_start, error=kind is not None)
+            call.endpoint = None
         if call.tried is None:
             call.tried = [failed]
         else:
             call.tried.append(failed)
-        service.cluster.end(failed, status, now - call.attempt_start, error=error is not None)
-        if error is not None:
-            kind = _classify(status, error)
-            call.flags = _FLAG[kind]
-            if not (_ERROR_RETRIED_BY[kind] & call.route.retry_errors):
-                return False
-        if call.retries_left <= 0:
-            call.flags = "URX"
-            return False
-        if call.deadline and now >= call.deadline:
-            return False
-        if not service.budget.try_retry():
-            self.mesh.metrics.retry_budget_exhausted.labels(service.name).inc()
-            return False
         call.retries_left -= 1
         if self._attempt(exchange, call, avoid=failed) is not None:
             exchange.upstream = failed.pool  # for the engine's own answer to the failure
@@ -544,7 +580,11 @@ class Inbound:
         mesh = self.mesh
         status = exchange.status
         source = exchange.request.headers.get_raw(b"x-meshgate-source")
-        key = (source.decode("latin-1") if source else "unknown", status)
+        name = "unknown"
+        if source is not None and len(source) <= 320 and _SOURCE.fullmatch(source):
+            # Anything else a client sends stays out of the metrics' labels.
+            name = source.decode("ascii")
+        key = (name, status)
         labels = self.labels.get(key)
         if labels is None:
             workload, _, version = key[0].partition("/")

@@ -176,6 +176,8 @@ class HttpStream:
         self._parser = httptools.HttpResponseParser(self._parsed)
         self.status = 0
         self.headers: dict[str, str] = {}
+        # A stream quiet for this long is taken for dead (a server pings well within it).
+        self.idle = 30.0
 
     async def _head(self) -> None:
         parsed = self._parsed
@@ -209,7 +211,12 @@ class HttpStream:
                     yield piece
             if parsed.complete:
                 return
-            chunk = await self._reader.read(_READ_SIZE)
+            try:
+                chunk = await asyncio.wait_for(self._reader.read(_READ_SIZE), self.idle)
+            except TimeoutError:
+                raise HttpError(f"the stream sent nothing for {self.idle:g}s") from None
+            except OSError as exc:
+                raise HttpError(f"the stream broke: {exc.strerror or exc}") from None
             if not chunk:
                 if parsed.framed:
                     raise HttpError("the connection closed in the middle of the stream")
