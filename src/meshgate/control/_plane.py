@@ -11,9 +11,10 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,7 +26,7 @@ from meshgate.control._problems import Problem
 from meshgate.control._registry import Registry, RegistrySettings
 from meshgate.control.models import AdminToken, MeshSnapshot, Product, Snapshot
 
-__all__ = ["ControlPlane", "ControlSettings", "mesh_channel"]
+__all__ = ["ControlPlane", "ControlSettings", "Service", "mesh_channel"]
 
 log = logging.getLogger("meshgate.control")
 
@@ -46,6 +47,15 @@ class ControlSettings:
     policy_schemas: snapshots.PolicySchemas | None = None
     # The mesh's service registry: TTL, stream grace, caps (see RegistrySettings).
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+
+
+class Service(Protocol):
+    """Background work beside the API (retention, alert delivery, billing schedule): started
+    after the plane, stopped before it."""
+
+    async def start(self, plane: ControlPlane) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass
@@ -73,6 +83,9 @@ class ControlPlane:
         self.bootstrap_token: str | None = None
         # When each gateway was last recorded as seen (monotonic), to write that rarely.
         self.dataplane_seen: dict[str, float] = {}
+        # Called with each usage batch stored (analytics.ingest.Ingested), after its commit.
+        self.usage_listeners: list[Callable[[Any], None]] = []
+        self.services: list[Service] = []
 
     # Start and stop
 
@@ -93,8 +106,15 @@ class ControlPlane:
         self._task = self._loop.create_task(self._compile_forever())
         await self._follow_mesh()
         self._mesh_task = self._loop.create_task(self._follow_mesh_forever())
+        for service in self.services:
+            await service.start(self)
 
     async def stop(self) -> None:
+        for service in reversed(self.services):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(service).__name__)
         self.registry.close()
         for task in (self._task, self._mesh_task):
             if task is None:
