@@ -98,7 +98,7 @@ class RedisOutbox:
         self.sequence_key = f"{prefix}:usage:seq"
         self.origin_key = f"{prefix}:usage:origin"
         self.token = f"{holder}:{uuid.uuid4().hex}"
-        self.lock_ms = int(max(3 * interval, 10.0) * 1000)
+        self.lock_ms = int(max(3 * interval, 1.0) * 1000)
         self.max_pending = max_pending
         self.origin: str | None = None
         # Pending keys this process spooled and that await their acknowledgement.
