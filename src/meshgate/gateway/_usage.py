@@ -230,7 +230,8 @@ class RedisTally(Tally):
         super().__init__()
         self.counters = counters
         self._usage_fields: dict[tuple[str, str, str], str] = {}
-        self._responses: dict[tuple[str, str, int, bool], tuple[tuple[str, int]]] = {}
+        # (product, app, status, forwarded) -> the minute and its encoded HINCRBY
+        self._responses: dict[tuple[str, str, int, bool], tuple[int, bytes]] = {}
         self._latency: LatencySums = {}
         self._latency_fields: dict[tuple[str, int], str] = {}
 
@@ -258,14 +259,19 @@ class RedisTally(Tally):
             self.counters.post_usage(metered)
 
     def respond(self, product: str, app: str, status: int, forwarded: bool, start: float) -> None:
+        minute = self.clock.minute(start)
         key = (product, app, status, forwarded)
-        pairs = self._responses.get(key)
-        if pairs is None:
+        cached = self._responses.get(key)
+        if cached is None or cached[0] != minute:
             if len(self._responses) >= _FIELD_CACHE:
                 self._responses.clear()
-            pairs = self._responses[key] = ((_field("r", product, app, status, forwarded), 1),)
+            field = _field("r", product, app, status, forwarded)
+            cached = self._responses[key] = (
+                minute,
+                self.counters.usage_command(minute, field, 1),
+            )
         # Written now: on its way to Redis before the response is on its way to the client.
-        self.counters.post_usage((self.clock.minute(start), pairs), now=True)
+        self.counters.post(cached[1], now=True)
 
     def complete(self, product: str, duration: float, start: float) -> None:
         latency = self._latency

@@ -261,6 +261,15 @@ class RedisCounters:
             key = self._usage_keys[minute] = f"{self._prefix}:usage:{minute}"
         return key
 
+    def usage_command(self, minute: int, field: str, increment: int) -> bytes:
+        """The command that adds ``increment`` to ``field`` of ``minute``'s usage hash, for
+        :meth:`post` (callers keep the ones they send often)."""
+        return _hincrby(self.usage_key(minute), field, increment)
+
+    def post(self, command: bytes, now: bool = False) -> None:
+        """Send ``command`` without waiting for its reply (see ``Pipeline.post``)."""
+        self._pipeline.post(command, now)
+
     def post_usage(self, metered: Metered, now: bool = False) -> None:
         """Add ``metered`` to its minute's usage hash without waiting for Redis; ``now``: on its
         way before anything this callback writes afterwards (see ``Pipeline.post``)."""
