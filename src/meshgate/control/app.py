@@ -11,6 +11,8 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from meshgate.billing import router as billing
+from meshgate.billing import schedule as billing_schedule
 from meshgate.control import _problems
 from meshgate.control._applications import router as applications
 from meshgate.control._auth import AuthenticationGate
@@ -78,9 +80,11 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await plane.start()
+        billing_schedule.start(plane)
         try:
             yield
         finally:
+            await billing_schedule.stop()
             await plane.stop()
 
     app = FastAPI(
@@ -97,7 +101,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     app.state.plane = plane
     _problems.install(app)
     app.openapi = lambda: _problems.document_problems(app)  # type: ignore[method-assign]
-    for router in (resources, applications, environments, mesh):
+    for router in (resources, applications, environments, mesh, billing):
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
     app.include_router(dataplane)
