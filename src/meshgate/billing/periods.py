@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 
 __all__ = ["Month", "as_utc"]
 
-_MONTH = re.compile(r"(\d{4})-(\d{2})")
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
 # Invoices before the epoch or after 9998 are a typo, not a billing period.
 FIRST_YEAR, LAST_YEAR = 1970, 9998
 

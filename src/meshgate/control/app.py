@@ -11,8 +11,6 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meshgate.billing import router as billing
-from meshgate.billing import schedule as billing_schedule
 from meshgate.control import _problems
 from meshgate.control._applications import router as applications
 from meshgate.control._auth import AuthenticationGate
@@ -75,6 +73,10 @@ class _BodyLimit:
 
 def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> FastAPI:
     """The application; the store is migrated and snapshots published before it serves."""
+    # Here, not at the top: billing's modules import this package's models.
+    from meshgate.billing import schedule as billing_schedule
+    from meshgate.billing.api import router as billing
+
     plane = plane or ControlPlane(settings)
 
     @asynccontextmanager
