@@ -295,9 +295,6 @@ def test_invoice_numbers_follow_the_periods_year_with_the_prefix(
     clock.at = datetime(2026, 10, 1, tzinfo=UTC)
     application(db, w["a0"], w["paid"], w["product"], "app-1")
     with db.writer() as session, session.begin():
-        session.add(BillingSettings(id=1, invoice_prefix="ACME-")) if session.get(
-            BillingSettings, 1
-        ) is None else None
         settings = session.get(BillingSettings, 1)
         assert settings is not None
         settings.invoice_prefix = "ACME-"
