@@ -840,6 +840,11 @@ def import_openapi(
         )
 
 
+from meshgate.billing.cli import billing_app  # noqa: E402
+
+app.add_typer(billing_app(_admin_call, DEFAULT_CONTROL_PLANE), name="billing")
+
+
 def main() -> None:
     try:
         app()

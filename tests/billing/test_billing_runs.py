@@ -286,6 +286,10 @@ def test_a_run_for_one_account_an_unknown_account_or_a_month_not_begun(
         run_billing(db, Month(2027, 1))
     # The month in progress can be billed: an open invoice, recomputed until finalized.
     assert run_billing(db, Month(2026, 12)).created == 2
+    # Usage that would cost more than an invoice holds stops the run with a clear error.
+    usage(db, "app-1", NOVEMBER, 2**62)
+    with pytest.raises(BillingError, match="beyond what an invoice holds"):
+        run_billing(db, NOVEMBER, account_id=w["a0"])
 
 
 def test_invoice_numbers_follow_the_periods_year_with_the_prefix(

@@ -12,7 +12,13 @@ from meshgate.billing import schemas as bs
 from meshgate.billing.models import BillingRun, PlanPeriod
 from meshgate.billing.periods import Month
 from meshgate.billing.render import invoice_csv, invoice_pdf, money_text
-from meshgate.billing.runs import BillingError, RunSummary, UnknownAccount, run_billing
+from meshgate.billing.runs import (
+    BillingError,
+    MonthNotBegun,
+    RunSummary,
+    UnknownAccount,
+    run_billing,
+)
 from meshgate.billing.settings import load_settings
 from meshgate.control._auth import Reader, Writer
 from meshgate.control._crud import audit
@@ -103,8 +109,10 @@ def create_run(request: Request, actor: Writer, body: bs.RunCreate) -> Any:
         summary = run_billing(db, Month.parse(body.period), body.account_id, "api", actor.name)
     except UnknownAccount as exc:
         raise Problem(422, f"account_id: {exc}", field="body.account_id") from None
+    except MonthNotBegun as exc:
+        raise Problem(422, f"period: {exc}", field="body.period") from None
     except BillingError as exc:
-        raise Problem(422, str(exc), field="body.period") from None
+        raise Problem(422, str(exc)) from None
     out = _run_out(summary, actor.name)
     with db.writer() as session, session.begin():
         audit(session, actor, "run", "billing_run", summary.id, None, out.model_dump(mode="json"))

@@ -39,7 +39,7 @@ from meshgate.billing.settings import load_settings
 from meshgate.control._db import Database
 from meshgate.control.models import Account, Application, Metric, Plan, PricingRule
 
-__all__ = ["BillingError", "RunSummary", "UnknownAccount", "run_billing"]
+__all__ = ["BillingError", "MonthNotBegun", "RunSummary", "UnknownAccount", "run_billing"]
 
 
 class BillingError(Exception):
@@ -47,6 +47,10 @@ class BillingError(Exception):
 
 
 class UnknownAccount(BillingError):
+    pass
+
+
+class MonthNotBegun(BillingError):
     pass
 
 
@@ -340,7 +344,7 @@ def run_billing(
     """Bill ``month`` for one account or for every account with applications in it."""
     started = now()
     if month.start > started:
-        raise BillingError(f"{month} has not begun: bill a month that has")
+        raise MonthNotBegun(f"{month} has not begun: bill a month that has")
     with db.session() as session:
         currency = load_settings(session).currency
         loaded = _load(session, month, account_id)
