@@ -960,6 +960,11 @@ def usage_limits(
     _table(rows, ["metric", "period", "usage", "limit", "used", "resets"])
 
 
+from meshgate.billing.cli import billing_app  # noqa: E402
+
+app.add_typer(billing_app(_admin_call, DEFAULT_CONTROL_PLANE), name="billing")
+
+
 def main() -> None:
     try:
         app()
