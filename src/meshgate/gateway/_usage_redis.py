@@ -2,16 +2,16 @@
 
 Gateways add to one hash per minute (``{prefix}:usage:{minute}``, see ``_usage``). The
 gateway holding the lock (``{prefix}:usage:lock``, with an expiry, renewed each interval)
-moves each closed minute's hash (older than the minute before the current one; every
-minute on a graceful stop) to a pending key in one script (RENAME), numbered from a counter
-in Redis and listed in an outbox, oldest first. A batch is built from a pending key, its id
-the Redis store's origin (a UUID kept in Redis) and the pending key's number, so whoever
-builds it builds the same batch; the pending key is deleted only once the control plane
-acknowledged it. Pending keys that the lock holder did not build itself (a killed
-collector's) are built and sent again, with the same ids: counted once, lost never.
+moves each minute's hash, the current one's included, to a pending key in one script
+(RENAME), numbered from a counter in Redis and listed in an outbox, oldest first. A batch is
+built from a pending key, its id the Redis store's origin (a UUID kept in Redis) and the
+pending key's number, so whoever builds it builds the same batch; the pending key is deleted
+only once the control plane acknowledged it. Pending keys that the lock holder did not build
+itself (a killed collector's) are built and sent again, with the same ids: counted once, lost
+never.
 
-Late writes to a minute already moved (a gateway whose clock lags) make a new hash for it;
-the script looks back two hours behind its mark for such hashes.
+Writes to a minute already moved (the current minute, or a gateway whose clock lags) make a
+new hash for it; the script looks back two hours behind its mark for such hashes.
 """
 
 from __future__ import annotations
@@ -125,9 +125,11 @@ class RedisOutbox:
             origin = await redis.get(self.origin_key)
             self.origin = origin.decode() if isinstance(origin, bytes) else str(origin)
         now = int(time.time()) // 60 * 60
-        # Closed: older than the minute before this one. Stopping: every minute, a little of
-        # the future too (a clock ahead of ours).
-        cutoff = now + 180 if final else now - 60
+        # Every minute, the current one and a little of the future (a clock ahead of ours)
+        # included: RENAME moves a hash atomically, and an increment after it starts a new
+        # hash of the same minute that the next collection takes. So the analytics trail the
+        # traffic by one interval, not by the minute.
+        cutoff = now + 180
         await redis.eval(
             _MOVE,
             3,
