@@ -11,9 +11,10 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,6 +25,9 @@ from meshgate.control._db import Database
 from meshgate.control._problems import Problem
 from meshgate.control._registry import Registry, RegistrySettings
 from meshgate.control.models import AdminToken, MeshSnapshot, Product, Snapshot
+
+if TYPE_CHECKING:
+    from meshgate.analytics.alerts import AlertSettings
 
 __all__ = ["ControlPlane", "ControlSettings", "mesh_channel"]
 
@@ -46,6 +50,8 @@ class ControlSettings:
     policy_schemas: snapshots.PolicySchemas | None = None
     # The mesh's service registry: TTL, stream grace, caps (see RegistrySettings).
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    # Usage alerts' mail and retries; None: from the environment (MESHGATE_SMTP_URL, ...).
+    alerts: AlertSettings | None = None
 
 
 @dataclass
@@ -73,6 +79,14 @@ class ControlPlane:
         self.bootstrap_token: str | None = None
         # When each gateway was last recorded as seen (monotonic), to write that rarely.
         self.dataplane_seen: dict[str, float] = {}
+        # Imported here: analytics imports the control plane's modules, not the reverse.
+        from meshgate.analytics import alerts
+
+        self.alerts = alerts.AlertService(
+            self.db, settings.alerts or alerts.AlertSettings.from_env()
+        )
+        # Called after each usage batch is stored, with what it touched; quick (enqueue).
+        self.usage_listeners: list[Callable[[Any], None]] = [self.alerts.usage_ingested]
 
     # Start and stop
 
@@ -93,6 +107,7 @@ class ControlPlane:
         self._task = self._loop.create_task(self._compile_forever())
         await self._follow_mesh()
         self._mesh_task = self._loop.create_task(self._follow_mesh_forever())
+        self.alerts.start()
 
     async def stop(self) -> None:
         self.registry.close()
@@ -107,6 +122,7 @@ class ControlPlane:
         # Whatever was pending is compiled before exit, so that no change waits for a restart.
         for env in sorted(self._pending):
             await asyncio.to_thread(self.publish, env, "change")
+        await asyncio.to_thread(self.alerts.stop)
         self.db.dispose()
 
     def _bootstrap_token(self) -> str | None:

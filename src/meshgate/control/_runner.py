@@ -34,7 +34,10 @@ def run_control(
     settings: ControlSettings, on_ready: Callable[[ControlPlane], None] | None = None
 ) -> None:
     """Serve until SIGINT/SIGTERM."""
-    plane = ControlPlane(settings)
+    try:
+        plane = ControlPlane(settings)
+    except ValueError as exc:  # a setting from the environment, e.g. MESHGATE_SMTP_URL
+        raise ControlStartError(str(exc)) from None
     try:
         plane.prepare()
     except Exception as exc:  # the database is unreachable, or a migration failed

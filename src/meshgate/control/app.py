@@ -73,6 +73,9 @@ class _BodyLimit:
 
 def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> FastAPI:
     """The application; the store is migrated and snapshots published before it serves."""
+    # Imported here: analytics imports the control plane's modules, not the reverse.
+    from meshgate.analytics import alerts_api
+
     plane = plane or ControlPlane(settings)
 
     @asynccontextmanager
@@ -100,6 +103,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     for router in (resources, applications, environments, mesh):
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
+    app.include_router(alerts_api.router, prefix="/admin/api")
     app.include_router(dataplane)
     app.include_router(mesh_dataplane)
 
@@ -109,7 +113,12 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
 
     # Outermost first: a request without a valid token is refused before its size is.
     app.add_middleware(
-        _BodyLimit, limit=MAX_BODY, smaller={"/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY}
+        _BodyLimit,
+        limit=MAX_BODY,
+        smaller={
+            "/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY,
+            "/admin/api/webhooks": alerts_api.MAX_WEBHOOK_BODY,
+        },
     )
     app.add_middleware(AuthenticationGate)
     return app
