@@ -166,3 +166,40 @@ def webhook_receiver(statuses: list[int] | None = None, path: str = "/hook") -> 
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class Mailbox:
+    """What a real SMTP server on loopback received."""
+
+    host: str
+    port: int
+    messages: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}?from=alerts@meshgate.test"
+
+
+@contextmanager
+def smtp_server() -> Iterator[Mailbox]:
+    """aiosmtpd on a free loopback port; each message parsed as the mail client would."""
+    from email import message_from_bytes, policy
+
+    from aiosmtpd.controller import Controller
+    from harness import free_port
+
+    box = Mailbox("127.0.0.1", free_port())
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            message = message_from_bytes(envelope.content, policy=policy.default)
+            box.messages.append((list(envelope.rcpt_tos), message))
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname=box.host, port=box.port)
+    controller.start()
+    try:
+        yield box
+    finally:
+        controller.stop()
