@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from meshgate.analytics import _mail, _webhooks
@@ -159,11 +159,23 @@ class DeliveryWorker:
     def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            wait = _POLL
             try:
                 self.send_due()
+                wait = self._until_due()
             except Exception:
                 log.exception("reading the alert deliveries failed; will try again")
-            self._wake.wait(_POLL)
+            self._wake.wait(wait)
+
+    def _until_due(self) -> float:
+        """Seconds until the next pending delivery is due, at most the polling interval."""
+        with self.db.session() as session:
+            due = session.scalar(
+                select(func.min(Delivery.next_at)).where(Delivery.state == "pending")
+            )
+        if due is None:
+            return _POLL
+        return min(_POLL, max(0.005, _utc(due).timestamp() - self.clock()))
 
     def send_due(self) -> int:
         """Claim what is due, as many as the senders have room for, and send it."""
