@@ -47,11 +47,11 @@ def _log(db: Database) -> list[tuple[str, int, list[tuple[int | None, str | None
 @contextmanager
 def running(db: Database, settings: AlertSettings) -> Iterator[AlertService]:
     service = AlertService(db, settings)
-    service.start()
+    service.start_workers()
     try:
         yield service
     finally:
-        service.stop()
+        service.stop_workers()
 
 
 def _alert(db: Database, service: AlertService, sub: Subscription, used: int = 100) -> None:
@@ -166,7 +166,7 @@ def test_two_workers_send_each_delivery_once(db: Database) -> None:
 
         def start(service: AlertService) -> None:
             barrier.wait()
-            service.start()
+            service.start_workers()
 
         threads = [threading.Thread(target=start, args=(s,)) for s in services]
         for thread in threads:
@@ -178,7 +178,7 @@ def test_two_workers_send_each_delivery_once(db: Database) -> None:
             time.sleep(0.3)
         finally:
             for service in services:
-                service.stop()
+                service.stop_workers()
     assert len(receiver.requests) == 5
     assert len({r.headers["X-Meshgate-Delivery"] for r in receiver.requests}) == 5
 

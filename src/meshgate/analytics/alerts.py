@@ -10,6 +10,7 @@ serialized by the store (SQLite's write lock, a PostgreSQL advisory lock per key
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session
@@ -26,9 +27,13 @@ from sqlalchemy.orm import Session
 from meshgate.analytics import _deliveries
 from meshgate.analytics._mail import SmtpSettings
 from meshgate.analytics.alert_models import Alert, AlertLevels
+from meshgate.analytics.ingest import Ingested
 from meshgate.analytics.windows import usage_in_period
 from meshgate.control._db import Database
 from meshgate.control.models import Application, Limit, Metric, Product
+
+if TYPE_CHECKING:
+    from meshgate.control._plane import ControlPlane
 
 __all__ = [
     "LEVELS",
@@ -247,13 +252,6 @@ def list_alerts(
     return list(rows), int(total)
 
 
-class Ingested(Protocol):
-    """What ingest tells its listeners: the keys whose usage a batch changed."""
-
-    @property
-    def touched(self) -> frozenset[Key]: ...
-
-
 class AlertService:
     """The evaluation queue and worker, and the delivery worker, of one control plane."""
 
@@ -281,13 +279,21 @@ class AlertService:
             self._pending.update(keys)
             self._cond.notify()
 
-    def start(self) -> None:
+    async def start(self, plane: ControlPlane) -> None:
+        """The control plane's service: listen to ingest, start the workers."""
+        plane.usage_listeners.append(self.usage_ingested)
+        self.start_workers()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_workers)
+
+    def start_workers(self) -> None:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="meshgate-alerts", daemon=True)
         self._thread.start()
         self.deliveries.start()
 
-    def stop(self) -> None:
+    def stop_workers(self) -> None:
         """Evaluate what is queued, then stop; deliveries in flight finish or time out."""
         with self._cond:
             self._stopping = True

@@ -172,7 +172,7 @@ def set_levels(request: Request, actor: Writer, body: AlertLevelsIn, item_id: in
             row.levels = levels
         if before["levels"] != levels:
             audit(session, actor, "update", "alert_levels", item_id, before, {"levels": levels})
-    plane.alerts.levels_changed()
+    request.app.state.alerts.levels_changed()
     return AlertLevelsOut(product_id=item_id, levels=levels)
 
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -29,7 +29,7 @@ from meshgate.control.models import AdminToken, MeshSnapshot, Product, Snapshot
 if TYPE_CHECKING:
     from meshgate.analytics.alerts import AlertSettings
 
-__all__ = ["ControlPlane", "ControlSettings", "mesh_channel"]
+__all__ = ["ControlPlane", "ControlSettings", "Service", "mesh_channel"]
 
 log = logging.getLogger("meshgate.control")
 
@@ -52,6 +52,15 @@ class ControlSettings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     # Usage alerts' mail and retries; None: from the environment (MESHGATE_SMTP_URL, ...).
     alerts: AlertSettings | None = None
+
+
+class Service(Protocol):
+    """Background work beside the API (retention, alert delivery, billing schedule): started
+    after the plane, stopped before it."""
+
+    async def start(self, plane: ControlPlane) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass
@@ -79,14 +88,9 @@ class ControlPlane:
         self.bootstrap_token: str | None = None
         # When each gateway was last recorded as seen (monotonic), to write that rarely.
         self.dataplane_seen: dict[str, float] = {}
-        # Imported here: analytics imports the control plane's modules, not the reverse.
-        from meshgate.analytics import alerts
-
-        self.alerts = alerts.AlertService(
-            self.db, settings.alerts or alerts.AlertSettings.from_env()
-        )
-        # Called after each usage batch is stored, with what it touched; quick (enqueue).
-        self.usage_listeners: list[Callable[[Any], None]] = [self.alerts.usage_ingested]
+        # Called with each usage batch stored (analytics.ingest.Ingested), after its commit.
+        self.usage_listeners: list[Callable[[Any], None]] = []
+        self.services: list[Service] = []
 
     # Start and stop
 
@@ -107,9 +111,15 @@ class ControlPlane:
         self._task = self._loop.create_task(self._compile_forever())
         await self._follow_mesh()
         self._mesh_task = self._loop.create_task(self._follow_mesh_forever())
-        self.alerts.start()
+        for service in self.services:
+            await service.start(self)
 
     async def stop(self) -> None:
+        for service in reversed(self.services):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(service).__name__)
         self.registry.close()
         for task in (self._task, self._mesh_task):
             if task is None:
@@ -122,7 +132,6 @@ class ControlPlane:
         # Whatever was pending is compiled before exit, so that no change waits for a restart.
         for env in sorted(self._pending):
             await asyncio.to_thread(self.publish, env, "change")
-        await asyncio.to_thread(self.alerts.stop)
         self.db.dispose()
 
     def _bootstrap_token(self) -> str | None:

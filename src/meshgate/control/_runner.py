@@ -34,19 +34,20 @@ def run_control(
     settings: ControlSettings, on_ready: Callable[[ControlPlane], None] | None = None
 ) -> None:
     """Serve until SIGINT/SIGTERM."""
-    try:
-        plane = ControlPlane(settings)
-    except ValueError as exc:  # a setting from the environment, e.g. MESHGATE_SMTP_URL
-        raise ControlStartError(str(exc)) from None
+    plane = ControlPlane(settings)
     try:
         plane.prepare()
     except Exception as exc:  # the database is unreachable, or a migration failed
         raise ControlStartError(
             f"cannot open the database {plane.db.engine.url!r}: {str(exc).splitlines()[0]}"
         ) from None
+    try:
+        app = create_app(settings, plane)
+    except ValueError as exc:  # a setting from the environment, e.g. MESHGATE_SMTP_URL
+        raise ControlStartError(str(exc)) from None
     host, _, port = settings.listen.rpartition(":")
     config = uvicorn.Config(
-        create_app(settings, plane),
+        app,
         host=host.strip("[]") or "127.0.0.1",
         port=int(port),
         log_config=None,

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from meshgate.config.usage import MAX_BATCH_BYTES
 from meshgate.control import _problems
 from meshgate.control._applications import router as applications
 from meshgate.control._auth import AuthenticationGate
@@ -73,8 +74,11 @@ class _BodyLimit:
 
 def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> FastAPI:
     """The application; the store is migrated and snapshots published before it serves."""
-    # Imported here: analytics imports the control plane's modules, not the reverse.
-    from meshgate.analytics import alerts_api
+    # Analytics, alerts and billing build on control.models: imported here, once the control
+    # package is whole (meshgate.control imports this module).
+    from meshgate.analytics import alerts, alerts_api
+    from meshgate.analytics import api as analytics
+    from meshgate.analytics.retention import Retention
 
     plane = plane or ControlPlane(settings)
 
@@ -100,12 +104,18 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     app.state.plane = plane
     _problems.install(app)
     app.openapi = lambda: _problems.document_problems(app)  # type: ignore[method-assign]
-    for router in (resources, applications, environments, mesh):
+    for router in (resources, applications, environments, mesh, analytics.admin):
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
     app.include_router(alerts_api.router, prefix="/admin/api")
     app.include_router(dataplane)
     app.include_router(mesh_dataplane)
+    app.include_router(analytics.dataplane)
+    plane.services.append(Retention())
+    app.state.alerts = alerts.AlertService(
+        plane.db, settings.alerts or alerts.AlertSettings.from_env()
+    )
+    plane.services.append(app.state.alerts)
 
     @app.get("/healthz", tags=["health"], operation_id="health")
     def healthz() -> dict[str, Any]:
@@ -117,6 +127,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         limit=MAX_BODY,
         smaller={
             "/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY,
+            "/dp/v1/usage": MAX_BATCH_BYTES,
             "/admin/api/webhooks": alerts_api.MAX_WEBHOOK_BODY,
         },
     )

@@ -1,0 +1,87 @@
+"""Retention: roll-ups kept as 3scale keeps them, older windows deleted by a periodic job."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import delete
+
+from meshgate.analytics.models import (
+    LatencyRollup,
+    ResponseRollup,
+    UsageBatchReceipt,
+    UsageRollup,
+)
+from meshgate.control._db import Database
+from meshgate.control.models import utcnow
+
+if TYPE_CHECKING:
+    from meshgate.control._plane import ControlPlane
+
+__all__ = ["KEEP", "RECEIPTS_DAYS", "Retention", "apply_retention"]
+
+log = logging.getLogger("meshgate.analytics")
+
+# Seconds each granularity is kept: minutes two days, hours 90 days, days a year, months ten
+# years.
+KEEP = {
+    "minute": 2 * 86400,
+    "hour": 90 * 86400,
+    "day": 366 * 86400,
+    "month": 10 * 366 * 86400,
+}
+# A batch id is remembered this long: a gateway resends a batch at most this late.
+RECEIPTS_DAYS = 30
+
+
+def apply_retention(db: Database, now: float | None = None) -> int:
+    """Delete windows past their granularity's retention; the rows deleted."""
+    now = time.time() if now is None else now
+    deleted = 0
+    with db.writer() as session, session.begin():
+        for model in (UsageRollup, ResponseRollup, LatencyRollup):
+            for granularity, keep in KEEP.items():
+                result = session.execute(
+                    delete(model).where(model.granularity == granularity, model.start < now - keep)
+                )
+                deleted += result.rowcount  # type: ignore[attr-defined]
+        cutoff = utcnow() - timedelta(days=RECEIPTS_DAYS)
+        result = session.execute(
+            delete(UsageBatchReceipt).where(UsageBatchReceipt.received_at < cutoff)
+        )
+        deleted += result.rowcount  # type: ignore[attr-defined]
+    return deleted
+
+
+class Retention:
+    """Applies retention soon after start, then every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 3600.0) -> None:
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, plane: ControlPlane) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(plane.db))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self, db: Database) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self.interval))
+            try:
+                deleted = await asyncio.to_thread(apply_retention, db)
+                if deleted:
+                    log.info("analytics retention deleted %d rows", deleted)
+            except Exception:
+                log.exception("analytics retention failed; it runs again later")
+            await asyncio.sleep(max(0.0, self.interval - 60.0))
