@@ -9,6 +9,7 @@ from __future__ import annotations
 import smtplib
 import ssl
 from dataclasses import dataclass
+from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -62,7 +63,9 @@ class SmtpSettings:
 
 def send(settings: SmtpSettings, to: str, subject: str, text: str, timeout: float) -> None:
     """Send one plain-text message; raises OSError or smtplib.SMTPException on failure."""
-    message = EmailMessage()
+    # Headers unfolded up to SMTP's line limit: the stdlib's folding of a long subject
+    # starts it on a line of its own, and readers then show it with a leading space.
+    message = EmailMessage(policy=policy.SMTP.clone(max_line_length=998))
     message["From"] = settings.sender
     message["To"] = to
     message["Subject"] = subject

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints
 from sqlalchemy import func, select
 
 from meshgate.analytics import _webhooks
@@ -25,7 +25,16 @@ router = APIRouter()
 # A webhook's settings are a URL and a few words.
 MAX_WEBHOOK_BODY = 16 * 1024
 ItemId = Path(ge=1, le=s.MAX_ID, description="The resource's id.")
-Level = Literal[50, 80, 90, 100, 120, 150, 200, 300]
+
+
+def _level(value: int) -> int:
+    if value not in LEVELS:
+        raise ValueError(f"a level is one of {', '.join(map(str, LEVELS))}, not {value}")
+    return value
+
+
+# An integer, not 50.0 or "50": stored and compared as the integer it is.
+Level = Annotated[int, Strict(), AfterValidator(_level)]
 Event = Literal["alert", "violation"]
 _EVENTS: tuple[Event, ...] = ("alert", "violation")
 
