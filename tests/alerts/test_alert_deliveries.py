@@ -242,3 +242,25 @@ def test_mail_is_retried_until_the_smtp_server_is_up(db: Database) -> None:
     assert log[0][0] is None and log[0][1]
     assert log[-1] == (250, None)
     assert len(received) == 1 and "Subject: [meshgate] Limit violation:" in received[0]
+
+
+def test_a_deleted_or_disabled_webhook_is_not_called_again(db: Database) -> None:
+    from sqlalchemy import delete, update
+
+    subs = [subscribe(db, {"day": 100}, levels=[50]) for _ in range(2)]
+    settings = AlertSettings(retry_base=0.3, max_attempts=5, send_timeout=1.0)
+    with webhook_receiver([500] * 20) as gone, webhook_receiver([500] * 20) as off:
+        with running(db, settings) as service:
+            gone_id = _hook(db, gone.url, account_id=subs[0].account_id)
+            off_id = _hook(db, off.url, account_id=subs[1].account_id)
+            for sub in subs:
+                _alert(db, service, sub, 60)
+            within(5, lambda: len(gone.requests) == 1 and len(off.requests) == 1, "first tries")
+            with db.writer() as session, session.begin():
+                session.execute(delete(Webhook).where(Webhook.id == gone_id))
+                session.execute(update(Webhook).where(Webhook.id == off_id).values(enabled=False))
+            within(5, lambda: [s for s, _, _ in _log(db)] == ["failed"], "the disabled one failed")
+            time.sleep(0.5)
+    assert (len(gone.requests), len(off.requests)) == (1, 1)
+    [(_, _, log)] = _log(db)
+    assert log[-1] == (None, "the webhook is disabled")

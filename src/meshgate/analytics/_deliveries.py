@@ -290,6 +290,14 @@ class DeliveryWorker:
         else:
             state, next_at = "pending", now + self.settings.backoff(item.attempts)
         with self.db.writer() as session, session.begin():
+            kept = session.execute(
+                update(Delivery)
+                .where(Delivery.id == item.id)
+                .values(state=state, next_at=_utc(next_at))
+                .execution_options(synchronize_session=False)
+            )
+            if kept.rowcount == 0:  # type: ignore[attr-defined]
+                return  # its alert or webhook was deleted meanwhile, and the log with it
             session.add(
                 DeliveryAttempt(
                     delivery_id=item.id,
@@ -298,12 +306,6 @@ class DeliveryWorker:
                     error=outcome.error,
                     duration_ms=outcome.duration_ms,
                 )
-            )
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id == item.id)
-                .values(state=state, next_at=_utc(next_at))
-                .execution_options(synchronize_session=False)
             )
         if state == "failed":
             log.warning(

@@ -2,11 +2,20 @@
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint signatures.
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+)
 from sqlalchemy import func, select
 
 from meshgate.analytics import _webhooks
@@ -44,6 +53,20 @@ def _unique(values: list[Any]) -> list[Any]:
     if repeated:
         raise ValueError(f"each value at most once; repeated: {', '.join(map(str, repeated))}")
     return values
+
+
+def _date_time(value: Any) -> Any:
+    # A query parameter is text; a number of seconds would otherwise be taken for a time.
+    if not isinstance(value, str) or not re.match(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}", value):
+        raise ValueError("must be a date-time, e.g. 2030-01-01T00:00:00Z")
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Since = Annotated[datetime, BeforeValidator(_date_time), AfterValidator(_utc)]
 
 
 def _url(value: str) -> str:
@@ -204,12 +227,10 @@ def get_alerts(
     metric: str | None = Query(None, max_length=200, pattern=s.NO_NUL),
     violation: bool | None = Query(None),
     state: Literal["unread", "read"] | None = Query(None),
-    since: datetime | None = Query(None, description="Alerts made at or after this time."),
+    since: Since | None = Query(None, description="Alerts made at or after this time."),
     page: int = Query(1, ge=1, le=1_000_000),
     per_page: int = Query(50, ge=1, le=500),
 ) -> Any:
-    if since is not None:
-        since = _aware(since)
     with _plane(request).db.session() as session:
         rows, total = list_alerts(
             session,
@@ -497,7 +518,3 @@ def _deliveries_page(session: Any, where: Any, page: int, per_page: int) -> dict
         for row in rows
     ]
     return {"items": items, "page": page, "per_page": per_page, "total": total}
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
