@@ -840,6 +840,131 @@ def import_openapi(
         )
 
 
+usage_app = typer.Typer(
+    help="Read usage analytics from the control plane: series, top applications, limits.",
+    no_args_is_help=True,
+)
+app.add_typer(usage_app, name="usage")
+Granularity = Annotated[
+    str, typer.Option(help="minute, hour, day or month (minutes are kept two days).")
+]
+Since = Annotated[str | None, typer.Option(help="Start, ISO 8601 (UTC unless an offset is given).")]
+Until = Annotated[str | None, typer.Option(help="End, exclusive, ISO 8601; default now.")]
+AsCsv = Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")]
+
+
+def _analytics(
+    control_plane: str, token: str | None, path: str, params: dict[str, str | None], as_csv: bool
+) -> object:
+    query = {k: v for k, v in params.items() if v is not None}
+    if as_csv:
+        query["format"] = "csv"
+    _, body = _admin_call(control_plane, token, "GET", "/analytics" + path, query)
+    if as_csv:
+        typer.echo(body.decode(), nl=False)
+        return None
+    return json.loads(body)
+
+
+def _table(rows: list[list[object]], header: list[str]) -> None:
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        typer.echo(
+            "  ".join(
+                c.rjust(w) if c[:1].isdigit() else c.ljust(w)
+                for c, w in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+
+
+@usage_app.command("series")
+def usage_series(
+    metric: Annotated[str, typer.Option(help="The metric (or method).")] = "hits",
+    product: Annotated[str | None, typer.Option(help="Only this product.")] = None,
+    application: Annotated[str | None, typer.Option(help="Only this application (app id).")] = None,
+    account: Annotated[int | None, typer.Option(help="Only this account's applications.")] = None,
+    granularity: Granularity = "day",
+    since: Since = None,
+    until: Until = None,
+    as_csv: AsCsv = False,
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """A metric's usage per window, with the total."""
+    params = {
+        "metric": metric,
+        "product": product,
+        "application": application,
+        "account_id": None if account is None else str(account),
+        "granularity": granularity,
+        "since": since,
+        "until": until,
+    }
+    result = _analytics(control_plane, token, "/usage", params, as_csv)
+    if isinstance(result, dict):
+        _table([[p["start"], p["value"]] for p in result["series"]], ["window", metric])
+        typer.echo(f"total {result['total']}")
+
+
+@usage_app.command("top")
+def usage_top(
+    metric: Annotated[str, typer.Option(help="The metric (or method).")] = "hits",
+    product: Annotated[str | None, typer.Option(help="Only this product.")] = None,
+    granularity: Granularity = "day",
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, typer.Option(help="How many applications.")] = 10,
+    as_csv: AsCsv = False,
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """The applications that used a metric most."""
+    params = {
+        "metric": metric,
+        "product": product,
+        "granularity": granularity,
+        "since": since,
+        "until": until,
+        "limit": str(limit),
+    }
+    result = _analytics(control_plane, token, "/top_applications", params, as_csv)
+    if isinstance(result, dict):
+        rows = [
+            [i["application"], i["product"], i["account_id"], i["value"]] for i in result["items"]
+        ]
+        _table(rows, ["application", "product", "account", metric])
+
+
+@usage_app.command("limits")
+def usage_limits(
+    application: Annotated[str, typer.Argument(help="The application's app id.")],
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """An application's usage now against each limit of its plan."""
+    result = _analytics(control_plane, token, f"/applications/{application}/limits", {}, False)
+    assert isinstance(result, dict)
+    typer.echo(f"{result['application']} on {result['product']} / {result['plan']}")
+    rows = [
+        [
+            i["metric"],
+            i["period"],
+            i["usage"],
+            i["limit"],
+            f"{i['percent']}%",
+            i["window_end"] or "-",
+        ]
+        for i in result["limits"]
+    ]
+    _table(rows, ["metric", "period", "usage", "limit", "used", "resets"])
+
+
+from meshgate.billing.cli import billing_app  # noqa: E402
+
+app.add_typer(billing_app(_admin_call, DEFAULT_CONTROL_PLANE), name="billing")
+
+
 def main() -> None:
     try:
         app()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -343,3 +345,34 @@ def test_percentiles_interpolate_within_a_bucket() -> None:
     assert percentile([0] * 14, 0.5) is None
     counts = [0] * 13 + [3]
     assert percentile(counts, 0.99) == 10000.0
+
+
+def test_the_usage_command(control_sqlite: ControlPlane) -> None:
+    cp = control_sqlite
+    headers = _register(cp)
+    batch = _batch(usage=[["shop", "app-a", "hits", NEXT_MINUTE, 7]])
+    assert _send(cp, headers, batch).status_code == 200
+    base = [sys.executable, "-m", "meshgate", "usage"]
+    auth = ["--control-plane", cp.url, "--token", TOKEN]
+    window = ["--since", "2026-12-01", "--until", "2026-12-01T02:00"]
+    table = subprocess.run(
+        [*base, "series", "--granularity", "hour", *window, *auth],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["window", "hits"] and lines[-1] == "total 7"
+    assert lines[1].split() == ["2026-12-01T00:00:00Z", "7"]
+    as_csv = subprocess.run(
+        [*base, "series", "--granularity", "hour", *window, "--csv", *auth],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert as_csv.stdout.splitlines()[:2] == ["start,value", "2026-12-01T00:00:00Z,7"]
+    bad = subprocess.run(
+        [*base, "series", "--granularity", "week", *auth], capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "error: HTTP 422" in bad.stderr and "Traceback" not in bad.stderr

@@ -12,6 +12,7 @@ from sqlalchemy import create_engine
 
 import meshgate.analytics.alert_models  # noqa: F401 (registers the alerts tables on Base)
 import meshgate.analytics.models  # noqa: F401 (registers the analytics tables on Base)
+import meshgate.billing.models  # noqa: F401 (registers the billing tables on Base)
 from meshgate.control._db import _alembic, normalize_url
 from meshgate.control.models import Base
 

@@ -53,6 +53,7 @@ from meshgate.control.models import (
     Plan,
     Product,
 )
+from meshgate.control.schemas import UtcTime
 
 __all__ = ["MAX_POINTS", "admin", "dataplane"]
 
@@ -152,12 +153,16 @@ def _iso(start: int) -> str:
 
 
 Since = Annotated[
-    datetime | None,
+    UtcTime | None,
     Query(description="Start (ISO 8601, UTC when no offset); default: 30 windows ago"),
 ]
-Until = Annotated[datetime | None, Query(description="End, exclusive (ISO 8601); default: now")]
+Until = Annotated[UtcTime | None, Query(description="End, exclusive (ISO 8601); default: now")]
 Format = Annotated[Literal["json", "csv"], Query(description="json, or csv for a spreadsheet")]
 Name = Annotated[str | None, Query(max_length=200)]
+# Series answer JSON, or CSV when asked.
+_JSON_OR_CSV: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}}
+}
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str], name: str) -> Response:
@@ -232,7 +237,12 @@ async def report_usage(
 # Admin: series and summaries
 
 
-@admin.get("/usage", operation_id="usage_series", summary="A metric's usage over time")
+@admin.get(
+    "/usage",
+    operation_id="usage_series",
+    responses=_JSON_OR_CSV,
+    summary="A metric's usage over time",
+)
 def usage_series(
     request: Request,
     reader: UsageReader,
@@ -283,6 +293,7 @@ def usage_series(
 @admin.get(
     "/top_applications",
     operation_id="top_applications",
+    responses=_JSON_OR_CSV,
     summary="The applications that used a metric most in a range",
 )
 def top_applications(
@@ -323,6 +334,7 @@ def top_applications(
 @admin.get(
     "/responses",
     operation_id="response_codes",
+    responses=_JSON_OR_CSV,
     summary="Responses by status code and reason, in total and by class over time",
 )
 def response_codes(
@@ -397,6 +409,7 @@ def percentile(counts: list[int], q: float) -> float | None:
 @admin.get(
     "/latency",
     operation_id="latency",
+    responses=_JSON_OR_CSV,
     summary="A product's response time percentiles over a range, and per window",
 )
 def latency(

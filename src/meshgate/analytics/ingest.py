@@ -36,7 +36,7 @@ __all__ = ["Ingested", "UsageListener", "ingest"]
 
 log = logging.getLogger("meshgate.analytics")
 
-# Rows per INSERT statement: well under SQLite's and PostgreSQL's bound-parameter limits.
+# Application ids per look-up of their accounts.
 _CHUNK = 500
 _LATENCY_SUM = -1
 
@@ -180,13 +180,11 @@ def _add(
     if not rows:
         return
     dialect: Any = sqlite if db.is_sqlite else postgresql
-    for i in range(0, len(rows), _CHUNK):
-        # One multi-row statement per chunk; its keys are distinct (summed above), which
-        # PostgreSQL's ON CONFLICT DO UPDATE requires.
-        insert = dialect.insert(table).values(rows[i : i + _CHUNK])
-        session.execute(
-            insert.on_conflict_do_update(
-                index_elements=list(key),
-                set_={column: table.c[column] + insert.excluded[column]},
-            )
-        )
+    # One statement, compiled once, executed for every row (executemany: psycopg pipelines
+    # it, sqlite3 loops in C); multi-row VALUES would be compiled anew for each chunk.
+    insert = dialect.insert(table)
+    statement = insert.on_conflict_do_update(
+        index_elements=list(key),
+        set_={column: table.c[column] + insert.excluded[column]},
+    )
+    session.execute(statement, rows)

@@ -516,6 +516,31 @@ class LimitsConfig(_Strict):
     key_prefix: str = "meshgate"
 
 
+class UsageConfig(_Strict):
+    """Usage reporting to the control plane (control-plane mode only: a gateway run from a file
+    reports to nobody)."""
+
+    enabled: bool = Field(
+        True,
+        description="Count every request (usage per application and metric, responses by "
+        "status and reason, latency per product) and report it to the control plane.",
+    )
+    interval: float = Field(
+        5, gt=0, le=3600, description="Seconds between two reports (batches) to the control plane."
+    )
+    spool_max_batches: int = Field(
+        10000,
+        ge=1,
+        description="Unsent batches kept on disk while the control plane is away; beyond, the "
+        "oldest is dropped (logged and counted).",
+    )
+    spool_max_bytes: int = Field(
+        256 * 2**20,
+        ge=65536,
+        description="Bytes of unsent batches kept on disk; beyond, the oldest is dropped.",
+    )
+
+
 class Timeouts(_Strict):
     client_header: float = Field(10, gt=0, description="Seconds to receive a request head (408).")
     idle_keepalive: float = Field(
@@ -584,6 +609,7 @@ class Config(_Strict):
     tls: TlsListener | None = None
     admin_listen: str | None = "127.0.0.1:8081"
     limits: LimitsConfig = LimitsConfig()
+    usage: UsageConfig = UsageConfig()
     timeouts: Timeouts = Timeouts()
     max_header_size: int = Field(16384, ge=1024, le=1_048_576, description="Bytes, else 431.")
     access_log: bool = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from meshgate.config._fields import _NAME, _Strict
 
@@ -79,6 +79,9 @@ LatencyRow = tuple[
 
 class UsageBatch(_Strict):
     """One report of a gateway's usage since its last; see the module's note."""
+
+    # Numbers as numbers: a gateway sends JSON it made, so "5" or true is a fault, not a 5.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     id: str = Field(
         pattern=r"^[A-Za-z0-9._:\-]{8,128}$",

@@ -79,15 +79,19 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     from meshgate.analytics import alerts, alerts_api
     from meshgate.analytics import api as analytics
     from meshgate.analytics.retention import Retention
+    from meshgate.billing import schedule as billing_schedule
+    from meshgate.billing.api import router as billing
 
     plane = plane or ControlPlane(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await plane.start()
+        billing_schedule.start(plane)
         try:
             yield
         finally:
+            await billing_schedule.stop()
             await plane.stop()
 
     app = FastAPI(
@@ -104,7 +108,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     app.state.plane = plane
     _problems.install(app)
     app.openapi = lambda: _problems.document_problems(app)  # type: ignore[method-assign]
-    for router in (resources, applications, environments, mesh, analytics.admin):
+    for router in (resources, applications, environments, mesh, analytics.admin, billing):
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
     app.include_router(alerts_api.router, prefix="/admin/api")

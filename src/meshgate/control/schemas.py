@@ -8,6 +8,7 @@ can run.
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -79,9 +80,14 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+_DATE_START = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
 def _time_text(value: Any) -> Any:
     # As the document says, a date-time string: not a number of seconds that means 1970.
-    if not isinstance(value, str | datetime):
+    if not isinstance(value, str | datetime) or (
+        isinstance(value, str) and not _DATE_START.match(value)
+    ):
         raise ValueError("must be a date-time string, e.g. 2030-01-01T00:00:00Z")
     return value
 

@@ -383,6 +383,10 @@ class ControlPlaneSync:
     def _source_name(self, etag: str | None) -> str:
         return f"snapshot {etag or '(no etag)'} of {self.options.env}"
 
+    def headers(self) -> dict[str, str]:
+        """What every request to the control plane carries: the token and who we are."""
+        return self._headers()
+
     def _headers(self) -> dict[str, str]:
         return {
             "Authorization": f"Bearer {self.options.token}",

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 
 from meshgate.config import Application, Config, Product
 from meshgate.config.model import UpstreamTls
+from meshgate.gateway._usage import Tally
 from meshgate.gateway.credentials import Authenticator, AuthError
 from meshgate.gateway.mapping import MappingRules
 from meshgate.limits import (
@@ -394,10 +395,12 @@ class Gateway:
         access_log: AccessLog | None = None,
         products: list[ProductRuntime] | None = None,
         outage: LimitsOutage | None = None,
+        tally: Tally | None = None,
     ) -> None:
         """``products``: the runtimes of ``config.products`` already built (with ``pools``),
         e.g. by :func:`build_products`; built here when None. ``outage``: the process's, kept
-        across configurations."""
+        across configurations. ``tally``: where usage for the control plane's reports is
+        summed; None when nothing is reported."""
         self.config = config
         self.counters = counters
         self.metrics = metrics
@@ -410,6 +413,9 @@ class Gateway:
         self.outage = outage if outage is not None else LimitsOutage()
         # Counters that never wait (memory) are called without a coroutine.
         self._check_nowait = getattr(counters, "check_and_increment_nowait", None)
+        self.tally = tally
+        # With counters that keep usage, it rides in their check (one round trip).
+        self._metered = tally is not None and counters.keeps_usage
         self.access_log = (access_log or AccessLog()) if config.access_log else None
 
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
@@ -491,10 +497,13 @@ class Gateway:
             scope = product.scopes[app.id]
             nowait = self._check_nowait
             if nowait is None:
-                return self._count_async(exchange, product, app, scope, checks)
+                return self._count_async(exchange, product, app, scope, checks, deltas)
             response = self._decide(product, app, nowait(scope, checks), exchange.state)
             if response is not None:
                 return response
+        tally = self.tally
+        if tally is not None:
+            tally.count(product.name, app.id, deltas, exchange.start)
         return self._forward(exchange, product)
 
     async def _count_async(
@@ -504,9 +513,14 @@ class Gateway:
         app: Application,
         scope: str,
         checks: Sequence[LimitCheck],
+        deltas: dict[str, int],
     ) -> Response | None:
+        tally = self.tally
+        metered = None
+        if tally is not None and self._metered:
+            metered = tally.metered(product.name, app.id, deltas, exchange.start)
         try:
-            decision = await self.counters.check_and_increment(scope, checks)
+            decision = await self.counters.check_and_increment(scope, checks, usage=metered)
         except BackendUnavailable as exc:
             self.metrics.backend_errors.labels(self.config.limits.on_backend_error).inc()
             self.outage.failed(exc, self.deny_on_backend_error)
@@ -522,6 +536,8 @@ class Gateway:
             refused = self._decide(product, app, decision, exchange.state)
             if refused is not None:
                 return refused
+            if tally is not None and not self._metered:
+                tally.count(product.name, app.id, deltas, exchange.start)
         return self._forward(exchange, product)
 
     def _decide(
@@ -577,8 +593,19 @@ class Gateway:
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> None:
         state = exchange.state
+        tally = self.tally
         if state is None:
+            if tally is not None:
+                tally.respond("", "", status, exchange.upstream is not None, exchange.start)
             return
+        if tally is not None:
+            tally.respond(
+                state.product.name,
+                state.application,
+                status,
+                exchange.upstream is not None,
+                exchange.start,
+            )
         usage = state.usage
         if usage is not None and status != 429:
             policy, current = _ratelimit_fields(usage)
@@ -598,6 +625,9 @@ class Gateway:
             else None
         )
         self.metrics.observe(product, app, exchange.status, duration, upstream)
+        tally = self.tally
+        if tally is not None and exchange.response_headers is not None:
+            tally.complete(product, duration, exchange.start)
         if exchange.error and exchange.upstream is not None and exchange.status >= 500:
             self.metrics.upstream_errors.labels(product, str(exchange.status)).inc()
         if state is not None:

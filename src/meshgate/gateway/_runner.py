@@ -32,7 +32,17 @@ from meshgate.gateway._controlplane import (
     default_dataplane_id,
 )
 from meshgate.gateway._gateway import Gateway, LimitsOutage, Pools, ProductRuntime, build_products
-from meshgate.limits import CounterBackend, create_backend
+from meshgate.gateway._usage import LocalTally, RedisTally, Tally
+from meshgate.gateway._usage_redis import RedisOutbox
+from meshgate.gateway._usage_report import (
+    LocalSource,
+    UsageReporter,
+    UsageSource,
+    batch_origin,
+    spool_directory,
+)
+from meshgate.gateway._usage_spool import Spool
+from meshgate.limits import CounterBackend, RedisCounters, create_backend
 from meshgate.policies import schemas
 from meshgate.proxy import (
     ALPN,
@@ -191,6 +201,9 @@ class GatewayProcess:
         self._stop = asyncio.Event()
         self._stamp: tuple[int, int, int, int] | None = None
         self._dismantling: set[asyncio.Task[None]] = set()
+        # Usage reported to the control plane (control-plane mode, usage.enabled).
+        self.tally: Tally | None = None
+        self.reporter: UsageReporter | None = None
 
     @property
     def ready(self) -> bool:
@@ -221,7 +234,14 @@ class GatewayProcess:
         products: list[ProductRuntime] | None = None,
     ) -> Gateway:
         gateway = Gateway(
-            config, counters, self.metrics, self.pools, self.access_log, products, self.outage
+            config,
+            counters,
+            self.metrics,
+            self.pools,
+            self.access_log,
+            products,
+            self.outage,
+            self.tally,
         )
         self.metrics.config_products.set(len(config.products))
         return gateway
@@ -240,6 +260,8 @@ class GatewayProcess:
             settings = load_local_settings(self.config_path)
             self.control_plane = ControlPlaneSync(options, settings)
             counters = _counters(settings)
+            if settings.usage.enabled:
+                self.reporter = self._usage_reporter(settings, counters, self.control_plane)
             self.gateway, self.version = await self.control_plane.initial(
                 self, lambda config: self._build(config, counters)
             )
@@ -273,6 +295,8 @@ class GatewayProcess:
         flusher = loop.create_task(self._flush_logs())
         if self.control_plane is not None:
             self.control_plane.start()
+        if self.reporter is not None:
+            await self.reporter.start()
         log.info(
             "gateway serving on %s (admin %s), %d products, config %s",
             " and ".join(_urls(config)),
@@ -286,6 +310,7 @@ class GatewayProcess:
         if self.on_ready is not None:
             self.on_ready(self)
         await self._stop.wait()
+        stopping = loop.time()
         log.info("draining in-flight requests (up to %ss)", config.timeouts.shutdown_grace)
         watcher.cancel()
         if self.control_plane is not None:
@@ -295,9 +320,37 @@ class GatewayProcess:
             *(s.shutdown(self.gateway.config.timeouts.shutdown_grace) for s in servers)
         )
         flusher.cancel()
+        if self.reporter is not None:
+            # What the drained requests added is reported too, within what is left of the grace.
+            grace = self.gateway.config.timeouts.shutdown_grace
+            await self.reporter.stop(max(grace - (loop.time() - stopping), 1.0))
         self.access_log.flush()
         self.gateway.close_pools()
         await self.gateway.counters.close()
+
+    def _usage_reporter(
+        self, settings: Config, counters: CounterBackend, sync: ControlPlaneSync
+    ) -> UsageReporter:
+        """Usage summed where the counters are, reported to the control plane ``sync`` pulls
+        from, spooled in the cache directory meanwhile."""
+        usage = settings.usage
+        source: UsageSource
+        if isinstance(counters, RedisCounters):
+            tally: Tally = RedisTally(counters)
+            source = RedisOutbox(counters, usage.interval, usage.spool_max_batches, sync.id)
+        else:
+            local = LocalTally()
+            tally = local
+            source = LocalSource(local, batch_origin(sync.id))
+        self.tally = tally
+        spool = Spool(
+            spool_directory(sync.options.cache_dir, sync.id),
+            usage.spool_max_batches,
+            usage.spool_max_bytes,
+        )
+        return UsageReporter(
+            tally, source, spool, sync.url, sync.headers, usage.interval, self.metrics.registry
+        )
 
     async def _listen(
         self,

@@ -4,7 +4,14 @@ Every limit a request touches is checked and incremented in one atomic step, in 
 memory (one gateway process) or in Redis (exact across processes and hosts).
 """
 
-from meshgate.limits._base import BackendUnavailable, CounterBackend, Decision, LimitCheck, Usage
+from meshgate.limits._base import (
+    BackendUnavailable,
+    CounterBackend,
+    Decision,
+    LimitCheck,
+    Metered,
+    Usage,
+)
 from meshgate.limits._memory import MemoryCounters
 from meshgate.limits._redis import RedisCounters
 
@@ -14,6 +21,7 @@ __all__ = [
     "Decision",
     "LimitCheck",
     "MemoryCounters",
+    "Metered",
     "RedisCounters",
     "Usage",
     "create_backend",

@@ -60,6 +60,13 @@ class Decision:
     rejected: Usage | None
 
 
+# What a request its limits let through adds to the usage reported to the control plane:
+# its minute (epoch seconds, a multiple of 60) and (field, increment) pairs, each field one
+# product, application and metric (encoded by the gateway). A backend that ``keeps_usage``
+# adds them in the same step as the limits; the others leave usage to the caller.
+Metered = tuple[int, Sequence[tuple[str, int]]]
+
+
 class BackendUnavailable(Exception):
     """The counter store could not be reached or did not answer in time.
 
@@ -73,11 +80,18 @@ class CounterBackend(Protocol):
 
     ``check_and_increment`` is one atomic step over all ``checks``: a request refused by
     any limit with ``increment > 0`` (``value + increment > max``) increments none.
-    ``now`` (epoch seconds) defaults to the current time.
+    ``now`` (epoch seconds) defaults to the current time. ``usage`` (see :data:`Metered`) is
+    added with the increments by a backend whose ``keeps_usage`` is true, else ignored.
     """
 
+    keeps_usage: bool
+
     async def check_and_increment(
-        self, scope: str, checks: Sequence[LimitCheck], now: float | None = None
+        self,
+        scope: str,
+        checks: Sequence[LimitCheck],
+        now: float | None = None,
+        usage: Metered | None = None,
     ) -> Decision: ...
 
     async def usage(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from math import ceil, inf
 from time import time
 
-from meshgate.limits._base import WINDOW_GRACE, Decision, LimitCheck, Usage, make_usage
+from meshgate.limits._base import WINDOW_GRACE, Decision, LimitCheck, Metered, Usage, make_usage
 from meshgate.limits.periods import window
 
 
@@ -26,10 +26,13 @@ class MemoryCounters:
     """Exact counters for one process; not shared between workers or hosts.
 
     The check and the increments run without an ``await`` in between, so concurrent
-    tasks on one event loop cannot interleave inside a decision.
+    tasks on one event loop cannot interleave inside a decision. Usage for reports is the
+    caller's to keep (``keeps_usage`` is false): it lives in the same process either way.
     """
 
     __slots__ = ("_buckets", "_current")
+
+    keeps_usage = False
 
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, int], _Bucket] = {}
@@ -38,7 +41,11 @@ class MemoryCounters:
         self._current: dict[str, _Bucket] = {}
 
     async def check_and_increment(
-        self, scope: str, checks: Sequence[LimitCheck], now: float | None = None
+        self,
+        scope: str,
+        checks: Sequence[LimitCheck],
+        now: float | None = None,
+        usage: Metered | None = None,
     ) -> Decision:
         """Refuse if any check does not fit, else add every increment; see CounterBackend."""
         return self.check_and_increment_nowait(scope, checks, now)

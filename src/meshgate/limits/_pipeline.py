@@ -17,6 +17,7 @@ command that timed out here then either ran in time, and its reply came, or does
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import hiredis
+
+log = logging.getLogger("meshgate.limits")
 
 # Connect attempts after a failed one wait this long (less when the timeout is shorter), so
 # that a dead Redis costs one attempt per interval, shared by every command meanwhile.
@@ -87,6 +90,8 @@ class Pipeline:
         # or timed out.
         self.retiring: set[_Connection] = set()
         self.retry_at = 0.0
+        # Posted commands that Redis answered with an error (see :meth:`post`).
+        self.post_errors = 0
 
     def send(self, data: bytes, fenced: bool = False) -> asyncio.Future[Any]:
         """Queue ``data`` (one encoded command); the future gets its reply.
@@ -101,6 +106,19 @@ class Pipeline:
         if connection is None:
             connection = self.connection = _Connection(self, asyncio.get_running_loop())
         return connection.send(data, fenced)
+
+    def post(self, data: bytes, now: bool = False) -> None:
+        """Queue ``data`` (one encoded command) whose reply nobody waits for.
+
+        ``now``: write it, and everything queued before it, at once rather than at the end of
+        this loop iteration, so that it is on its way to Redis before anything this callback
+        writes afterwards (a response to a client). A command that gets no reply (the
+        connection broke) is lost; an error reply is logged.
+        """
+        connection = self.connection
+        if connection is None:
+            connection = self.connection = _Connection(self, asyncio.get_running_loop())
+        connection.post(data, now)
 
     def close(self) -> None:
         """Drop the connections, failing their pending commands."""
@@ -119,7 +137,8 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._timeout = pipeline.timeout
         self._reader = hiredis.Reader()
-        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        # A posted command's future is None.
+        self._pending: deque[tuple[asyncio.Future[Any] | None, float]] = deque()
         self._buffer: list[bytes] = []
         # Fenced commands buffered before Redis's clock was known: (index, send time).
         self._unfenced: list[tuple[int, float]] = []
@@ -161,6 +180,18 @@ class _Connection(asyncio.Protocol):
         self._pending.append((future, stamp))
         return future
 
+    def post(self, data: bytes, now: bool) -> None:
+        stamp = self._stamp
+        if stamp is None:
+            stamp = self._stamp = self._loop.time()
+            self._loop.call_soon(self._flush)
+            if self._timer is None:
+                self._timer = self._loop.call_at(stamp + self._timeout, self._expire)
+        self._buffer.append(data)
+        self._pending.append((None, stamp))
+        if now:
+            self._write()
+
     def _fence(self, stamp: float) -> bytes:
         """The last argument of a fenced command sent at ``stamp``: the Redis time past which
         its reply might come after the command timed out here."""
@@ -175,6 +206,10 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._stamp = None
+        self._write()
+
+    def _write(self) -> None:
+        """Write what is buffered, once the connection is set up."""
         transport = self._transport
         # A transport that is closing (its connection_lost not called yet) takes no writes.
         if self._ready and self._buffer and not transport.is_closing():  # type: ignore[union-attr]
@@ -194,7 +229,10 @@ class _Connection(asyncio.Protocol):
             reply = reader.gets()
             while reply is not False:
                 future = pending.popleft()[0]
-                if not future.done():  # cancelled by its caller, or timed out
+                if future is None:
+                    if isinstance(reply, hiredis.ReplyError):
+                        self._posted_error(reply)
+                elif not future.done():  # cancelled by its caller, or timed out
                     future.set_result(reply)
                 reply = reader.gets()
         except hiredis.ProtocolError as error:
@@ -204,6 +242,13 @@ class _Connection(asyncio.Protocol):
         else:
             if self._retiring and self._settled():
                 self.abort(f"no answer within {self._timeout}s")
+
+    def _posted_error(self, reply: hiredis.ReplyError) -> None:
+        pipeline = self._pipeline
+        pipeline.post_errors += 1
+        # The first, then one in a thousand: the same error tends to repeat on every request.
+        if pipeline.post_errors % 1000 == 1:
+            log.warning("Redis refused a usage update (%d so far): %s", pipeline.post_errors, reply)
 
     def eof_received(self) -> None:
         self.abort("Redis closed the connection")
@@ -299,7 +344,7 @@ class _Connection(asyncio.Protocol):
             if now < stamp + timeout:
                 self._timer = self._loop.call_at(stamp + timeout, self._expire)
                 return
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(PipelineError(f"no answer within {timeout}s"))
             if not self._retiring:
                 self._retire()
@@ -341,7 +386,7 @@ class _Connection(asyncio.Protocol):
         pending = self._pending
         while pending:
             future = pending.popleft()[0]
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(PipelineError(reason))
         self._buffer.clear()
         self._unfenced.clear()

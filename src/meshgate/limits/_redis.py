@@ -10,6 +10,12 @@ which its reply could no longer reach us, so a call that failed here by timing o
 request refused, or let through uncounted) is not counted later by a stalled Redis that
 resumes. What stays unknowable without a second round trip: a connection lost after Redis
 ran the script but before its reply came (Redis killed or restarted, the network cut).
+
+Usage for the control plane's reports rides in the same script: a request its limits let
+through adds its metrics to the hash of its minute (``{prefix}:usage:{minute}``) in the
+EVALSHA that counts it, so what is counted against a limit is reported, and a gateway
+killed after the decision loses nothing. Other usage updates (requests with no limit to
+check, responses, latency) are posted without waiting for their replies (:meth:`post_usage`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from meshgate.limits._base import (
     BackendUnavailable,
     Decision,
     LimitCheck,
+    Metered,
     Usage,
     make_usage,
 )
@@ -46,10 +53,14 @@ from meshgate.limits.periods import window
 # KEYS[i] is the counter of check i; ARGV holds max, increment and TTL (0: none) per check,
 # then the Redis time (microseconds) past which nothing may be counted: -1, too late.
 # A key listed twice accumulates, so duplicate checks cannot overshoot together.
+# With usage, one more key (the minute's usage hash) and, before the deadline, field and
+# increment pairs added to it when the request is allowed. #ARGV = 3 * #KEYS + 1 exactly
+# when there is none (with it, 3 * (#KEYS - 1) + 2m + 1 can never be).
 _CHECK_AND_INCREMENT = """
 local n = #KEYS
+if #ARGV ~= 3 * n + 1 then n = n - 1 end
 local now = redis.call('TIME')
-if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[3 * n + 1]) then
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[#ARGV]) then
   return {-1, {}}
 end
 local after = {}
@@ -73,6 +84,12 @@ for i = 1, n do
     if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
   end
   values[i] = after[KEYS[i]]
+end
+if n < #KEYS then
+  local usage = KEYS[n + 1]
+  for j = 3 * n + 1, #ARGV - 1, 2 do
+    redis.call('HINCRBY', usage, ARGV[j], ARGV[j + 1])
+  end
 end
 return {0, values}
 """
@@ -104,15 +121,35 @@ def _bulk_int(value: int) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(digits), digits)
 
 
-@lru_cache(maxsize=64)
-def _evalsha_head(checks: int) -> bytes:
+@lru_cache(maxsize=256)
+def _evalsha_head(checks: int, pairs: int = -1) -> bytes:
     """The start of an EVALSHA of ``checks`` keys, 3 arguments each and the deadline (which
-    the pipeline adds), up to the keys."""
+    the pipeline adds), up to the keys; with ``pairs`` >= 0, the usage hash key and that many
+    field and increment pairs too."""
+    if pairs < 0:
+        return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (
+            4 + 4 * checks,
+            _SCRIPT_SHA,
+            _bulk_int(checks),
+        )
     return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (
-        4 + 4 * checks,
+        5 + 4 * checks + 2 * pairs,
         _SCRIPT_SHA,
-        _bulk_int(checks),
+        _bulk_int(checks + 1),
     )
+
+
+@lru_cache(maxsize=8192)
+def _bulk(text: str) -> bytes:
+    """``text`` as a RESP bulk string."""
+    data = text.encode("utf-8", "surrogatepass")
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+@lru_cache(maxsize=8192)
+def _hincrby(key: str, field: str, increment: int) -> bytes:
+    """``HINCRBY key field increment``, encoded."""
+    return b"*4\r\n$7\r\nHINCRBY\r\n%b%b%b" % (_bulk(key), _bulk(field), _bulk_int(increment))
 
 
 def _ignore(future: asyncio.Future[Any]) -> None:
@@ -167,7 +204,11 @@ class RedisCounters:
     After a failed connect, calls wait for the next attempt, at most one per 0.1 s.
     ``max_connections`` bounds the connections of :meth:`usage` and :meth:`ping` only
     (redis-py's pool); more calls at once wait for one.
+
+    Usage for reports is kept here (``keeps_usage``): see the module's note.
     """
+
+    keeps_usage = True
 
     def __init__(
         self,
@@ -200,16 +241,60 @@ class RedisCounters:
         self._script_load: asyncio.Future[Any] | None = None
         self._windows: dict[str, tuple[int, int | None, float]] = {}
         self._encoded_keys: dict[tuple[str, str, str, int], bytes] = {}
+        self._usage_keys: dict[int, str] = {}
+
+    @property
+    def key_prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def redis(self) -> Redis:
+        """The redis-py client of the calls off the hot path (usage collection)."""
+        return self._client
+
+    def usage_key(self, minute: int) -> str:
+        """The hash that sums the usage of ``minute`` (epoch seconds, a multiple of 60)."""
+        key = self._usage_keys.get(minute)
+        if key is None:
+            if len(self._usage_keys) > 64:
+                self._usage_keys.clear()
+            key = self._usage_keys[minute] = f"{self._prefix}:usage:{minute}"
+        return key
+
+    def usage_command(self, minute: int, field: str, increment: int) -> bytes:
+        """The command that adds ``increment`` to ``field`` of ``minute``'s usage hash, for
+        :meth:`post` (callers keep the ones they send often)."""
+        return _hincrby(self.usage_key(minute), field, increment)
+
+    def post(self, command: bytes, now: bool = False) -> None:
+        """Send ``command`` without waiting for its reply (see ``Pipeline.post``)."""
+        self._pipeline.post(command, now)
+
+    def post_usage(self, metered: Metered, now: bool = False) -> None:
+        """Add ``metered`` to its minute's usage hash without waiting for Redis; ``now``: on its
+        way before anything this callback writes afterwards (see ``Pipeline.post``)."""
+        key = self.usage_key(metered[0])
+        pairs = metered[1]
+        last = len(pairs) - 1
+        for index, (field, increment) in enumerate(pairs):
+            self._pipeline.post(_hincrby(key, field, increment), now and index == last)
 
     async def check_and_increment(
-        self, scope: str, checks: Sequence[LimitCheck], now: float | None = None
+        self,
+        scope: str,
+        checks: Sequence[LimitCheck],
+        now: float | None = None,
+        usage: Metered | None = None,
     ) -> Decision:
-        """Refuse if any check does not fit, else add every increment; see CounterBackend."""
+        """Refuse if any check does not fit, else add every increment (and ``usage``, in the
+        same script); see CounterBackend."""
         if not checks:
+            if usage is not None:
+                self.post_usage(usage)
             return Decision(True, [], None)
         if now is None:
             now = time()
-        evalsha, ends = self._evalsha(scope, checks, now)
+        evalsha, ends = self._evalsha(scope, checks, now, usage)
         try:
             reply = await self._pipeline.send(evalsha, fenced=True)
             if type(reply) is not list:
@@ -287,11 +372,11 @@ class RedisCounters:
         return keys, ends
 
     def _evalsha(
-        self, scope: str, checks: Sequence[LimitCheck], now: float
+        self, scope: str, checks: Sequence[LimitCheck], now: float, usage: Metered | None = None
     ) -> tuple[bytes, list[int | None]]:
         """The EVALSHA command of a decision, and the window end of each check."""
         encoded_keys = self._encoded_keys
-        parts = [_evalsha_head(len(checks))]
+        parts = [_evalsha_head(len(checks), -1 if usage is None else len(usage[1]))]
         args: list[bytes] = []
         ends = []
         for check in checks:
@@ -309,6 +394,10 @@ class RedisCounters:
             ttl = 0 if end is None else int(end - now) + 1 + WINDOW_GRACE
             args += (_bulk_int(check.max), _bulk_int(check.increment), _bulk_int(ttl))
             ends.append(end)
+        if usage is not None:
+            parts.append(_bulk(self.usage_key(usage[0])))
+            for field, increment in usage[1]:
+                args += (_bulk(field), _bulk_int(increment))
         parts += args
         return b"".join(parts), ends
 
