@@ -10,6 +10,7 @@ from alembic.script import ScriptDirectory
 from control_support import dump_database, make_product, make_subscription, start_control
 from sqlalchemy import create_engine
 
+import meshgate.analytics.alert_models  # noqa: F401 (registers the alerts tables on Base)
 import meshgate.analytics.models  # noqa: F401 (registers the analytics tables on Base)
 import meshgate.billing.models  # noqa: F401 (registers the billing tables on Base)
 from meshgate.control._db import _alembic, normalize_url

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,6 +25,9 @@ from meshgate.control._db import Database
 from meshgate.control._problems import Problem
 from meshgate.control._registry import Registry, RegistrySettings
 from meshgate.control.models import AdminToken, MeshSnapshot, Product, Snapshot
+
+if TYPE_CHECKING:
+    from meshgate.analytics.alerts import AlertSettings
 
 __all__ = ["ControlPlane", "ControlSettings", "Service", "mesh_channel"]
 
@@ -47,6 +50,8 @@ class ControlSettings:
     policy_schemas: snapshots.PolicySchemas | None = None
     # The mesh's service registry: TTL, stream grace, caps (see RegistrySettings).
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    # Usage alerts' mail and retries; None: from the environment (MESHGATE_SMTP_URL, ...).
+    alerts: AlertSettings | None = None
 
 
 class Service(Protocol):

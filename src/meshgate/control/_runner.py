@@ -41,9 +41,13 @@ def run_control(
         raise ControlStartError(
             f"cannot open the database {plane.db.engine.url!r}: {str(exc).splitlines()[0]}"
         ) from None
+    try:
+        app = create_app(settings, plane)
+    except ValueError as exc:  # a setting from the environment, e.g. MESHGATE_SMTP_URL
+        raise ControlStartError(str(exc)) from None
     host, _, port = settings.listen.rpartition(":")
     config = uvicorn.Config(
-        create_app(settings, plane),
+        app,
         host=host.strip("[]") or "127.0.0.1",
         port=int(port),
         log_config=None,

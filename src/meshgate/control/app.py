@@ -76,6 +76,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     """The application; the store is migrated and snapshots published before it serves."""
     # Analytics, alerts and billing build on control.models: imported here, once the control
     # package is whole (meshgate.control imports this module).
+    from meshgate.analytics import alerts, alerts_api
     from meshgate.analytics import api as analytics
     from meshgate.analytics.retention import Retention
     from meshgate.billing import schedule as billing_schedule
@@ -110,10 +111,15 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     for router in (resources, applications, environments, mesh, analytics.admin, billing):
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
+    app.include_router(alerts_api.router, prefix="/admin/api")
     app.include_router(dataplane)
     app.include_router(mesh_dataplane)
     app.include_router(analytics.dataplane)
     plane.services.append(Retention())
+    app.state.alerts = alerts.AlertService(
+        plane.db, settings.alerts or alerts.AlertSettings.from_env()
+    )
+    plane.services.append(app.state.alerts)
 
     @app.get("/healthz", tags=["health"], operation_id="health")
     def healthz() -> dict[str, Any]:
@@ -123,7 +129,11 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     app.add_middleware(
         _BodyLimit,
         limit=MAX_BODY,
-        smaller={"/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY, "/dp/v1/usage": MAX_BATCH_BYTES},
+        smaller={
+            "/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY,
+            "/dp/v1/usage": MAX_BATCH_BYTES,
+            "/admin/api/webhooks": alerts_api.MAX_WEBHOOK_BODY,
+        },
     )
     app.add_middleware(AuthenticationGate)
     return app
