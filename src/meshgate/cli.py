@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -175,6 +176,16 @@ def up(
                 typer.echo(
                     f"  curl -s -H 'Authorization: Bearer {token}' {base}/admin/api/products"
                 )
+                month = time.strftime("%Y-%m", time.gmtime())
+                auth = f"--token {token}"
+                typer.echo("usage, alerts and billing (usage reaches analytics within seconds):")
+                typer.echo(
+                    f"  meshgate usage series --product {product.name} --granularity minute {auth}"
+                )
+                typer.echo(f"  meshgate usage limits {product.applications[0].id} {auth}")
+                typer.echo(f"  curl -s -H 'Authorization: Bearer {token}' {base}/admin/api/alerts")
+                typer.echo(f"  meshgate billing run --month {month} {auth}")
+                typer.echo(f"  meshgate billing invoices {auth}")
             for example_run in running:
                 for line in example_run.usage():
                     typer.echo(line)
@@ -280,7 +291,37 @@ def _seed_control_plane(base: str, token: str, path: Path) -> None:
     )
     _, body = _admin_call(base, token, "GET", "/products", {"per_page": "500"})
     for product in json.loads(body)["items"]:
+        _seed_business(base, token, product["id"])
         _admin_call(base, token, "POST", f"/products/{product['id']}/promote")
+
+
+# The demo's money and alerts: each plan costs 10.00 a month after a 5.00 setup fee, its first
+# 100 hits a month are free and the next cost 0.01 each; alerts at 50, 80 and 100 % of a limit.
+_DEMO_PRICING = (
+    {"min": 1, "max": 100, "cost_per_unit": "0"},
+    {"min": 101, "cost_per_unit": "0.01"},
+)
+
+
+def _seed_business(base: str, token: str, product_id: int) -> None:
+    def call(method: str, path: str, body: object = None) -> object:
+        data = None if body is None else json.dumps(body).encode()
+        _, answer = _admin_call(base, token, method, path, None, data, "application/json")
+        return json.loads(answer) if answer else None
+
+    metrics = call("GET", f"/products/{product_id}/metrics")
+    assert isinstance(metrics, dict)
+    hits = next((m for m in metrics["items"] if m["name"] == "hits"), None)
+    plans = call("GET", f"/products/{product_id}/plans")
+    assert isinstance(plans, dict)
+    for plan in plans["items"]:
+        call("PATCH", f"/plans/{plan['id']}", {"setup_fee": "5", "monthly_fee": "10"})
+        if hits is not None:
+            for rule in _DEMO_PRICING:
+                call(
+                    "POST", f"/plans/{plan['id']}/pricing_rules", {"metric_id": hits["id"], **rule}
+                )
+    call("PUT", f"/products/{product_id}/alert_levels", {"levels": [50, 80, 100]})
 
 
 @app.command()

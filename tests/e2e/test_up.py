@@ -3,6 +3,7 @@ as the README's first command starts them."""
 
 from __future__ import annotations
 
+import io
 import signal
 import socket
 import ssl
@@ -12,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import httpx
+import pypdf
 import yaml
 from harness import Proc, free_port
 
@@ -119,6 +121,39 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, f"new application still {status} after 2 s"
             time.sleep(0.05)
+
+        # The business side of the walkthrough: the traffic above reaches analytics, a limit
+        # crossed makes an alert, a billing run makes an invoice whose PDF holds its total.
+        refused = [
+            httpx.get(f"{gateway}/echo/hello", headers={"X-API-Key": app["key"]}).status_code
+            for _ in range(6)
+        ]
+        assert 429 in refused, refused
+
+        def used() -> int:
+            series = api.get(
+                "/analytics/usage",
+                params={"application": app["app_id"], "granularity": "minute"},
+            ).json()
+            return int(series["total"])
+
+        deadline = time.monotonic() + 20
+        while (
+            used() < 5
+            or not api.get("/alerts", params={"application": app["app_id"]}).json()["total"]
+        ):
+            assert time.monotonic() < deadline, (used(), api.get("/alerts").json())
+            time.sleep(0.5)
+        [alert] = api.get("/alerts", params={"application": app["app_id"]}).json()["items"]
+        assert (alert["level"], alert["violation"]) == (100, True)
+        month = time.strftime("%Y-%m", time.gmtime())
+        run = api.post("/billing/runs", json={"period": month, "account_id": account["id"]})
+        assert run.status_code == 201, run.text
+        [invoice] = api.get("/invoices", params={"account_id": account["id"]}).json()["items"]
+        assert invoice["total"] not in ("0", "0.00")
+        pdf = api.get(f"/invoices/{invoice['id']}.pdf")
+        text = pypdf.PdfReader(io.BytesIO(pdf.content)).pages[0].extract_text()
+        assert f"Total: {invoice['total']} EUR" in text, text
         api.close()
     finally:
         proc.signal(signal.SIGINT)
