@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 from control_support import TOKEN, ControlPlane, count_rows, make_product, problem
-from sqlalchemy import text
+from sqlalchemy import select, text
 
+from meshgate.analytics.alert_models import Alert
 from meshgate.analytics.api import percentile
 from meshgate.analytics.retention import apply_retention
 from meshgate.control._db import Database
@@ -325,7 +326,25 @@ def test_retention_keeps_each_granularity_its_time(tmp_path: Any) -> None:
                 ),
                 {"g": granularity, "s": start},
             )
-    assert apply_retention(db, now) == 3
+    with db.writer() as session, session.begin():
+        for days in (367, 300):
+            session.add(
+                Alert(
+                    at=datetime.fromtimestamp(now - days * 86400, UTC),
+                    product="p",
+                    application="a",
+                    metric="hits",
+                    period="day",
+                    level=80,
+                    usage=8,
+                    limit=10,
+                    violation=False,
+                )
+            )
+    assert apply_retention(db, now) == 4
+    with db.session() as session:
+        kept_alerts = session.scalars(select(Alert.at)).all()
+    assert [a.replace(tzinfo=UTC).timestamp() for a in kept_alerts] == [now - 300 * 86400]
     with db.session() as session:
         kept = session.execute(
             text("SELECT granularity, start FROM usage_rollups ORDER BY 1, 2")

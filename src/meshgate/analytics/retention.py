@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete
 
+from meshgate.analytics.alert_models import Alert
 from meshgate.analytics.models import (
     LatencyRollup,
     ResponseRollup,
@@ -17,12 +18,11 @@ from meshgate.analytics.models import (
     UsageRollup,
 )
 from meshgate.control._db import Database
-from meshgate.control.models import utcnow
 
 if TYPE_CHECKING:
     from meshgate.control._plane import ControlPlane
 
-__all__ = ["KEEP", "RECEIPTS_DAYS", "Retention", "apply_retention"]
+__all__ = ["ALERTS_DAYS", "KEEP", "RECEIPTS_DAYS", "Retention", "apply_retention"]
 
 log = logging.getLogger("meshgate.analytics")
 
@@ -36,6 +36,8 @@ KEEP = {
 }
 # A batch id is remembered this long: a gateway resends a batch at most this late.
 RECEIPTS_DAYS = 30
+# Alerts (with their deliveries and attempts) are kept as long as daily usage is.
+ALERTS_DAYS = 366
 
 
 def apply_retention(db: Database, now: float | None = None) -> int:
@@ -49,9 +51,15 @@ def apply_retention(db: Database, now: float | None = None) -> int:
                     delete(model).where(model.granularity == granularity, model.start < now - keep)
                 )
                 deleted += result.rowcount  # type: ignore[attr-defined]
-        cutoff = utcnow() - timedelta(days=RECEIPTS_DAYS)
+        moment = datetime.fromtimestamp(now, UTC)
+        cutoff = moment - timedelta(days=RECEIPTS_DAYS)
         result = session.execute(
             delete(UsageBatchReceipt).where(UsageBatchReceipt.received_at < cutoff)
+        )
+        deleted += result.rowcount  # type: ignore[attr-defined]
+        # Their deliveries and attempts go with them (ON DELETE CASCADE).
+        result = session.execute(
+            delete(Alert).where(Alert.at < moment - timedelta(days=ALERTS_DAYS))
         )
         deleted += result.rowcount  # type: ignore[attr-defined]
     return deleted
