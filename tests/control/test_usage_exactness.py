@@ -65,12 +65,16 @@ class Load:
     def __init__(self, apps: dict[str, Any], ports: list[int]) -> None:
         capped, free = apps["capped"], apps["free"]
         # (application as analytics names it, path, key): a limited method, an unlimited
-        # hit, a wrong key (401, no application) and a path no product serves (404).
+        # hit, backend answers other than 200, a wrong key (403, no application) and a path
+        # no product serves (404).
         self.kinds = [
             (capped["app_id"], "/exact/search", capped["key"]),
             (capped["app_id"], "/exact/search", capped["key"]),
             (free["app_id"], "/exact/items/1", free["key"]),
             (free["app_id"], "/exact/items/2", free["key"]),
+            # Let through, then answered otherwise than the presumed 200.
+            (free["app_id"], "/exact/status/503", free["key"]),
+            (capped["app_id"], "/exact/status/201", capped["key"]),
             ("", "/exact/items/3", "wrong-key"),
             ("", "/nowhere", None),
         ]
@@ -133,8 +137,8 @@ def _expected_usage(seen: Counter[tuple[str, int]], apps: dict[str, Any]) -> Cou
         {
             (capped, "search"): seen[(capped, 200)],
             # The product's first rule (/ → hits) and /search (search, and hits, its parent).
-            (capped, "hits"): 2 * seen[(capped, 200)],
-            (free, "hits"): seen[(free, 200)],
+            (capped, "hits"): 2 * seen[(capped, 200)] + seen[(capped, 201)],
+            (free, "hits"): seen[(free, 200)] + seen[(free, 503)],
             (free, "search"): 0,
         }
     )

@@ -62,9 +62,13 @@ Status = Annotated[int, Field(ge=100, le=599)]
 
 # [product, application, metric, minute (epoch seconds, a multiple of 60), value]
 UsageRow = tuple[ProductName, ApplicationId, MetricName, Minute, Count]
+# A response count may be negative: a gateway that counted a response as a presumed 200 with
+# its usage corrects it when the answer was another (-1 on the 200, +1 on the answer), and
+# the correction may come in a later batch than the presumption.
+ResponseCount = Annotated[int, Field(ge=-(10**15), le=10**15)]
 # [product ("" when none matched), application ("" when none was identified), status,
 #  reason, minute, count]
-ResponseRow = tuple[ProductName, ApplicationId, Status, Reason, Minute, Count]
+ResponseRow = tuple[ProductName, ApplicationId, Status, Reason, Minute, ResponseCount]
 # [product, minute, counts per bucket of LATENCY_BOUNDS_MS and one above, milliseconds summed]
 LatencyRow = tuple[
     ProductName,

@@ -56,11 +56,13 @@ Pools = dict[tuple[object, ...], UpstreamPool | H2UpstreamPool]
 class _State:
     """What the gateway learned about one request, kept on ``exchange.state``."""
 
-    __slots__ = ("product", "application", "usage", "backend")
+    __slots__ = ("product", "application", "usage", "backend", "presumed")
 
     def __init__(self, product: ProductRuntime) -> None:
         self.product = product
         self.application = ""
+        # Its usage counted its response as a forwarded 200 already (Tally.presumes).
+        self.presumed = False
         # The most constrained limit: what the RateLimit fields report.
         self.usage: Usage | None = None
         # With several backends: the one chosen and the path it is sent.
@@ -504,6 +506,7 @@ class Gateway:
         tally = self.tally
         if tally is not None:
             tally.count(product.name, app.id, deltas, exchange.start)
+            exchange.state.presumed = tally.presumes
         return self._forward(exchange, product)
 
     async def _count_async(
@@ -536,8 +539,10 @@ class Gateway:
             refused = self._decide(product, app, decision, exchange.state)
             if refused is not None:
                 return refused
-            if tally is not None and not self._metered:
-                tally.count(product.name, app.id, deltas, exchange.start)
+            if tally is not None:
+                if not self._metered:
+                    tally.count(product.name, app.id, deltas, exchange.start)
+                exchange.state.presumed = tally.presumes
         return self._forward(exchange, product)
 
     def _decide(
@@ -605,7 +610,9 @@ class Gateway:
                 status,
                 exchange.upstream is not None,
                 exchange.start,
+                state.presumed,
             )
+            state.presumed = False
         usage = state.usage
         if usage is not None and status != 429:
             policy, current = _ratelimit_fields(usage)
@@ -626,8 +633,11 @@ class Gateway:
         )
         self.metrics.observe(product, app, exchange.status, duration, upstream)
         tally = self.tally
-        if tally is not None and exchange.response_headers is not None:
-            tally.complete(product, duration, exchange.start)
+        if tally is not None:
+            if exchange.response_headers is not None:
+                tally.complete(product, duration, exchange.start)
+            if state is not None and state.presumed:
+                tally.unanswered(product, app, exchange.start)
         if exchange.error and exchange.upstream is not None and exchange.status >= 500:
             self.metrics.upstream_errors.labels(product, str(exchange.status)).inc()
         if state is not None:

@@ -134,6 +134,8 @@ class Tally:
     """What the gateway calls on every request; see the module's note."""
 
     __slots__ = ("clock",)
+    # Whether ``metered`` counts the request's response as a presumed 200 (see RedisTally).
+    presumes = False
 
     def __init__(self) -> None:
         self.clock = MinuteClock()
@@ -148,9 +150,21 @@ class Tally:
         """``deltas`` for a counter backend that keeps usage; None when it does not."""
         return None
 
-    def respond(self, product: str, app: str, status: int, forwarded: bool, start: float) -> None:
-        """A response head is about to be written."""
+    def respond(
+        self,
+        product: str,
+        app: str,
+        status: int,
+        forwarded: bool,
+        start: float,
+        presumed: bool = False,
+    ) -> None:
+        """A response head is about to be written; ``presumed``: ``metered`` counted it as a
+        forwarded 200 already."""
         raise NotImplementedError
+
+    def unanswered(self, product: str, app: str, start: float) -> None:
+        """A request whose response was presumed ended with none written."""
 
     def complete(self, product: str, duration: float, start: float) -> None:
         """An exchange ended after ``duration`` seconds."""
@@ -176,7 +190,15 @@ class LocalTally(Tally):
                 key = (minute, product, app, metric)
                 usage[key] = usage.get(key, 0) + increment
 
-    def respond(self, product: str, app: str, status: int, forwarded: bool, start: float) -> None:
+    def respond(
+        self,
+        product: str,
+        app: str,
+        status: int,
+        forwarded: bool,
+        start: float,
+        presumed: bool = False,
+    ) -> None:
         key = (self.clock.minute(start), product, app, status, forwarded)
         responses = self.responses
         responses[key] = responses.get(key, 0) + 1
@@ -222,14 +244,31 @@ class RedisTally(Tally):
     app, status, forwarded]`` (responses), ``["l", product, bucket]`` and ``["s", product]``
     (latency counts and microseconds summed). Latency is posted once per loop iteration:
     a kill loses the latency of the last few milliseconds' exchanges, never a count.
+
+    A request let through is presumed to be answered 200 by its backend: that response is
+    counted with its usage (in the check script, or in the posted usage), so the common
+    response costs no write of its own. Any other answer is written as a correction (-1 on
+    the presumed 200, +1 on what it was) before the response goes to the client; a request
+    that ends unanswered takes its presumption back. A correction may reach the control plane
+    in the batch after its presumption: a 200 count is one too high for an interval.
     """
 
-    __slots__ = ("counters", "_usage_fields", "_responses", "_latency", "_latency_fields")
+    presumes = True
+
+    __slots__ = (
+        "counters",
+        "_usage_fields",
+        "_response_fields",
+        "_responses",
+        "_latency",
+        "_latency_fields",
+    )
 
     def __init__(self, counters: RedisCounters) -> None:
         super().__init__()
         self.counters = counters
         self._usage_fields: dict[tuple[str, str, str], str] = {}
+        self._response_fields: dict[tuple[str, str, int, bool], str] = {}
         # (product, app, status, forwarded) -> the minute and its encoded HINCRBY
         self._responses: dict[tuple[str, str, int, bool], tuple[int, bytes]] = {}
         self._latency: LatencySums = {}
@@ -249,16 +288,58 @@ class RedisTally(Tally):
                         fields.clear()
                     field = fields[key] = _field("u", product, app, metric)
                 pairs.append((field, increment))
-        if not pairs:
-            return None
-        return self.clock.minute(start), pairs
+        minute = self.clock.minute(start)
+        pairs.append((self._presumed_field(product, app), 1))
+        return minute, pairs
+
+    def _presumed_field(self, product: str, app: str) -> str:
+        key = (product, app, 200, True)
+        cached = self._response_fields.get(key)
+        if cached is None:
+            if len(self._response_fields) >= _FIELD_CACHE:
+                self._response_fields.clear()
+            cached = self._response_fields[key] = _field("r", product, app, 200, True)
+        return cached
 
     def count(self, product: str, app: str, deltas: Mapping[str, int], start: float) -> None:
         metered = self.metered(product, app, deltas, start)
         if metered is not None:
             self.counters.post_usage(metered)
 
-    def respond(self, product: str, app: str, status: int, forwarded: bool, start: float) -> None:
+    def respond(
+        self,
+        product: str,
+        app: str,
+        status: int,
+        forwarded: bool,
+        start: float,
+        presumed: bool = False,
+    ) -> None:
+        if presumed:
+            if status == 200 and forwarded:
+                return
+            self._post_response(product, app, 200, True, start, -1, now=False)
+        # Written now: on its way to Redis before the response is on its way to the client.
+        self._post_response(product, app, status, forwarded, start, 1, now=True)
+
+    def unanswered(self, product: str, app: str, start: float) -> None:
+        self._post_response(product, app, 200, True, start, -1, now=False)
+
+    def _post_response(
+        self,
+        product: str,
+        app: str,
+        status: int,
+        forwarded: bool,
+        start: float,
+        increment: int,
+        now: bool,
+    ) -> None:
+        if increment != 1:
+            field = _field("r", product, app, status, forwarded)
+            minute = self.clock.minute(start)
+            self.counters.post(self.counters.usage_command(minute, field, increment), now=now)
+            return
         minute = self.clock.minute(start)
         key = (product, app, status, forwarded)
         cached = self._responses.get(key)
@@ -270,8 +351,7 @@ class RedisTally(Tally):
                 minute,
                 self.counters.usage_command(minute, field, 1),
             )
-        # Written now: on its way to Redis before the response is on its way to the client.
-        self.counters.post(cached[1], now=True)
+        self.counters.post(cached[1], now=now)
 
     def complete(self, product: str, duration: float, start: float) -> None:
         latency = self._latency
@@ -315,7 +395,9 @@ def rows_from_fields(minute: int, fields: Iterable[tuple[bytes | str, bytes | st
             field = json.loads(raw_field)
             value = int(raw_value)
             kind = field[0]
-            if value <= 0:
+            # A response count may be negative: corrections of presumed 200s whose
+            # presumptions went in an earlier batch.
+            if value == 0 or (value < 0 and kind != "r"):
                 continue
             if kind == "u" and len(field) == 4:
                 rows.usage.append([str(field[1]), str(field[2]), str(field[3]), minute, value])
@@ -334,7 +416,9 @@ def rows_from_fields(minute: int, fields: Iterable[tuple[bytes | str, bytes | st
                     histogram[2][int(field[2])] += value
         except (ValueError, TypeError, IndexError, KeyError):
             continue
-    rows.responses = [[*key[:3], key[3], minute, count] for key, count in responses.items()]
+    rows.responses = [
+        [*key[:3], key[3], minute, count] for key, count in responses.items() if count
+    ]
     rows.latency = list(latency.values())
     rows.sort()
     return rows
