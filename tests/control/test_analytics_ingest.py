@@ -212,6 +212,14 @@ def test_series_ranges_are_checked(control_sqlite: ControlPlane) -> None:
     ):
         problem(cp.api.get("/analytics/usage", params=params), 422)
     assert cp.api.get("/analytics/top_applications", params={"limit": 0}).status_code == 422
+    # Ranges whose windows (or default since) would fall outside the calendar.
+    for params in (
+        {"granularity": "month", "until": "9999-12-31T00:00:00Z"},
+        {"granularity": "day", "until": "0001-01-01T00:00:00Z"},
+        {"granularity": "day", "since": "0001-01-01T00:00:00Z", "until": "0001-01-02T00:00:00Z"},
+    ):
+        for path in ("usage", "top_applications", "responses", "latency"):
+            problem(cp.api.get(f"/analytics/{path}", params=params), 422)
 
 
 def test_csv_export(control_sqlite: ControlPlane) -> None:

@@ -62,6 +62,9 @@ dataplane = APIRouter(prefix="/dp/v1", tags=["data plane"])
 
 # Windows in one series: a year of hours is 8,760.
 MAX_POINTS = 10_000
+# Ranges lie within these (epoch seconds): every window of them has a calendar date.
+_EARLIEST = 0
+_LATEST = int(datetime(9999, 1, 1, tzinfo=UTC).timestamp())
 Granularity = Literal["minute", "hour", "day", "month"]
 
 
@@ -117,6 +120,13 @@ class _Range:
         )
         if since_t >= until_t:
             raise Problem(422, "since must be before until", field="query.since")
+        for moment, name in ((since_t, "since"), (until_t, "until")):
+            if not _EARLIEST <= moment <= _LATEST:
+                raise Problem(
+                    422,
+                    f"the range's {name} must lie between 1970-01-01 and 9999-01-01",
+                    field=f"query.{name}",
+                )
         self.granularity = granularity
         self.first = window_start(granularity, since_t)
         self.until = until_t
