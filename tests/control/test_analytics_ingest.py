@@ -180,6 +180,11 @@ def test_bad_batches_are_refused_whole(control: ControlPlane) -> None:
         json.dumps(_batch(latency=[["shop", NEXT_MINUTE, [1, 2], 3.0]])).encode(),
         json.dumps(_batch(usage=[good_row], extra=1)).encode(),
         json.dumps(_batch(usage=[good_row] * 200_001)).encode(),
+        # Each row within bounds, their sum in one window beyond what a roll-up holds.
+        json.dumps(
+            _batch(usage=[["shop", "app-a", "hits", NEXT_MINUTE, 10**15]] * 10_000)
+        ).encode(),
+        json.dumps(_batch(latency=[["shop", NEXT_MINUTE, [1] + [0] * 13, 1e18]] * 10)).encode(),
     ):
         response = httpx.post(
             url, content=bad, headers={**headers, "Content-Type": "application/json"}, timeout=60

@@ -238,7 +238,10 @@ async def report_usage(
                     for e in exc.errors(include_url=False, include_input=False)[:20]
                 ],
             ) from None
-        return _ingest.ingest(plane.db, batch, x_meshgate_dataplane, plane.usage_listeners)
+        try:
+            return _ingest.ingest(plane.db, batch, x_meshgate_dataplane, plane.usage_listeners)
+        except _ingest.BatchTooLarge as exc:
+            raise Problem(422, f"the usage batch is invalid: {exc}") from None
 
     stored = await run_in_threadpool(store)
     return {"accepted": True, "duplicate": not stored}
