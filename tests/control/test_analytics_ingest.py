@@ -317,6 +317,40 @@ def test_usage_against_limits_and_the_usage_token(control_sqlite: ControlPlane) 
     problem(cp.api.post("/analytics/accounts/2147483647/tokens"), 404)
 
 
+def test_a_deleted_accounts_usage_token_reads_nothing_of_an_account_made_after(
+    control: ControlPlane,
+) -> None:
+    cp = control
+    made = _subscribed(cp)
+    product = made["product"]["name"]
+    # The newest account: SQLite gives its id to the next account made after its deletion.
+    last = cp.post("/accounts", {"name": f"last-{uuid.uuid4().hex[:6]}"})
+    app = cp.post(
+        "/applications",
+        {"account_id": last["id"], "plan_id": made["apps"][0]["plan_id"], "name": "old"},
+    )
+    now = int(time.time()) // 60 * 60
+    headers = _register(cp)
+    batch = _batch(usage=[[product, app["app_id"], "hits", now, 7]])
+    assert _send(cp, headers, batch).status_code == 200
+    token = cp.post(f"/analytics/accounts/{last['id']}/tokens")["token"]
+    old = httpx.Client(base_url=f"{cp.url}/admin/api", headers={"Authorization": f"Bearer {token}"})
+    assert old.get("/analytics/usage", params={"granularity": "minute"}).json()["total"] == 7
+
+    assert cp.api.delete(f"/accounts/{last['id']}").status_code == 204
+    # Its token went with it (the control plane trusts a token it saw for 5 s more).
+    names = [t["name"] for t in cp.api.get("/tokens").json()]
+    assert not any(n.startswith(f"usage-account-{last['id']}-") for n in names)
+    newer = cp.post("/accounts", {"name": f"newer-{uuid.uuid4().hex[:6]}"})
+    token = cp.post(f"/analytics/accounts/{newer['id']}/tokens")["token"]
+    new = httpx.Client(base_url=f"{cp.url}/admin/api", headers={"Authorization": f"Bearer {token}"})
+    assert new.get("/analytics/usage", params={"granularity": "minute"}).json()["total"] == 0
+    top = new.get("/analytics/top_applications", params={"granularity": "minute"}).json()
+    assert top["items"] == []
+    # The usage itself is kept, for the operator.
+    assert _series(cp, granularity="minute", product=product)["total"] == 7
+
+
 def test_retention_keeps_each_granularity_its_time(tmp_path: Any) -> None:
     db = Database(f"sqlite:///{tmp_path / 'r.db'}")
     db.migrate()

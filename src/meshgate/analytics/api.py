@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.orm import Session
 
 from meshgate.analytics import ingest as _ingest
@@ -551,3 +551,23 @@ def create_usage_token(
         session.flush()
         audit(session, actor, "create", "token", row.id, None, {"name": row.name})
         return {"id": row.id, "name": row.name, "scopes": row.scopes, "token": token}
+
+
+@event.listens_for(Session, "after_flush")
+def _account_deleted(session: Session, _context: Any) -> None:
+    # An account's id may be given again (SQLite reuses the highest): its usage tokens go
+    # with it, and its usage is no longer its, so that a new account of that id reads neither.
+    for obj in session.deleted:
+        if isinstance(obj, Account):
+            connection = session.connection()
+            tokens = connection.execute(
+                select(AdminToken.id, AdminToken.scopes).where(
+                    AdminToken.name.startswith(f"usage-account-{obj.id}-", autoescape=True)
+                )
+            ).all()
+            doomed = [i for i, scopes in tokens if f"account:{obj.id}" in (scopes or [])]
+            if doomed:
+                connection.execute(delete(AdminToken).where(AdminToken.id.in_(doomed)))
+            connection.execute(
+                update(UsageRollup).where(UsageRollup.account_id == obj.id).values(account_id=None)
+            )
