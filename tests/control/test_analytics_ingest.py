@@ -230,7 +230,12 @@ def test_series_ranges_are_checked(control_sqlite: ControlPlane) -> None:
 def test_csv_export(control_sqlite: ControlPlane) -> None:
     cp = control_sqlite
     headers = _register(cp)
-    batch = _batch(usage=[["shop", "=cmd|' /C calc'!A0", "hits", NEXT_MINUTE, 2]])
+    batch = _batch(
+        usage=[
+            ["shop", "=cmd|' /C calc'!A0", "hits", NEXT_MINUTE, 2],
+            ["shop", "\t=cmd|' /C calc'!A0", "hits", NEXT_MINUTE, 1],
+        ]
+    )
     assert _send(cp, headers, batch).status_code == 200
     response = cp.api.get(
         "/analytics/usage",
@@ -245,7 +250,7 @@ def test_csv_export(control_sqlite: ControlPlane) -> None:
     rows = list(csv.reader(io.StringIO(response.text)))
     assert rows == [
         ["start", "value"],
-        ["2026-12-01T00:00:00Z", "2"],
+        ["2026-12-01T00:00:00Z", "3"],
         ["2026-12-01T01:00:00Z", "0"],
         ["2026-12-01T02:00:00Z", "0"],
     ]
@@ -253,9 +258,9 @@ def test_csv_export(control_sqlite: ControlPlane) -> None:
         "/analytics/top_applications",
         params={"since": "2026-12-01", "until": "2026-12-02", "format": "csv"},
     )
-    cells = list(csv.reader(io.StringIO(top.text)))[1]
+    firsts = [row[0] for row in list(csv.reader(io.StringIO(top.text)))[1:]]
     # A cell a spreadsheet would run as a formula is quoted.
-    assert cells[0] == "'=cmd|' /C calc'!A0"
+    assert firsts == ["'=cmd|' /C calc'!A0", "'\t=cmd|' /C calc'!A0"]
 
 
 def _subscribed(cp: ControlPlane) -> dict[str, Any]:

@@ -180,10 +180,11 @@ def _csv(rows: list[dict[str, Any]], columns: list[str], name: str) -> Response:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        # A spreadsheet runs a cell starting with = + - @ as a formula: quote it.
+        # A spreadsheet runs a cell starting with = + - @ (or a tab or CR before one) as a
+        # formula: quote it.
         writer.writerow(
             [
-                "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v
+                "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
                 for v in (row.get(c, "") for c in columns)
             ]
         )
