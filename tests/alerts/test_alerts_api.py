@@ -196,6 +196,8 @@ def test_alerts_refuse_unknown_ids_and_bad_filters(control_shared: ControlPlane)
     problem(cp.api.get("/alerts/-1"), 422)
     problem(cp.api.get("/alerts", params={"since": "yesterday"}), 422, "query.since")
     problem(cp.api.get("/alerts", params={"since": "1700000000"}), 422, "query.since")
+    for early_or_late in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"):
+        problem(cp.api.get("/alerts", params={"since": early_or_late}), 422, "query.since")
     problem(cp.api.get("/alerts", params={"per_page": 501}), 422, "query.per_page")
     problem(cp.api.get("/alerts", params={"page": 0}), 422, "query.page")
     problem(cp.api.get("/alerts", params={"violation": "maybe"}), 422, "query.violation")

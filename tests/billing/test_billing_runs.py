@@ -3,6 +3,7 @@ recomputed while open, numbered without gaps under concurrent runs; the schedule
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from alembic import command
 from sqlalchemy import select, text
 
 from meshgate.analytics.models import UsageRollup
+from meshgate.billing import schedule
 from meshgate.billing.history import use_clock
 from meshgate.billing.invoices import change_state
 from meshgate.billing.models import BillingSettings, Invoice, InvoiceLine, PlanPeriod
@@ -389,3 +391,21 @@ def test_the_schedule_bills_the_month_before_on_the_billing_day_once(
         settings.schedule = False
     clock.at = datetime(2027, 1, 6, tzinfo=UTC)
     assert run_due(db) is None
+
+
+def test_the_schedule_outlives_a_store_that_fails(sqlite_db: Database) -> None:
+    # The settings cannot be read (as when the database is down): the run fails, and so does
+    # the look-up of the next billing day; the schedule must keep going all the same.
+    with sqlite_db.writer() as session, session.begin():
+        session.execute(text("DROP TABLE billing_settings"))
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(schedule._forever(sqlite_db))
+        await asyncio.sleep(0.5)
+        try:
+            assert not task.done(), task.exception()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())

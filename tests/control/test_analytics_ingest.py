@@ -181,6 +181,11 @@ def test_bad_batches_are_refused_whole(control: ControlPlane) -> None:
         json.dumps(_batch(latency=[["shop", NEXT_MINUTE, [1, 2], 3.0]])).encode(),
         json.dumps(_batch(usage=[good_row], extra=1)).encode(),
         json.dumps(_batch(usage=[good_row] * 200_001)).encode(),
+        # Each row within bounds, their sum in one window beyond what a roll-up holds.
+        json.dumps(
+            _batch(usage=[["shop", "app-a", "hits", NEXT_MINUTE, 10**15]] * 10_000)
+        ).encode(),
+        json.dumps(_batch(latency=[["shop", NEXT_MINUTE, [1] + [0] * 13, 1e18]] * 10)).encode(),
     ):
         response = httpx.post(
             url, content=bad, headers={**headers, "Content-Type": "application/json"}, timeout=60
@@ -213,12 +218,25 @@ def test_series_ranges_are_checked(control_sqlite: ControlPlane) -> None:
     ):
         problem(cp.api.get("/analytics/usage", params=params), 422)
     assert cp.api.get("/analytics/top_applications", params={"limit": 0}).status_code == 422
+    # Ranges whose windows (or default since) would fall outside the calendar.
+    for params in (
+        {"granularity": "month", "until": "9999-12-31T00:00:00Z"},
+        {"granularity": "day", "until": "0001-01-01T00:00:00Z"},
+        {"granularity": "day", "since": "0001-01-01T00:00:00Z", "until": "0001-01-02T00:00:00Z"},
+    ):
+        for path in ("usage", "top_applications", "responses", "latency"):
+            problem(cp.api.get(f"/analytics/{path}", params=params), 422)
 
 
 def test_csv_export(control_sqlite: ControlPlane) -> None:
     cp = control_sqlite
     headers = _register(cp)
-    batch = _batch(usage=[["shop", "=cmd|' /C calc'!A0", "hits", NEXT_MINUTE, 2]])
+    batch = _batch(
+        usage=[
+            ["shop", "=cmd|' /C calc'!A0", "hits", NEXT_MINUTE, 2],
+            ["shop", "\t=cmd|' /C calc'!A0", "hits", NEXT_MINUTE, 1],
+        ]
+    )
     assert _send(cp, headers, batch).status_code == 200
     response = cp.api.get(
         "/analytics/usage",
@@ -233,7 +251,7 @@ def test_csv_export(control_sqlite: ControlPlane) -> None:
     rows = list(csv.reader(io.StringIO(response.text)))
     assert rows == [
         ["start", "value"],
-        ["2026-12-01T00:00:00Z", "2"],
+        ["2026-12-01T00:00:00Z", "3"],
         ["2026-12-01T01:00:00Z", "0"],
         ["2026-12-01T02:00:00Z", "0"],
     ]
@@ -241,9 +259,9 @@ def test_csv_export(control_sqlite: ControlPlane) -> None:
         "/analytics/top_applications",
         params={"since": "2026-12-01", "until": "2026-12-02", "format": "csv"},
     )
-    cells = list(csv.reader(io.StringIO(top.text)))[1]
+    firsts = [row[0] for row in list(csv.reader(io.StringIO(top.text)))[1:]]
     # A cell a spreadsheet would run as a formula is quoted.
-    assert cells[0] == "'=cmd|' /C calc'!A0"
+    assert firsts == ["'=cmd|' /C calc'!A0", "'\t=cmd|' /C calc'!A0"]
 
 
 def _subscribed(cp: ControlPlane) -> dict[str, Any]:
@@ -303,6 +321,40 @@ def test_usage_against_limits_and_the_usage_token(control_sqlite: ControlPlane) 
     top = own.get("/analytics/top_applications", params={"granularity": "minute"}).json()
     assert [t["application"] for t in top["items"]] == [app_a]
     problem(cp.api.post("/analytics/accounts/2147483647/tokens"), 404)
+
+
+def test_a_deleted_accounts_usage_token_reads_nothing_of_an_account_made_after(
+    control: ControlPlane,
+) -> None:
+    cp = control
+    made = _subscribed(cp)
+    product = made["product"]["name"]
+    # The newest account: SQLite gives its id to the next account made after its deletion.
+    last = cp.post("/accounts", {"name": f"last-{uuid.uuid4().hex[:6]}"})
+    app = cp.post(
+        "/applications",
+        {"account_id": last["id"], "plan_id": made["apps"][0]["plan_id"], "name": "old"},
+    )
+    now = int(time.time()) // 60 * 60
+    headers = _register(cp)
+    batch = _batch(usage=[[product, app["app_id"], "hits", now, 7]])
+    assert _send(cp, headers, batch).status_code == 200
+    token = cp.post(f"/analytics/accounts/{last['id']}/tokens")["token"]
+    old = httpx.Client(base_url=f"{cp.url}/admin/api", headers={"Authorization": f"Bearer {token}"})
+    assert old.get("/analytics/usage", params={"granularity": "minute"}).json()["total"] == 7
+
+    assert cp.api.delete(f"/accounts/{last['id']}").status_code == 204
+    # Its token went with it (the control plane trusts a token it saw for 5 s more).
+    names = [t["name"] for t in cp.api.get("/tokens").json()]
+    assert not any(n.startswith(f"usage-account-{last['id']}-") for n in names)
+    newer = cp.post("/accounts", {"name": f"newer-{uuid.uuid4().hex[:6]}"})
+    token = cp.post(f"/analytics/accounts/{newer['id']}/tokens")["token"]
+    new = httpx.Client(base_url=f"{cp.url}/admin/api", headers={"Authorization": f"Bearer {token}"})
+    assert new.get("/analytics/usage", params={"granularity": "minute"}).json()["total"] == 0
+    top = new.get("/analytics/top_applications", params={"granularity": "minute"}).json()
+    assert top["items"] == []
+    # The usage itself is kept, for the operator.
+    assert _series(cp, granularity="minute", product=product)["total"] == 7
 
 
 def test_retention_keeps_each_granularity_its_time(tmp_path: Any) -> None:

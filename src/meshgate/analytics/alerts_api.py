@@ -63,7 +63,10 @@ def _date_time(value: Any) -> Any:
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before the year 1 in UTC
+        raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
 
 
 Since = Annotated[datetime, BeforeValidator(_date_time), AfterValidator(_utc)]

@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.orm import Session
 
 from meshgate.analytics import ingest as _ingest
@@ -62,6 +62,9 @@ dataplane = APIRouter(prefix="/dp/v1", tags=["data plane"])
 
 # Windows in one series: a year of hours is 8,760.
 MAX_POINTS = 10_000
+# Ranges lie within these (epoch seconds): every window of them has a calendar date.
+_EARLIEST = 0
+_LATEST = int(datetime(9999, 1, 1, tzinfo=UTC).timestamp())
 Granularity = Literal["minute", "hour", "day", "month"]
 
 
@@ -117,6 +120,13 @@ class _Range:
         )
         if since_t >= until_t:
             raise Problem(422, "since must be before until", field="query.since")
+        for moment, name in ((since_t, "since"), (until_t, "until")):
+            if not _EARLIEST <= moment <= _LATEST:
+                raise Problem(
+                    422,
+                    f"the range's {name} must lie between 1970-01-01 and 9999-01-01",
+                    field=f"query.{name}",
+                )
         self.granularity = granularity
         self.first = window_start(granularity, since_t)
         self.until = until_t
@@ -170,10 +180,11 @@ def _csv(rows: list[dict[str, Any]], columns: list[str], name: str) -> Response:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        # A spreadsheet runs a cell starting with = + - @ as a formula: quote it.
+        # A spreadsheet runs a cell starting with = + - @ (or a tab or CR before one) as a
+        # formula: quote it.
         writer.writerow(
             [
-                "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v
+                "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
                 for v in (row.get(c, "") for c in columns)
             ]
         )
@@ -228,7 +239,10 @@ async def report_usage(
                     for e in exc.errors(include_url=False, include_input=False)[:20]
                 ],
             ) from None
-        return _ingest.ingest(plane.db, batch, x_meshgate_dataplane, plane.usage_listeners)
+        try:
+            return _ingest.ingest(plane.db, batch, x_meshgate_dataplane, plane.usage_listeners)
+        except _ingest.BatchTooLarge as exc:
+            raise Problem(422, f"the usage batch is invalid: {exc}") from None
 
     stored = await run_in_threadpool(store)
     return {"accepted": True, "duplicate": not stored}
@@ -538,3 +552,23 @@ def create_usage_token(
         session.flush()
         audit(session, actor, "create", "token", row.id, None, {"name": row.name})
         return {"id": row.id, "name": row.name, "scopes": row.scopes, "token": token}
+
+
+@event.listens_for(Session, "after_flush")
+def _account_deleted(session: Session, _context: Any) -> None:
+    # An account's id may be given again (SQLite reuses the highest): its usage tokens go
+    # with it, and its usage is no longer its, so that a new account of that id reads neither.
+    for obj in session.deleted:
+        if isinstance(obj, Account):
+            connection = session.connection()
+            tokens = connection.execute(
+                select(AdminToken.id, AdminToken.scopes).where(
+                    AdminToken.name.startswith(f"usage-account-{obj.id}-", autoescape=True)
+                )
+            ).all()
+            doomed = [i for i, scopes in tokens if f"account:{obj.id}" in (scopes or [])]
+            if doomed:
+                connection.execute(delete(AdminToken).where(AdminToken.id.in_(doomed)))
+            connection.execute(
+                update(UsageRollup).where(UsageRollup.account_id == obj.id).values(account_id=None)
+            )

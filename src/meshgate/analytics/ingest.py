@@ -32,13 +32,19 @@ from meshgate.config.usage import UsageBatch
 from meshgate.control._db import Database
 from meshgate.control.models import Application
 
-__all__ = ["Ingested", "UsageListener", "ingest"]
+__all__ = ["MAX_WINDOW_SUM", "BatchTooLarge", "Ingested", "UsageListener", "ingest"]
 
 log = logging.getLogger("meshgate.analytics")
 
 # Application ids per look-up of their accounts.
 _CHUNK = 500
 _LATENCY_SUM = -1
+# What one batch may add to one window: the roll-ups' BIGINT (2**63 - 1) holds nine such.
+MAX_WINDOW_SUM = 10**18
+
+
+class BatchTooLarge(ValueError):
+    """A batch whose rows add more to one window than a roll-up can hold: refused whole."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,11 @@ def ingest(
                 if count:
                     latency[(g, product, start, bucket)] += count
             latency[(g, product, start, _LATENCY_SUM)] += ms_sum
+    for sums in (usage, responses, latency):
+        if any(value > MAX_WINDOW_SUM for value in sums.values()):
+            raise BatchTooLarge(
+                f"the batch adds more than {MAX_WINDOW_SUM} to one window: not usage, a fault"
+            )
     rows = len(batch.usage) + len(batch.responses) + len(batch.latency)
     with db.writer() as session, session.begin():
         if not _receipt(session, db, batch.id, dataplane, rows):

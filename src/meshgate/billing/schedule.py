@@ -80,15 +80,24 @@ def run_due(db: Database) -> int | None:
     return summary.id
 
 
+def _billing_day(db: Database) -> int:
+    with db.session() as session:
+        return load_settings(session).billing_day
+
+
 async def _forever(db: Database) -> None:
     while True:
         try:
             await asyncio.to_thread(run_due, db)
         except Exception:
             log.exception("the scheduled billing run failed; it is tried again later")
-        with db.session() as session:
-            day = load_settings(session).billing_day
-        wait = (next_check(now(), day) - now()).total_seconds()
+        # A store that fails here too (down, restarting) must not end the schedule for good.
+        try:
+            day = await asyncio.to_thread(_billing_day, db)
+            wait = (next_check(now(), day) - now()).total_seconds()
+        except Exception:
+            log.exception("reading the billing settings failed; tried again later")
+            wait = RECHECK_SECONDS
         await asyncio.sleep(max(1.0, min(wait, RECHECK_SECONDS)))
 
 
