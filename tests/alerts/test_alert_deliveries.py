@@ -264,3 +264,37 @@ def test_a_deleted_or_disabled_webhook_is_not_called_again(db: Database) -> None
     assert (len(gone.requests), len(off.requests)) == (1, 1)
     [(_, _, log)] = _log(db)
     assert log[-1] == (None, "the webhook is disabled")
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_deadline() -> None:
+    from meshgate.analytics._webhooks import post
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            # A header line every 0.2 s: each read is quick, the whole answer never ends.
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        started = time.monotonic()
+        outcome = post(f"http://127.0.0.1:{port}/hook", "s", "alert", "d-1", b"{}", timeout=1.0)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert not outcome.delivered and outcome.error == "timed out", outcome
+    assert elapsed < 2.0, elapsed

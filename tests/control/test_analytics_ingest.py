@@ -177,6 +177,7 @@ def test_bad_batches_are_refused_whole(control: ControlPlane) -> None:
         json.dumps(
             _batch(usage=[good_row, ["shop", "app-a", "bad metric!", NEXT_MINUTE, 1]])
         ).encode(),
+        json.dumps(_batch(usage=[good_row, ["shop", "a\x00b", "hits", NEXT_MINUTE, 1]])).encode(),
         json.dumps(_batch(responses=[["shop", "a", 200, "why-not", NEXT_MINUTE, 1]])).encode(),
         json.dumps(_batch(latency=[["shop", NEXT_MINUTE, [1, 2], 3.0]])).encode(),
         json.dumps(_batch(usage=[good_row], extra=1)).encode(),

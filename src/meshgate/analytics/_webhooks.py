@@ -1,7 +1,7 @@
 """Webhook calls: which URLs are accepted, how a delivery is signed, and one POST of it.
 
 The stdlib client, in the delivery worker's threads: the control plane has no HTTP client
-among its dependencies, and one POST with a timeout needs none.
+among its dependencies, and one POST with a deadline needs none.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import hashlib
 import hmac
 import http.client
 import secrets
+import socket
+import threading
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -74,15 +75,6 @@ class Outcome:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    # A redirect is an answer, not an instruction: the receiver's URL is the one configured.
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirects())
-
-
 def post(
     url: str,
     secret: str,
@@ -92,40 +84,58 @@ def post(
     timeout: float,
     now: float | None = None,
 ) -> Outcome:
-    """POST one signed delivery; never raises for what the network or the receiver did."""
+    """POST one signed delivery within ``timeout`` seconds in all (a receiver that trickles
+    its answer is cut off at the deadline, not waited on a read at a time); redirects are
+    answers, not followed. Never raises for what the network or the receiver did."""
     timestamp = str(int(time.time() if now is None else now))
-    request = urllib.request.Request(
-        url,
-        data=body,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "User-Agent": "meshgate-webhooks/1",
-            "X-Meshgate-Event": event,
-            "X-Meshgate-Delivery": delivery_id,
-            "X-Meshgate-Timestamp": timestamp,
-            "X-Meshgate-Signature": signature(secret, timestamp, body),
-        },
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "meshgate-webhooks/1",
+        "X-Meshgate-Event": event,
+        "X-Meshgate-Delivery": delivery_id,
+        "X-Meshgate-Timestamp": timestamp,
+        "X-Meshgate-Signature": signature(secret, timestamp, body),
+    }
+    parts = urlsplit(url)
+    connection_type = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     )
     started = time.monotonic()
     status: int | None = None
     error: str | None = None
+    connection = connection_type(parts.hostname or "", parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def cut_off() -> None:
+        expired.set()
+        sock = connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    deadline = threading.Timer(timeout, cut_off)
+    deadline.daemon = True
+    deadline.start()
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            status = response.status
-            response.read(MAX_RESPONSE_BYTES)
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-        try:
-            exc.read(MAX_RESPONSE_BYTES)
-        except (OSError, http.client.HTTPException):
-            pass
-        finally:
-            exc.close()
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        connection.request("POST", target, body=body, headers=headers)
+        response = connection.getresponse()
+        status = response.status
+        response.read(MAX_RESPONSE_BYTES)
         if not 200 <= status < 300:
             error = f"answered {status}"
     except (OSError, http.client.HTTPException, ValueError) as exc:
         error = _reason(exc)
+    finally:
+        deadline.cancel()
+        connection.close()
+    if expired.is_set():
+        # Cut off: whatever was read by then (an EOF can pass for the end) is no answer.
+        status, error = None, "timed out"
     return Outcome(status, error, round((time.monotonic() - started) * 1000, 1))
 
 

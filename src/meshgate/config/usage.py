@@ -54,7 +54,8 @@ _MIN_MINUTE = 1_577_836_800
 _MAX_MINUTE = 4_102_444_800
 
 ProductName = Annotated[str, Field(max_length=200, pattern=r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)?$")]
-ApplicationId = Annotated[str, Field(max_length=200)]
+# No NUL: PostgreSQL refuses it in text, SQLite would store it; refused alike here.
+ApplicationId = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]
 MetricName = Annotated[str, Field(min_length=1, max_length=200, pattern=_NAME)]
 Minute = Annotated[int, Field(ge=_MIN_MINUTE, le=_MAX_MINUTE, multiple_of=60)]
 Count = Annotated[int, Field(ge=1, le=10**15)]
