@@ -15,6 +15,7 @@ from alembic import command
 from sqlalchemy import select, text
 
 from meshgate.analytics.models import UsageRollup
+from meshgate.billing import runs as billing_runs
 from meshgate.billing import schedule
 from meshgate.billing.history import use_clock
 from meshgate.billing.invoices import change_state
@@ -214,9 +215,12 @@ def test_the_migration_backfills_history_from_each_applications_creation(
         database.dispose()
 
 
+@pytest.mark.parametrize("ids_per_query", [10_000, 1])
 def test_a_run_makes_one_invoice_per_account_and_a_second_run_changes_nothing(
-    db: Database, clock: Clock
+    db: Database, clock: Clock, ids_per_query: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # With 1, every id list is read a slice at a time, as a month of 100,000 applications is.
+    monkeypatch.setattr(billing_runs, "_IDS_PER_QUERY", ids_per_query)
     w = world(db)
     clock.at = datetime(2026, 11, 11, 9, tzinfo=UTC)
     app = application(db, w["a0"], w["paid"], w["product"], "app-r")

@@ -290,7 +290,7 @@ def usage_series(
             query = query.where(t.product == product)
         if account_id is not None:
             query = query.where(t.account_id == account_id)
-        values = dict(session.execute(query.group_by(t.start)).tuples().all())
+        values = dict(session.execute(query.group_by(t.start)).all())
     series = [{"start": _iso(s), "value": int(values.get(s, 0))} for s in span.starts()]
     if format == "csv":
         return _csv(series, ["start", "value"], f"usage-{metric}-{granularity}")
@@ -338,7 +338,7 @@ def top_applications(
     with request.app.state.plane.db.session() as session:
         rows = [
             {"application": a, "product": p, "account_id": acc, "value": int(v)}
-            for a, p, acc, v in session.execute(query.limit(limit)).tuples()
+            for a, p, acc, v in session.execute(query.limit(limit))
         ]
     if format == "csv":
         return _csv(rows, ["application", "product", "account_id", "value"], "top-applications")
@@ -376,7 +376,7 @@ def response_codes(
             query = query.where(t.product == product)
         if application is not None:
             query = query.where(t.application == application)
-        rows = session.execute(query.group_by(t.start, t.status, t.reason)).tuples().all()
+        rows = session.execute(query.group_by(t.start, t.status, t.reason)).all()
     totals: dict[tuple[int, str], int] = {}
     by_window: dict[int, dict[str, int]] = {}
     for start, status, reason, count in rows:
@@ -445,7 +445,7 @@ def latency(
     if product is not None:
         query = query.where(t.product == product)
     with request.app.state.plane.db.session() as session:
-        rows = session.execute(query.group_by(t.start, t.bucket)).tuples().all()
+        rows = session.execute(query.group_by(t.start, t.bucket)).all()
     size = len(LATENCY_BOUNDS_MS) + 1
     whole = [0] * size
     ms_sum = 0

@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete
+from sqlalchemy import delete, func, select
 
 from meshgate.analytics.alert_models import Alert
 from meshgate.analytics.models import (
@@ -40,21 +40,38 @@ RECEIPTS_DAYS = 30
 ALERTS_DAYS = 366
 
 
+# Windows deleted per transaction: a short hold of SQLite's write lock (ingest waits for it),
+# however much has expired (a control plane that was off for a month).
+_SLICE = {"minute": 3600, "hour": 86400, "day": 30 * 86400, "month": 366 * 86400}
+
+
 def apply_retention(db: Database, now: float | None = None) -> int:
-    """Delete windows past their granularity's retention; the rows deleted."""
+    """Delete windows past their granularity's retention, a slice of windows per
+    transaction; the rows deleted."""
     now = time.time() if now is None else now
     deleted = 0
-    with db.writer() as session, session.begin():
-        for model in (UsageRollup, ResponseRollup, LatencyRollup):
-            for granularity, keep in KEEP.items():
-                result = session.execute(
-                    delete(model).where(model.granularity == granularity, model.start < now - keep)
+    for model in (UsageRollup, ResponseRollup, LatencyRollup):
+        for granularity, keep in KEEP.items():
+            cutoff = int(now - keep)
+            with db.session() as session:
+                oldest = session.scalar(
+                    select(func.min(model.start)).where(model.granularity == granularity)
                 )
-                deleted += result.rowcount  # type: ignore[attr-defined]
-        moment = datetime.fromtimestamp(now, UTC)
-        cutoff = moment - timedelta(days=RECEIPTS_DAYS)
+            if oldest is None:
+                continue
+            edge = oldest
+            while edge < cutoff:
+                edge = min(edge + _SLICE[granularity], cutoff)
+                with db.writer() as session, session.begin():
+                    result = session.execute(
+                        delete(model).where(model.granularity == granularity, model.start < edge)
+                    )
+                    deleted += result.rowcount  # type: ignore[attr-defined]
+    moment = datetime.fromtimestamp(now, UTC)
+    with db.writer() as session, session.begin():
+        cutoff_at = moment - timedelta(days=RECEIPTS_DAYS)
         result = session.execute(
-            delete(UsageBatchReceipt).where(UsageBatchReceipt.received_at < cutoff)
+            delete(UsageBatchReceipt).where(UsageBatchReceipt.received_at < cutoff_at)
         )
         deleted += result.rowcount  # type: ignore[attr-defined]
         # Their deliveries and attempts go with them (ON DELETE CASCADE).

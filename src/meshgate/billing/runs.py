@@ -13,7 +13,7 @@ no duplicate and leave no gap. An account whose month costs nothing gets no invo
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -98,11 +98,15 @@ def _load(session: Session, month: Month, account_id: int | None) -> _Loaded:
     periods = session.scalars(query).all()
     app_ids = {p.application_id for p in periods}
     firsts = _first_periods(session, app_ids)
-    trials = dict(
-        session.execute(
-            select(Application.id, Application.trial_ends_at).where(Application.id.in_(app_ids))
-        ).all()
-    )
+    trials: dict[int, datetime | None] = {}
+    for chunk in _chunks(app_ids):
+        # A list of pairs: a Result has keys() and would pass for a mapping.
+        trials.update(
+            (row[0], row[1])
+            for row in session.execute(
+                select(Application.id, Application.trial_ends_at).where(Application.id.in_(chunk))
+            )
+        )
     plan_ids = {p.plan_id for p in periods} | {f.plan_id for f in firsts.values()}
     plans = _plans(session, plan_ids)
 
@@ -132,8 +136,9 @@ def _load(session: Session, month: Month, account_id: int | None) -> _Loaded:
     wanted = {account_id} if account_id is not None else set(by_account)
     accounts = [
         _AccountMonth(row.id, row.name, row.email, by_account.get(row.id, []))
+        for chunk in _chunks(wanted)
         for row in session.scalars(
-            select(Account).where(Account.id.in_(wanted)).order_by(Account.id)
+            select(Account).where(Account.id.in_(chunk)).order_by(Account.id)
         )
     ]
     if account_id is not None and not accounts:
@@ -144,16 +149,29 @@ def _load(session: Session, month: Month, account_id: int | None) -> _Loaded:
 
 def _first_periods(session: Session, app_ids: set[int]) -> dict[int, PlanPeriod]:
     """Each application's first plan period: when it started, and on which plan."""
-    if not app_ids:
-        return {}
-    first = (
-        select(PlanPeriod.application_id, func.min(PlanPeriod.id).label("id"))
-        .where(PlanPeriod.application_id.in_(app_ids))
-        .group_by(PlanPeriod.application_id)
-        .subquery()
-    )
-    rows = session.scalars(select(PlanPeriod).join(first, PlanPeriod.id == first.c.id))
-    return {row.application_id: row for row in rows}
+    out: dict[int, PlanPeriod] = {}
+    for chunk in _chunks(app_ids):
+        first = (
+            select(PlanPeriod.application_id, func.min(PlanPeriod.id).label("id"))
+            .where(PlanPeriod.application_id.in_(chunk))
+            .group_by(PlanPeriod.application_id)
+            .subquery()
+        )
+        rows = session.scalars(select(PlanPeriod).join(first, PlanPeriod.id == first.c.id))
+        out.update((row.application_id, row) for row in rows)
+    return out
+
+
+# Ids per IN list: PostgreSQL takes at most 65,535 bound parameters in a statement, some
+# SQLite builds 32,766; a month of 100,000 applications is read in slices.
+_IDS_PER_QUERY = 10_000
+
+
+def _chunks(ids: set[int]) -> Iterator[list[int]]:
+    """``ids`` in ascending slices of at most _IDS_PER_QUERY."""
+    ordered = sorted(ids)
+    for i in range(0, len(ordered), _IDS_PER_QUERY):
+        yield ordered[i : i + _IDS_PER_QUERY]
 
 
 def _plans(session: Session, plan_ids: set[int]) -> dict[int, PlanTerms]:
