@@ -181,7 +181,7 @@ def main() -> None:
             for p in api.get("/products").json()["items"]:
                 api.post(f"/products/{p['id']}/promote").raise_for_status()
             results: dict[str, list[dict[str, Any]]] = {}
-            for _ in range(args.repeat):
+            for repeat in range(args.repeat):
                 for backend_name in ("memory", "redis"):
                     backend: dict[str, Any] = {"backend": backend_name}
                     if backend_name == "redis":
@@ -189,7 +189,8 @@ def main() -> None:
                             "redis_url": redis_url,
                             "key_prefix": f"b{uuid.uuid4().hex[:8]}",
                         }
-                    for usage in (False, True):
+                    # Each order in turn: whichever runs second is not always the same.
+                    for usage in (False, True) if repeat % 2 == 0 else (True, False):
                         key = f"{backend_name}-usage-{'on' if usage else 'off'}"
                         result = _run_variant(workdir, control, backend, usage, args.seconds)
                         results.setdefault(key, []).append(result)

@@ -152,7 +152,25 @@ def _run(
     stop_one: signal.Signals,
 ) -> None:
     port = free_port()
-    cp = start_control(tmp_path, database_url, port)
+    planes = [start_control(tmp_path, database_url, port)]
+    try:
+        _run_against(tmp_path, database_url, upstream, limits, stop_one, port, planes)
+    finally:
+        # Each one started (the test restarts the control plane on the way), failed or not.
+        for plane in planes:
+            plane.stop()
+
+
+def _run_against(
+    tmp_path: Path,
+    database_url: str,
+    upstream: int,
+    limits: dict[str, Any],
+    stop_one: signal.Signals,
+    port: int,
+    planes: list[ControlPlane],
+) -> None:
+    cp = planes[0]
     apps = _catalogue(cp, upstream)
     settings = {
         "limits": limits,
@@ -191,6 +209,7 @@ def _run(
         cp.stop()
         time.sleep(2)
         cp = start_control(tmp_path, database_url, port)
+        planes.append(cp)
         # Two thirds: one gateway goes, killed outright or stopped.
         within(60, lambda: load.sent >= 2 * REQUESTS // 3, "two thirds of the requests")
         load.drop(ports[1])
@@ -226,7 +245,6 @@ def _run(
         # Exact: a request in flight at the kill may have been counted (its check ran) or
         # not; each one that was seen is there once, no more.
         assert sum(responses.values()) - sum(load.seen.values()) <= load.in_flight
-    cp.stop()
 
 
 def test_redis_counters_lose_nothing_to_a_restart_or_a_kill(

@@ -44,6 +44,9 @@ LATENCY_BUCKETS = len(LATENCY_BOUNDS_MS) + 1
 # Rows per batch: well below MAX_BATCH_ROWS, so that one batch stays a few megabytes.
 BATCH_ROWS = 50_000
 _FIELD_CACHE = 65536
+# Latency sums go to Redis this often: a histogram of thousands of exchanges in a few
+# commands, not a few commands per event-loop iteration.
+LATENCY_POST_SECONDS = 0.1
 
 
 class MinuteClock:
@@ -166,6 +169,9 @@ class Tally:
     def unanswered(self, product: str, app: str, start: float) -> None:
         """A request whose response was presumed ended with none written."""
 
+    def flush(self) -> None:
+        """Write out what waits for a timer (the process is stopping)."""
+
     def complete(self, product: str, duration: float, start: float) -> None:
         """An exchange ended after ``duration`` seconds."""
         raise NotImplementedError
@@ -242,8 +248,8 @@ class RedisTally(Tally):
 
     Hash fields are JSON arrays: ``["u", product, app, metric]`` (usage), ``["r", product,
     app, status, forwarded]`` (responses), ``["l", product, bucket]`` and ``["s", product]``
-    (latency counts and microseconds summed). Latency is posted once per loop iteration:
-    a kill loses the latency of the last few milliseconds' exchanges, never a count.
+    (latency counts and microseconds summed). Latency is posted every LATENCY_POST_SECONDS:
+    a kill loses the latency of the last tenth of a second's exchanges, never a count.
 
     A request let through is presumed to be answered 200 by its backend: that response is
     counted with its usage (in the check script, or in the posted usage), so the common
@@ -356,13 +362,16 @@ class RedisTally(Tally):
     def complete(self, product: str, duration: float, start: float) -> None:
         latency = self._latency
         if not latency:
-            asyncio.get_running_loop().call_soon(self._post_latency)
+            asyncio.get_running_loop().call_later(LATENCY_POST_SECONDS, self._post_latency)
         key = (self.clock.minute(start), product)
         histogram = latency.get(key)
         if histogram is None:
             histogram = latency[key] = [0] * (LATENCY_BUCKETS + 1)
         histogram[bisect_left(LATENCY_BOUNDS_MS, duration * 1000.0)] += 1
         histogram[LATENCY_BUCKETS] += duration * 1_000_000.0
+
+    def flush(self) -> None:
+        self._post_latency()
 
     def _post_latency(self) -> None:
         latency, self._latency = self._latency, {}

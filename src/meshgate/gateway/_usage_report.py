@@ -144,6 +144,7 @@ class UsageReporter:
         collector, sender = self._tasks
         collector.cancel()
         await asyncio.gather(collector, return_exceptions=True)
+        self.tally.flush()
         try:
             async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
                 await self._collect(final=True)
