@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from urllib.parse import quote
 
 from meshgate.config import Config, ConfigError, Product, validate_snapshot
 from meshgate.config.loader import assemble_snapshot, validate_snapshot_product
+from meshgate.gateway._files import write_atomically
 from meshgate.gateway._gateway import Gateway
 from meshgate.policies import schemas
 from meshgate.proxy.client import HttpError, HttpResponse, ResponseTooLarge, request
@@ -241,24 +241,7 @@ def write_cache(path: Path, snapshot: bytes | Any, etag: str | None, env: str, u
         "saved_at": time.time(),
     }
     body = snapshot if isinstance(snapshot, bytes) else json.dumps(snapshot).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            # In three writes: joined, the copy of 10 MB would hold the GIL for milliseconds.
-            file.write(json.dumps(header)[:-1].encode() + b', "snapshot": ')
-            file.write(body)
-            file.write(b"}")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    write_atomically(path, (json.dumps(header)[:-1].encode() + b', "snapshot": ', body, b"}"))
 
 
 def _read_cache(path: Path) -> tuple[Any, str | None]:

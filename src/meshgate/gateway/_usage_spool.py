@@ -13,13 +13,14 @@ import asyncio
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from meshgate.gateway._files import write_atomically
 
 __all__ = ["Spool", "SpooledBatch"]
 
@@ -36,25 +37,6 @@ class SpooledBatch:
     size: int
     id: str = ""
     after: dict[str, Any] = field(default_factory=dict)
-
-
-def _write(path: Path, header: bytes, body: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(header)
-            file.write(body)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], bytes]:
@@ -122,7 +104,7 @@ class Spool:
         self._sequence += 1
         name = f"{time.time_ns():020d}-{self._sequence:06d}{_SUFFIX}"
         header = json.dumps({"id": batch_id, "after": after or {}}).encode() + b"\n"
-        await asyncio.to_thread(_write, self.directory / name, header, body)
+        await asyncio.to_thread(write_atomically, self.directory / name, (header, body))
         size = len(header) + len(body)
         self._batches[name] = SpooledBatch(name, size, batch_id, after or {})
         self._bytes += size
