@@ -95,7 +95,13 @@ def _reader(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
 ) -> Caller:
     token = credentials.credentials if credentials is not None else ""
-    return Caller(_authenticate(request, f"Bearer {token}"))
+    caller = Caller(_authenticate(request, f"Bearer {token}"))
+    if caller.account_id is not None:
+        # Its account deleted, the token went too; the token cache may not know it yet.
+        with request.app.state.plane.db.session() as session:
+            if session.get(Account, caller.account_id) is None:
+                raise Problem(401, "the token is not valid or has expired")
+    return caller
 
 
 UsageReader = Annotated[Caller, Depends(_reader)]
