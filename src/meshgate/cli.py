@@ -178,6 +178,8 @@ def up(
                 )
                 month = time.strftime("%Y-%m", time.gmtime())
                 auth = f"--token {token}"
+                if base != DEFAULT_CONTROL_PLANE:
+                    auth = f"--control-plane {base} {auth}"
                 typer.echo("usage, alerts and billing (usage reaches analytics within seconds):")
                 typer.echo(
                     f"  meshgate usage series --product {product.name} --granularity minute {auth}"

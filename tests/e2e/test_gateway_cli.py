@@ -168,8 +168,8 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
             for line in out.splitlines()
             if line.strip().startswith("curl ")
         ]
-        assert len(curls) == 7, out
-        gateway, https, admin, orders, via_sidecar, via_app, clusters = curls
+        assert len(curls) == 8, out
+        gateway, https, admin, alerts, orders, via_sidecar, via_app, clusters = curls
         assert gateway[:3] == ["curl", "-i", "-H"]
         name, _, value = gateway[3].partition(": ")
         answer = httpx.get(gateway[4], headers={name: value}, timeout=TIMEOUT)
@@ -184,6 +184,28 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
         name, _, value = admin[3].partition(": ")
         products = httpx.get(admin[4], headers={name: value}, timeout=TIMEOUT).json()
         assert [p["name"] for p in products["items"]] == ["echo"]
+        name, _, value = alerts[3].partition(": ")
+        listed = httpx.get(alerts[4], headers={name: value}, timeout=TIMEOUT)
+        assert listed.status_code == 200 and "items" in listed.json()
+        # The usage and billing lines are commands that answer.
+        commands = [
+            shlex.split(line) for line in out.splitlines() if line.startswith("  meshgate ")
+        ]
+        assert [c[1:3] for c in commands] == [
+            ["usage", "series"],
+            ["usage", "limits"],
+            ["billing", "run"],
+            ["billing", "invoices"],
+        ], out
+        for command in commands:
+            # As printed: the control plane's address (not the default here) included.
+            done = subprocess.run(
+                [sys.executable, "-m", "meshgate", *command[1:]],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, (command, done.stderr)
         assert orders[-1].endswith("/orders")
         accepted = httpx.post(
             orders[-1],

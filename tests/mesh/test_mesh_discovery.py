@@ -31,6 +31,7 @@ class Caller(threading.Thread):
         self.seen: Counter[str] = Counter()
         self.last: dict[str, float] = {}
         self.failures: list[str] = []
+        self.failed_at: list[float] = []
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -39,9 +40,11 @@ class Caller(threading.Thread):
                 r = self.client.get(self.url)
             except httpx.HTTPError as exc:
                 self.failures.append(repr(exc))
+                self.failed_at.append(time.monotonic())
                 continue
             if r.status_code != 200:
                 self.failures.append(f"{r.status_code} {r.text[:200]}")
+                self.failed_at.append(time.monotonic())
                 continue
             who = r.headers["x-served-by"]
             self.seen[who] += 1
@@ -83,7 +86,9 @@ def test_instances_come_and_go_and_every_sidecar_follows(tmp_path: Path) -> None
         b.proc.stop()
         time.sleep(1.0)
         assert load.last[b.instance] < stopped + 0.5
+        drained_failures = list(load.failures)
         # SIGKILL of a sidecar and its app: gone from every sidecar within about a second.
+        kill_at = time.monotonic()
         c_sidecar.proc.kill()
         c.proc.kill()
         killed = time.monotonic()
@@ -97,7 +102,11 @@ def test_instances_come_and_go_and_every_sidecar_follows(tmp_path: Path) -> None
         assert c_address.rpartition(":")[2] not in {str(i["port"]) for i in cp.instances()}
         assert load.last[c.instance] - killed < 1.2
         load.stop()
-        assert load.failures == [], load.failures[:5]
+        assert drained_failures == [], drained_failures[:5]
+        # The one request in flight to the killed instance, if one was, breaks (a reset after
+        # it was sent is retried only when a route asks); nothing else fails.
+        late = [t for t in load.failed_at if not kill_at <= t <= killed + 0.5]
+        assert len(load.failures) <= 1 and not late, load.failures[:5]
         # It comes back.
         c2, _ = add("v2")
         with caller.client() as client:
