@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from control_support import ControlPlane, attached_gateway, make_product, start_control
+from control_support import (
+    ControlPlane,
+    attached_gateway,
+    make_product,
+    postgres_schema,
+    postgres_url,
+    start_control,
+)
 from harness import echo_upstream, free_port, shared_redis_url, within
 
 REQUESTS = 20_000
@@ -247,11 +254,17 @@ def _run_against(
         assert sum(responses.values()) - sum(load.seen.values()) <= load.in_flight
 
 
+@pytest.fixture
+def postgresql_url() -> Iterator[str]:
+    """PostgreSQL, in a schema of this test's own."""
+    yield from postgres_schema(postgres_url())
+
+
 def test_redis_counters_lose_nothing_to_a_restart_or_a_kill(
-    tmp_path: Path, upstream: int, database_url: str
+    tmp_path: Path, upstream: int, postgresql_url: str
 ) -> None:
-    if database_url.startswith("sqlite"):
-        pytest.skip("the Redis run uses PostgreSQL; the memory run covers SQLite")
+    # On PostgreSQL; the memory run below is on SQLite.
+    database_url = postgresql_url
     url = shared_redis_url()
     prefix = f"exact-{uuid.uuid4().hex[:8]}"
     try:
@@ -270,8 +283,7 @@ def test_redis_counters_lose_nothing_to_a_restart_or_a_kill(
 
 
 def test_memory_counters_lose_nothing_to_a_restart_or_a_sigterm(
-    tmp_path: Path, upstream: int, database_url: str
+    tmp_path: Path, upstream: int
 ) -> None:
-    if not database_url.startswith("sqlite"):
-        pytest.skip("the memory run uses SQLite; the Redis run covers PostgreSQL")
+    database_url = f"sqlite:///{tmp_path / 'control.db'}"
     _run(tmp_path, database_url, upstream, {"backend": "memory"}, signal.SIGTERM)
