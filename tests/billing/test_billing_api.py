@@ -17,6 +17,7 @@ from control_support import ControlPlane, make_product, problem, start_control
 from pypdf import PdfReader
 from sqlalchemy import create_engine, text
 
+from meshgate.billing import render
 from meshgate.billing.periods import Month
 from meshgate.control._db import normalize_url
 
@@ -138,7 +139,10 @@ def test_a_month_billed_end_to_end(tmp_path: Path, database_url: str) -> None:
         pdf = cp.api.get(f"{base}.pdf")
         assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
         words = pdf_text(pdf.content)
-        for expected in ("2026-00000001", "Total: 58.00 USD", "Meshgate Inc.", "Москва", "paid"):
+        # Any script with DejaVu Sans (Debian's fonts-dejavu-core, which CI installs); without
+        # it the PDF's core font holds Latin-1 only and writes the rest as "?".
+        name = "Zoë Müller Москва" if _unicode_font() else "Zoë Müller ??????"
+        for expected in ("2026-00000001", "Total: 58.00 USD", "Meshgate Inc.", name, "paid"):
             assert expected in words, (expected, words)
 
         body = cp.api.get(f"{base}.csv")
@@ -445,3 +449,7 @@ def test_a_billing_run_of_every_account_at_once_over_http(
     assert serials == list(range(serials[0], serials[0] + len(serials)))
     for account in mine:
         assert cp.api.get("/invoices", params={"account_id": account}).json()["total"] == 1
+
+
+def _unicode_font() -> bool:
+    return any((d / "DejaVuSans.ttf").is_file() for d in render._FONT_DIRS)
