@@ -56,13 +56,19 @@ def test_limits_and_policies_know_no_role() -> None:
         assert not {m for m in _imports(package) if m.startswith(roles)}, package
 
 
+def test_workload_identity_is_the_data_planes_own() -> None:
+    # The gateway and the sidecar share it; the CA that signs it is the control plane's.
+    allowed = ("meshgate.identity", "meshgate.config", "meshgate.proxy", "meshgate.telemetry")
+    assert {m for m in _imports("identity") if not m.startswith(allowed)} == set()
+
+
 def test_control_plane_and_data_planes_share_only_config() -> None:
     # Analytics and billing are the control plane's: it serves their APIs, they use its store.
     allowed = ("meshgate.control", "meshgate.config", "meshgate.analytics", "meshgate.billing")
     for package in ("control", "analytics", "billing"):
         assert {m for m in _imports(package) if not m.startswith(allowed)} == set(), package
     management = ("meshgate.control", "meshgate.analytics", "meshgate.billing")
-    for data_plane in ("proxy", "gateway", "mesh", "integration", "limits", "policies"):
+    for data_plane in ("proxy", "gateway", "mesh", "integration", "limits", "policies", "identity"):
         assert not {m for m in _imports(data_plane) if m.startswith(management)}, data_plane
 
 
