@@ -539,6 +539,16 @@ def sidecar(
     drain_seconds: Annotated[
         float | None, typer.Option(help="Grace for in-flight requests on SIGTERM.")
     ] = None,
+    identity_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM chain naming this service's SPIFFE ID (mutual TLS); SIGHUP re-reads."
+        ),
+    ] = None,
+    identity_key: Annotated[Path | None, typer.Option(help="The certificate's PEM key.")] = None,
+    trust_bundle: Annotated[
+        Path | None, typer.Option(help="PEM roots peers' certificates chain to.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
@@ -564,6 +574,10 @@ def sidecar(
         "admin": admin,
         "advertise": advertise,
         "drain_seconds": drain_seconds,
+        # Absolute: SIGHUP reads them again, from wherever.
+        "identity_cert": str(identity_cert.absolute()) if identity_cert else None,
+        "identity_key": str(identity_key.absolute()) if identity_key else None,
+        "trust_bundle": str(trust_bundle.absolute()) if trust_bundle else None,
     }
     flags = {k: v for k, v in given.items() if v is not None}
     if ready_path is not None:

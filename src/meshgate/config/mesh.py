@@ -41,6 +41,7 @@ __all__ = [
     "Instance",
     "MeshConfig",
     "Mirror",
+    "Mtls",
     "OutlierDetection",
     "PathMatch",
     "Readiness",
@@ -124,6 +125,11 @@ class Instance(_Strict):
     zone: LabelValue = Field("", description="Locality: the same zone is preferred.")
     labels: Labels = Field({}, description="Further labels subsets may select on.")
     weight: int = Field(1, ge=1, le=128, description="Relative share of this instance's load.")
+    mtls: bool = Field(
+        False,
+        description="Its sidecar speaks mutual TLS: set by the registry for a sidecar with an "
+        "identity; a static instance (no sidecar) never does.",
+    )
 
 
 class StringMatch(_Strict):
@@ -329,6 +335,13 @@ class DestinationPolicy(_Strict):
     retry_budget: RetryBudget = RetryBudget()
 
 
+class Mtls(_Strict):
+    """How the service's instances take calls (Istio's PeerAuthentication): ``strict`` only
+    mutual TLS, ``permissive`` mutual TLS and plaintext on one port, ``disable`` plaintext."""
+
+    mode: Literal["strict", "permissive", "disable"] = "permissive"
+
+
 class Service(_Strict):
     name: ServiceName
     protocol: Literal["http", "http2", "tcp"] = Field(
@@ -345,6 +358,7 @@ class Service(_Strict):
     )
     subsets: list[Subset] = Field([], max_length=64)
     policy: DestinationPolicy = DestinationPolicy()
+    mtls: Mtls = Field(Mtls(), description="Mutual TLS to its sidecars (permissive if absent).")
     routes: list[HttpRoute] = Field(
         [], max_length=256, description="HTTP routes; all requests to all instances if none."
     )
@@ -361,6 +375,12 @@ class Service(_Strict):
             problems.append("subset names must be unique")
         if self.protocol == "tcp" and self.routes:
             problems.append("routes are for http services; a tcp service has none")
+        for i, instance in enumerate(self.instances):
+            if instance.mtls:
+                problems.append(
+                    f"instances[{i}].mtls: a static instance has no sidecar, so no identity; "
+                    "the registry marks the instances whose sidecar speaks mutual TLS"
+                )
         for i, route in enumerate(self.routes):
             for j, d in enumerate(route.destinations):
                 if d.service is None and d.subset is not None and d.subset not in names:
@@ -474,6 +494,16 @@ class SidecarSettings(_Strict):
     upstreams: list[Upstream] = Field([], max_length=1024)
     drain_seconds: float = Field(20, ge=0, le=3600, description="Grace for in-flight requests.")
     access_log: bool = True
+    identity_cert: str | None = Field(
+        None,
+        max_length=4096,
+        description="PEM chain (leaf first) naming this service's SPIFFE ID: an identity the "
+        "operator brings (re-read on SIGHUP), with identity_key and trust_bundle.",
+    )
+    identity_key: str | None = Field(None, max_length=4096, description="Its PEM private key.")
+    trust_bundle: str | None = Field(
+        None, max_length=4096, description="PEM roots that peers' certificates chain to."
+    )
 
     _advertise = field_validator("advertise")(
         classmethod(lambda cls, v: None if v is None else _check_address(v))
@@ -484,6 +514,9 @@ class SidecarSettings(_Strict):
         ports = [u.local_port for u in self.upstreams]
         if len(set(ports)) != len(ports):
             raise ValueError("upstreams: local_port must be unique")
+        given = [self.identity_cert, self.identity_key, self.trust_bundle]
+        if any(v is not None for v in given) and not all(given):
+            raise ValueError("identity_cert, identity_key and trust_bundle go together: give all")
         return self
 
 

@@ -39,7 +39,7 @@ __all__ = ["Registration", "Registry", "RegistrySettings", "Subscription"]
 log = logging.getLogger("meshgate.control.registry")
 
 # What an instance is on the wire: its registration id and where and what it is.
-WIRE_FIELDS = ("address", "port", "version", "zone", "labels", "weight")
+WIRE_FIELDS = ("address", "port", "version", "zone", "labels", "weight", "mtls")
 # Sent with a stream's first event: an EventSource client reconnects after this long.
 _RETRY = b"retry: 1000\n"
 
@@ -129,7 +129,7 @@ def _event(kind: str, version: int, services: Mapping[str, Iterable[dict[str, An
 
 
 def _static_wire(instance: dict[str, Any]) -> dict[str, Any]:
-    item = Instance.model_validate(instance).model_dump(mode="json")
+    item = Instance.model_validate(instance).model_dump(mode="json", exclude={"mtls"})
     return {"id": f"static:{item['address']}:{item['port']}", **item}
 
 
@@ -186,6 +186,10 @@ class Registry:
         now = datetime.now(UTC)
         reg_id = secrets.token_urlsafe(18)
         wire = {"id": reg_id, **instance.model_dump(mode="json", include=set(WIRE_FIELDS))}
+        if not wire["mtls"]:
+            # Only instances whose sidecar speaks mutual TLS carry the field: a sidecar that
+            # predates it reads the others as before.
+            del wire["mtls"]
         reg = Registration(
             id=reg_id,
             env=env,

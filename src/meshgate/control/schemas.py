@@ -671,6 +671,7 @@ class MeshInstanceOut(BaseModel):
     zone: str
     labels: dict[str, str]
     weight: int
+    mtls: bool = Field(False, description="Its sidecar speaks mutual TLS (never a static one).")
     ready: bool
     source: Literal["registered", "static"]
     owner: str | None = Field(None, description="The name of the token that registered it.")

@@ -123,7 +123,7 @@ class Identity:
         self.generation = 0
         self.material = material
         self._server: ssl.SSLContext | None = None
-        self._client: ssl.SSLContext | None = None
+        self._clients: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._write(material)
 
     @property
@@ -142,7 +142,8 @@ class Identity:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, self.directory / name)
-        self._server = self._client = None
+        self._server = None
+        self._clients = {}
 
     def update(self, material: Material) -> None:
         """A renewed certificate or a new bundle: new connections use it from now on."""
@@ -165,17 +166,24 @@ class Identity:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self._load(ctx)
             ctx.verify_mode = ssl.CERT_REQUIRED
+            # A client offering h2 (an http2 service's pool) gets it; one offering nothing
+            # speaks HTTP/1.1.
+            ctx.set_alpn_protocols(["h2", "http/1.1"])
             self._server = ctx
         return self._server
 
-    def client_context(self) -> ssl.SSLContext:
-        if self._client is None:
+    def client_context(self, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+        """``alpn``: the protocols offered (``("h2",)`` for an HTTP/2 pool), none if empty."""
+        ctx = self._clients.get(alpn)
+        if ctx is None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
             self._load(ctx)
             ctx.verify_mode = ssl.CERT_REQUIRED
-            self._client = ctx
-        return self._client
+            if alpn:
+                ctx.set_alpn_protocols(list(alpn))
+            self._clients[alpn] = ctx
+        return ctx
 
     def _load(self, ctx: ssl.SSLContext) -> None:
         chain, key, _ = self.files

@@ -60,6 +60,9 @@ class ControlPlaneLink:
         self.instance_id: str | None = None
         self.ttl = 10.0
         self.ready = False
+        # Whether this instance speaks mutual TLS, and what its registration said.
+        self.mtls = False
+        self._registered_mtls = False
         self.config_version: str | None = None
         self.endpoints_version: int | None = None
         self.last_error: str | None = None
@@ -90,6 +93,12 @@ class ControlPlaneLink:
         """The app's readiness changed: tell the control plane now, not at the next beat."""
         if ready != self.ready:
             self.ready = ready
+            self._ready_changed.set()
+
+    def set_mtls(self, mtls: bool) -> None:
+        """The sidecar got (or lost) an identity: registered anew, so callers learn it."""
+        if mtls != self.mtls:
+            self.mtls = mtls
             self._ready_changed.set()
 
     def describe(self) -> dict[str, Any]:
@@ -152,7 +161,7 @@ class ControlPlaneLink:
     def _registration_doc(self) -> dict[str, Any]:
         s = self.settings
         address, port = self.advertise
-        return {
+        doc: dict[str, Any] = {
             "env": self.env,
             "service": s.service,
             "address": address,
@@ -163,12 +172,18 @@ class ControlPlaneLink:
             "weight": 1,
             "ready": self.ready,
         }
+        if self.mtls:
+            # Only when true: a control plane that predates the field takes the rest.
+            doc["mtls"] = True
+        return doc
 
     async def _register(self) -> None:
-        status, doc = await self._call("POST", "/dp/v1/mesh/instances", self._registration_doc())
+        sent = self._registration_doc()
+        status, doc = await self._call("POST", "/dp/v1/mesh/instances", sent)
         if status not in (200, 201) or not isinstance(doc, dict) or "id" not in doc:
             raise HttpError(f"registration refused: HTTP {status}: {_detail(doc)}")
         self.instance_id = str(doc["id"])
+        self._registered_mtls = bool(sent.get("mtls"))
         self._registered.set()
         if self._stream is not None:
             self._stream.close()
@@ -181,7 +196,7 @@ class ControlPlaneLink:
         backoff = 0.5
         while True:
             try:
-                if self.instance_id is None:
+                if self.instance_id is None or self._registered_mtls != self.mtls:
                     await self._register()
                 else:
                     self._ready_changed.clear()
@@ -340,7 +355,11 @@ class ControlPlaneLink:
 
 
 def _instance(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k != "id"}
+    # Fields this sidecar does not know (a newer control plane's) are left out, not refused.
+    return {k: v for k, v in doc.items() if k in _INSTANCE_FIELDS}
+
+
+_INSTANCE_FIELDS = frozenset(Instance.model_fields)
 
 
 def _event_end(buffer: bytes) -> tuple[int, int] | None:

@@ -57,6 +57,7 @@ REQUEST_LABELS = (
     "request_protocol",
     "response_code",
     "response_flags",
+    "connection_security_policy",
 )
 _TCP_LABELS = (
     "reporter",
@@ -211,6 +212,22 @@ class MeshMetrics:
         self.config_updates = Family(
             "meshgate_mesh_config_updates", "Configurations applied, by result.", ["result"]
         )
+        self.mtls_handshakes = Family(
+            "meshgate_mesh_mtls_handshakes",
+            "Mutual TLS connections established and their peer accepted, by direction.",
+            ["direction"],
+        )
+        self.mtls_failures = Family(
+            "meshgate_mesh_mtls_failures",
+            "Connections refused for mutual TLS, by direction and reason (plaintext to a "
+            "strict service, expired, untrusted, trust-domain, peer-identity, ...).",
+            ["direction", "reason"],
+        )
+        self.inbound_connections = Family(
+            "meshgate_mesh_inbound_connections",
+            "Inbound connections served, by connection_security_policy (mutual_tls, none).",
+            ["connection_security_policy"],
+        )
         self.counters = [
             self.retries,
             self.retry_budget_exhausted,
@@ -218,6 +235,9 @@ class MeshMetrics:
             self.mirrored,
             self.faults,
             self.config_updates,
+            self.mtls_handshakes,
+            self.mtls_failures,
+            self.inbound_connections,
         ]
         # Called at scrape time: families whose values are read from live state.
         self.gauges: list[Callable[[], Iterable[Family]]] = []

@@ -28,11 +28,12 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshgate.config.mesh import ConfigError, MeshConfig, SidecarSettings, load_mesh
 from meshgate.mesh._controlplane import ControlPlaneLink
 from meshgate.mesh._metrics import CONTENT_TYPE, Family, MeshMetrics
+from meshgate.mesh._mtls import InboundAcceptor, RequireMtls
 from meshgate.mesh._tcp import TcpProxy
 from meshgate.mesh._traffic import Inbound, Mesh, Outbound, new_pool
 from meshgate.proxy import (
@@ -46,6 +47,9 @@ from meshgate.proxy import (
 )
 from meshgate.proxy._http1 import HttpProtocol
 from meshgate.telemetry.access_log import AccessLog
+
+if TYPE_CHECKING:
+    from meshgate.identity import Identity
 
 __all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]
 
@@ -150,6 +154,8 @@ class Sidecar:
         self._servers: list[Server] = []
         self._listeners: list[asyncio.base_events.Server] = []
         self._by_service: dict[str, Server] = {}
+        self._acceptor: InboundAcceptor | None = None
+        self._file_identity: Identity | None = None
         self.ports: dict[str, int] = {}
         app = new_pool(
             settings.app_address,
@@ -161,6 +167,74 @@ class Sidecar:
         self.app_pool = app
         self.inbound = Server(Inbound(self.mesh, app), _settings())
         self.outbound = Server(Outbound(self.mesh), _settings())
+        # Answers plaintext callers of a strict service, one answer per connection.
+        self.refusing = Server(RequireMtls(settings.service), _settings())
+        self.refusing.draining = True
+
+    @property
+    def identity(self) -> Identity | None:
+        """This sidecar's workload identity: mutual TLS in and out once set (by the files an
+        operator brings, or by the control plane's CA client before the sidecar is ready);
+        renewed in place with ``identity.update(material)``."""
+        return self.mesh.identity
+
+    @identity.setter
+    def identity(self, identity: Identity | None) -> None:
+        self.mesh.identity = identity
+        if self.link is not None:
+            self.link.set_mtls(self.speaks_mtls)
+
+    @property
+    def speaks_mtls(self) -> bool:
+        """Whether this instance takes mutual TLS (what it registers): an identity, HTTP."""
+        return self.mesh.identity is not None and self.settings.app_protocol != "tcp"
+
+    def mtls_mode(self) -> str:
+        """The mode of this sidecar's own service (permissive when the mesh names none)."""
+        runtime = self.mesh.services.get(self.settings.service)
+        if runtime is not None:
+            return runtime.config.mtls.mode
+        config = self.mesh.config.service(self.settings.service)
+        return config.mtls.mode if config is not None else "permissive"
+
+    def load_identity_files(self) -> None:
+        """Read the identity the operator brings (``identity_cert``, ``identity_key``,
+        ``trust_bundle``) and use it: at start, and again on SIGHUP (rotation). Raises
+        SidecarStartError saying what is wrong; a running sidecar keeps its identity then."""
+        s = self.settings
+        if s.identity_cert is None or s.identity_key is None or s.trust_bundle is None:
+            return
+        from meshgate.identity import Identity, IdentityError, Material
+
+        try:
+            material = Material.from_pem(
+                Path(s.identity_cert).read_bytes(),
+                Path(s.identity_key).read_bytes(),
+                Path(s.trust_bundle).read_bytes(),
+            )
+        except OSError as exc:
+            raise SidecarStartError(
+                f"identity: cannot read {exc.filename}: {exc.strerror}"
+            ) from None
+        except IdentityError as exc:
+            raise SidecarStartError(f"identity: {exc}") from None
+        if material.spiffe_id.service != s.service:
+            raise SidecarStartError(
+                f"identity: the certificate names {material.spiffe_id.uri}, but this sidecar "
+                f"fronts service {s.service!r}"
+            )
+        if material.lifetime_left() <= 0:
+            raise SidecarStartError(
+                f"identity: the certificate {s.identity_cert} expired at {material.not_after}"
+            )
+        current = self.identity
+        if current is None:
+            self.identity = self._file_identity = Identity(material)
+        else:
+            current.update(material)
+        log.info(
+            "identity %s (valid until %s)", material.spiffe_id.uri, material.not_after.isoformat()
+        )
 
     def server_for(self, service: str) -> Server:
         """A listener-less engine server whose handler is bound to ``service``."""
@@ -192,7 +266,7 @@ class Sidecar:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         settings = self.settings
-        self._servers += (self.inbound, self.outbound)
+        self._servers += (self.inbound, self.outbound, self.refusing)
         if settings.app_protocol == "tcp":
             app = self.mesh.local_app()
             await self._listen(
@@ -201,7 +275,25 @@ class Sidecar:
                 "inbound",
             )
         else:
-            await self._listen(settings.inbound, lambda: HttpProtocol(self.inbound), "inbound")
+            self.load_identity_files()
+            host, port = _split(settings.inbound)
+            try:
+                sock = bind_socket(host, port)
+            except OSError as exc:
+                raise SidecarStartError(
+                    f"inbound: cannot listen on {settings.inbound}: {exc.strerror}"
+                ) from None
+            self.ports["inbound"] = int(sock.getsockname()[1])
+            # One port for mutual TLS and plaintext: each connection's first byte decides.
+            self._acceptor = InboundAcceptor(
+                sock,
+                mode=self.mtls_mode,
+                identity=lambda: self.mesh.identity,
+                serve=lambda: HttpProtocol(self.inbound),
+                refuse=lambda: HttpProtocol(self.refusing),
+                metrics=self.metrics,
+                handshake_timeout=_LISTENER.header_timeout,
+            )
         if settings.outbound is not None:
             await self._listen(settings.outbound, lambda: _Capture(self), "outbound")
         for upstream in settings.upstreams:
@@ -234,6 +326,7 @@ class Sidecar:
                 on_config=self._apply,
                 on_endpoints=self.mesh.set_endpoints,
             )
+            self.link.set_mtls(self.speaks_mtls)
             self.link.start()
         log.info(
             "sidecar of %s serving: inbound %s -> app %s:%s, outbound %s, admin %s",
@@ -260,6 +353,8 @@ class Sidecar:
             await app_waiter
         if self.access_log is not None:
             self.access_log.flush()
+        if self._file_identity is not None:
+            self._file_identity.close()  # its private directory of key files
         return self.exit_code
 
     def _upstream_factory(self, service: str) -> Callable[[], asyncio.BaseProtocol]:
@@ -284,7 +379,13 @@ class Sidecar:
         log.info("mesh configuration %s applied", config.version or "(file)")
 
     def reload(self) -> None:
-        """SIGHUP: read the configuration file again; a bad one is refused and logged."""
+        """SIGHUP: read the identity files and the configuration file again; a bad one is
+        refused and logged, and what runs is kept."""
+        try:
+            self.load_identity_files()
+        except SidecarStartError as exc:
+            log.error("identity refused, the running one is kept: %s", exc)
+            self.metrics.config_updates.labels("refused").inc()
         if self.config_path is None:
             return
         try:
@@ -340,6 +441,8 @@ class Sidecar:
             await asyncio.sleep(min(1.0, grace))
         for listener in self._listeners:
             listener.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
         await asyncio.gather(*(s.shutdown(grace) for s in self._servers))
         self.app_pool.close()
         for runtime in self.mesh.services.values():
@@ -395,6 +498,12 @@ class Sidecar:
             "app": f"{s.app_address}:{s.app_port}",
             "app_ready": self.app_ready,
             "services": sorted(self.mesh.services),
+        }
+        identity = self.identity
+        doc["mtls"] = {
+            "mode": self.mtls_mode(),
+            "identity": identity.spiffe_id.uri if identity is not None else None,
+            "not_after": identity.material.not_after.isoformat() if identity else None,
         }
         if self.link is not None:
             doc["control_plane"] = self.link.describe()

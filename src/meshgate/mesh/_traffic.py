@@ -22,6 +22,7 @@ from meshgate.config.mesh import DestinationPolicy, Instance, MeshConfig, Servic
 from meshgate.mesh._cluster import Cluster, Endpoint
 from meshgate.mesh._metrics import MeshMetrics
 from meshgate.mesh._mirror import send_copy
+from meshgate.mesh._mtls import MUTUAL_TLS, PLAINTEXT, MtlsPool, PeerCheck, peer_identity
 from meshgate.mesh._retry_budget import RetryBudget
 from meshgate.mesh._routes import CompiledRoute, Target, compile_routes
 from meshgate.proxy import Exchange, Headers, Response, UpstreamPool, problem
@@ -29,6 +30,7 @@ from meshgate.telemetry.access_log import AccessLog
 
 if TYPE_CHECKING:
     from meshgate.config.mesh import SidecarSettings
+    from meshgate.identity import Identity
 
 __all__ = ["Inbound", "Mesh", "Outbound", "ServiceRuntime"]
 
@@ -59,7 +61,7 @@ class ServiceRuntime:
 
 
 def _pool_factory(
-    policy: DestinationPolicy, service: str, protocol: str = "http"
+    policy: DestinationPolicy, service: str, protocol: str = "http", mesh: Mesh | None = None
 ) -> Callable[[Instance], Any]:
     pool_settings = policy.connection_pool
 
@@ -72,6 +74,7 @@ def _pool_factory(
             connect_timeout=pool_settings.connect_timeout,
             max_idle=pool_settings.idle,
             max_connections=pool_settings.max_connections,
+            mesh=mesh,
         )
 
     return make
@@ -86,29 +89,56 @@ def new_pool(
     connect_timeout: float,
     max_idle: int = 64,
     max_connections: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Any:
-    """Connections to one instance: HTTP/1.1, or one multiplexed cleartext HTTP/2 connection
+    """Connections to one instance: HTTP/1.1, or one multiplexed HTTP/2 connection
     (``http2``: gRPC and its trailers pass end to end). The callee sees ``host`` as the
-    authority it was called by, as with Istio."""
+    authority it was called by, as with Istio. With ``mesh`` (an instance of a mesh service)
+    each new connection is mutual TLS when the instance's sidecar speaks it (see ``_mtls``)."""
     if protocol == "http2":
-        from meshgate.proxy import H2UpstreamPool
+        h2: Any
+        if mesh is not None:
+            from meshgate.mesh._mtls_h2 import MtlsH2Pool
 
-        h2 = H2UpstreamPool(
+            peer = PeerCheck(mesh, host, (address, port), ("h2",))
+            h2 = MtlsH2Pool(
+                address,
+                port,
+                connect_timeout=connect_timeout,
+                response_timeout=DEFAULT_RESPONSE_TIMEOUT,
+                peer=peer,
+            )
+        else:
+            from meshgate.proxy import H2UpstreamPool
+
+            h2 = H2UpstreamPool(
+                address,
+                port,
+                connect_timeout=connect_timeout,
+                response_timeout=DEFAULT_RESPONSE_TIMEOUT,
+            )
+        h2.host_header = host.encode()
+        return h2
+    pool: UpstreamPool
+    if mesh is not None:
+        pool = MtlsPool(
             address,
             port,
             connect_timeout=connect_timeout,
             response_timeout=DEFAULT_RESPONSE_TIMEOUT,
+            max_idle=max_idle,
+            max_connections=max_connections,
+            peer=PeerCheck(mesh, host, (address, port), ()),
         )
-        h2.host_header = host.encode()
-        return h2
-    pool = UpstreamPool(
-        address,
-        port,
-        connect_timeout=connect_timeout,
-        response_timeout=DEFAULT_RESPONSE_TIMEOUT,
-        max_idle=max_idle,
-        max_connections=max_connections,
-    )
+    else:
+        pool = UpstreamPool(
+            address,
+            port,
+            connect_timeout=connect_timeout,
+            response_timeout=DEFAULT_RESPONSE_TIMEOUT,
+            max_idle=max_idle,
+            max_connections=max_connections,
+        )
     pool.host_header = host.encode()
     return pool
 
@@ -139,6 +169,12 @@ class Mesh:
         self.source_version = settings.version or "unknown"
         self.source_header = f"{settings.service}/{settings.version or 'unknown'}"
         self.version = ""
+        # This sidecar's workload identity (mutual TLS), set before listeners need it.
+        self.identity: Identity | None = None
+        # Per service, the instances (address, port) whose sidecar speaks mutual TLS.
+        self.mtls_instances: dict[str, frozenset[tuple[str, int]]] = {}
+        # (instance, the identity it answered with) already logged as a mismatch.
+        self.mtls_logged: set[tuple[str, str]] = set()
 
     def apply_config(self, config: MeshConfig) -> None:
         """Use a new (validated) configuration; services not in it keep defaults."""
@@ -177,7 +213,7 @@ class Mesh:
                 config.policy,
                 config.subsets,
                 zone=self.settings.zone,
-                pool_factory=_pool_factory(config.policy, config.name, config.protocol),
+                pool_factory=_pool_factory(config.policy, config.name, config.protocol, self),
                 rng=self.rng,
             )
         runtime = ServiceRuntime(config, cluster)
@@ -214,6 +250,7 @@ class Mesh:
     def set_endpoints(self, service: str, instances: list[Instance]) -> None:
         """The registry's current instances of ``service`` (static ones included)."""
         self.registered[service] = instances
+        self.mtls_instances[service] = frozenset((i.address, i.port) for i in instances if i.mtls)
         runtime = self.services.get(service)
         if runtime is None:
             runtime = self.services[service] = self._runtime(Service(name=service), None)
@@ -318,7 +355,7 @@ class Outbound:
         self.service = service
         self.clock = time.monotonic
         # The label values of each (service, version, status, flags) seen: built once.
-        self.labels: dict[tuple[str, str, int, str], tuple[str, ...]] = {}
+        self.labels: dict[tuple[str, str, int, str, str], tuple[str, ...]] = {}
 
     def destination(self, exchange: Exchange) -> ServiceRuntime | None:
         mesh = self.mesh
@@ -512,7 +549,9 @@ class Outbound:
             # client grow the metrics without bound.
             service = self.service or "unknown"
             flags = "NR"
-        key = (service, version, status, flags)
+        pool = exchange.upstream
+        security = MUTUAL_TLS if pool is not None and pool.tls is not None else PLAINTEXT
+        key = (service, version, status, flags, security)
         labels = self.labels.get(key)
         if labels is None:
             labels = (
@@ -526,6 +565,7 @@ class Outbound:
                 "http",
                 str(status),
                 flags,
+                security,
             )
             if len(self.labels) < 4096:
                 self.labels[key] = labels
@@ -558,15 +598,30 @@ class Outbound:
 
 
 class Inbound:
-    """The handler of calls to the local app: forwards every request to it."""
+    """The handler of calls to the local app: forwards every request to it. Over mutual TLS
+    the caller is who its certificate names: ``x-meshgate-source`` is rewritten to that
+    workload (with the version its sidecar sent, when the header names the same workload)."""
 
     def __init__(self, mesh: Mesh, app: Any) -> None:
         self.mesh = mesh
         self.app = app
-        self.labels: dict[tuple[str, int], tuple[str, ...]] = {}
+        self.labels: dict[tuple[str, int, str], tuple[str, ...]] = {}
 
     def handle(self, exchange: Exchange) -> Response | None:
         request = exchange.request
+        if request.tls is not None:
+            peer = peer_identity(exchange)
+            if peer is not None:
+                headers = request.headers
+                version = "unknown"
+                sent = headers.get_raw(b"x-meshgate-source")
+                if sent is not None and len(sent) <= 320 and _SOURCE.fullmatch(sent):
+                    workload, _, sent_version = sent.decode("ascii").partition("/")
+                    if workload == peer.service and sent_version:
+                        version = sent_version
+                name = f"{peer.service}/{version}"
+                headers.set(SOURCE_HEADER, name)
+                exchange.state = name
         exchange.upstream = self.app
         exchange.upstream_target = (
             request.path + "?" + request.query if request.query else request.path
@@ -579,12 +634,17 @@ class Inbound:
     def on_complete(self, exchange: Exchange) -> None:
         mesh = self.mesh
         status = exchange.status
-        source = exchange.request.headers.get_raw(b"x-meshgate-source")
-        name = "unknown"
-        if source is not None and len(source) <= 320 and _SOURCE.fullmatch(source):
-            # Anything else a client sends stays out of the metrics' labels.
-            name = source.decode("ascii")
-        key = (name, status)
+        name = exchange.state
+        if name is not None:
+            security = MUTUAL_TLS  # named by its certificate (see handle)
+        else:
+            security = PLAINTEXT
+            name = "unknown"
+            source = exchange.request.headers.get_raw(b"x-meshgate-source")
+            if source is not None and len(source) <= 320 and _SOURCE.fullmatch(source):
+                # Anything else a client sends stays out of the metrics' labels.
+                name = source.decode("ascii")
+        key = (name, status, security)
         labels = self.labels.get(key)
         if labels is None:
             workload, _, version = key[0].partition("/")
@@ -599,6 +659,7 @@ class Inbound:
                 "http",
                 str(status),
                 "-",
+                security,
             )
             if len(self.labels) < 4096:
                 self.labels[key] = labels
