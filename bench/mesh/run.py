@@ -8,7 +8,9 @@ A's local port for service ``server``, B's inbound to the app). The load generat
 and the server share core 0; both proxies of a pair share core 1. For each system: latency
 at 1,000 req/s (paced), the latency the pair adds over ``direct``, each proxy's CPU per
 1,000 req/s and its resident memory; then throughput, latency and CPU per request at
-saturation, with ratios meshgate-pair / haproxy-pair. ``--propagation`` also measures how
+saturation, with ratios meshgate-pair / haproxy-pair. ``--mtls`` measures the pairs with
+(mutual) TLS between the proxies instead (``haproxy-tls-pair``, ``meshgate-mtls-pair``:
+see mtls.py). ``--propagation`` also measures how
 fast the control plane's registry reaches a sidecar (see propagation.py). Not a pass/fail
 test; see README.md.
 """
@@ -50,10 +52,22 @@ from bench.gateway.run import (  # noqa: E402
     wait_ready,
     wrk,
 )
+from bench.mesh.mtls import start_haproxy_tls_pair, start_meshgate_mtls_pair  # noqa: E402
 from bench.mesh.processes import Sidecar, rss_mb, start_haproxy  # noqa: E402
 from bench.mesh.propagation import Propagation, measure_propagation  # noqa: E402
 
-SYSTEMS = ("direct", "direct-core1", "haproxy-pair", "meshgate-pair")
+SYSTEMS = (
+    "direct",
+    "direct-core1",
+    "haproxy-pair",
+    "meshgate-pair",
+    "haproxy-tls-pair",
+    "meshgate-mtls-pair",
+)
+# What --mtls measures: the pairs with (mutual) TLS between the two proxies.
+MTLS_SYSTEMS = ("direct", "direct-core1", "haproxy-tls-pair", "meshgate-mtls-pair")
+# Each pair and the peer it is compared with.
+PEERS = {"meshgate-pair": "haproxy-pair", "meshgate-mtls-pair": "haproxy-tls-pair"}
 # The project's targets for a meshgate sidecar pair at 1,000 req/s.
 ADDED_P99_TARGET_MS = 0.3
 VCPU_PER_1K_TARGET = 0.15
@@ -96,6 +110,15 @@ def start_chain(
         a = track(start_haproxy("haproxy-a", port_a, port_b, PROXY_CORE, workdir))
         wait_ready(a, port_a)
         chain = Chain(system, port_a, server, {"A": a, "B": b})
+    elif system == "haproxy-tls-pair":
+        port_a, port_b, a, b = start_haproxy_tls_pair(server_port, PROXY_CORE, workdir, track)
+        wait_ready(b, port_b, http=False)  # TLS with a client certificate only
+        wait_ready(a, port_a)
+        chain = Chain(system, port_a, server, {"A": a, "B": b})
+    elif system == "meshgate-mtls-pair":
+        local, caller, callee = start_meshgate_mtls_pair(server_port, PROXY_CORE, workdir, track)
+        wait_ready(caller.server, local)
+        chain = Chain(system, local, server, {"A": caller.server, "B": callee.server})
     else:
         callee = Sidecar(
             "sidecar-b", {"service": "server", "app_port": server_port}, [], PROXY_CORE, workdir
@@ -216,7 +239,8 @@ class Report:
     settings: dict[str, object]
     paced: list[Paced] = field(default_factory=list)
     saturation: list[Saturated] = field(default_factory=list)
-    ratios: dict[str, float] = field(default_factory=dict)  # meshgate-pair / haproxy-pair
+    # "meshgate-pair / haproxy-pair" (and the mTLS pairs'): each ratio, meshgate / peer.
+    ratios: dict[str, dict[str, float]] = field(default_factory=dict)
     propagation: Propagation | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -267,21 +291,25 @@ def measure_saturation(chain: Chain, args: argparse.Namespace, workdir: Path) ->
     return Saturated(chain.system, result, costs, per_request)
 
 
-def saturation_ratios(saturation: list[Saturated]) -> dict[str, float]:
+def saturation_ratios(saturation: list[Saturated]) -> dict[str, dict[str, float]]:
+    """Per meshgate pair measured with its peer: the ratios meshgate / peer."""
     by_system = {s.system: s for s in saturation}
-    mesh, peer = by_system.get("meshgate-pair"), by_system.get("haproxy-pair")
-    if mesh is None or peer is None:
-        return {}
-    ratios = {
-        "rps": mesh.load.rps / peer.load.rps,
-        "p50": mesh.load.p50_ms / peer.load.p50_ms,
-        "p99": mesh.load.p99_ms / peer.load.p99_ms,
-    }
-    for proxy in ("A", "B", "pair"):
-        ratios[f"cpu_per_request_{proxy}"] = (
-            mesh.cpu_us_per_request[proxy] / peer.cpu_us_per_request[proxy]
-        )
-    return ratios
+    out: dict[str, dict[str, float]] = {}
+    for name, peer_name in PEERS.items():
+        mesh, peer = by_system.get(name), by_system.get(peer_name)
+        if mesh is None or peer is None:
+            continue
+        ratios = {
+            "rps": mesh.load.rps / peer.load.rps,
+            "p50": mesh.load.p50_ms / peer.load.p50_ms,
+            "p99": mesh.load.p99_ms / peer.load.p99_ms,
+        }
+        for proxy in ("A", "B", "pair"):
+            ratios[f"cpu_per_request_{proxy}"] = (
+                mesh.cpu_us_per_request[proxy] / peer.cpu_us_per_request[proxy]
+            )
+        out[f"{name} / {peer_name}"] = ratios
+    return out
 
 
 # output
@@ -304,7 +332,7 @@ def targets(paced: list[Paced]) -> list[str]:
             f"{crossing.added_ms['p99']:+.3f} ms p99 by itself: the tail of cross-core "
             "wakeups on this host, in every pair's added latency too"
         )
-    for pair in (by_system.get(s) for s in ("haproxy-pair", "meshgate-pair")):
+    for pair in (by_system.get(s) for s in SYSTEMS if s.endswith("-pair")):
         if pair is None:
             continue
         if pair.added_ms is not None:
@@ -404,11 +432,10 @@ def markdown(report: Report) -> str:
                 f"| {w.cpu_s['idle_core0'] / secs:.0%} / {w.cpu_s['idle_core1'] / secs:.0%} "
                 f"| {w.non_2xx + w.socket_errors} | {w.cpu_s['others'] / secs:.0%} |"
             )
-        if report.ratios:
-            r = report.ratios
+        for pairs, r in report.ratios.items():
             out += [
                 "",
-                f"meshgate-pair / haproxy-pair: req/s {r['rps']:.2f}x, p50 {r['p50']:.2f}x, "
+                f"{pairs}: req/s {r['rps']:.2f}x, p50 {r['p50']:.2f}x, "
                 f"p99 {r['p99']:.2f}x, CPU per request A {r['cpu_per_request_A']:.2f}x, "
                 f"B {r['cpu_per_request_B']:.2f}x, pair {r['cpu_per_request_pair']:.2f}x.",
             ]
@@ -489,8 +516,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--systems",
-        default=",".join(SYSTEMS),
-        help=f"comma-separated subset of {','.join(SYSTEMS)} (empty: only --propagation)",
+        default=None,
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (empty: only --propagation; "
+        "default: the plain pairs, or with --mtls the TLS ones)",
+    )
+    parser.add_argument(
+        "--mtls",
+        action="store_true",
+        help=f"measure the pairs with mutual TLS between the proxies ({','.join(MTLS_SYSTEMS)})",
     )
     parser.add_argument("--rate", type=float, default=1000, help="req/s of the paced runs")
     parser.add_argument("--duration", type=float, default=10, help="seconds per measured run")
@@ -522,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     args = parser.parse_args(argv)
+    if args.systems is None:
+        args.systems = ",".join(MTLS_SYSTEMS if args.mtls else SYSTEMS[:4])
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:

@@ -36,6 +36,8 @@ from meshgate.config import ConfigError
 from meshgate.config.mesh import parse_mesh
 
 MODES = {"pay-strict": "strict", "pay-perm": "permissive", "pay-off": "disable"}
+# Called over HTTP/2 (ALPN h2 inside mutual TLS); its app speaks HTTP/1.1.
+H2 = "pay-h2"
 
 
 class Mesh:
@@ -56,12 +58,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     try:
         for name, mode in MODES.items():
             cp.put_service({"name": name, "mtls": {"mode": mode}}, promote=False)
+        cp.put_service({"name": H2, "protocol": "http2", "mtls": {"mode": "strict"}}, promote=False)
         r = cp.api.post("/mesh/promote")
         assert r.status_code in (200, 201), r.text
         app = start_app(workdir, "payments")
         procs.append(app)
         m = Mesh(workdir, ca, cp)
-        for name in ("orders", *MODES):
+        for name in ("orders", *MODES, H2):
             files = m.files[name] = ca.write(workdir / name, spiffe(name))
             sidecar = attached_sidecar(workdir, cp, name, app.port, *files.flags, wait_ready=False)
             procs.append(sidecar)
@@ -70,7 +73,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             sidecar.wait_ready()
         with m.sidecars["orders"].client() as client:
             # Every instance is known to the caller, as speaking mutual TLS.
-            within(10, lambda: all(_ok(client, f"http://{n}/") for n in MODES), "all reached")
+            names = [*MODES, H2]
+            within(10, lambda: all(_ok(client, f"http://{n}/") for n in names), "all reached")
         yield m
     finally:
         for p in procs:  # all drain at once
@@ -100,13 +104,17 @@ def _plain(port: int, extra: bytes = b"") -> bytes:
 def test_the_caller_sidecar_speaks_mutual_tls_where_the_mode_allows(mesh: Mesh) -> None:
     caller = mesh.sidecars["orders"]
     with caller.client() as client:
-        for name in MODES:
+        for name in (*MODES, H2):
             r = client.get(f"http://{name}/hello")
             assert r.status_code == 200, r.text
             # The app is told who called, as the caller's certificate names it.
             assert r.json()["source"] == "orders/unknown"
     out = caller.metrics()
-    for name, policy in (("pay-strict", "mutual_tls"), ("pay-perm", "mutual_tls")):
+    for name, policy in (
+        ("pay-strict", "mutual_tls"),
+        ("pay-perm", "mutual_tls"),
+        (H2, "mutual_tls"),
+    ):
         assert metric(
             out,
             "istio_requests_total",
