@@ -713,3 +713,32 @@ def test_a_resume_from_a_version_no_longer_remembered_gets_a_snapshot() -> None:
     late, recent = asyncio.run(run())
     assert "event: snapshot" in late
     assert "event: update" in recent and '"s0"' not in recent and '"s2"' in recent
+
+
+def test_an_instance_whose_sidecar_speaks_mutual_tls_says_so_on_the_stream(
+    plane: ControlPlane,
+) -> None:
+    watcher = Stream(plane)
+    try:
+        watcher.next()
+        secure = register(plane, "ledger-m", "10.9.0.1", mtls=True)
+        plain = register(plane, "ledger-m", "10.9.0.2")
+        watcher.until(lambda v: len(v.get("ledger-m", [])) == 2)
+        # Only those that speak it carry the field: an older sidecar reads the rest as before.
+        assert watcher.view["ledger-m"] == [
+            {"id": secure, "address": "10.9.0.1", "port": 8080, "version": "", "zone": "",
+             "labels": {}, "weight": 1, "mtls": True},
+            {"id": plain, "address": "10.9.0.2", "port": 8080, "version": "", "zone": "",
+             "labels": {}, "weight": 1},
+        ]  # fmt: skip
+        assert {i["address"]: i["mtls"] for i in listed(plane, "ledger-m")} == {
+            "10.9.0.1": True,
+            "10.9.0.2": False,
+        }
+        bad = dp(plane, "POST", "/instances", json={"service": "ledger-m", "address": "10.9.0.3",
+                                                      "port": 8080, "mtls": "yes"})  # fmt: skip
+        assert bad.status_code == 422 and "mtls" in bad.text
+        for instance in (secure, plain):
+            assert dp(plane, "DELETE", f"/instances/{instance}").status_code == 204
+    finally:
+        watcher.close()

@@ -325,3 +325,84 @@ def test_transparent_capture_across_hosts_http_and_tcp(
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_mutual_tls_strict_across_hosts(hosts: tuple[str, str], tmp_path: Path) -> None:
+    """A caller on host A reaches a strict service on host B over mutual TLS: its sidecar
+    learns from the control plane (on B) that B's instance speaks it; plaintext from A to
+    B's inbound port is refused."""
+    from mtls_support import TestCa, spiffe
+
+    a, b = hosts
+    ca = TestCa()
+    token = "netns-mtls-admin-token-0123456789"
+    cp_url = f"http://{B_IP}:18000"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def sidecar(ns: str, service: str, app_port: int, inbound: str, n: int) -> None:
+        files = ca.write(tmp_path / service, spiffe(service))
+        args = ["-m", "meshgate", "sidecar", "--service", service, "--app-port", str(app_port)]
+        args += ["--inbound", inbound, "--outbound", f"127.0.0.1:{15101 + n}"]
+        args += ["--admin", f"127.0.0.1:{15201 + n}", "--control-plane", cp_url]
+        args += ["--token", token, *files.flags]
+        procs.append(_spawn(ns, args, tmp_path, f"sidecar-{service}"))
+
+    try:
+        control = ["-m", "meshgate", "control", "--listen", f"{B_IP}:18000"]
+        control += ["--database-url", f"sqlite:///{tmp_path / 'cp.db'}", "--admin-token", token]
+        procs.append(_spawn(b, control, tmp_path, "control"))
+        _wait(b, B_IP, 18000, procs[-1], tmp_path, "control")
+        _in_ns(
+            b,
+            "import httpx\n"
+            f"c = httpx.Client(base_url='{cp_url}/admin/api/mesh', "
+            f"headers={{'Authorization': 'Bearer {token}'}}, timeout=10)\n"
+            "r = c.put('/services/payments', json={'name': 'payments', "
+            "'mtls': {'mode': 'strict'}})\n"
+            "assert r.status_code in (200, 201), r.text\n"
+            "assert c.post('/promote').status_code in (200, 201)\n",
+        )
+        demo = ["-m", "meshgate.demo.service", "--name", "payments", "--port", "9001"]
+        procs.append(_spawn(b, demo, tmp_path, "app-payments"))
+        sidecar(b, "payments", 9001, f"{B_IP}:15006", 0)
+        procs.append(_spawn(a, ["-m", "http.server", "8000", "-b", "127.0.0.1"], tmp_path, "app-a"))
+        sidecar(a, "orders", 8000, f"{A_IP}:15006", 1)
+        _wait(b, B_IP, 15006, procs[-3], tmp_path, "sidecar-payments")
+        _wait(a, "127.0.0.1", 15102, procs[-1], tmp_path, "sidecar-orders")
+        out = _in_ns(
+            a,
+            "import httpx, json, time, socket\n"
+            "c = httpx.Client(proxy='http://127.0.0.1:15102', timeout=10)\n"
+            "deadline = time.time() + 20\n"
+            "while True:\n"
+            "    r = c.get('http://payments/charge')\n"
+            "    if r.status_code == 200 or time.time() > deadline: break\n"
+            "    time.sleep(0.1)\n"
+            "s = socket.create_connection(('10.77.0.2', 15006), 5)\n"
+            "s.sendall(b'GET / HTTP/1.1\\r\\nHost: payments\\r\\n\\r\\n')\n"
+            "plain = b''\n"
+            "while chunk := s.recv(65536): plain += chunk\n"
+            "m = httpx.get('http://127.0.0.1:15202/metrics').text\n"
+            "print(json.dumps({'status': r.status_code, 'body': r.text, "
+            "'plain': plain.decode(), 'metrics': m}))\n",
+        )
+        result = json.loads(out)
+        assert result["status"] == 200, result["body"]
+        assert json.loads(result["body"])["source"] == "orders/unknown"
+        assert result["plain"].startswith("HTTP/1.1 403"), result["plain"][:300]
+        assert "mutual TLS required" in result["plain"]
+        assert metric(
+            result["metrics"],
+            "istio_requests_total",
+            destination_service="payments",
+            response_code="200",
+            connection_security_policy="mutual_tls",
+        )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -63,6 +63,7 @@ class ControlPlaneLink:
         # Whether this instance speaks mutual TLS, and what its registration said.
         self.mtls = False
         self._registered_mtls = False
+        self._stopped = False
         self.config_version: str | None = None
         self.endpoints_version: int | None = None
         self.last_error: str | None = None
@@ -114,6 +115,9 @@ class ControlPlaneLink:
 
     async def stop(self) -> None:
         """Leave the endpoint set at once (drain), then stop every loop."""
+        # The loops also check this: a cancellation asyncio.wait_for loses (the awaited
+        # event set at the same moment) must not leave one running, or registering again.
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -194,7 +198,7 @@ class ControlPlaneLink:
 
     async def _registration(self) -> None:
         backoff = 0.5
-        while True:
+        while not self._stopped:
             try:
                 if self.instance_id is None or self._registered_mtls != self.mtls:
                     await self._register()
@@ -227,7 +231,7 @@ class ControlPlaneLink:
             await asyncio.wait_for(self._registered.wait(), 2.0)
         except TimeoutError:
             pass
-        while True:
+        while not self._stopped:
             url = f"{self.url}/dp/v1/mesh/endpoints?env={quote(self.env)}"
             bound = self.instance_id
             if bound is not None:
@@ -313,7 +317,7 @@ class ControlPlaneLink:
     async def _config(self) -> None:
         etag: str | None = None
         backoff = 0.5
-        while True:
+        while not self._stopped:
             headers = self.headers
             if etag is not None:
                 headers = {**headers, "If-None-Match": etag}
