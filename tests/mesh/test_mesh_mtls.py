@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,26 @@ def test_rotation_under_load_fails_no_request(mesh: Mesh) -> None:
         "identity": spiffe("pay-perm"),
         "not_after": config["mtls"]["not_after"],
     }
+
+
+def test_a_mirrored_copy_goes_over_mutual_tls_too(mesh: Mesh) -> None:
+    route = {"mirror": {"service": "pay-strict"}, "destinations": [{}]}
+    mesh.cp.put_service({"name": "pay-perm", "routes": [route]})
+    strict = mesh.sidecars["pay-strict"]
+    try:
+        with mesh.sidecars["orders"].client() as client:
+
+            def mirrored() -> bool:
+                assert client.get("http://pay-perm/mirror-me").status_code == 200
+                time.sleep(0.1)
+                return any(e["path"] == "/mirror-me" for e in strict.access_log())
+
+            within(10, mirrored, "a copy served by the strict service")
+        copies = [e for e in strict.access_log() if e["path"] == "/mirror-me"]
+        assert {e["status"] for e in copies} == {200}
+        assert {e["authority"] for e in copies} == {"pay-strict-shadow"}
+    finally:
+        mesh.cp.put_service({"name": "pay-perm", "mtls": {"mode": "permissive"}})
 
 
 def _sidecar_error(workdir: Path, *args: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from collections.abc import Callable
 
 __all__ = ["MIRROR_TIMEOUT", "MAX_IN_FLIGHT", "send_copy", "skipped"]
 
@@ -43,8 +45,11 @@ def send_copy(
     host: str,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
+    tls: ssl.SSLContext | None = None,
+    verify: Callable[[asyncio.BaseTransport], None] | None = None,
 ) -> None:
-    """Send a copy of a request to ``address:port`` in the background."""
+    """Send a copy of a request to ``address:port`` in the background; with ``tls``, over
+    TLS, sent only once ``verify`` (given the transport) has not raised."""
     if len(_tasks) >= MAX_IN_FLIGHT:
         skipped[0] += 1
         return
@@ -56,21 +61,31 @@ def send_copy(
         parts.append(b"content-length: %d\r\n" % len(body))
     parts.append(b"connection: close\r\n\r\n")
     parts.append(body)
-    task = asyncio.get_running_loop().create_task(_send(address, port, b"".join(parts)))
+    task = asyncio.get_running_loop().create_task(
+        _send(address, port, b"".join(parts), tls, verify)
+    )
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
 
 
-async def _send(address: str, port: int, data: bytes) -> None:
+async def _send(
+    address: str,
+    port: int,
+    data: bytes,
+    tls: ssl.SSLContext | None,
+    verify: Callable[[asyncio.BaseTransport], None] | None,
+) -> None:
     writer = None
     try:
         async with asyncio.timeout(MIRROR_TIMEOUT):
-            reader, writer = await asyncio.open_connection(address, port)
+            reader, writer = await asyncio.open_connection(address, port, ssl=tls)
+            if verify is not None:
+                verify(writer.transport)
             writer.write(data)
             await writer.drain()
             while await reader.read(65536):
                 pass
-    except (OSError, TimeoutError) as exc:
+    except Exception as exc:  # OSError, a timeout, a peer that is not the service's
         log.debug("mirror copy to %s:%s failed: %s", address, port, exc)
     finally:
         if writer is not None:

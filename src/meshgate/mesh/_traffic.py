@@ -586,6 +586,8 @@ class Outbound:
             return
         mesh.metrics.mirrored.labels(service.name).inc()
         request = exchange.request
+        peer = PeerCheck(mesh, service.name, endpoint.key, ())
+        tls = peer.context()
         send_copy(
             endpoint.info.address,
             endpoint.info.port,
@@ -594,6 +596,8 @@ class Outbound:
             f"{service.name}-shadow",
             request.headers.raw(),
             body,
+            tls,
+            peer.verify if tls is not None else None,
         )
 
 
