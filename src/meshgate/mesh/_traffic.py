@@ -316,10 +316,11 @@ def _classify(status: int, error: str) -> str:
     (the instance may have acted on the request)."""
     if status == 504:
         return "timeout"
-    if status == 503:
-        return "overflow"
+    # Before 503: an instance answering with another identity is refused with a 503 too.
     if error.startswith(("cannot connect to", "connecting to ", "the TLS")):
         return "connect-failure"
+    if status == 503:
+        return "overflow"
     if "REFUSED_STREAM" in error:
         return "refused-stream"
     return "reset"
