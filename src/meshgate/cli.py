@@ -539,6 +539,14 @@ def sidecar(
     drain_seconds: Annotated[
         float | None, typer.Option(help="Grace for in-flight requests on SIGTERM.")
     ] = None,
+    edge_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.2,
+            max=3600,
+            help="Seconds between reports of this sidecar's calls for the service graph.",
+        ),
+    ] = 10.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
@@ -593,7 +601,7 @@ def sidecar(
     if control_plane is not None:
         if not token:
             raise _fail("--control-plane needs --token (or MESHGATE_CONTROL_PLANE_TOKEN)")
-        cp = ControlPlaneSettings(control_plane, token, env)
+        cp = ControlPlaneSettings(control_plane, token, env, edge_interval)
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
     # The sidecar runs without this command line's parser: the process becomes it.

@@ -76,7 +76,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     """The application; the store is migrated and snapshots published before it serves."""
     # Analytics, alerts and billing build on control.models: imported here, once the control
     # package is whole (meshgate.control imports this module).
-    from meshgate.analytics import alerts, alerts_api
+    from meshgate.analytics import alerts, alerts_api, graph_api
     from meshgate.analytics import api as analytics
     from meshgate.analytics.retention import Retention
     from meshgate.billing import schedule as billing_schedule
@@ -112,9 +112,11 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
     app.include_router(alerts_api.router, prefix="/admin/api")
+    app.include_router(graph_api.admin, prefix="/admin/api")
     app.include_router(dataplane)
     app.include_router(mesh_dataplane)
     app.include_router(analytics.dataplane)
+    app.include_router(graph_api.dataplane)
     plane.services.append(Retention())
     app.state.alerts = alerts.AlertService(
         plane.db, settings.alerts or alerts.AlertSettings.from_env()
@@ -130,6 +132,8 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         _BodyLimit,
         limit=MAX_BODY,
         smaller={
+            # The first prefix that matches sets the limit.
+            "/dp/v1/mesh/edges": graph_api.MAX_REPORT_BYTES,
             "/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY,
             "/dp/v1/usage": MAX_BATCH_BYTES,
             "/admin/api/webhooks": alerts_api.MAX_WEBHOOK_BODY,
