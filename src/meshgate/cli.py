@@ -118,8 +118,27 @@ def up(
         example = load_gateway_config(path)
     except ConfigError as exc:
         raise _fail(f"invalid configuration: {exc}") from None
+    # Every port is checked before anything is written: a second `up` says so and leaves
+    # nothing behind.
+    wanted: list[tuple[str, str]] = [
+        ("--control-listen", control_listen),
+        ("--upstream", upstream),
+        ("--integration-listen", integration_listen),
+    ]
+    if example.listen:
+        wanted.append(("--config (listen)", example.listen))
+    if example.admin_listen:
+        wanted.append(("--config (admin_listen)", example.admin_listen))
+    if tls_listen and example.tls is None:
+        wanted.append(("--tls-listen", tls_listen))
+    if mesh:
+        from meshgate.demo.mesh import demo_ports
+
+        wanted += [("--no-mesh", f"127.0.0.1:{port}") for port in demo_ports()]
+    _check_ports(wanted)
     token = _demo_token(data_dir)
     base = f"http://{control_listen}"
+    stopping: list[float] = []
     control = _start_control_plane(data_dir, control_listen, token)
     meshes: list[MeshDemo] = []
     try:
@@ -211,17 +230,51 @@ def up(
             try:
                 await process.run()
             finally:
+                stopping.append(time.monotonic())
+                typer.echo("stopped gateway")
                 await running[0].stop()
+                typer.echo("stopped integration routes and echo upstream")
 
         _serve_until_stopped(lambda: uvloop.run(main()))
     finally:
+        # Children run in their own process groups, so that Ctrl-C reaches this process
+        # alone and they stop in order: the gateway has flushed its usage to the control
+        # plane above, the sidecars leave its registry, then it stops.
+        if not stopping:
+            stopping.append(time.monotonic())
         for demo in meshes:
             demo.stop()
+            typer.echo("stopped mesh demo")
         control.terminate()
         try:
             control.wait(15)
         except subprocess.TimeoutExpired:
             control.kill()
+        typer.echo("stopped control plane")
+        typer.echo(f"meshgate stopped in {time.monotonic() - stopping[0]:.1f} s")
+
+
+def _check_ports(wanted: list[tuple[str, str]]) -> None:
+    """Fail at once, naming the port and the option, when one of the addresses is taken."""
+    import errno
+    import socket
+
+    for option, address in wanted:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _fail(
+                    f"port {port} is in use: another meshgate up? stop it or pass {option}"
+                ) from None
+            raise _fail(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        except ValueError:
+            raise _fail(f"{option} {address!r}: must be HOST:PORT") from None
 
 
 def _demo_token(data_dir: Path) -> str:
@@ -263,7 +316,8 @@ def _start_control_plane(data_dir: Path, listen: str, token: str) -> subprocess.
     ]
     # The token goes through the environment: a command line is visible to every user.
     env = dict(os.environ, MESHGATE_ADMIN_TOKEN=token)
-    child = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+    # Its own process group: Ctrl-C reaches `up`, which stops it last.
+    child = subprocess.Popen(command, stdout=log, stderr=log, env=env, start_new_session=True)
     log.close()
     deadline = time.monotonic() + 60
     while True:
@@ -457,6 +511,7 @@ def control(
             database_url=url,
             listen=listen,
             admin_token=admin_token,
+            data_dir=data_dir,
             # Products are checked as gateways check them, policy configurations included.
             policy_schemas=None if custom_policies else schemas(),
             registry=RegistrySettings(
@@ -475,7 +530,11 @@ def control(
                 f"(OpenAPI at /admin/api/openapi.json)"
             )
             if plane.bootstrap_token and not admin_token:
-                typer.echo(f"admin token (shown once): {plane.bootstrap_token}")
+                kept = data_dir / "bootstrap-token"
+                typer.echo(
+                    f"admin token: {plane.bootstrap_token} (shown at each start until it is "
+                    f"first used; kept in {kept} until then)"
+                )
 
         run_control(settings, on_ready=ready)
     except ControlStartError as exc:

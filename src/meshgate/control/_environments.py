@@ -306,7 +306,7 @@ async def long_poll(
                 headers={"ETag": current.etag, "X-Meshgate-Version": str(current.version)},
             )
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or plane.closing:
             return Response(status_code=304, headers={"ETag": current.etag})
         # Woken by a local publish; the store is read again at least every 2 s for the
         # versions other control-plane replicas publish.
