@@ -22,7 +22,30 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's own help: options with their value's kind (TEXT, PATH), none on flags, and
+    # descriptions wrapped to the terminal.
+    rich_markup_mode=None,
 )
+
+def _version(value: bool) -> None:
+    if value:
+        from meshgate import __version__
+
+        typer.echo(f"meshgate {__version__} (Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """meshgate: API management, service mesh and integration in one platform."""
+
 
 from meshgate.integration.cli import app as integration_app  # noqa: E402
 
@@ -743,6 +766,10 @@ AdminToken = Annotated[
     str | None,
     typer.Option(envvar="MESHGATE_ADMIN_TOKEN", help="An admin token (write scope to change)."),
 ]
+ReadToken = Annotated[
+    str | None,
+    typer.Option(envvar="MESHGATE_ADMIN_TOKEN", help="An admin token (read scope is enough)."),
+]
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8090"
 
 import_app = typer.Typer(
@@ -887,7 +914,7 @@ def export_file(
         ),
     ] = True,
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
-    token: AdminToken = None,
+    token: ReadToken = None,
 ) -> None:
     """Write the control plane's products (and the mesh's staging services) as a declarative
     file (YAML)."""
@@ -941,8 +968,9 @@ def import_openapi(
         control_plane, token, "POST", "/imports/openapi", params, document, content_type
     )
     result = json.loads(body)
+    changed = bool(result.get("changes"))
     _print_changes(result)
-    if not dry_run:
+    if not dry_run and (changed or result["created"]):
         verb = "created" if result["created"] else "updated"
         typer.echo(
             f"{verb} product {product} (id {result['product']['id']}): "
@@ -999,7 +1027,7 @@ def usage_series(
     until: Until = None,
     as_csv: AsCsv = False,
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
-    token: AdminToken = None,
+    token: ReadToken = None,
 ) -> None:
     """A metric's usage per window, with the total."""
     params = {
@@ -1027,7 +1055,7 @@ def usage_top(
     limit: Annotated[int, typer.Option(help="How many applications.")] = 10,
     as_csv: AsCsv = False,
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
-    token: AdminToken = None,
+    token: ReadToken = None,
 ) -> None:
     """The applications that used a metric most."""
     params = {
@@ -1050,7 +1078,7 @@ def usage_top(
 def usage_limits(
     application: Annotated[str, typer.Argument(help="The application's app id.")],
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
-    token: AdminToken = None,
+    token: ReadToken = None,
 ) -> None:
     """An application's usage now against each limit of its plan."""
     result = _analytics(control_plane, token, f"/applications/{application}/limits", {}, False)
