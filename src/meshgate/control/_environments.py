@@ -295,6 +295,22 @@ async def long_poll(
     """The newest version ``latest()`` gives, or 304 when ``If-None-Match`` still names it
     after waiting up to ``wait`` seconds for a new version of ``channel``."""
     deadline = time.monotonic() + min(wait, plane.settings.max_wait)
+    waiting = plane.metrics.long_polls.labels("mesh" if channel.startswith("mesh") else "gateway")
+    waiting.inc()
+    try:
+        return await _long_poll(plane, channel, latest, deadline, if_none_match, missing)
+    finally:
+        waiting.dec()
+
+
+async def _long_poll(
+    plane: Any,
+    channel: str,
+    latest: Callable[[], Any],
+    deadline: float,
+    if_none_match: str | None,
+    missing: str,
+) -> Response:
     while True:
         current = await run_in_threadpool(latest)
         if current is None:

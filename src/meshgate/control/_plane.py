@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 from meshgate.control import _mesh, snapshots
 from meshgate.control._auth import TokenCache, hash_token, new_token
 from meshgate.control._db import Database
+from meshgate.control._metrics import ControlMetrics
 from meshgate.control._problems import Problem
 from meshgate.control._registry import Registry, RegistrySettings
 from meshgate.control.models import AdminToken, MeshSnapshot, Product, Snapshot
@@ -86,6 +88,8 @@ class ControlPlane:
         self._task: asyncio.Task[None] | None = None
         self._mesh_task: asyncio.Task[None] | None = None
         self.registry = Registry(settings.registry, snapshots.ENVIRONMENTS)
+        self.metrics = ControlMetrics()
+        self.metrics.plane = self
         self.bootstrap_token: str | None = None
         # Set on shutdown: long polls answer at once instead of holding the server open.
         self.closing = False
@@ -214,9 +218,11 @@ class ControlPlane:
 
     def publish(self, env: str, reason: str) -> Snapshot | None:
         """Compile ``env`` now and store a new version if it changed (thread-safe)."""
+        started = time.perf_counter()
         with self._publish_lock, self.db.writer() as session, session.begin():
             compiled = snapshots.compile_environment(session, env)
             snapshot = snapshots.publish(session, env, reason, compiled)
+        self.metrics.compile_seconds.labels(env).observe(time.perf_counter() - started)
         self.errors[env] = compiled.errors
         for error in compiled.errors:
             log.warning("%s: %s", env, error)
@@ -229,6 +235,8 @@ class ControlPlane:
                 reason,
             )
             self._remember(env, snapshot)
+            self.metrics.snapshot_bytes.labels(env).set(snapshot.size)
+            self.metrics.snapshot_version.labels(env).set(snapshot.version)
         return snapshot
 
     def mesh_published(self, snapshot: MeshSnapshot | None) -> None:

@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +22,7 @@ from meshgate.control._environments import admin as environments
 from meshgate.control._environments import dataplane
 from meshgate.control._mesh_api import admin as mesh
 from meshgate.control._mesh_api import dataplane as mesh_dataplane
+from meshgate.control._metrics import RequestMetrics
 from meshgate.control._plane import ControlPlane, ControlSettings
 from meshgate.control._resources import router as resources
 
@@ -127,6 +130,16 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     def healthz() -> dict[str, Any]:
         return {"status": "ok", **plane.status()}
 
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        operation_id="metrics",
+        summary="The control plane's own metrics, in the Prometheus text format",
+        response_class=Response,
+    )
+    def metrics() -> Response:
+        return Response(plane.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     # Outermost first: a request without a valid token is refused before its size is.
     app.add_middleware(
         _BodyLimit,
@@ -140,4 +153,6 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         },
     )
     app.add_middleware(AuthenticationGate)
+    # Outermost: refusals are counted too.
+    app.add_middleware(RequestMetrics, metrics=plane.metrics, schema=lambda: app.openapi())
     return app
