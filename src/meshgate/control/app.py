@@ -34,6 +34,35 @@ MAX_BODY = 64 * 1024 * 1024
 MAX_MESH_DATAPLANE_BODY = 64 * 1024
 
 
+DOCS_ASSETS = "/admin/api/docs/assets"
+
+
+def _docs(app: FastAPI) -> None:
+    """``/admin/api/docs``: Swagger UI from the fastapi-offline package's files, served here."""
+    from importlib import resources
+
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from starlette.staticfiles import StaticFiles
+
+    assets = str(resources.files("fastapi_offline").joinpath("static"))
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/admin/api/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/admin/api/openapi.json",
+            title="meshgate control plane",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url="/admin/api/docs/oauth2-redirect",
+        )
+
+    @app.get("/admin/api/docs/oauth2-redirect", include_in_schema=False)
+    def oauth2_redirect() -> Response:
+        return get_swagger_ui_oauth2_redirect_html()
+
+
 class _BodyLimit:
     """Refuse request bodies above a size with 413, counted as they arrive; ``smaller``
     holds lower limits for paths under a prefix."""
@@ -104,7 +133,8 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         "services; gateways pull the compiled configuration from /dp/v1, sidecars the mesh's "
         "from /dp/v1/mesh, where they also register and stream the endpoints.",
         openapi_url="/admin/api/openapi.json",
-        docs_url="/admin/api/docs",
+        # Served below from the package's own copy of Swagger UI: no CDN, works offline.
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -125,6 +155,8 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         plane.db, settings.alerts or alerts.AlertSettings.from_env()
     )
     plane.services.append(app.state.alerts)
+
+    _docs(app)
 
     @app.get("/healthz", tags=["health"], operation_id="health")
     def healthz() -> dict[str, Any]:
