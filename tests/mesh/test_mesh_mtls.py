@@ -67,7 +67,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         m = Mesh(workdir, ca, cp)
         for name in ("orders", *MODES, H2):
             files = m.files[name] = ca.write(workdir / name, spiffe(name))
-            sidecar = attached_sidecar(workdir, cp, name, app.port, *files.flags, wait_ready=False)
+            flags = [*files.flags, "--edge-interval", "0.5"]
+            sidecar = attached_sidecar(workdir, cp, name, app.port, *flags, wait_ready=False)
             procs.append(sidecar)
             m.sidecars[name] = sidecar
         for sidecar in m.sidecars.values():
@@ -148,6 +149,16 @@ def test_the_caller_sidecar_speaks_mutual_tls_where_the_mode_allows(mesh: Mesh) 
     # The registry knows which instances speak mutual TLS.
     instances = mesh.cp.instances("pay-strict")
     assert [i["mtls"] for i in instances] == [True]
+
+    # The service graph tells the hops over mutual TLS from the others.
+    def edges() -> dict[str, str]:
+        r = mesh.cp.api.get("/mesh/graph", params={"env": "production", "window": 600})
+        assert r.status_code == 200, r.text
+        return {e["destination"]: e["mtls"] for e in r.json()["edges"] if e["source"] == "orders"}
+
+    within(5, lambda: {"pay-strict", "pay-off", H2} <= set(edges()), "the calls in the graph")
+    graph = edges()
+    assert graph["pay-strict"] == graph[H2] == "all" and graph["pay-off"] == "none"
 
 
 def test_plaintext_is_refused_by_strict_taken_by_permissive_and_disable(mesh: Mesh) -> None:
