@@ -26,10 +26,10 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshgate.config.identity import SpiffeId
 from meshgate.proxy import Exchange, Headers, Response, UpstreamError, UpstreamPool, problem
 
 if TYPE_CHECKING:
-    from meshgate.config.identity import SpiffeId
     from meshgate.identity import Identity
     from meshgate.mesh._metrics import MeshMetrics
     from meshgate.proxy._upstream import UpstreamConnection
@@ -68,6 +68,22 @@ def peer_identity(exchange: Exchange) -> SpiffeId | None:
     return spiffe
 
 
+def _peer_of(ssl_object: ssl.SSLObject | None) -> SpiffeId | None:
+    """The SPIFFE ID a verified peer certificate names (its one URI SAN), read from what the
+    handshake already decoded; None when it names none or more than one."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return None
+    names: Any = cert.get("subjectAltName", ())
+    uris = [value for kind, value in names if kind == "URI"]
+    if len(uris) != 1:
+        return None
+    try:
+        return SpiffeId.parse(str(uris[0]))
+    except ValueError:
+        return None
+
+
 def _reason(exc: BaseException) -> str:
     """A failed handshake's reason, as a metric label (a short fixed set)."""
     if isinstance(exc, TimeoutError):
@@ -103,12 +119,8 @@ class _Verified(asyncio.Protocol):
         self.identity = identity
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        from meshgate.identity import peer_id
-
         acceptor = self.acceptor
-        ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        peer = peer_id(der)
+        peer = _peer_of(transport.get_extra_info("ssl_object"))
         own = self.identity.spiffe_id
         reason = None
         if peer is None:
@@ -313,14 +325,9 @@ class PeerCheck:
 
     def verify(self, transport: asyncio.BaseTransport | None) -> None:
         """Raise a connect failure (503) unless the server is the service's workload."""
-        from meshgate.config.identity import SpiffeId
-        from meshgate.identity import peer_id
-
         mesh = self.mesh
         own = mesh.identity.spiffe_id
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        peer = peer_id(der)
+        peer = _peer_of(transport.get_extra_info("ssl_object") if transport is not None else None)
         expected = SpiffeId(own.trust_domain, own.env, self.service)
         if peer == expected:
             mesh.metrics.mtls_handshakes.labels("outbound").inc()
