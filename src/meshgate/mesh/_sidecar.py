@@ -272,6 +272,8 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         settings = self.settings
         self._servers += (self.inbound, self.outbound, self.refusing)
+        # Before any listener: outbound calls need it too (also beside a TCP app).
+        self.load_identity_files()
         if settings.app_protocol == "tcp":
             app = self.mesh.local_app()
             await self._listen(
@@ -280,7 +282,6 @@ class Sidecar:
                 "inbound",
             )
         else:
-            self.load_identity_files()
             host, port = _split(settings.inbound)
             try:
                 sock = bind_socket(host, port)
