@@ -67,7 +67,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         m = Mesh(workdir, ca, cp)
         for name in ("orders", *MODES, H2):
             files = m.files[name] = ca.write(workdir / name, spiffe(name))
-            flags = [*files.flags, "--edge-interval", "0.5"]
+            flags = [*files.flags, "--edge-interval", "0.5", "--drain-seconds", "2"]
             sidecar = attached_sidecar(workdir, cp, name, app.port, *flags, wait_ready=False)
             procs.append(sidecar)
             m.sidecars[name] = sidecar

@@ -232,6 +232,9 @@ class InboundAcceptor:
         except (OSError, TimeoutError):
             conn.close()
             return
+        except asyncio.CancelledError:
+            conn.close()  # the listener closes: so does a connection that sent nothing yet
+            raise
         if not first:
             conn.close()  # closed before a byte
             return
