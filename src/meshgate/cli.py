@@ -723,7 +723,10 @@ def validate(file: Annotated[Path, typer.Argument(help="Configuration file to ch
         config = load_gateway_config(file)
     except ConfigError as exc:
         for line in exc.errors:
-            typer.echo(f"{file}: {line}" if ":" not in line else line, err=True)
+            # A path says where in the document; a syntax error's line and column, or a
+            # problem with the file itself, need the file's name.
+            named = ":" not in line or line.startswith("line ")
+            typer.echo(f"{file}: {line}" if named else line, err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{file}: valid ({len(config.products)} products)")
 
