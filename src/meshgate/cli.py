@@ -439,6 +439,18 @@ def gateway(
         str | None,
         typer.Option(help="This gateway's id at the control plane (default: HOST-PORT)."),
     ] = None,
+    bootstrap_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_BOOTSTRAP_TOKEN",
+            help="Get the gateway's workload identity (service meshgate-gateway) from the "
+            "control plane's CA with this token.",
+        ),
+    ] = None,
+    bundle_refresh: Annotated[
+        float,
+        typer.Option(min=0.1, max=3600, help="Seconds between checks of the CA's trust bundle."),
+    ] = 15.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the edge gateway from a configuration file, or from a control plane's snapshots."""
@@ -448,8 +460,16 @@ def gateway(
     options = None
     if control_plane is not None:
         options = ControlPlaneOptions(
-            url=control_plane, token=token or "", env=env, cache_dir=cache_dir.absolute(), name=name
+            url=control_plane,
+            token=token or "",
+            env=env,
+            cache_dir=cache_dir.absolute(),
+            name=name,
+            bootstrap_token=bootstrap_token,
+            bundle_interval=bundle_refresh,
         )
+    elif bootstrap_token:
+        raise _fail("--bootstrap-token needs --control-plane (its CA issues the certificate)")
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
     _serve_until_stopped(
@@ -671,6 +691,18 @@ def sidecar(
     env: Annotated[str, typer.Option(help="Environment whose mesh configuration to use.")] = (
         "production"
     ),
+    bootstrap_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_BOOTSTRAP_TOKEN",
+            help="Get this instance's workload certificate from the control plane's CA with "
+            "this token (see `meshgate mesh token create`).",
+        ),
+    ] = None,
+    bundle_refresh: Annotated[
+        float,
+        typer.Option(min=0.1, max=3600, help="Seconds between checks of the CA's trust bundle."),
+    ] = 15.0,
     drain_seconds: Annotated[
         float | None, typer.Option(help="Grace for in-flight requests on SIGTERM.")
     ] = None,
@@ -736,7 +768,11 @@ def sidecar(
     if control_plane is not None:
         if not token:
             raise _fail("--control-plane needs --token (or MESHGATE_CONTROL_PLANE_TOKEN)")
-        cp = ControlPlaneSettings(control_plane, token, env, edge_interval)
+        cp = ControlPlaneSettings(
+            control_plane, token, env, edge_interval, bootstrap_token, bundle_refresh
+        )
+    elif bootstrap_token:
+        raise _fail("--bootstrap-token needs --control-plane (its CA issues the certificate)")
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
     # The sidecar runs without this command line's parser: the process becomes it.
@@ -748,6 +784,8 @@ def sidecar(
         "log_level": log_level.upper(),
     }
     environment = {**os.environ, SIDECAR_ENV: json.dumps(args)}
+    # Secrets ride in SIDECAR_ENV, which the sidecar takes out: the app does not inherit them.
+    environment.pop(BOOTSTRAP_TOKEN_ENV, None)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "meshgate.mesh"], environment)
@@ -824,6 +862,7 @@ ReadToken = Annotated[
     typer.Option(envvar="MESHGATE_ADMIN_TOKEN", help="An admin token (read scope is enough)."),
 ]
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8090"
+BOOTSTRAP_TOKEN_ENV = "MESHGATE_BOOTSTRAP_TOKEN"
 
 import_app = typer.Typer(
     help="Import API descriptions into the control plane.", no_args_is_help=True
