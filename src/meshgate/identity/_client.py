@@ -109,6 +109,7 @@ class IdentityClient:
                 renew_at=_iso(self.renew_at),
                 renewals=self.renewals,
                 bundle_roots=len(x509.load_pem_x509_certificates(material.bundle_pem)),
+                issuer=x509.load_pem_x509_certificate(material.chain_pem).issuer.rfc4514_string(),
             )
         return doc
 
