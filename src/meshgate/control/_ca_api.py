@@ -51,7 +51,7 @@ _TOKEN_PREFIX = "mgb_"
 
 
 class BootstrapTokenIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     service: str = Field(
         pattern=r"^[A-Za-z0-9._-]{1,128}$",
         description="The service the certificates name (meshgate-gateway for edge gateways).",
@@ -255,7 +255,14 @@ def _audit(request: Request, actor: Any, action: str, after: dict[str, Any]) -> 
     "/bundle",
     operation_id="identity_bundle",
     summary="The trust bundle (PEM): the roots workload certificates chain to",
-    responses={304: {"description": "Not modified (If-None-Match)"}},
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The roots, PEM, newest first",
+            "content": {"application/x-pem-file": {"schema": {"type": "string"}}},
+        },
+        304: {"description": "Not modified (If-None-Match)"},
+    },
 )
 async def bundle(request: Request) -> Response:
     plane = request.app.state.plane
@@ -275,7 +282,35 @@ async def bundle(request: Request) -> Response:
         401: {"description": "No valid bootstrap token or renewal proof"},
         403: {"description": "The CSR asks for another identity"},
         413: {"description": "The body is over 64 KiB"},
+        415: {"description": "The body is not application/json"},
         422: {"description": "Not a CSR, a bad signature, or a weak key"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["csr"],
+                        "properties": {
+                            "csr": {"type": "string", "description": "PEM CSR"},
+                            "chain": {
+                                "type": "string",
+                                "description": "Renewal: the current chain (PEM), leaf first",
+                            },
+                            "timestamp": {"type": "integer", "description": "Renewal: now"},
+                            "signature": {
+                                "type": "string",
+                                "description": "Renewal: base64 signature of "
+                                "meshgate.config.identity.renewal_proof(timestamp, CSR DER) "
+                                "with the current key (ECDSA or PKCS#1 v1.5, SHA-256)",
+                            },
+                        },
+                    }
+                }
+            },
+        }
     },
 )
 async def issue(request: Request) -> Response:
