@@ -307,6 +307,61 @@ def test_a_wrong_or_missing_ca_key_is_a_one_line_start_error(
     assert len(dumped) == 1 and dumped[0]["cert_pem"] == bundle
 
 
+def test_expired_and_foreign_domain_certificates_do_not_renew(tmp_path: Path) -> None:
+    from meshgate.control._ca import CaSettings, CertificateAuthority, Refused
+    from meshgate.control._db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'control.db'}")
+    db.migrate()
+    ca = CertificateAuthority(db, CaSettings(), tmp_path)
+    ca.prepare()
+    signer = ca.state().signer
+    now = dt.datetime.now(dt.UTC)
+
+    def leaf(uri: str, not_after: dt.datetime) -> tuple[Any, str]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(signer.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=2))
+            .not_valid_after(not_after)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+            )
+            .sign(signer.key, hashes.SHA256())
+        )
+        return key, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def refusal(key: Any, chain: str) -> Refused:
+        _, new_csr = csr_for()
+        body = renewal(key, chain, new_csr)
+        csr = x509.load_pem_x509_csr(new_csr.encode())
+        with pytest.raises(Refused) as refused:
+            ca.verify_current(body["chain"], csr, body["timestamp"], body["signature"])
+        return refused.value
+
+    try:
+        orders = f"spiffe://{TD}/ns/production/sa/orders"
+        expired = refusal(*leaf(orders, now - dt.timedelta(minutes=1)))
+        assert expired.code == "expired" and "expired at" in expired.detail
+        foreign = refusal(*leaf("spiffe://other.example/ns/production/sa/orders", now + HOUR))
+        assert foreign.code == "untrusted" and "meshgate.local" in foreign.detail
+        key, chain = leaf(orders, now + HOUR)
+        _, new_csr = csr_for()
+        body = renewal(key, chain, new_csr)
+        csr = x509.load_pem_x509_csr(new_csr.encode())
+        proved = ca.verify_current(body["chain"], csr, body["timestamp"], body["signature"])
+        assert proved.uri == orders
+    finally:
+        db.dispose()
+
+
+HOUR = dt.timedelta(hours=1)
+
+
 def test_a_root_rotation_trusts_both_roots_then_only_the_new_one(tmp_path: Path) -> None:
     cp = start_control(tmp_path, f"sqlite:///{tmp_path / 'control.db'}", None, "--cert-ttl", "60")
     try:

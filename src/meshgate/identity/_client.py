@@ -153,8 +153,10 @@ class IdentityClient:
                 except (HttpError, IdentityRefused, IdentityError, ValueError) as exc:
                     self._failed("renewal failed, the current certificate is kept", exc)
                 left = self.identity.material.lifetime_left()
-                # Quick retries as expiry nears; never past it.
-                wait = min(backoff, max(left / 10, 0.2)) * (1 + random.random() / 2)
+                # Quicker retries as expiry nears; once expired, the plain backoff.
+                wait = (min(backoff, max(left / 10, 0.2)) if left > 0 else backoff) * (
+                    1 + random.random() / 2
+                )
                 await asyncio.sleep(wait)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
