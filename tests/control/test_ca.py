@@ -217,6 +217,12 @@ def test_bootstrap_tokens_issue_workload_certificates_and_every_refusal_says_why
         assert "does not verify" in forged["detail"]
         stale = renewal(key, doc["certificate_chain"], new_csr, at=int(time.time()) - 3600)
         problem(issue(cp, None, stale), 401)
+        for hostile in ({"timestamp": 10**300}, {"timestamp": "now"}, {"signature": "%%"}):
+            problem(
+                issue(cp, None, {**renewal(key, doc["certificate_chain"], new_csr), **hostile}), 401
+            )
+        long_chain = {**renewal(key, doc["certificate_chain"] * 9, new_csr)}
+        assert "8 certificates" in problem(issue(cp, None, long_chain), 401)["detail"]
         foreign = RootCA(tmp_path / "foreign").issue("x", uris=(orders["spiffe_id"],), client=True)
         foreign_key = serialization.load_pem_private_key(foreign.key.read_bytes(), None)
         untrusted = renewal(foreign_key, foreign.cert.read_text(), new_csr)

@@ -590,7 +590,7 @@ class CertificateAuthority:
                 "current certificate chain, a timestamp and a signature",
                 "no_credential",
             )
-        if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        if isinstance(timestamp, bool) or not isinstance(timestamp, int) or abs(timestamp) > 2**40:
             raise Refused(401, "renewal: timestamp must be an integer (Unix seconds)", "renewal")
         if not isinstance(signature, str):
             raise Refused(401, "renewal: signature (base64) is required", "renewal")
