@@ -250,6 +250,9 @@ def test_bootstrap_tokens_issue_workload_certificates_and_every_refusal_says_why
         assert ca["trust_domain"] == TD and ca["mode"] == "self-signed"
         assert ca["refusals"]["weak_key"] == 3 and ca["refusals"]["used_token"] >= 8
         assert "certificate refused (wrong_name)" in cp.log()
+        scraped = httpx.get(f"{cp.url}/metrics", timeout=10).text
+        assert 'meshgate_control_ca_refusals_total{reason="weak_key"} 3.0' in scraped
+        assert f"meshgate_control_ca_certificates_issued_total {ca['issued']}.0" in scraped
     finally:
         cp.stop()
 
