@@ -420,6 +420,17 @@ def test_a_root_rotation_trusts_both_roots_then_only_the_new_one(tmp_path: Path)
             e["action"] for e in cp.api.get("/audit", params={"resource": "ca"}).json()["items"]
         ]
         assert actions == ["retire", "rotate"]
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            command = [sys.executable, "-m", "meshgate", "mesh", "token", *args]
+            command += ["--control-plane", cp.url, "--token", cp.token]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+        [row] = cp.api.get("/mesh/bootstrap-tokens").json()["items"]
+        assert cli("revoke", str(row["id"])).returncode == 0
+        listed = cli("list")
+        assert listed.returncode == 0 and "revoked" in listed.stdout and token not in listed.stdout
+        assert problem(issue(cp, token, {"csr": csr}), 401)["reason"] == "revoked_token"
     finally:
         cp.stop()
 
