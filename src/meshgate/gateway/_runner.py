@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshgate.config import Config, ConfigError, load_config
 from meshgate.gateway._admin import AdminHandler
@@ -56,6 +57,9 @@ from meshgate.proxy import (
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
+if TYPE_CHECKING:
+    from meshgate.identity import Identity, IdentityClient
+
 __all__ = [
     "GatewayProcess",
     "GatewayStartError",
@@ -69,6 +73,9 @@ log = logging.getLogger("meshgate.gateway")
 
 # Where workers of a supervisor find the control plane token (not on their command line).
 TOKEN_ENV = "MESHGATE_CONTROL_PLANE_TOKEN"
+BOOTSTRAP_TOKEN_ENV = "MESHGATE_BOOTSTRAP_TOKEN"
+# How long a start waits for the workload certificate before serving without it (yet).
+IDENTITY_START_WAIT = 3.0
 _ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -204,6 +211,14 @@ class GatewayProcess:
         # Usage reported to the control plane (control-plane mode, usage.enabled).
         self.tally: Tally | None = None
         self.reporter: UsageReporter | None = None
+        self.identity_client: IdentityClient | None = None
+
+    @property
+    def identity(self) -> Identity | None:
+        """The gateway's workload identity (``spiffe://TD/ns/ENV/sa/meshgate-gateway``),
+        renewed in place; None without a bootstrap token or until the CA has issued it."""
+        client = self.identity_client
+        return client.identity if client is not None else None
 
     @property
     def ready(self) -> bool:
@@ -258,6 +273,14 @@ class GatewayProcess:
             self.gateway = self._build(config, counters)
         else:
             settings = load_local_settings(self.config_path)
+            if options.bootstrap_token:
+                # Imported only here: a gateway without an identity does without it.
+                from meshgate.identity import IdentityClient
+
+                self.identity_client = IdentityClient(
+                    options.url, options.bootstrap_token, bundle_interval=options.bundle_interval
+                )
+                self.identity_client.start()
             self.control_plane = ControlPlaneSync(options, settings)
             counters = _counters(settings)
             if settings.usage.enabled:
@@ -266,6 +289,8 @@ class GatewayProcess:
                 self, lambda config: self._build(config, counters)
             )
             config = self.gateway.config
+            if self.identity_client is not None:
+                await self.identity_client.wait(IDENTITY_START_WAIT)
         self.loaded_at = time.time()
         self.servers: list[Server] = []
         self.tls: ServerTls | None = None
@@ -327,6 +352,8 @@ class GatewayProcess:
         self.access_log.flush()
         self.gateway.close_pools()
         await self.gateway.counters.close()
+        if self.identity_client is not None:
+            await self.identity_client.stop()
 
     def _usage_reporter(
         self, settings: Config, counters: CounterBackend, sync: ControlPlaneSync
@@ -578,6 +605,10 @@ def run_gateway(
     else:
         # Each worker polls on its own, under its own data-plane id.
         env[TOKEN_ENV] = control_plane.token
+        if control_plane.bootstrap_token:
+            # Each worker gets its own certificate: the token must allow several uses.
+            env[BOOTSTRAP_TOKEN_ENV] = control_plane.bootstrap_token
+            base += ["--bundle-refresh", str(control_plane.bundle_interval)]
         name = control_plane.name or default_dataplane_id(config)
         base += ["--control-plane", control_plane.url, "--env", control_plane.env]
         base += ["--cache-dir", str(control_plane.cache_dir)]

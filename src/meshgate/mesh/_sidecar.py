@@ -28,7 +28,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshgate.config.mesh import ConfigError, MeshConfig, SidecarSettings, load_mesh
 from meshgate.mesh._controlplane import ControlPlaneLink
@@ -48,6 +48,9 @@ from meshgate.proxy import (
 from meshgate.proxy._http1 import HttpProtocol
 from meshgate.telemetry.access_log import AccessLog
 
+if TYPE_CHECKING:
+    from meshgate.identity import Identity, IdentityClient
+
 __all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]
 
 log = logging.getLogger("meshgate.mesh")
@@ -63,13 +66,22 @@ class SidecarStartError(Exception):
 
 class ControlPlaneSettings:
     def __init__(
-        self, url: str, token: str, env: str = "production", edge_interval: float = 10.0
+        self,
+        url: str,
+        token: str,
+        env: str = "production",
+        edge_interval: float = 10.0,
+        bootstrap_token: str | None = None,
+        bundle_interval: float = 15.0,
     ) -> None:
         self.url = url
         self.token = token
         self.env = env
         # Seconds between the reports of this sidecar's calls for the service graph.
         self.edge_interval = edge_interval
+        # With it, the sidecar obtains its workload certificate from the control plane's CA.
+        self.bootstrap_token = bootstrap_token
+        self.bundle_interval = bundle_interval
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -145,6 +157,7 @@ class Sidecar:
         if config is not None:
             self.mesh.apply_config(config)
         self.link: ControlPlaneLink | None = None
+        self.identity_client: IdentityClient | None = None
         self.app_ready = False
         self.draining = False
         self.started = time.time()
@@ -176,8 +189,17 @@ class Sidecar:
         return server
 
     @property
+    def identity(self) -> Identity | None:
+        """This instance's workload identity (certificate, key, bundle; renewed in place),
+        or None: started without a bootstrap token, or none obtained yet."""
+        client = self.identity_client
+        return client.identity if client is not None else None
+
+    @property
     def ready(self) -> bool:
         if not self.app_ready or self.draining:
+            return False
+        if self.identity_client is not None and self.identity is None:
             return False
         link = self.link
         return link is None or link.config_applied.is_set()
@@ -197,6 +219,17 @@ class Sidecar:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         settings = self.settings
+        cp_settings = self.control_plane_settings
+        if cp_settings is not None and cp_settings.bootstrap_token:
+            # Imported only here: certificates cost megabytes a sidecar without them keeps.
+            from meshgate.identity import IdentityClient
+
+            self.identity_client = IdentityClient(
+                cp_settings.url,
+                cp_settings.bootstrap_token,
+                bundle_interval=cp_settings.bundle_interval,
+            )
+            self.identity_client.start()
         self._servers += (self.inbound, self.outbound)
         if settings.app_protocol == "tcp":
             app = self.mesh.local_app()
@@ -351,6 +384,8 @@ class Sidecar:
         self.app_pool.close()
         for runtime in self.mesh.services.values():
             runtime.cluster.set_endpoints(())
+        if self.identity_client is not None:
+            await self.identity_client.stop()
 
     async def _probe(self) -> None:
         readiness = self.settings.readiness
@@ -405,6 +440,8 @@ class Sidecar:
         }
         if self.link is not None:
             doc["control_plane"] = self.link.describe()
+        if self.identity_client is not None:
+            doc["identity"] = self.identity_client.describe()
         return doc
 
     def _cluster_metrics(self) -> list[Family]:
@@ -502,6 +539,8 @@ class _AdminHandler:
                 if sidecar.draining
                 else "the app is not ready"
                 if not sidecar.app_ready
+                else "no workload certificate from the control plane yet"
+                if sidecar.identity_client is not None and sidecar.identity is None
                 else "no mesh configuration from the control plane yet"
             )
             return _json(503, {"status": "unavailable", "reason": reason})
