@@ -326,6 +326,28 @@ def _seed_business(base: str, token: str, product_id: int) -> None:
     call("PUT", f"/products/{product_id}/alert_levels", {"levels": [50, 80, 100]})
 
 
+TracingEndpoint = Annotated[
+    str | None,
+    typer.Option(help="Turn tracing on, exporting spans to this OTLP/HTTP collector URL."),
+]
+TraceSampleRate = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="Turn tracing on, sampling this share of new traces."),
+]
+
+
+def _tracing_flags(endpoint: str | None, rate: float | None) -> dict[str, object]:
+    """Tracing settings given as flags: either turns tracing on."""
+    flags: dict[str, object] = {}
+    if endpoint is not None:
+        flags["endpoint"] = endpoint
+    if rate is not None:
+        flags["sample_rate"] = rate
+    if flags:
+        flags["enabled"] = True
+    return flags
+
+
 @app.command()
 def gateway(
     config: Annotated[
@@ -361,6 +383,8 @@ def gateway(
         str | None,
         typer.Option(help="This gateway's id at the control plane (default: HOST-PORT)."),
     ] = None,
+    tracing_endpoint: TracingEndpoint = None,
+    trace_sample_rate: TraceSampleRate = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the edge gateway from a configuration file, or from a control plane's snapshots."""
@@ -376,7 +400,12 @@ def gateway(
         raise _fail("give --config FILE, or --control-plane URL with --token")
     _serve_until_stopped(
         lambda: run_gateway(
-            config, workers=workers, reuse_port=reuse_port, watch=watch, control_plane=options
+            config,
+            workers=workers,
+            reuse_port=reuse_port,
+            watch=watch,
+            control_plane=options,
+            tracing=_tracing_flags(tracing_endpoint, trace_sample_rate),
         )
     )
 
@@ -539,6 +568,8 @@ def sidecar(
     drain_seconds: Annotated[
         float | None, typer.Option(help="Grace for in-flight requests on SIGTERM.")
     ] = None,
+    tracing_endpoint: TracingEndpoint = None,
+    trace_sample_rate: TraceSampleRate = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
@@ -566,6 +597,9 @@ def sidecar(
         "drain_seconds": drain_seconds,
     }
     flags = {k: v for k, v in given.items() if v is not None}
+    tracing = _tracing_flags(tracing_endpoint, trace_sample_rate)
+    if tracing:
+        flags["tracing"] = tracing
     if ready_path is not None:
         flags["readiness"] = {"http": ready_path}
     try:

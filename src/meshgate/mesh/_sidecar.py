@@ -28,7 +28,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshgate.config.mesh import ConfigError, MeshConfig, SidecarSettings, load_mesh
 from meshgate.mesh._controlplane import ControlPlaneLink
@@ -46,6 +46,9 @@ from meshgate.proxy import (
 )
 from meshgate.proxy._http1 import HttpProtocol
 from meshgate.telemetry.access_log import AccessLog
+
+if TYPE_CHECKING:
+    from meshgate.telemetry.tracing import Tracing
 
 __all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]
 
@@ -137,6 +140,7 @@ class Sidecar:
         self.metrics.gauges.append(self._cluster_metrics)
         self.access_log = AccessLog(1) if settings.access_log else None
         self.mesh = Mesh(settings, self.metrics, access_log=self.access_log)
+        self.tracing = self.mesh.tracing = _tracing(settings)
         if config is not None:
             self.mesh.apply_config(config)
         self.link: ControlPlaneLink | None = None
@@ -260,6 +264,8 @@ class Sidecar:
             await app_waiter
         if self.access_log is not None:
             self.access_log.flush()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
         return self.exit_code
 
     def _upstream_factory(self, service: str) -> Callable[[], asyncio.BaseProtocol]:
@@ -435,6 +441,16 @@ class Sidecar:
                 for e in runtime.cluster.endpoints
             ]
         return out
+
+
+def _tracing(settings: SidecarSettings) -> Tracing | None:
+    """The sidecar's tracer; the SDK is imported only when tracing is on."""
+    if not settings.tracing.enabled:
+        return None
+    from meshgate.telemetry.tracing import Tracing
+
+    attributes = {"service.version": settings.version} if settings.version else {}
+    return Tracing.start(settings.tracing, settings.service, attributes)
 
 
 def _settings() -> ServerSettings:
