@@ -152,6 +152,18 @@ def test_rate_zero_exports_nothing_but_still_propagates() -> None:
         assert tracing.http_hop(raw, "GET", SERVER) is None
         assert _field(raw, b"traceparent") == [unsampled.encode()]
         assert _field(raw, b"tracestate") == [b"a=1"]
+        # Not passed on when malformed, sampled or not: a new trace replaces it.
+        for bad in (
+            "00-" + "0" * 32 + "-b7ad6b7169203331-00",
+            f"00-{TRACE}-0000000000000000-00",
+            VALID[:-2].upper() + "00",
+            VALID[:-2] + "00 ",
+        ):
+            raw = [(b"traceparent", bad.encode())]
+            assert tracing.http_hop(raw, "GET", SERVER) is None
+            fields = _field(raw, b"traceparent")
+            assert len(fields) == 1 and fields[0] != bad.encode(), bad
+            assert parse_traceparent(fields[0]) is not None
         # ParentBased: a sampled caller is followed whatever the rate.
         raw = [(b"traceparent", VALID.encode())]
         span = tracing.http_hop(raw, "GET", SERVER)

@@ -55,6 +55,11 @@ MAX_TRACESTATE = 512
 MAX_TRACESTATE_MEMBERS = 32
 _LOW64 = (1 << 64) - 1
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# Version 00 as received, for the hop's fast path: an unsampled caller's context is checked
+# and passed on without building anything.
+_TRACEPARENT_00 = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]([02468ace])")
+_ZERO_TRACE_ID = b"0" * 32
+_ZERO_SPAN_ID = b"0" * 16
 _MEMBER = re.compile(
     r"((?:[a-z][_0-9a-z\-*/]{0,255})|(?:[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}))"
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
@@ -345,6 +350,14 @@ class Tracing:
                 seen += 1
             elif key == TRACESTATE:
                 state_value = value if state_value is None else state_value + b"," + value
+        if seen == 1 and state_value is None:
+            unsampled = _TRACEPARENT_00.fullmatch(parent_value)  # type: ignore[arg-type]
+            if (
+                unsampled is not None
+                and unsampled.group(1) != _ZERO_TRACE_ID
+                and unsampled.group(2) != _ZERO_SPAN_ID
+            ):
+                return None
         parent = parse_traceparent(parent_value) if seen == 1 else None
         if parent is not None:
             if state_value is not None:
