@@ -3,7 +3,10 @@ passes on, exported to a real OTLP/HTTP receiver."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -192,3 +195,50 @@ def test_the_ratio_decision_matches_the_sdk() -> None:
                 span.end()
         assert 800 < sampled < 1200
         tracing.shutdown()
+
+
+def test_tracing_settings_refuse_bad_values_with_one_line_each() -> None:
+    from meshgate.config.tracing import with_flags
+
+    with pytest.raises(ValueError) as caught:
+        with_flags(TracingSettings(enabled=True), {"endpoint": "ftp://x", "sample_rate": 2})
+    assert str(caught.value) == (
+        "tracing.endpoint: must be an http:// or https:// URL without spaces; "
+        "tracing.sample_rate: Input should be less than or equal to 1"
+    )
+    for bad in ({"endpoint": "http://a b"}, {"service_name": "a b"}, {"enabled": "maybe"}):
+        with pytest.raises(ValueError):
+            with_flags(None, bad)
+    merged = with_flags(TracingSettings(sample_rate=0.5), {"enabled": True})
+    assert merged.enabled and merged.sample_rate == 0.5
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["gateway", "--config", "{config}", "--tracing-endpoint", "ftp://collector"],
+        ["gateway", "--config", "{config}", "--trace-sample-rate", "1.5"],
+        ["integration", "run", "{routes}", "--tracing-endpoint", "collector:4318"],
+        ["sidecar", "--service", "a", "--app-port", "9", "--config", "{mesh}"]
+        + ["--tracing-endpoint", "http://c:4318 x"],
+    ],
+)
+def test_a_bad_tracing_flag_is_one_clear_error(tmp_path: Path, command: list[str]) -> None:
+    files = {
+        "config": ("gw.yaml", "listen: 127.0.0.1:0\nadmin_listen: null\nproducts: []\n"),
+        "routes": ("routes.yaml", "routes: [{id: a, from: 'timer:t', steps: [{stop: {}}]}]\n"),
+        "mesh": ("mesh.yaml", "services: []\n"),
+    }
+    args = []
+    for arg in command:
+        if arg.startswith("{"):
+            name, text = files[arg.strip("{}")]
+            (tmp_path / name).write_text(text)
+            arg = str(tmp_path / name)
+        args.append(arg)
+    done = subprocess.run(
+        [sys.executable, "-m", "meshgate", *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "tracing" in done.stderr.lower() or "trace-sample-rate" in done.stderr, done.stderr

@@ -8,12 +8,13 @@ OTLP/HTTP. Unset fields fall back to the standard OpenTelemetry environment vari
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from meshgate.config._fields import _Strict
 
-__all__ = ["TracingSettings"]
+__all__ = ["TracingSettings", "with_flags"]
 
 _HTTP_URL = re.compile(r"^https?://[\x21-\x7e]+$")
 
@@ -52,3 +53,20 @@ class TracingSettings(_Strict):
         if value is not None and _HTTP_URL.fullmatch(value) is None:
             raise ValueError("must be an http:// or https:// URL without spaces")
         return value
+
+
+def with_flags(settings: TracingSettings | None, flags: dict[str, Any]) -> TracingSettings:
+    """``settings`` (a file's section) with settings given as flags over it, checked; a
+    ValueError names each problem on one line (``tracing.endpoint: ...``)."""
+    given = settings.model_dump(exclude_unset=True) if settings is not None else {}
+    try:
+        return TracingSettings.model_validate({**given, **flags})
+    except ValidationError as exc:
+        problems = [
+            "tracing."
+            + ".".join(str(p) for p in e["loc"])
+            + ": "
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        ]
+        raise ValueError("; ".join(problems)) from None

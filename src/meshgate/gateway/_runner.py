@@ -25,7 +25,7 @@ from pathlib import Path
 
 from meshgate.config import Config, ConfigError, load_config
 from meshgate.config.identity import GATEWAY_SERVICE
-from meshgate.config.tracing import TracingSettings
+from meshgate.config.tracing import TracingSettings, with_flags
 from meshgate.gateway._admin import AdminHandler
 from meshgate.gateway._controlplane import (
     ControlPlaneOptions,
@@ -529,11 +529,9 @@ def _tracing_settings(config: Config, flags: dict[str, object]) -> TracingSettin
     if not flags:
         return config.tracing
     try:
-        return TracingSettings.model_validate(
-            {**config.tracing.model_dump(exclude_unset=True), **flags}
-        )
+        return with_flags(config.tracing, flags)
     except ValueError as exc:
-        raise GatewayStartError(f"tracing flags: {exc}") from None
+        raise GatewayStartError(str(exc)) from None
 
 
 def _tracing(config: Config, flags: dict[str, object]) -> Tracing | None:

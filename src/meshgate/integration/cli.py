@@ -128,19 +128,19 @@ def run(
 def _tracing(routes: RoutesFile, endpoint: str | None, rate: float | None) -> Tracing | None:
     """The runtime's tracer: the file's ``tracing`` section, the flags over it (either flag
     turns tracing on)."""
-    from meshgate.config.tracing import TracingSettings
+    from meshgate.config.tracing import with_flags
     from meshgate.integration._errors import DefinitionError
     from meshgate.telemetry.tracing import Tracing
 
-    given = routes.tracing.model_dump(exclude_unset=True) if routes.tracing is not None else {}
+    flags: dict[str, object] = {}
     if endpoint is not None:
-        given.update(enabled=True, endpoint=endpoint)
+        flags.update(enabled=True, endpoint=endpoint)
     if rate is not None:
-        given.update(enabled=True, sample_rate=rate)
+        flags.update(enabled=True, sample_rate=rate)
     try:
-        settings = TracingSettings.model_validate(given)
+        settings = with_flags(routes.tracing, flags)
     except ValueError as exc:
-        raise DefinitionError([f"tracing: {exc}"]) from None
+        raise DefinitionError([str(exc)]) from None
     return Tracing.start(settings, "meshgate-integration")
 
 
