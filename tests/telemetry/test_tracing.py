@@ -3,6 +3,8 @@ passes on, exported to a real OTLP/HTTP receiver."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
 import sys
 import time
@@ -242,3 +244,27 @@ def test_a_bad_tracing_flag_is_one_clear_error(tmp_path: Path, command: list[str
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "tracing" in done.stderr.lower() or "trace-sample-rate" in done.stderr, done.stderr
+
+
+def test_a_collector_that_is_down_is_logged_once_a_minute_not_per_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens
+    tracing = Tracing(
+        TracingSettings(enabled=True, endpoint=endpoint, sample_rate=1.0),
+        "unit",
+        export_timeout=0.3,
+        schedule_delay=0.05,
+    )
+    with caplog.at_level(logging.WARNING, logger="opentelemetry"):
+        for _ in range(6):
+            span = tracing.http_hop([], "GET", SERVER)
+            assert span is not None
+            span.end()
+            tracing.flush(1.0)
+    tracing.shutdown(1.0)
+    lines = [r for r in caplog.records if r.name.startswith("opentelemetry")]
+    # One line per logger that reports it, not one per failed batch.
+    assert 1 <= len(lines) <= len({r.name for r in lines}) <= 3, [r.getMessage() for r in lines]

@@ -18,8 +18,9 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping, MutableMapping
-from random import getrandbits
+from random import getrandbits, randbytes
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f
 _TRACEPARENT_00 = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]([02468ace])")
 _ZERO_TRACE_ID = b"0" * 32
 _ZERO_SPAN_ID = b"0" * 16
+_ZERO_TRACE_HEX = "0" * 32
+_ZERO_SPAN_HEX = "0" * 16
 _MEMBER = re.compile(
     r"((?:[a-z][_0-9a-z\-*/]{0,255})|(?:[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}))"
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
@@ -204,6 +207,41 @@ def traces_endpoint(settings: TracingSettings) -> str | None:
     return endpoint.rstrip("/") + "/v1/traces"
 
 
+# Where the SDK and its exporter log a failed export: once a batch (twice a second) while a
+# collector is down. Each logs once a minute here, saying how many lines it held back.
+_EXPORT_LOGGERS = (
+    "opentelemetry.exporter.otlp.common.http",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.trace.export",
+)
+
+
+class _OncePerMinute(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = -60.0
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < 60.0:
+            self.held += 1
+            return False
+        if self.held:
+            record.msg = f"{record.msg} ({self.held} similar lines in the last minute not shown)"
+        self.last, self.held = now, 0
+        return True
+
+
+def _quiet_export_failures() -> None:
+    for name in _EXPORT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OncePerMinute) for f in logger.filters):
+            logger.addFilter(_OncePerMinute())
+
+
 class _PrimedIds:
     """The SDK's id generator, told the trace id of a new trace this module already drew
     (and sampled by): the span then carries it, and the SDK's ratio sampler agrees."""
@@ -256,6 +294,9 @@ class Tracing:
 
         self.rate = sample_rate(settings)
         self.bound = round(self.rate * (1 << 64))
+        # The bound as 16 hex digits: a new trace id's low half, in hex, compares as its value
+        # does (at rate 1, "g" is above every digit: always sampled).
+        self._bound_hex = "g" if self.bound >= 1 << 64 else f"{self.bound:016x}"
         name = settings.service_name or os.environ.get("OTEL_SERVICE_NAME") or service
         self.service = name
         self.endpoint = traces_endpoint(settings)
@@ -275,6 +316,7 @@ class Tracing:
             )
         )
         self.tracer = self.provider.get_tracer("meshgate")
+        _quiet_export_failures()
         self._trace = trace
         self._root = Context()
         self._remote = (NonRecordingSpan, SpanContext, TraceFlags, TraceState)
@@ -341,9 +383,21 @@ class Tracing:
 
         Not sampled and with a valid ``traceparent``, the headers are left as they came; a
         missing, malformed or repeated one is replaced by a new trace's (unsampled) one."""
-        parent_value: bytes | None = None
-        state_value: bytes | None = None
+        fields = dict(raw)  # the common case, no trace fields, without a Python loop
+        parent_value = fields.get(TRACEPARENT)
+        state_value = fields.get(TRACESTATE)
+        if parent_value is None and state_value is None:
+            ids = randbytes(24).hex()
+            trace_hex, span_hex = ids[:32], ids[32:]
+            if trace_hex != _ZERO_TRACE_HEX and span_hex != _ZERO_SPAN_HEX:
+                if ids[16:32] >= self._bound_hex:
+                    raw.append((TRACEPARENT, f"00-{trace_hex}-{span_hex}-00".encode()))
+                    return None
+                hop = self._root_span(int(trace_hex, 16), name, kind)
+                raw.append((TRACEPARENT, hop.traceparent().encode()))
+                return hop.span
         seen = 0
+        state_value = None
         for key, value in raw:
             if key == TRACEPARENT:
                 parent_value = value
