@@ -489,6 +489,8 @@ class GatewayProcess:
             or (config.tls is not None and config.tls.listen != old.config.tls.listen)  # type: ignore[union-attr]
         ):
             log.warning("listen addresses change only on restart")
+        if config.tracing != old.config.tracing:
+            log.warning("tracing settings change only on restart")
         if self.tls is not None and config.tls is not None:
             self.reload_certificates(config)
         for server in self.servers:
