@@ -355,7 +355,7 @@ class Tracing:
         if parent.span is not None:
             context = self._trace.set_span_in_context(parent.span, self._root)
         else:
-            recording, span_context, flags, state = self._remote
+            non_recording, span_context, flags, state = self._remote
             remote = span_context(
                 parent.trace_id,
                 parent.span_id,
@@ -363,7 +363,7 @@ class Tracing:
                 flags(parent.flags),
                 state.from_header([parent.state]) if parent.state else None,
             )
-            context = self._trace.set_span_in_context(recording(remote), self._root)
+            context = self._trace.set_span_in_context(non_recording(remote), self._root)
         span = self.tracer.start_span(name, context=context, kind=self._kinds[kind])
         own = span.get_span_context()
         return TraceContext(own.trace_id, own.span_id, int(own.trace_flags), parent.state, span)
