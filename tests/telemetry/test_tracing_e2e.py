@@ -254,3 +254,37 @@ def test_a_collector_that_never_answers_neither_slows_nor_fails_requests(
             assert time.monotonic() - stopping < 15
     finally:
         hole.close()
+
+
+def test_a_gateway_attached_to_a_control_plane_traces_with_the_otel_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from control.control_support import (
+        attached_gateway,
+        make_product,
+        make_subscription,
+        start_control,
+        within,
+    )
+
+    with OtlpReceiver() as receiver, echo_upstream(tmp_path) as echo:
+        # The local settings only turn tracing on: endpoint and rate come from the standard
+        # variables, as an operator sets them for every OpenTelemetry process.
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1")
+        control = start_control(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}")
+        try:
+            product = make_product(control, echo)
+            control.post(f"/products/{product['id']}/promote")
+            sub = make_subscription(control, product["id"])
+            key, app_id = sub["application"]["key"], sub["application"]["app_id"]
+            extra = {"tracing": {"enabled": True}}
+            with attached_gateway(tmp_path, control.url, control.token, settings_extra=extra) as gw:
+                within(10, lambda: gw.get("/echo/hello", key).status_code == 200, "served")
+                spans = receiver.wait_for(1)
+        finally:
+            control.stop()
+    served = [s for s in spans if s.attributes.get("http.response.status_code") == 200]
+    assert served and served[-1].service == "meshgate-gateway"
+    assert served[-1].attributes["meshgate.application"] == app_id
+    assert served[-1].attributes["meshgate.product"] == "echo"
