@@ -268,3 +268,20 @@ def test_a_collector_that_is_down_is_logged_once_a_minute_not_per_batch(
     lines = [r for r in caplog.records if r.name.startswith("opentelemetry")]
     # One line per logger that reports it, not one per failed batch.
     assert 1 <= len(lines) <= len({r.name for r in lines}) <= 3, [r.getMessage() for r in lines]
+
+
+def test_an_edge_that_trusts_no_caller_starts_every_trace_itself() -> None:
+    with OtlpReceiver() as receiver:
+        tracing = Tracing(
+            TracingSettings(
+                enabled=True, endpoint=receiver.endpoint, sample_rate=0.0, trust_incoming=False
+            ),
+            "edge",
+        )
+        # A client asking for sampling (and passing state) gets neither.
+        raw = [(b"traceparent", VALID.encode()), (b"tracestate", b"a=1")]
+        assert tracing.http_hop(raw, "GET", SERVER) is None
+        sent = parse_traceparent(_field(raw, b"traceparent")[0])
+        assert sent is not None and not sent.sampled
+        assert f"{sent.trace_id:032x}" != TRACE and _field(raw, b"tracestate") == []
+        tracing.shutdown()

@@ -39,6 +39,12 @@ class TracingSettings(_Strict):
         description="Share of new traces sampled (ParentBased(TraceIdRatio): a caller's "
         "decision is kept); OTEL_TRACES_SAMPLER_ARG when absent, else 1.",
     )
+    trust_incoming: bool = Field(
+        True,
+        description="Continue the trace of a request's traceparent, its sampled flag "
+        "included; false starts a new trace for every request (an edge that does not let "
+        "clients choose what is sampled).",
+    )
     service_name: str | None = Field(
         None,
         min_length=1,

@@ -297,6 +297,7 @@ class Tracing:
         # The bound as 16 hex digits: a new trace id's low half, in hex, compares as its value
         # does (at rate 1, "g" is above every digit: always sampled).
         self._bound_hex = "g" if self.bound >= 1 << 64 else f"{self.bound:016x}"
+        self.trust_incoming = settings.trust_incoming
         name = settings.service_name or os.environ.get("OTEL_SERVICE_NAME") or service
         self.service = name
         self.endpoint = traces_endpoint(settings)
@@ -386,6 +387,9 @@ class Tracing:
         fields = dict(raw)  # the common case, no trace fields, without a Python loop
         parent_value = fields.get(TRACEPARENT)
         state_value = fields.get(TRACESTATE)
+        if not self.trust_incoming and (parent_value is not None or state_value is not None):
+            _strip(raw)
+            parent_value = state_value = None
         if parent_value is None and state_value is None:
             ids = randbytes(24).hex()
             trace_hex, span_hex = ids[:32], ids[32:]
