@@ -22,7 +22,31 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's own help: options with their value's kind (TEXT, PATH), none on flags, and
+    # descriptions wrapped to the terminal.
+    rich_markup_mode=None,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from meshgate import __version__
+
+        typer.echo(f"meshgate {__version__} (Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """meshgate: API management, service mesh and integration in one platform."""
+
 
 from meshgate.integration.cli import app as integration_app  # noqa: E402
 
@@ -118,8 +142,27 @@ def up(
         example = load_gateway_config(path)
     except ConfigError as exc:
         raise _fail(f"invalid configuration: {exc}") from None
+    # Every port is checked before anything is written: a second `up` says so and leaves
+    # nothing behind.
+    wanted: list[tuple[str, str]] = [
+        ("--control-listen", control_listen),
+        ("--upstream", upstream),
+        ("--integration-listen", integration_listen),
+    ]
+    if example.listen:
+        wanted.append(("--config (listen)", example.listen))
+    if example.admin_listen:
+        wanted.append(("--config (admin_listen)", example.admin_listen))
+    if tls_listen and example.tls is None:
+        wanted.append(("--tls-listen", tls_listen))
+    if mesh:
+        from meshgate.demo.mesh import demo_ports
+
+        wanted += [("--no-mesh", f"127.0.0.1:{port}") for port in demo_ports()]
+    _check_ports(wanted)
     token = _demo_token(data_dir)
     base = f"http://{control_listen}"
+    stopping: list[float] = []
     control = _start_control_plane(data_dir, control_listen, token)
     meshes: list[MeshDemo] = []
     try:
@@ -211,17 +254,51 @@ def up(
             try:
                 await process.run()
             finally:
+                stopping.append(time.monotonic())
+                typer.echo("stopped gateway")
                 await running[0].stop()
+                typer.echo("stopped integration routes and echo upstream")
 
         _serve_until_stopped(lambda: uvloop.run(main()))
     finally:
+        # Children run in their own process groups, so that Ctrl-C reaches this process
+        # alone and they stop in order: the gateway has flushed its usage to the control
+        # plane above, the sidecars leave its registry, then it stops.
+        if not stopping:
+            stopping.append(time.monotonic())
         for demo in meshes:
             demo.stop()
+            typer.echo("stopped mesh demo")
         control.terminate()
         try:
             control.wait(15)
         except subprocess.TimeoutExpired:
             control.kill()
+        typer.echo("stopped control plane")
+        typer.echo(f"meshgate stopped in {time.monotonic() - stopping[0]:.1f} s")
+
+
+def _check_ports(wanted: list[tuple[str, str]]) -> None:
+    """Fail at once, naming the port and the option, when one of the addresses is taken."""
+    import errno
+    import socket
+
+    for option, address in wanted:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _fail(
+                    f"port {port} is in use: another meshgate up? stop it or pass {option}"
+                ) from None
+            raise _fail(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        except ValueError:
+            raise _fail(f"{option} {address!r}: must be HOST:PORT") from None
 
 
 def _demo_token(data_dir: Path) -> str:
@@ -263,7 +340,8 @@ def _start_control_plane(data_dir: Path, listen: str, token: str) -> subprocess.
     ]
     # The token goes through the environment: a command line is visible to every user.
     env = dict(os.environ, MESHGATE_ADMIN_TOKEN=token)
-    child = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+    # Its own process group: Ctrl-C reaches `up`, which stops it last.
+    child = subprocess.Popen(command, stdout=log, stderr=log, env=env, start_new_session=True)
     log.close()
     deadline = time.monotonic() + 60
     while True:
@@ -486,6 +564,7 @@ def control(
             database_url=url,
             listen=listen,
             admin_token=admin_token,
+            data_dir=data_dir,
             # Products are checked as gateways check them, policy configurations included.
             policy_schemas=None if custom_policies else schemas(),
             registry=RegistrySettings(
@@ -504,7 +583,11 @@ def control(
                 f"(OpenAPI at /admin/api/openapi.json)"
             )
             if plane.bootstrap_token and not admin_token:
-                typer.echo(f"admin token (shown once): {plane.bootstrap_token}")
+                kept = data_dir / "bootstrap-token"
+                typer.echo(
+                    f"admin token: {plane.bootstrap_token} (shown at each start until it is "
+                    f"first used; kept in {kept} until then)"
+                )
 
         run_control(settings, on_ready=ready)
     except ControlStartError as exc:
@@ -568,6 +651,14 @@ def sidecar(
     drain_seconds: Annotated[
         float | None, typer.Option(help="Grace for in-flight requests on SIGTERM.")
     ] = None,
+    edge_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.2,
+            max=3600,
+            help="Seconds between reports of this sidecar's calls for the service graph.",
+        ),
+    ] = 10.0,
     tracing_endpoint: TracingEndpoint = None,
     trace_sample_rate: TraceSampleRate = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
@@ -627,7 +718,7 @@ def sidecar(
     if control_plane is not None:
         if not token:
             raise _fail("--control-plane needs --token (or MESHGATE_CONTROL_PLANE_TOKEN)")
-        cp = ControlPlaneSettings(control_plane, token, env)
+        cp = ControlPlaneSettings(control_plane, token, env, edge_interval)
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
     # The sidecar runs without this command line's parser: the process becomes it.
@@ -709,6 +800,10 @@ ControlPlaneUrl = Annotated[
 AdminToken = Annotated[
     str | None,
     typer.Option(envvar="MESHGATE_ADMIN_TOKEN", help="An admin token (write scope to change)."),
+]
+ReadToken = Annotated[
+    str | None,
+    typer.Option(envvar="MESHGATE_ADMIN_TOKEN", help="An admin token (read scope is enough)."),
 ]
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8090"
 
@@ -854,7 +949,7 @@ def export_file(
         ),
     ] = True,
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
-    token: AdminToken = None,
+    token: ReadToken = None,
 ) -> None:
     """Write the control plane's products (and the mesh's staging services) as a declarative
     file (YAML)."""
@@ -908,8 +1003,9 @@ def import_openapi(
         control_plane, token, "POST", "/imports/openapi", params, document, content_type
     )
     result = json.loads(body)
+    changed = bool(result.get("changes"))
     _print_changes(result)
-    if not dry_run:
+    if not dry_run and (changed or result["created"]):
         verb = "created" if result["created"] else "updated"
         typer.echo(
             f"{verb} product {product} (id {result['product']['id']}): "
@@ -966,7 +1062,7 @@ def usage_series(
     until: Until = None,
     as_csv: AsCsv = False,
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
-    token: AdminToken = None,
+    token: ReadToken = None,
 ) -> None:
     """A metric's usage per window, with the total."""
     params = {
@@ -994,7 +1090,7 @@ def usage_top(
     limit: Annotated[int, typer.Option(help="How many applications.")] = 10,
     as_csv: AsCsv = False,
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
-    token: AdminToken = None,
+    token: ReadToken = None,
 ) -> None:
     """The applications that used a metric most."""
     params = {
@@ -1017,7 +1113,7 @@ def usage_top(
 def usage_limits(
     application: Annotated[str, typer.Argument(help="The application's app id.")],
     control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
-    token: AdminToken = None,
+    token: ReadToken = None,
 ) -> None:
     """An application's usage now against each limit of its plan."""
     result = _analytics(control_plane, token, f"/applications/{application}/limits", {}, False)

@@ -11,6 +11,7 @@ from control_support import dump_database, make_product, make_subscription, star
 from sqlalchemy import create_engine
 
 import meshgate.analytics.alert_models  # noqa: F401 (registers the alerts tables on Base)
+import meshgate.analytics.graph  # noqa: F401 (registers the service graph's table on Base)
 import meshgate.analytics.models  # noqa: F401 (registers the analytics tables on Base)
 import meshgate.billing.models  # noqa: F401 (registers the billing tables on Base)
 from meshgate.control._db import _alembic, normalize_url

@@ -156,8 +156,21 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         assert f"Total: {invoice['total']} EUR" in text, text
         api.close()
     finally:
+        # Ctrl-C: the terminal signals `up` alone (its children have process groups of
+        # their own); it stops them in order, a line each, in well under two seconds.
+        asked = time.monotonic()
         proc.signal(signal.SIGINT)
-        assert proc.stop() in (0, 130)
+        try:
+            proc.popen.wait(10)
+        finally:
+            took = time.monotonic() - asked
+            assert proc.stop() in (0, 130)
+    out = proc.stdout()
+    for line in ("stopped gateway", "stopped mesh demo", "stopped control plane"):
+        assert line in out, out[-2000:]
+    assert took < 2.0, f"Ctrl-C took {took:.1f} s"
+    for log in (proc.stderr(), (data / "control.log").read_text()):
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
     assert _closed(control_port), "the control plane outlived meshgate up"
     assert _closed(15001) and _closed(9101), "the mesh demo outlived meshgate up"
 
@@ -165,6 +178,15 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     proc = Proc(args, tmp_path, "up-again")
     try:
         _wait_for("stop with Ctrl-C", proc)
+        # A third, from another directory on the same ports, says why it cannot start and
+        # leaves nothing behind.
+        other = tmp_path / "other"
+        other.mkdir()
+        third = Proc([*args[:-6], "--data-dir", str(other / "data"), *args[-4:]], other, "up-3")
+        assert third.popen.wait(30) == 1
+        assert f"port {control_port} is in use: another meshgate up?" in third.stderr()
+        assert not (other / "data").exists()
+        third.stop()
         assert (data / "admin-token").read_text().strip() == token
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{control_port}/admin/api",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select
 
+from meshgate.analytics import graph
 from meshgate.analytics.alert_models import Alert
 from meshgate.analytics.models import (
     LatencyRollup,
@@ -79,6 +80,7 @@ def apply_retention(db: Database, now: float | None = None) -> int:
             delete(Alert).where(Alert.at < moment - timedelta(days=ALERTS_DAYS))
         )
         deleted += result.rowcount  # type: ignore[attr-defined]
+    deleted += graph.purge(db, now)
     return deleted
 
 

@@ -295,6 +295,22 @@ async def long_poll(
     """The newest version ``latest()`` gives, or 304 when ``If-None-Match`` still names it
     after waiting up to ``wait`` seconds for a new version of ``channel``."""
     deadline = time.monotonic() + min(wait, plane.settings.max_wait)
+    waiting = plane.metrics.long_polls.labels("mesh" if channel.startswith("mesh") else "gateway")
+    waiting.inc()
+    try:
+        return await _long_poll(plane, channel, latest, deadline, if_none_match, missing)
+    finally:
+        waiting.dec()
+
+
+async def _long_poll(
+    plane: Any,
+    channel: str,
+    latest: Callable[[], Any],
+    deadline: float,
+    if_none_match: str | None,
+    missing: str,
+) -> Response:
     while True:
         current = await run_in_threadpool(latest)
         if current is None:
@@ -306,7 +322,7 @@ async def long_poll(
                 headers={"ETag": current.etag, "X-Meshgate-Version": str(current.version)},
             )
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or plane.closing:
             return Response(status_code=304, headers={"ETag": current.etag})
         # Woken by a local publish; the store is read again at least every 2 s for the
         # versions other control-plane replicas publish.

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from sqlalchemy.orm import Session
 from meshgate.control import _mesh, snapshots
 from meshgate.control._auth import TokenCache, hash_token, new_token
 from meshgate.control._db import Database
+from meshgate.control._metrics import ControlMetrics
 from meshgate.control._problems import Problem
 from meshgate.control._registry import Registry, RegistrySettings
 from meshgate.control.models import AdminToken, MeshSnapshot, Product, Snapshot
@@ -85,7 +88,11 @@ class ControlPlane:
         self._task: asyncio.Task[None] | None = None
         self._mesh_task: asyncio.Task[None] | None = None
         self.registry = Registry(settings.registry, snapshots.ENVIRONMENTS)
+        self.metrics = ControlMetrics()
+        self.metrics.plane = self
         self.bootstrap_token: str | None = None
+        # Set on shutdown: long polls answer at once instead of holding the server open.
+        self.closing = False
         # When each gateway was last recorded as seen (monotonic), to write that rarely.
         self.dataplane_seen: dict[str, float] = {}
         # Called with each usage batch stored (analytics.ingest.Ingested), after its commit.
@@ -136,8 +143,11 @@ class ControlPlane:
 
     def _bootstrap_token(self) -> str | None:
         """The token given in the settings is registered; without one and with no token in
-        the store, a new one is made and returned (shown once by the caller)."""
+        the store, a new one is made and returned. Until its first use it is kept (0600) in
+        the data directory and returned on every start, so a start that fails, or output
+        that is lost, does not lose the only way in."""
         wanted = self.settings.admin_token
+        kept = self.settings.data_dir / "bootstrap-token" if self.settings.data_dir else None
         with self.db.writer() as session, session.begin():
             if wanted is not None:
                 digest = hash_token(wanted)
@@ -153,7 +163,7 @@ class ControlPlane:
                     )
                 return wanted
             if session.scalar(select(AdminToken.id).limit(1)) is not None:
-                return None
+                return _unused(session, kept)
             token = new_token()
             session.add(
                 AdminToken(
@@ -162,6 +172,8 @@ class ControlPlane:
                     scopes=["read", "write", "dataplane"],
                 )
             )
+            if kept is not None:
+                _keep(kept, token)
             return token
 
     # Changes
@@ -206,9 +218,11 @@ class ControlPlane:
 
     def publish(self, env: str, reason: str) -> Snapshot | None:
         """Compile ``env`` now and store a new version if it changed (thread-safe)."""
+        started = time.perf_counter()
         with self._publish_lock, self.db.writer() as session, session.begin():
             compiled = snapshots.compile_environment(session, env)
             snapshot = snapshots.publish(session, env, reason, compiled)
+        self.metrics.compile_seconds.labels(env).observe(time.perf_counter() - started)
         self.errors[env] = compiled.errors
         for error in compiled.errors:
             log.warning("%s: %s", env, error)
@@ -221,6 +235,8 @@ class ControlPlane:
                 reason,
             )
             self._remember(env, snapshot)
+            self.metrics.snapshot_bytes.labels(env).set(snapshot.size)
+            self.metrics.snapshot_version.labels(env).set(snapshot.version)
         return snapshot
 
     def mesh_published(self, snapshot: MeshSnapshot | None) -> None:
@@ -300,6 +316,8 @@ class ControlPlane:
         """Until ``channel`` (an environment, or :func:`mesh_channel` of one) has a new
         version, or ``timeout`` seconds."""
         event = self._versions.get(channel)
+        if self.closing:
+            return
         if event is None:
             await asyncio.sleep(timeout)
             return
@@ -308,12 +326,43 @@ class ControlPlane:
         except TimeoutError:
             pass
 
+    def end_long_polls(self) -> None:
+        """Shutting down: every long poll answers now (304), none is held open."""
+        self.closing = True
+        for event in self._versions.values():
+            event.set()
+
     def status(self) -> dict[str, Any]:
         return {
             "pending": sorted(self._pending),
             "errors": self.errors,
             "mesh": self.registry.counts(),
         }
+
+
+def _keep(path: Path, token: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(token + "\n")
+    except OSError as exc:
+        log.warning("cannot keep the admin token in %s: %s", path, exc)
+
+
+def _unused(session: Session, path: Path | None) -> str | None:
+    """The kept bootstrap token while it has not been used; the file goes once it has."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    row = session.scalar(select(AdminToken).where(AdminToken.token_hash == hash_token(token)))
+    if row is not None and row.last_used_at is None:
+        return token
+    path.unlink(missing_ok=True)
+    return None
 
 
 def mesh_channel(env: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import uvicorn
 from meshgate.control._plane import ControlPlane, ControlSettings
 from meshgate.control.app import create_app
 
-__all__ = ["ControlStartError", "database_url_for", "run_control"]
+__all__ = ["ControlStartError", "database_url_for", "listen_socket", "run_control"]
 
 log = logging.getLogger("meshgate.control")
 
@@ -33,7 +34,9 @@ def database_url_for(data_dir: Path) -> str:
 def run_control(
     settings: ControlSettings, on_ready: Callable[[ControlPlane], None] | None = None
 ) -> None:
-    """Serve until SIGINT/SIGTERM."""
+    """Serve until SIGINT/SIGTERM. The listening socket is bound before anything is
+    stored, so a busy port costs nothing (no admin token made and lost)."""
+    sock = listen_socket(settings.listen)
     plane = ControlPlane(settings)
     try:
         plane.prepare()
@@ -53,7 +56,9 @@ def run_control(
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        # Long polls and endpoint streams are ended first (below): what is left are
+        # ordinary requests, which finish well within this.
+        timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
     stop_serving = server.shutdown
@@ -62,6 +67,7 @@ def run_control(
         # Endpoint streams never end by themselves: end them first, or the server would
         # wait its whole graceful timeout for them (their sidecars reconnect elsewhere).
         plane.registry.close()
+        plane.end_long_polls()
         await stop_serving(sockets)
 
     server.shutdown = shutdown  # type: ignore[method-assign]
@@ -74,6 +80,36 @@ def run_control(
                 on_ready(plane)
 
         server.startup = startup  # type: ignore[method-assign]
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if not server.started:
         raise ControlStartError(f"cannot listen on {settings.listen}")
+
+
+def listen_socket(listen: str) -> socket.socket:
+    """A socket bound to ``HOST:PORT``, or ControlStartError naming the port in use."""
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (ValueError, OSError) as exc:
+        raise ControlStartError(f"cannot listen on {listen}: {exc}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ControlStartError(
+                f"port {port} is in use: another meshgate control or meshgate up? "
+                "stop it or pass --listen"
+            ) from None
+        raise ControlStartError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock

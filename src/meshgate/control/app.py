@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +22,7 @@ from meshgate.control._environments import admin as environments
 from meshgate.control._environments import dataplane
 from meshgate.control._mesh_api import admin as mesh
 from meshgate.control._mesh_api import dataplane as mesh_dataplane
+from meshgate.control._metrics import RequestMetrics
 from meshgate.control._plane import ControlPlane, ControlSettings
 from meshgate.control._resources import router as resources
 
@@ -29,6 +32,35 @@ __all__ = ["MAX_BODY", "create_app"]
 MAX_BODY = 64 * 1024 * 1024
 # A sidecar's registration or heartbeat is a few hundred bytes.
 MAX_MESH_DATAPLANE_BODY = 64 * 1024
+
+
+DOCS_ASSETS = "/admin/api/docs/assets"
+
+
+def _docs(app: FastAPI) -> None:
+    """``/admin/api/docs``: Swagger UI from the fastapi-offline package's files, served here."""
+    from importlib import resources
+
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from starlette.staticfiles import StaticFiles
+
+    assets = str(resources.files("fastapi_offline").joinpath("static"))
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/admin/api/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/admin/api/openapi.json",
+            title="meshgate control plane",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url="/admin/api/docs/oauth2-redirect",
+        )
+
+    @app.get("/admin/api/docs/oauth2-redirect", include_in_schema=False)
+    def oauth2_redirect() -> Response:
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 class _BodyLimit:
@@ -76,7 +108,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     """The application; the store is migrated and snapshots published before it serves."""
     # Analytics, alerts and billing build on control.models: imported here, once the control
     # package is whole (meshgate.control imports this module).
-    from meshgate.analytics import alerts, alerts_api
+    from meshgate.analytics import alerts, alerts_api, graph_api
     from meshgate.analytics import api as analytics
     from meshgate.analytics.retention import Retention
     from meshgate.billing import schedule as billing_schedule
@@ -101,7 +133,8 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         "services; gateways pull the compiled configuration from /dp/v1, sidecars the mesh's "
         "from /dp/v1/mesh, where they also register and stream the endpoints.",
         openapi_url="/admin/api/openapi.json",
-        docs_url="/admin/api/docs",
+        # Served below from the package's own copy of Swagger UI: no CDN, works offline.
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -112,28 +145,46 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
     app.include_router(alerts_api.router, prefix="/admin/api")
+    app.include_router(graph_api.admin, prefix="/admin/api")
     app.include_router(dataplane)
     app.include_router(mesh_dataplane)
     app.include_router(analytics.dataplane)
+    app.include_router(graph_api.dataplane)
     plane.services.append(Retention())
     app.state.alerts = alerts.AlertService(
         plane.db, settings.alerts or alerts.AlertSettings.from_env()
     )
     plane.services.append(app.state.alerts)
 
+    _docs(app)
+
     @app.get("/healthz", tags=["health"], operation_id="health")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", **plane.status()}
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        operation_id="metrics",
+        summary="The control plane's own metrics, in the Prometheus text format",
+        response_class=Response,
+    )
+    def metrics() -> Response:
+        return Response(plane.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # Outermost first: a request without a valid token is refused before its size is.
     app.add_middleware(
         _BodyLimit,
         limit=MAX_BODY,
         smaller={
+            # The first prefix that matches sets the limit.
+            "/dp/v1/mesh/edges": graph_api.MAX_REPORT_BYTES,
             "/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY,
             "/dp/v1/usage": MAX_BATCH_BYTES,
             "/admin/api/webhooks": alerts_api.MAX_WEBHOOK_BODY,
         },
     )
     app.add_middleware(AuthenticationGate)
+    # Outermost: refusals are counted too.
+    app.add_middleware(RequestMetrics, metrics=plane.metrics, schema=lambda: app.openapi())
     return app

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MeshDemo", "PAYMENTS", "Instance", "INSTANCES", "start_mesh_demo"]
+__all__ = ["MeshDemo", "PAYMENTS", "Instance", "INSTANCES", "demo_ports", "start_mesh_demo"]
 
 # The payments service as the demo seeds it (staging, then promoted to production).
 PAYMENTS = {
@@ -103,6 +103,11 @@ class MeshDemo:
                 p.kill()
 
 
+def demo_ports() -> list[int]:
+    """Every port the demo listens on."""
+    return [port for i in INSTANCES for port in (i.app_port, i.inbound, i.outbound, i.admin)]
+
+
 def _seed(base: str, token: str) -> None:
     """Put the demo's payments configuration in staging and promote it, on the first start."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -152,6 +157,7 @@ def start_mesh_demo(base: str, token: str, log_dir: Path) -> MeshDemo:
                     ],  # fmt: skip
                     stdout=out,
                     stderr=out,
+                    start_new_session=True,
                 )
             )
             sidecar_log = open(log_dir / f"{i.name}-sidecar.log", "ab")
@@ -176,9 +182,13 @@ def start_mesh_demo(base: str, token: str, log_dir: Path) -> MeshDemo:
                         f"127.0.0.1:{i.admin}",
                         "--control-plane",
                         base,
+                        # A demo stops at once: no callers outside it to wait for.
+                        "--drain-seconds",
+                        "0.5",
                     ],  # fmt: skip
                     stdout=subprocess.DEVNULL,
                     stderr=sidecar_log,
+                    start_new_session=True,
                     env={**os.environ, "MESHGATE_CONTROL_PLANE_TOKEN": token},
                 )
             )

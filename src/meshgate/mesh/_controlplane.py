@@ -10,6 +10,9 @@ Three loops, all over the control plane's data-plane API with the sidecar's toke
   control plane this instance lives, so a sidecar killed outright leaves within a second;
 - the mesh configuration is long-polled (``GET /dp/v1/mesh/config``, ETag); one that
   does not validate is refused and the last good one keeps serving.
+
+And one report: every ``edge_interval`` seconds the calls this sidecar saw, as edges of the
+service graph (``POST /dp/v1/mesh/edges``); what a failed report held goes with the next.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from meshgate.config.mesh import ConfigError, Instance, MeshConfig, SidecarSettings, validate_mesh
+from meshgate.mesh._edges import EdgeCollector
 from meshgate.proxy.client import HttpError, open_stream, request
 
 __all__ = ["ControlPlaneLink"]
@@ -49,6 +53,8 @@ class ControlPlaneLink:
         *,
         on_config: Callable[[MeshConfig], None],
         on_endpoints: Callable[[str, list[Instance]], None],
+        edges: EdgeCollector | None = None,
+        edge_interval: float = 10.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.token = token
@@ -57,6 +63,8 @@ class ControlPlaneLink:
         self.advertise = advertise
         self.on_config = on_config
         self.on_endpoints = on_endpoints
+        self.edges = edges
+        self.edge_interval = edge_interval
         self.instance_id: str | None = None
         self.ttl = 10.0
         self.ready = False
@@ -85,6 +93,8 @@ class ControlPlaneLink:
             loop.create_task(self._endpoints()),
             loop.create_task(self._config()),
         ]
+        if self.edges is not None:
+            self._tasks.append(loop.create_task(self._report_edges()))
 
     def set_ready(self, ready: bool) -> None:
         """The app's readiness changed: tell the control plane now, not at the next beat."""
@@ -112,6 +122,8 @@ class ControlPlaneLink:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self.edges is not None:
+            await self._send_edges(timeout=1.0)
         instance, self.instance_id = self.instance_id, None
         if instance is not None:
             try:
@@ -294,6 +306,39 @@ class ControlPlaneLink:
         if isinstance(version, int):
             self.endpoints_version = version
         self.endpoints_seen.set()
+
+    async def _send_edges(self, timeout: float = 5.0) -> None:
+        assert self.edges is not None
+        edges = self.edges.collect()
+        if not edges:
+            return
+        body = json.dumps({"env": self.env, "edges": edges}).encode()
+        try:
+            response = await request(
+                "POST",
+                self.url + "/dp/v1/mesh/edges",
+                headers={**self.headers, "Content-Type": "application/json"},
+                body=body,
+                timeout=timeout,
+                max_body=65536,
+            )
+        except HttpError as exc:
+            self._failed("edge report", exc)
+            return
+        self._contact()
+        if response.status == 202:
+            self.edges.acknowledged()
+        elif 400 <= response.status < 500:
+            # Refused as it is: sending it again would be refused again.
+            self.edges.acknowledged()
+            self._failed("edge report", f"HTTP {response.status}: {response.body[:300]!r}")
+        else:
+            self._failed("edge report", f"HTTP {response.status}")
+
+    async def _report_edges(self) -> None:
+        while True:
+            await asyncio.sleep(self.edge_interval)
+            await self._send_edges()
 
     async def _config(self) -> None:
         etag: str | None = None

@@ -15,6 +15,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
+from meshgate.config.edges import DURATION_BOUNDS_MS
+
 __all__ = ["CONTENT_TYPE", "MeshMetrics", "REQUEST_LABELS"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -22,28 +24,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_SERIES = 10_000
 
 # Istio's default duration buckets, in milliseconds.
-_MS_BOUNDS = (
-    0.5,
-    1,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1000,
-    2500,
-    5000,
-    10000,
-    30000,
-    60000,
-    300000,
-    600000,
-    1800000,
-    3600000,
-    float("inf"),
-)
+_MS_BOUNDS = DURATION_BOUNDS_MS
 _BYTE_BOUNDS = (*(float(10**i) for i in range(9)), float("inf"))
 
 REQUEST_LABELS = (

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshgate.config.mesh import ConfigError, MeshConfig, SidecarSettings, load_mesh
 from meshgate.mesh._controlplane import ControlPlaneLink
+from meshgate.mesh._edges import EdgeCollector
 from meshgate.mesh._metrics import CONTENT_TYPE, Family, MeshMetrics
 from meshgate.mesh._tcp import TcpProxy
 from meshgate.mesh._traffic import Inbound, Mesh, Outbound, new_pool
@@ -64,10 +65,14 @@ class SidecarStartError(Exception):
 
 
 class ControlPlaneSettings:
-    def __init__(self, url: str, token: str, env: str = "production") -> None:
+    def __init__(
+        self, url: str, token: str, env: str = "production", edge_interval: float = 10.0
+    ) -> None:
         self.url = url
         self.token = token
         self.env = env
+        # Seconds between the reports of this sidecar's calls for the service graph.
+        self.edge_interval = edge_interval
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -237,6 +242,8 @@ class Sidecar:
                 (host, port),
                 on_config=self._apply,
                 on_endpoints=self.mesh.set_endpoints,
+                edges=EdgeCollector(self.metrics),
+                edge_interval=cp.edge_interval,
             )
             self.link.start()
         log.info(
