@@ -404,6 +404,28 @@ def _seed_business(base: str, token: str, product_id: int) -> None:
     call("PUT", f"/products/{product_id}/alert_levels", {"levels": [50, 80, 100]})
 
 
+TracingEndpoint = Annotated[
+    str | None,
+    typer.Option(help="Turn tracing on, exporting spans to this OTLP/HTTP collector URL."),
+]
+TraceSampleRate = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="Turn tracing on, sampling this share of new traces."),
+]
+
+
+def _tracing_flags(endpoint: str | None, rate: float | None) -> dict[str, object]:
+    """Tracing settings given as flags: either turns tracing on."""
+    flags: dict[str, object] = {}
+    if endpoint is not None:
+        flags["endpoint"] = endpoint
+    if rate is not None:
+        flags["sample_rate"] = rate
+    if flags:
+        flags["enabled"] = True
+    return flags
+
+
 @app.command()
 def gateway(
     config: Annotated[
@@ -451,6 +473,8 @@ def gateway(
         float,
         typer.Option(min=0.1, max=3600, help="Seconds between checks of the CA's trust bundle."),
     ] = 15.0,
+    tracing_endpoint: TracingEndpoint = None,
+    trace_sample_rate: TraceSampleRate = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the edge gateway from a configuration file, or from a control plane's snapshots."""
@@ -474,7 +498,12 @@ def gateway(
         raise _fail("give --config FILE, or --control-plane URL with --token")
     _serve_until_stopped(
         lambda: run_gateway(
-            config, workers=workers, reuse_port=reuse_port, watch=watch, control_plane=options
+            config,
+            workers=workers,
+            reuse_port=reuse_port,
+            watch=watch,
+            control_plane=options,
+            tracing=_tracing_flags(tracing_endpoint, trace_sample_rate),
         )
     )
 
@@ -714,6 +743,8 @@ def sidecar(
             help="Seconds between reports of this sidecar's calls for the service graph.",
         ),
     ] = 10.0,
+    tracing_endpoint: TracingEndpoint = None,
+    trace_sample_rate: TraceSampleRate = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
@@ -741,6 +772,9 @@ def sidecar(
         "drain_seconds": drain_seconds,
     }
     flags = {k: v for k, v in given.items() if v is not None}
+    tracing = _tracing_flags(tracing_endpoint, trace_sample_rate)
+    if tracing:
+        flags["tracing"] = tracing
     if ready_path is not None:
         flags["readiness"] = {"http": ready_path}
     try:

@@ -26,6 +26,7 @@ from meshgate.config._fields import (
     _Strict,
 )
 from meshgate.config._parse import MAX_BYTES, ConfigError, _kind_of, _parse_yaml, _read, _validate
+from meshgate.config.tracing import TracingSettings
 
 __all__ = [
     "AbortFault",
@@ -474,6 +475,10 @@ class SidecarSettings(_Strict):
     upstreams: list[Upstream] = Field([], max_length=1024)
     drain_seconds: float = Field(20, ge=0, le=3600, description="Grace for in-flight requests.")
     access_log: bool = True
+    tracing: TracingSettings = Field(
+        TracingSettings(),
+        description="W3C Trace Context and OTLP/HTTP export of the sidecar's spans.",
+    )
 
     _advertise = field_validator("advertise")(
         classmethod(lambda cls, v: None if v is None else _check_address(v))
@@ -519,7 +524,11 @@ def parse_mesh(
     if sidecar:
         section = data.get("sidecar")
         merged = dict(section) if isinstance(section, dict) else {}
-        merged.update(sidecar)
+        for key, value in sidecar.items():
+            # A flag sets one field of a section (tracing), not the whole section.
+            if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+                value = {**merged[key], **value}
+            merged[key] = value
         data["sidecar"] = merged
     return _validate(SidecarConfig, data, source)
 

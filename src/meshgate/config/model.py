@@ -37,6 +37,7 @@ from meshgate.config._fields import (  # noqa: F401 (re-exported)
     _check_url,
     _Strict,
 )
+from meshgate.config.tracing import TracingSettings
 
 PERIODS = ("minute", "hour", "day", "week", "month", "year", "eternity")
 Period = Literal["minute", "hour", "day", "week", "month", "year", "eternity"]
@@ -619,6 +620,11 @@ class Config(_Strict):
     )
     upstream_keepalive: int = Field(
         64, ge=0, description="Idle upstream connections kept per backend."
+    )
+    tracing: TracingSettings = Field(
+        TracingSettings(),
+        description="W3C Trace Context and OTLP/HTTP export of the gateway's spans (a local "
+        "setting: read at start).",
     )
     products: list[Product] = []
     version: str | None = Field(

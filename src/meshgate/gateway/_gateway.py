@@ -41,6 +41,7 @@ from meshgate.proxy import (
 )
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
+from meshgate.telemetry.tracing import SERVER, Tracing
 
 __all__ = ["Gateway", "LimitsOutage", "Pools", "ProductRuntime", "build_products"]
 
@@ -398,11 +399,14 @@ class Gateway:
         products: list[ProductRuntime] | None = None,
         outage: LimitsOutage | None = None,
         tally: Tally | None = None,
+        *,
+        tracing: Tracing | None = None,
     ) -> None:
         """``products``: the runtimes of ``config.products`` already built (with ``pools``),
         e.g. by :func:`build_products`; built here when None. ``outage``: the process's, kept
         across configurations. ``tally``: where usage for the control plane's reports is
-        summed; None when nothing is reported."""
+        summed; None when nothing is reported. ``tracing``: the process's tracer, None when
+        tracing is off."""
         self.config = config
         self.counters = counters
         self.metrics = metrics
@@ -419,11 +423,15 @@ class Gateway:
         # With counters that keep usage, it rides in their check (one round trip).
         self._metered = tally is not None and counters.keeps_usage
         self.access_log = (access_log or AccessLog()) if config.access_log else None
+        self.tracing = tracing
 
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
         """Decide without a coroutine when nothing has to wait (memory counters, no JWKS
         fetch); otherwise return an awaitable that finishes the decision."""
         request = exchange.request
+        if self.tracing is not None:
+            # Started or continued here; the upstream gets this span's id as its parent.
+            exchange.span = self.tracing.http_hop(request.headers.raw(), request.method, SERVER)
         product = self.router.match(request.host, request.path)
         if product is None:
             return problem(404, "Not Found", "no API product serves this host and path")
@@ -645,6 +653,8 @@ class Gateway:
                 state.product.chain.log(exchange)
             except Exception:
                 log.exception("policy log phase failed")
+        if exchange.span is not None and self.tracing is not None:
+            self._end_span(exchange, state)
         if self.access_log is not None:
             request = exchange.request
             entry = {
@@ -665,6 +675,39 @@ class Gateway:
             if exchange.error:
                 entry["error"] = exchange.error
             self.access_log.write(json.dumps(entry) + "\n")
+
+    def _end_span(self, exchange: Exchange, state: _State | None) -> None:
+        request = exchange.request
+        attributes: dict[str, str | int] = {
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "client.address": request.client_ip,
+            "network.protocol.version": request.http_version,
+            "meshgate.request_id": request.request_id,
+        }
+        name = request.method
+        if state is not None:
+            product = state.product
+            name = f"{request.method} {product.prefix}"
+            attributes["http.route"] = product.prefix
+            attributes["meshgate.product"] = product.name
+            if state.application:
+                attributes["meshgate.application"] = state.application
+        if exchange.upstream is not None:
+            attributes["server.address"] = exchange.upstream.host
+            attributes["server.port"] = exchange.upstream.port
+        try:
+            self.tracing.end_http(  # type: ignore[union-attr]
+                exchange.span,
+                exchange.status,
+                attributes,
+                server=True,
+                error=exchange.error,
+                name=name,
+            )
+        except Exception:
+            log.exception("ending the request's span failed")
 
     async def usage(self, application: str) -> list[dict[str, object]]:
         """Every metric and period of an application's plan, with value and remaining."""

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshgate.config import Config, ConfigError, load_config
+from meshgate.config.identity import GATEWAY_SERVICE
+from meshgate.config.tracing import TracingSettings, with_flags
 from meshgate.gateway._admin import AdminHandler
 from meshgate.gateway._controlplane import (
     ControlPlaneOptions,
@@ -56,6 +58,7 @@ from meshgate.proxy import (
 )
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
+from meshgate.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
     from meshgate.identity import Identity, IdentityClient
@@ -183,9 +186,11 @@ class GatewayProcess:
         watch: bool = True,
         supervised: bool = False,
         control_plane: ControlPlaneOptions | None = None,
+        tracing: dict[str, object] | None = None,
     ) -> None:
         """Serve ``config_path``; with ``control_plane``, serve its snapshots over the local
-        settings in ``config_path`` (or the defaults when None)."""
+        settings in ``config_path`` (or the defaults when None). ``tracing``: settings given
+        as flags, over the file's ``tracing`` section."""
         if config_path is None and control_plane is None:
             raise GatewayStartError("give a configuration file or a control plane")
         self.config_path = Path(config_path) if config_path is not None else None
@@ -212,6 +217,8 @@ class GatewayProcess:
         self.tally: Tally | None = None
         self.reporter: UsageReporter | None = None
         self.identity_client: IdentityClient | None = None
+        self.tracing_flags = tracing or {}
+        self.tracing: Tracing | None = None
 
     @property
     def identity(self) -> Identity | None:
@@ -257,6 +264,7 @@ class GatewayProcess:
             products,
             self.outage,
             self.tally,
+            tracing=self.tracing,
         )
         self.metrics.config_products.set(len(config.products))
         return gateway
@@ -270,6 +278,7 @@ class GatewayProcess:
             config = load_gateway_config(self.config_path)
             self.version = _digest(self.config_path)
             counters = _counters(config)
+            self.tracing = _tracing(config, self.tracing_flags)
             self.gateway = self._build(config, counters)
         else:
             settings = load_local_settings(self.config_path)
@@ -281,6 +290,7 @@ class GatewayProcess:
                     options.url, options.bootstrap_token, bundle_interval=options.bundle_interval
                 )
                 self.identity_client.start()
+            self.tracing = _tracing(settings, self.tracing_flags)
             self.control_plane = ControlPlaneSync(options, settings)
             counters = _counters(settings)
             if settings.usage.enabled:
@@ -354,6 +364,9 @@ class GatewayProcess:
         await self.gateway.counters.close()
         if self.identity_client is not None:
             await self.identity_client.stop()
+        if self.tracing is not None:
+            # The spans of the drained requests are exported before the process ends.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     def _usage_reporter(
         self, settings: Config, counters: CounterBackend, sync: ControlPlaneSync
@@ -503,6 +516,8 @@ class GatewayProcess:
             or (config.tls is not None and config.tls.listen != old.config.tls.listen)  # type: ignore[union-attr]
         ):
             log.warning("listen addresses change only on restart")
+        if config.tracing != old.config.tracing:
+            log.warning("tracing settings change only on restart")
         if self.tls is not None and config.tls is not None:
             self.reload_certificates(config)
         for server in self.servers:
@@ -538,6 +553,21 @@ class GatewayProcess:
             self.access_log.flush()
 
 
+def _tracing_settings(config: Config, flags: dict[str, object]) -> TracingSettings:
+    """The ``tracing`` section with the flags over it."""
+    if not flags:
+        return config.tracing
+    try:
+        return with_flags(config.tracing, flags)
+    except ValueError as exc:
+        raise GatewayStartError(str(exc)) from None
+
+
+def _tracing(config: Config, flags: dict[str, object]) -> Tracing | None:
+    """The process's tracer, None when tracing is off. Its settings change only on restart."""
+    return Tracing.start(_tracing_settings(config, flags), GATEWAY_SERVICE)
+
+
 def _counters(config: Config) -> CounterBackend:
     return create_backend(
         config.limits.backend,
@@ -552,6 +582,7 @@ def _run_one(
     reuse_port: bool,
     watch: bool,
     control_plane: ControlPlaneOptions | None,
+    tracing: dict[str, object] | None = None,
 ) -> None:
     import uvloop
 
@@ -561,6 +592,7 @@ def _run_one(
         watch=watch,
         supervised=reuse_port,
         control_plane=control_plane,
+        tracing=tracing,
     )
     uvloop.run(process.run())
 
@@ -571,9 +603,11 @@ def run_gateway(
     reuse_port: bool = False,
     watch: bool = True,
     control_plane: ControlPlaneOptions | None = None,
+    tracing: dict[str, object] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, from ``config_path`` or, with ``control_plane``, from its
-    snapshots over the local settings in ``config_path``. Raises ConfigError or
+    snapshots over the local settings in ``config_path``. ``tracing``: tracing settings
+    given as flags (``endpoint``, ``sample_rate``), over the file's. Raises ConfigError or
     GatewayStartError with a clear message."""
     if control_plane is None:
         if config_path is None:
@@ -589,8 +623,10 @@ def run_gateway(
             "--workers above 1 needs shared counters: set limits.backend to redis "
             "(in-memory counters would let each process allow the full limit)"
         )
+    if tracing:
+        _tracing_settings(config, tracing)
     if workers == 1:
-        _run_one(config_path, reuse_port, watch, control_plane)
+        _run_one(config_path, reuse_port, watch, control_plane, tracing)
         return
     tls_listen = config.tls.listen if config.tls is not None else None
     for address in (config.listen, tls_listen, config.admin_listen):
@@ -600,6 +636,9 @@ def run_gateway(
     base = [sys.executable, "-m", "meshgate", "gateway", "--reuse-port"]
     if config_path is not None:
         base += ["--config", str(config_path)]
+    for flag, key in (("--tracing-endpoint", "endpoint"), ("--trace-sample-rate", "sample_rate")):
+        if tracing and tracing.get(key) is not None:
+            base += [flag, str(tracing[key])]
     if control_plane is None:
         commands = [[*base, "--watch" if watch else "--no-watch"]] * workers
     else:

@@ -50,6 +50,7 @@ from meshgate.telemetry.access_log import AccessLog
 
 if TYPE_CHECKING:
     from meshgate.identity import Identity, IdentityClient
+    from meshgate.telemetry.tracing import Tracing
 
 __all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]
 
@@ -154,6 +155,7 @@ class Sidecar:
         self.metrics.gauges.append(self._cluster_metrics)
         self.access_log = AccessLog(1) if settings.access_log else None
         self.mesh = Mesh(settings, self.metrics, access_log=self.access_log)
+        self.tracing = self.mesh.tracing = _tracing(settings)
         if config is not None:
             self.mesh.apply_config(config)
         self.link: ControlPlaneLink | None = None
@@ -300,6 +302,8 @@ class Sidecar:
             await app_waiter
         if self.access_log is not None:
             self.access_log.flush()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
         return self.exit_code
 
     def _upstream_factory(self, service: str) -> Callable[[], asyncio.BaseProtocol]:
@@ -479,6 +483,16 @@ class Sidecar:
                 for e in runtime.cluster.endpoints
             ]
         return out
+
+
+def _tracing(settings: SidecarSettings) -> Tracing | None:
+    """The sidecar's tracer; the SDK is imported only when tracing is on."""
+    if not settings.tracing.enabled:
+        return None
+    from meshgate.telemetry.tracing import Tracing
+
+    attributes = {"service.version": settings.version} if settings.version else {}
+    return Tracing.start(settings.tracing, settings.service, attributes)
 
 
 def _settings() -> ServerSettings:

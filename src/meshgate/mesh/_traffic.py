@@ -26,9 +26,11 @@ from meshgate.mesh._retry_budget import RetryBudget
 from meshgate.mesh._routes import CompiledRoute, Target, compile_routes
 from meshgate.proxy import Exchange, Headers, Response, UpstreamPool, problem
 from meshgate.telemetry.access_log import AccessLog
+from meshgate.telemetry.tracing import CLIENT, SERVER
 
 if TYPE_CHECKING:
     from meshgate.config.mesh import SidecarSettings
+    from meshgate.telemetry.tracing import Tracing
 
 __all__ = ["Inbound", "Mesh", "Outbound", "ServiceRuntime"]
 
@@ -139,6 +141,8 @@ class Mesh:
         self.source_version = settings.version or "unknown"
         self.source_header = f"{settings.service}/{settings.version or 'unknown'}"
         self.version = ""
+        # The sidecar's tracer, None when tracing is off.
+        self.tracing: Tracing | None = None
 
     def apply_config(self, config: MeshConfig) -> None:
         """Use a new (validated) configuration; services not in it keep defaults."""
@@ -329,6 +333,9 @@ class Outbound:
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
         request = exchange.request
         mesh = self.mesh
+        if mesh.tracing is not None:
+            # The app's call: a client span below the app's context, its id sent on.
+            exchange.span = mesh.tracing.http_hop(request.headers.raw(), request.method, CLIENT)
         service = self.destination(exchange)
         if service is None:
             name = self.service or request.host or "(none)"
@@ -531,6 +538,8 @@ class Outbound:
                 self.labels[key] = labels
         duration = exchange.end - exchange.start
         mesh.metrics.request(labels, duration * 1000, exchange.bytes_in, exchange.bytes_out)
+        if exchange.span is not None:
+            _end_span(mesh, exchange, "outbound", service, flags)
         if mesh.access_log is not None:
             _log(mesh.access_log, exchange, "outbound", service, version, flags, duration)
 
@@ -567,6 +576,10 @@ class Inbound:
 
     def handle(self, exchange: Exchange) -> Response | None:
         request = exchange.request
+        tracing = self.mesh.tracing
+        if tracing is not None:
+            # A server span below the caller's context; the app gets this span's id.
+            exchange.span = tracing.http_hop(request.headers.raw(), request.method, SERVER)
         exchange.upstream = self.app
         exchange.upstream_target = (
             request.path + "?" + request.query if request.query else request.path
@@ -604,6 +617,8 @@ class Inbound:
                 self.labels[key] = labels
         duration = exchange.end - exchange.start
         mesh.metrics.request(labels, duration * 1000, exchange.bytes_in, exchange.bytes_out)
+        if exchange.span is not None:
+            _end_span(mesh, exchange, "inbound", mesh.source, "-", name)
         if mesh.access_log is not None:
             _log(
                 mesh.access_log,
@@ -647,6 +662,44 @@ def _log(
     if exchange.error:
         entry["error"] = exchange.error
     access_log.write(json.dumps(entry) + "\n")
+
+
+def _end_span(
+    mesh: Mesh, exchange: Exchange, direction: str, service: str, flags: str, source: str = ""
+) -> None:
+    """Close a request's span with the HTTP attributes and the mesh's own."""
+    request = exchange.request
+    attributes: dict[str, str | int] = {
+        "http.request.method": request.method,
+        "url.path": request.path,
+        "network.protocol.version": request.http_version,
+        "meshgate.direction": direction,
+        "meshgate.service": service,
+        "meshgate.request_id": request.request_id,
+    }
+    if flags != "-":
+        attributes["meshgate.flags"] = flags
+    if source and source != "unknown":
+        attributes["meshgate.source"] = source
+    pool = exchange.upstream
+    if pool is not None:
+        attributes["server.address"] = pool.host
+        attributes["server.port"] = pool.port
+    if exchange.attempts > 1:
+        attributes["meshgate.attempts"] = exchange.attempts
+    tracing = mesh.tracing
+    assert tracing is not None
+    try:
+        tracing.end_http(
+            exchange.span,
+            exchange.status,
+            attributes,
+            server=direction == "inbound",
+            error=exchange.error,
+            name=f"{request.method} {service}",
+        )
+    except Exception:
+        log.exception("ending the request's span failed")
 
 
 def _upstream_address(exchange: Exchange) -> str | None:
