@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -105,6 +105,10 @@ def up(
     integration_listen: Annotated[
         str, typer.Option(help="Where the example integration route serves POST /orders.")
     ] = "127.0.0.1:8088",
+    integration_admin_listen: Annotated[
+        str,
+        typer.Option(help="The example routes' admin listener (/metrics, /healthz, /routes)."),
+    ] = "127.0.0.1:8089",
     tls_listen: Annotated[
         str,
         typer.Option(
@@ -148,6 +152,7 @@ def up(
         ("--control-listen", control_listen),
         ("--upstream", upstream),
         ("--integration-listen", integration_listen),
+        ("--integration-admin-listen", integration_admin_listen),
     ]
     if example.listen:
         wanted.append(("--config (listen)", example.listen))
@@ -163,6 +168,7 @@ def up(
     token = _demo_token(data_dir)
     base = f"http://{control_listen}"
     stopping: list[float] = []
+    state_files: list[Path] = []
     control = _start_control_plane(data_dir, control_listen, token)
     meshes: list[MeshDemo] = []
     try:
@@ -237,6 +243,43 @@ def up(
             for demo in meshes:
                 for line in demo.usage():
                     typer.echo(line)
+            from meshgate import _runstate
+            from meshgate.demo.mesh import INSTANCES
+
+            state_files.append(
+                _runstate.record(
+                    data_dir,
+                    "up",
+                    {
+                        "control_plane": base,
+                        "gateway": {
+                            "listen": cfg.listen,
+                            "admin": cfg.admin_listen,
+                            "tls": cfg.tls.listen if cfg.tls is not None else None,
+                        },
+                        "integration": [
+                            {
+                                "url": r.url,
+                                "admin": r.admin.url if r.admin is not None else None,
+                            }
+                            for r in running
+                        ],
+                        "mesh": [
+                            {
+                                "service": i.service,
+                                "version": i.version,
+                                "app": i.app_port,
+                                "inbound": i.inbound,
+                                "outbound": i.outbound,
+                                "admin": i.admin,
+                            }
+                            for i in INSTANCES
+                        ]
+                        if meshes
+                        else [],
+                    },
+                )
+            )
             typer.echo("stop with Ctrl-C")
 
         async def main() -> None:
@@ -247,7 +290,9 @@ def up(
                     f"cannot start the echo upstream on {upstream}: {exc.strerror}"
                 ) from None
             try:
-                running.append(await start_example(integration_listen))
+                running.append(
+                    await start_example(integration_listen, admin_listen=integration_admin_listen)
+                )
             except IntegrationError as exc:
                 raise GatewayStartError(f"the example integration routes: {exc}") from None
             process = GatewayProcess(settings, on_ready=ready, watch=False, control_plane=options)
@@ -275,6 +320,8 @@ def up(
         except subprocess.TimeoutExpired:
             control.kill()
         typer.echo("stopped control plane")
+        for path in state_files:
+            path.unlink(missing_ok=True)
         typer.echo(f"meshgate stopped in {time.monotonic() - stopping[0]:.1f} s")
 
 
@@ -615,6 +662,7 @@ def control(
 ) -> None:
     """Run the control plane: admin API, snapshots, the data-plane API gateways pull, and the
     mesh's configuration, registry and endpoint streams for sidecars."""
+    from meshgate import _runstate
     from meshgate.config.identity import TRUST_DOMAIN
     from meshgate.control import ControlPlane, ControlSettings, RegistrySettings
     from meshgate.control._ca import CaSettings
@@ -650,6 +698,7 @@ def control(
         )
 
         def ready(plane: ControlPlane) -> None:
+            _runstate.record(data_dir, "control", {"listen": listen, "url": f"http://{listen}"})
             typer.echo(
                 f"control plane: admin API http://{listen}/admin/api/ "
                 f"(OpenAPI at /admin/api/openapi.json)"
@@ -661,7 +710,13 @@ def control(
                     f"first used; kept in {kept} until then)"
                 )
 
-        run_control(settings, on_ready=ready)
+        def stopped() -> None:
+            _runstate.forget(data_dir / "control.run.json")
+
+        try:
+            run_control(settings, on_ready=ready, on_stopped=stopped)
+        finally:
+            stopped()
     except ControlStartError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -836,6 +891,139 @@ def _port(value: str) -> int:
     if not value.isdigit():
         raise ValueError(f"--upstream: {value!r} is not a port number")
     return int(value)
+
+
+@app.command()
+def status(
+    data_dir: Annotated[
+        Path, typer.Option(help="The data directory `up` or `control` was started with.")
+    ] = Path("meshgate-data"),
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_ADMIN_TOKEN",
+            help="An admin token (read scope); DATA_DIR's admin-token file by default.",
+        ),
+    ] = None,
+) -> None:
+    """What runs under the data directory: each component, its addresses, whether it
+    answers; the gateways attached to the control plane and the version each applied; the
+    mesh's instances. Exit status 1 when nothing runs or a component does not answer."""
+    from meshgate import _runstate
+
+    up = _runstate.read(data_dir, "up")
+    control = _runstate.read(data_dir, "control")
+    if up is None and control is None:
+        typer.echo(f"nothing runs under {data_dir}")
+        raise typer.Exit(1)
+    healthy = True
+
+    def line(name: str, where: str, ok: bool, extra: str = "") -> None:
+        nonlocal healthy
+        healthy = healthy and ok
+        state = "answering" if ok else "NOT ANSWERING"
+        typer.echo(f"  {name:<17} {where}  {state}{extra}")
+
+    typer.echo(f"meshgate under {data_dir}:")
+    if up is not None:
+        alive = _runstate.alive(up.get("pid"))
+        healthy = alive
+        typer.echo(f"  {'meshgate up':<17} pid {up.get('pid')}  {'running' if alive else 'GONE'}")
+    base = None
+    if control is not None:
+        base = str(control.get("url"))
+        line(
+            "control plane",
+            f"{base}/admin/api/",
+            _runstate.answers(control.get("listen")),
+            f" (pid {control.get('pid')})",
+        )
+    elif up is not None:
+        base = str(up.get("control_plane"))
+    if up is not None:
+        gateway = up.get("gateway") or {}
+        for key, label in (("listen", "gateway"), ("tls", "https"), ("admin", "gateway admin")):
+            if gateway.get(key):
+                line(label, str(gateway[key]), _runstate.answers(gateway[key]))
+        for integration in up.get("integration") or []:
+            url = str(integration.get("url"))
+            line("integration", url, _runstate.answers(url.split("//")[-1].split("/")[0]))
+            if integration.get("admin"):
+                admin = str(integration["admin"])
+                line("integration admin", admin, _runstate.answers(admin.split("//")[-1]))
+        for i in up.get("mesh") or []:
+            ok = _runstate.answers(f"127.0.0.1:{i.get('inbound')}")
+            line(
+                "sidecar",
+                f"{i.get('service')} {i.get('version')} inbound :{i.get('inbound')} "
+                f"outbound :{i.get('outbound')} admin :{i.get('admin')}",
+                ok,
+            )
+    token = token or _kept_token(data_dir)
+    if base is not None and token is not None:
+        _status_from_control_plane(base, token)
+    elif base is not None:
+        typer.echo("  (give --token to list the gateways and the mesh's instances)")
+    if not healthy:
+        raise typer.Exit(1)
+
+
+def _kept_token(data_dir: Path) -> str | None:
+    for name in ("admin-token", "bootstrap-token"):
+        try:
+            token = (data_dir / name).read_text().strip()
+        except OSError:
+            continue
+        if token:
+            return token
+    return None
+
+
+def _status_from_control_plane(base: str, token: str) -> None:
+    """The gateways with the version each applied, and the mesh's instances per service."""
+    import urllib.error
+    import urllib.request
+
+    def get(path: str) -> Any:
+        request = urllib.request.Request(
+            f"{base}/admin/api{path}", headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                body = json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+        return body
+
+    environments = get("/environments")
+    latest = {
+        e.get("name"): e.get("version")
+        for e in (environments if isinstance(environments, list) else [])
+        if isinstance(e, dict)
+    }
+    gateways = get("/dataplanes")
+    for gw in gateways if isinstance(gateways, list) else []:
+        newest = latest.get(gw.get("env"))
+        applied = gw.get("version") or "none"
+        behind = "" if newest is None or str(newest) == str(applied) else f" (newest {newest})"
+        state = "connected" if gw.get("connected") else "not seen for a minute"
+        error = f"; refused: {gw['error']}" if gw.get("error") else ""
+        typer.echo(
+            f"  {'gateway':<17} {gw.get('id')} ({gw.get('env')}) applied version "
+            f"{applied}{behind}, {state}{error}"
+        )
+    instances = get("/mesh/instances?env=production&per_page=5000")
+    counts: dict[str, list[int]] = {}
+    items = instances.get("items") if isinstance(instances, dict) else None
+    for item in items if isinstance(items, list) else []:
+        entry = counts.setdefault(str(item.get("service")), [0, 0])
+        entry[0] += 1
+        entry[1] += 1 if item.get("ready") else 0
+    if counts:
+        listed = ", ".join(
+            f"{name} {n} ({ready} ready)" for name, (n, ready) in sorted(counts.items())
+        )
+        typer.echo(f"  {'mesh':<17} {listed}")
 
 
 @app.command()

@@ -7,6 +7,8 @@ import io
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections import Counter
 from importlib import resources
@@ -44,7 +46,7 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     config = tmp_path / "example.yaml"
     config.write_text(yaml.safe_dump(example))
     data = tmp_path / "data"
-    tls_port = free_port()
+    tls_port, integration_admin = free_port(), free_port()
     args = [
         "up",
         "--config",
@@ -57,6 +59,8 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         str(data),
         "--integration-listen",
         f"127.0.0.1:{free_port()}",
+        "--integration-admin-listen",
+        f"127.0.0.1:{integration_admin}",
         "--tls-listen",
         f"127.0.0.1:{tls_port}",
     ]
@@ -65,6 +69,23 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         _wait_for("stop with Ctrl-C", proc)
         token = (data / "admin-token").read_text().strip()
         assert token in proc.stdout()
+        # Every address it serves is printed, the routes' admin listener included.
+        assert f"integration admin http://127.0.0.1:{integration_admin}" in proc.stdout()
+        routes = httpx.get(f"http://127.0.0.1:{integration_admin}/metrics")
+        assert routes.status_code == 200
+        # `meshgate status` says what runs, where, and which version the gateway applied.
+        status = subprocess.run(
+            [sys.executable, "-m", "meshgate", "status", "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"control plane     http://127.0.0.1:{control_port}/admin/api/  answering" in (
+            status.stdout
+        )
+        assert "demo-gateway (production) applied version" in status.stdout
+        assert ", connected" in status.stdout and "NOT" not in status.stdout
         gateway = f"http://{example['listen']}"
         assert httpx.get(f"{gateway}/echo/hello", headers={"X-API-Key": "k1"}).status_code == 200
         # HTTPS with the certificate made for localhost, trusted through the demo CA.
@@ -172,6 +193,13 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     for log in (proc.stderr(), (data / "control.log").read_text()):
         assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
     assert _closed(control_port), "the control plane outlived meshgate up"
+    after = subprocess.run(
+        [sys.executable, "-m", "meshgate", "status", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert after.returncode == 1 and f"nothing runs under {data}" in after.stdout
     assert _closed(15001) and _closed(9101), "the mesh demo outlived meshgate up"
 
     # A second start keeps the data and the token, and seeds nothing again.
@@ -182,7 +210,8 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         # leaves nothing behind.
         other = tmp_path / "other"
         other.mkdir()
-        third = Proc([*args[:-6], "--data-dir", str(other / "data"), *args[-4:]], other, "up-3")
+        elsewhere = [str(other / "data") if a == str(data) else a for a in args]
+        third = Proc(elsewhere, other, "up-3")
         assert third.popen.wait(30) == 1
         assert f"port {control_port} is in use: another meshgate up?" in third.stderr()
         assert not (other / "data").exists()
