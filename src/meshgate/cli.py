@@ -53,6 +53,8 @@ from meshgate.integration.cli import app as integration_app  # noqa: E402
 app.add_typer(integration_app, name="integration")
 
 EXAMPLE = "examples/gateway.yaml"
+# Errors of one file printed at most; the rest are counted.
+MAX_ERRORS_SHOWN = 200
 
 
 def _example_path() -> Path:
@@ -1034,11 +1036,14 @@ def validate(file: Annotated[Path, typer.Argument(help="Configuration file to ch
     try:
         config = load_gateway_config(file)
     except ConfigError as exc:
-        for line in exc.errors:
+        for line in exc.errors[:MAX_ERRORS_SHOWN]:
             # A path says where in the document; a syntax error's line and column, or a
             # problem with the file itself, need the file's name.
             named = ":" not in line or line.startswith("line ")
             typer.echo(f"{file}: {line}" if named else line, err=True)
+        if len(exc.errors) > MAX_ERRORS_SHOWN:
+            more = len(exc.errors) - MAX_ERRORS_SHOWN
+            typer.echo(f"{file}: ... and {more} more errors", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{file}: valid ({len(config.products)} products)")
 

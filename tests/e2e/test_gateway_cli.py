@@ -117,6 +117,12 @@ products:
         "products[0]: plan 'basic' limits unknown metric 'nosuch'",
         "products[0]: application 'a1' is on unknown plan 'gold'",
     ]
+    # Thousands of errors are not a wall of text: the first 200, then a count.
+    many = tmp_path / "many.yaml"
+    broken = {"backend": "ftp://x", "auth": {"type": "api_key"}}
+    many.write_text(yaml.safe_dump({"products": [{"name": f"p{i}", **broken} for i in range(300)]}))
+    lines = meshgate("validate", str(many), cwd=tmp_path).stderr.splitlines()
+    assert len(lines) == 201 and lines[-1] == f"{many}: ... and 100 more errors"
     syntax = tmp_path / "syntax.yaml"
     syntax.write_text("listen: [\n")
     result = meshgate("validate", str(syntax), cwd=tmp_path)

@@ -80,6 +80,10 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+# Errors listed in one problem at most.
+MAX_ERRORS = 200
+
+
 def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = []
@@ -105,7 +109,10 @@ def _validation(request: Request, exc: Exception) -> JSONResponse:
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         errors.append({"field": _field(loc), "message": message})
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
-    return problem_response(422, detail, errors=errors)
+    if len(errors) > 5:
+        detail += f"; and {len(errors) - 5} more"
+    # Every error is listed, up to a bound a client can still read.
+    return problem_response(422, detail, errors=errors[:MAX_ERRORS])
 
 
 def _without_tags(loc: tuple[Any, ...], sent: Any, missing: bool) -> tuple[Any, ...]:
