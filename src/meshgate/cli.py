@@ -187,12 +187,22 @@ def up(
                 "certificates": [{"cert": str(certificates.cert), "key": str(certificates.key)}],
             }
         settings.write_text(json.dumps(local, indent=2) + "\n")
+        from meshgate.config.identity import GATEWAY_SERVICE
+        from meshgate.demo.mesh import bootstrap_token
+
+        try:
+            # The gateway's workload identity: its calls into the mesh are authenticated and
+            # it signs the consumer tokens sidecars check.
+            gateway_identity = bootstrap_token(base, token, GATEWAY_SERVICE)
+        except RuntimeError as exc:
+            raise _fail(str(exc)) from None
         options = ControlPlaneOptions(
             url=base,
             token=token,
             env="production",
             cache_dir=(data_dir / "gateway-cache").absolute(),
             name="demo-gateway",
+            bootstrap_token=gateway_identity,
         )
         host, _, port = upstream.rpartition(":")
         running: list[RunningExample] = []

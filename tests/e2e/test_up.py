@@ -117,6 +117,12 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
             }
         assert set(versions) == {"v1", "v2"} and 0.04 <= versions["v2"] / 400 <= 0.18, versions
         assert beta == {"v2"}
+        # Every sidecar, and the gateway, holds a workload identity from the control plane's CA.
+        identity = httpx.get("http://127.0.0.1:15000/config").json()["identity"]
+        assert identity["spiffe_id"] == "spiffe://meshgate.local/ns/production/sa/orders"
+        admin = f"http://{example['admin_listen']}"
+        gateway_id = httpx.get(f"{admin}/config").json()["identity"]["spiffe_id"]
+        assert gateway_id == "spiffe://meshgate.local/ns/production/sa/meshgate-gateway"
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{control_port}/admin/api",
             headers={"Authorization": f"Bearer {token}"},
