@@ -125,6 +125,17 @@ def up(
             "a sidecar (ports 9101-9202 and 15000-15036)."
         ),
     ] = True,
+    tracing_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Trace the gateway, the sidecars and the example routes, exporting spans to "
+            "this OTLP/HTTP collector (e.g. http://127.0.0.1:4318)."
+        ),
+    ] = None,
+    trace_sample_rate: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="The share of new traces sampled (1 by default)."),
+    ] = None,
 ) -> None:
     """Start the demo: the control plane (SQLite), the echo upstream, a gateway attached to
     the control plane (seeded with the example products on the first start), the example
@@ -167,6 +178,19 @@ def up(
 
         wanted += [("--no-mesh", f"127.0.0.1:{port}") for port in demo_ports()]
     _check_ports(wanted)
+    tracing = _tracing_flags(tracing_endpoint, trace_sample_rate)
+    if tracing:
+        from meshgate.config.tracing import with_flags
+
+        try:
+            with_flags(None, tracing)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    tracing_args: list[str] = []
+    if tracing_endpoint is not None:
+        tracing_args += ["--tracing-endpoint", tracing_endpoint]
+    if trace_sample_rate is not None:
+        tracing_args += ["--trace-sample-rate", str(trace_sample_rate)]
     token = _demo_token(data_dir)
     base = f"http://{control_listen}"
     stopping: list[float] = []
@@ -208,7 +232,11 @@ def up(
         running: list[RunningExample] = []
         if mesh:
             try:
-                meshes.append(start_mesh_demo(base, token, (data_dir / "mesh").absolute()))
+                meshes.append(
+                    start_mesh_demo(
+                        base, token, (data_dir / "mesh").absolute(), tracing=tracing_args
+                    )
+                )
             except RuntimeError as exc:
                 raise _fail(f"the mesh demo: {exc}") from None
 
@@ -303,11 +331,17 @@ def up(
                 ) from None
             try:
                 running.append(
-                    await start_example(integration_listen, admin_listen=integration_admin_listen)
+                    await start_example(
+                        integration_listen,
+                        admin_listen=integration_admin_listen,
+                        tracing=tracing,
+                    )
                 )
             except IntegrationError as exc:
                 raise GatewayStartError(f"the example integration routes: {exc}") from None
-            process = GatewayProcess(settings, on_ready=ready, watch=False, control_plane=options)
+            process = GatewayProcess(
+                settings, on_ready=ready, watch=False, control_plane=options, tracing=tracing
+            )
             try:
                 await process.run()
             finally:

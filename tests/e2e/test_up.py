@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pypdf
 import yaml
-from harness import Proc, free_port
+from harness import Proc, free_port, within
+from otlp_receiver import OtlpReceiver
 
 
 def example_path() -> Path:
@@ -46,7 +47,8 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     config = tmp_path / "example.yaml"
     config.write_text(yaml.safe_dump(example))
     data = tmp_path / "data"
-    tls_port, integration_admin = free_port(), free_port()
+    tls_port, integration_admin, integration_port = free_port(), free_port(), free_port()
+    routes_url = f"http://127.0.0.1:{integration_port}"
     args = [
         "up",
         "--config",
@@ -58,7 +60,7 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         "--data-dir",
         str(data),
         "--integration-listen",
-        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{integration_port}",
         "--integration-admin-listen",
         f"127.0.0.1:{integration_admin}",
         "--tls-listen",
@@ -208,10 +210,24 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     assert after.returncode == 1 and f"nothing runs under {data}" in after.stdout
     assert _closed(15001) and _closed(9101), "the mesh demo outlived meshgate up"
 
-    # A second start keeps the data and the token, and seeds nothing again.
-    proc = Proc(args, tmp_path, "up-again")
+    # A second start keeps the data and the token, and seeds nothing again; this one traces
+    # every layer to a collector.
+    receiver = OtlpReceiver().__enter__()
+    traced = [*args, "--tracing-endpoint", receiver.endpoint]
+    proc = Proc(traced, tmp_path, "up-again")
     try:
         _wait_for("stop with Ctrl-C", proc)
+        assert httpx.get(f"{gateway}/echo/t", headers={"X-API-Key": "k1"}).status_code == 200
+        with httpx.Client(proxy="http://127.0.0.1:15001", timeout=10) as client:
+            assert client.get("http://payments/charge").status_code == 200
+        order = {"id": "o-9", "total": 5}
+        assert httpx.post(f"{routes_url}/orders", json=order).status_code == 200
+
+        def services() -> set[str]:
+            return {span.service for span in receiver.spans}
+
+        wanted = {"meshgate-gateway", "orders", "payments", "meshgate-integration"}
+        within(20, lambda: wanted <= services(), "spans of every layer")
         # A third, from another directory on the same ports, says why it cannot start and
         # leaves nothing behind.
         other = tmp_path / "other"
@@ -234,3 +250,4 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     finally:
         proc.signal(signal.SIGINT)
         proc.stop()
+        receiver.__exit__()

@@ -157,7 +157,9 @@ def bootstrap_token(base: str, token: str, service: str) -> str:
         ) from None
 
 
-def start_mesh_demo(base: str, token: str, log_dir: Path) -> MeshDemo:
+def start_mesh_demo(
+    base: str, token: str, log_dir: Path, tracing: list[str] | None = None
+) -> MeshDemo:
     """Seed the control plane, then start every instance's app and sidecar, each sidecar
     with a workload identity from the control plane's CA."""
     _seed(base, token)
@@ -213,6 +215,7 @@ def start_mesh_demo(base: str, token: str, log_dir: Path) -> MeshDemo:
                         # A demo stops at once: no callers outside it to wait for.
                         "--drain-seconds",
                         "0.5",
+                        *(tracing or []),
                     ],  # fmt: skip
                     stdout=subprocess.DEVNULL,
                     stderr=sidecar_log,

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from meshgate.config.tracing import with_flags
 from meshgate.integration._admin import AdminListener
 from meshgate.integration._context import IntegrationContext, RouteStartError
 from meshgate.integration._errors import EndpointError
@@ -24,6 +25,7 @@ from meshgate.integration._model import Route
 from meshgate.integration._yaml import load_routes
 from meshgate.integration.components.amqp import DEFAULT_URL as DEFAULT_AMQP_URL
 from meshgate.integration.testing import advise
+from meshgate.telemetry.tracing import Tracing
 
 __all__ = ["BROKER_STEP", "FALLBACK_STEP", "RunningExample", "example_path", "start_example"]
 
@@ -73,6 +75,8 @@ class RunningExample:
         if self.admin is not None:
             await self.admin.stop(grace)
         await self.context.stop(grace)
+        if self.context.tracing is not None:
+            await asyncio.to_thread(self.context.tracing.shutdown)
 
 
 async def start_example(
@@ -81,6 +85,7 @@ async def start_example(
     amqp_url: str | None = None,
     broker_timeout: float = 2.0,
     admin_listen: str | None = None,
+    tracing: dict[str, object] | None = None,
 ) -> RunningExample:
     """Start the example routes in the running loop, serving ``http_listen``.
 
@@ -90,7 +95,8 @@ async def start_example(
     ``log:big-orders`` and the rest runs as written. Raises
     :class:`~meshgate.integration.RouteStartError` when the routes cannot start even so
     (``http_listen`` taken, say); nothing is left running then. With ``admin_listen``, the
-    routes' admin listener serves there too (EndpointError when it cannot).
+    routes' admin listener serves there too (EndpointError when it cannot); ``tracing``
+    (settings as flags give them) traces the routes.
     """
     path = example_path()
     loaded = load_routes(path)
@@ -104,9 +110,16 @@ async def start_example(
     if not await _answers(url, broker_timeout):
         log.warning("no RabbitMQ answers at %s: big orders go to %s instead", broker, FALLBACK_STEP)
         broker = None
+    tracer = (
+        Tracing.start(with_flags(loaded.tracing, tracing), "meshgate-integration")
+        if tracing
+        else None
+    )
     while True:
         routes = loaded.routes if broker is not None else _without_broker(loaded.routes)
-        context = IntegrationContext(settings=settings, error_handler=loaded.error_handler)
+        context = IntegrationContext(
+            settings=settings, error_handler=loaded.error_handler, tracing=tracer
+        )
         context.add_routes(routes)
         try:
             await context.start()
