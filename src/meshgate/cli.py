@@ -439,6 +439,15 @@ def gateway(
         str | None,
         typer.Option(help="This gateway's id at the control plane (default: HOST-PORT)."),
     ] = None,
+    identity_cert: Annotated[
+        Path | None, typer.Option(help="This workload's PEM certificate chain (X.509-SVID).")
+    ] = None,
+    identity_key: Annotated[
+        Path | None, typer.Option(help="The private key of --identity-cert (PEM).")
+    ] = None,
+    trust_bundle: Annotated[
+        Path | None, typer.Option(help="The PEM roots that identities are checked against.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the edge gateway from a configuration file, or from a control plane's snapshots."""
@@ -452,11 +461,29 @@ def gateway(
         )
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
+    identity = _identity_files(identity_cert, identity_key, trust_bundle)
     _serve_until_stopped(
         lambda: run_gateway(
-            config, workers=workers, reuse_port=reuse_port, watch=watch, control_plane=options
+            config,
+            workers=workers,
+            reuse_port=reuse_port,
+            watch=watch,
+            control_plane=options,
+            identity=identity,
         )
     )
+
+
+def _identity_files(
+    cert: Path | None, key: Path | None, bundle: Path | None
+) -> dict[str, str] | None:
+    """--identity-cert, --identity-key and --trust-bundle: all three, or none."""
+    given = {"cert": cert, "key": key, "bundle": bundle}
+    if all(v is None for v in given.values()):
+        return None
+    if any(v is None for v in given.values()):
+        raise _fail("give --identity-cert, --identity-key and --trust-bundle together")
+    return {k: str(v.absolute()) for k, v in given.items() if v is not None}
 
 
 @app.command()
@@ -630,6 +657,15 @@ def sidecar(
             help="Seconds between reports of this sidecar's calls for the service graph.",
         ),
     ] = 10.0,
+    identity_cert: Annotated[
+        Path | None, typer.Option(help="This workload's PEM certificate chain (X.509-SVID).")
+    ] = None,
+    identity_key: Annotated[
+        Path | None, typer.Option(help="The private key of --identity-cert (PEM).")
+    ] = None,
+    trust_bundle: Annotated[
+        Path | None, typer.Option(help="The PEM roots that identities are checked against.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
@@ -659,6 +695,9 @@ def sidecar(
     flags = {k: v for k, v in given.items() if v is not None}
     if ready_path is not None:
         flags["readiness"] = {"http": ready_path}
+    identity = _identity_files(identity_cert, identity_key, trust_bundle)
+    if identity is not None:
+        flags["identity"] = identity
     try:
         if label:
             flags["labels"] = dict(_pair(item, "--label", "KEY=VALUE") for item in label)

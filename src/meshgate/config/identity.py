@@ -10,7 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["GATEWAY_SERVICE", "SpiffeId", "TRUST_DOMAIN"]
+from pydantic import Field
+
+from meshgate.config._fields import _Strict
+
+__all__ = ["GATEWAY_SERVICE", "IdentityFiles", "SpiffeId", "TRUST_DOMAIN"]
 
 # The trust domain when an operator names none.
 TRUST_DOMAIN = "meshgate.local"
@@ -58,3 +62,12 @@ class SpiffeId:
                 f"not a workload SPIFFE ID (spiffe://DOMAIN/ns/ENV/sa/SERVICE): {uri[:80]!r}"
             )
         return cls(domain, parts[1], parts[3])
+
+
+class IdentityFiles(_Strict):
+    """A workload identity read from files (a certificate issued outside meshgate's CA, by
+    cert-manager or SPIRE say): the X.509-SVID chain, its key, and the trust bundle."""
+
+    cert: str = Field(min_length=1, description="PEM certificate chain, leaf first.")
+    key: str = Field(min_length=1, description="PEM private key of the leaf (unencrypted).")
+    bundle: str = Field(min_length=1, description="PEM trust bundle: the roots to trust.")

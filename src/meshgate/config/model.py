@@ -37,6 +37,7 @@ from meshgate.config._fields import (  # noqa: F401 (re-exported)
     _check_url,
     _Strict,
 )
+from meshgate.config.identity import IdentityFiles
 
 PERIODS = ("minute", "hour", "day", "week", "month", "year", "eternity")
 Period = Literal["minute", "hour", "day", "week", "month", "year", "eternity"]
@@ -117,6 +118,12 @@ class Application(_Strict):
     )
     client_id: str | None = Field(
         None, description="jwt: value of the application claim; defaults to the id."
+    )
+    name: str | None = Field(
+        None, max_length=200, description="Its name, as the consumer token tells the mesh."
+    )
+    account: str | None = Field(
+        None, max_length=200, description="Its account's name, as the consumer token tells it."
     )
     certificates: list[ClientCertificate] = Field(
         default_factory=list,
@@ -541,6 +548,15 @@ class UsageConfig(_Strict):
     )
 
 
+class ConsumerTokenConfig(_Strict):
+    """The consumer token sent upstream with each request let through (with an identity)."""
+
+    enabled: bool = True
+    ttl: float = Field(
+        60, ge=10, le=3600, description="Seconds a token lives; signed again at half its life."
+    )
+
+
 class Timeouts(_Strict):
     client_header: float = Field(10, gt=0, description="Seconds to receive a request head (408).")
     idle_keepalive: float = Field(
@@ -620,6 +636,12 @@ class Config(_Strict):
     upstream_keepalive: int = Field(
         64, ge=0, description="Idle upstream connections kept per backend."
     )
+    identity: IdentityFiles | None = Field(
+        None,
+        description="The gateway's workload identity from files (its SPIFFE ID names the "
+        "service meshgate-gateway): it signs the consumer tokens.",
+    )
+    consumer_token: ConsumerTokenConfig = ConsumerTokenConfig()
     products: list[Product] = []
     version: str | None = Field(
         None, description="Set by a control plane: the snapshot version this document is."

@@ -13,6 +13,7 @@ import ssl
 import sys
 import time
 from collections.abc import Awaitable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from meshgate.config import Application, Config, Product
 from meshgate.config.model import UpstreamTls
@@ -42,9 +43,16 @@ from meshgate.proxy import (
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
+if TYPE_CHECKING:
+    from meshgate.identity.consumer import ConsumerSigner
+
 __all__ = ["Gateway", "LimitsOutage", "Pools", "ProductRuntime", "build_products"]
 
 log = logging.getLogger("meshgate.gateway")
+
+# The consumer token (see meshgate.identity.consumer): only the gateway sets it upstream.
+CONSUMER_HEADER = "x-meshgate-consumer"
+_CONSUMER = CONSUMER_HEADER.encode()
 
 _WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 
@@ -398,11 +406,13 @@ class Gateway:
         products: list[ProductRuntime] | None = None,
         outage: LimitsOutage | None = None,
         tally: Tally | None = None,
+        consumer_tokens: ConsumerSigner | None = None,
     ) -> None:
         """``products``: the runtimes of ``config.products`` already built (with ``pools``),
         e.g. by :func:`build_products`; built here when None. ``outage``: the process's, kept
         across configurations. ``tally``: where usage for the control plane's reports is
-        summed; None when nothing is reported."""
+        summed; None when nothing is reported. ``consumer_tokens``: signs the consumer token
+        each request let through carries upstream; None sends none."""
         self.config = config
         self.counters = counters
         self.metrics = metrics
@@ -419,11 +429,15 @@ class Gateway:
         # With counters that keep usage, it rides in their check (one round trip).
         self._metered = tally is not None and counters.keeps_usage
         self.access_log = (access_log or AccessLog()) if config.access_log else None
+        self.consumer_tokens = consumer_tokens
 
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
         """Decide without a coroutine when nothing has to wait (memory counters, no JWKS
         fetch); otherwise return an awaitable that finishes the decision."""
         request = exchange.request
+        if request.headers.get_raw(_CONSUMER) is not None:
+            # Only this gateway vouches for a consumer: never a client.
+            request.headers.remove(CONSUMER_HEADER)
         product = self.router.match(request.host, request.path)
         if product is None:
             return problem(404, "Not Found", "no API product serves this host and path")
@@ -507,7 +521,7 @@ class Gateway:
         if tally is not None:
             tally.count(product.name, app.id, deltas, exchange.start)
             exchange.state.presumed = tally.presumes
-        return self._forward(exchange, product)
+        return self._forward(exchange, product, app)
 
     async def _count_async(
         self,
@@ -543,7 +557,7 @@ class Gateway:
                 if not self._metered:
                     tally.count(product.name, app.id, deltas, exchange.start)
                 exchange.state.presumed = tally.presumes
-        return self._forward(exchange, product)
+        return self._forward(exchange, product, app)
 
     def _decide(
         self, product: ProductRuntime, app: Application, decision: Decision, state: _State
@@ -554,13 +568,19 @@ class Gateway:
         state.usage = usages[0] if len(usages) == 1 else min(usages, key=_constraint)
         return None
 
-    def _forward(self, exchange: Exchange, product: ProductRuntime) -> Response | None:
+    def _forward(
+        self, exchange: Exchange, product: ProductRuntime, app: Application
+    ) -> Response | None:
         response = product.chain.access(exchange)
         if response is not None:
             return response
         request = exchange.request
         if product.hide_credentials:
             product.auth.hide(request)
+        signer = self.consumer_tokens
+        if signer is not None:
+            token = signer.token(product.name, app.id, app.name or "", app.account or "", app.plan)
+            request.headers.raw().append((_CONSUMER, token))
         routed = exchange.state.backend
         if routed is not None:
             backend, path = routed

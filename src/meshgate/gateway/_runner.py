@@ -22,8 +22,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshgate.config import Config, ConfigError, load_config
+from meshgate.config.identity import IdentityFiles
 from meshgate.gateway._admin import AdminHandler
 from meshgate.gateway._controlplane import (
     ControlPlaneOptions,
@@ -64,6 +66,10 @@ __all__ = [
     "load_local_settings",
     "run_gateway",
 ]
+
+if TYPE_CHECKING:
+    from meshgate.identity import Identity
+    from meshgate.identity.consumer import ConsumerSigner
 
 log = logging.getLogger("meshgate.gateway")
 
@@ -176,9 +182,11 @@ class GatewayProcess:
         watch: bool = True,
         supervised: bool = False,
         control_plane: ControlPlaneOptions | None = None,
+        identity: IdentityFiles | None = None,
     ) -> None:
         """Serve ``config_path``; with ``control_plane``, serve its snapshots over the local
-        settings in ``config_path`` (or the defaults when None)."""
+        settings in ``config_path`` (or the defaults when None). ``identity``: the workload
+        identity's files, over the configuration's ``identity``."""
         if config_path is None and control_plane is None:
             raise GatewayStartError("give a configuration file or a control plane")
         self.config_path = Path(config_path) if config_path is not None else None
@@ -204,6 +212,10 @@ class GatewayProcess:
         # Usage reported to the control plane (control-plane mode, usage.enabled).
         self.tally: Tally | None = None
         self.reporter: UsageReporter | None = None
+        self.identity_files = identity
+        # The workload identity: it signs the consumer tokens sent upstream.
+        self.identity: Identity | None = None
+        self._signer: ConsumerSigner | None = None
 
     @property
     def ready(self) -> bool:
@@ -242,9 +254,46 @@ class GatewayProcess:
             products,
             self.outage,
             self.tally,
+            self._consumer_tokens(config),
         )
         self.metrics.config_products.set(len(config.products))
         return gateway
+
+    def use_identity(self, identity: Identity) -> None:
+        """The gateway's workload identity from now on (it follows its renewals)."""
+        self.identity = identity
+        self._signer = None
+
+    def _load_identity(self, config: Config) -> None:
+        """The identity of ``--identity-*`` or of the configuration's ``identity``, if any."""
+        files = self.identity_files or config.identity
+        if files is None or self.identity is not None:
+            return
+        from meshgate.identity import IdentityError, load_identity
+
+        try:
+            identity = load_identity(files.cert, files.key, files.bundle)
+        except IdentityError as exc:
+            raise GatewayStartError(f"identity: {exc}") from None
+        if not identity.spiffe_id.is_gateway:
+            identity.close()
+            raise GatewayStartError(
+                f"identity: {identity.spiffe_id} is not an edge gateway's SPIFFE ID (its "
+                "service must be meshgate-gateway): sidecars would not trust its tokens"
+            )
+        self.use_identity(identity)
+
+    def _consumer_tokens(self, config: Config) -> ConsumerSigner | None:
+        """What signs the consumer tokens under ``config``: None without an identity."""
+        settings = config.consumer_token
+        if self.identity is None or not settings.enabled:
+            return None
+        signer = self._signer
+        if signer is None or signer.identity is not self.identity or signer.ttl != settings.ttl:
+            from meshgate.identity.consumer import ConsumerSigner
+
+            signer = self._signer = ConsumerSigner(self.identity, ttl=settings.ttl)
+        return signer
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -254,10 +303,12 @@ class GatewayProcess:
             self._stamp = self._file_stamp()
             config = load_gateway_config(self.config_path)
             self.version = _digest(self.config_path)
+            self._load_identity(config)
             counters = _counters(config)
             self.gateway = self._build(config, counters)
         else:
             settings = load_local_settings(self.config_path)
+            self._load_identity(settings)
             self.control_plane = ControlPlaneSync(options, settings)
             counters = _counters(settings)
             if settings.usage.enabled:
@@ -525,6 +576,7 @@ def _run_one(
     reuse_port: bool,
     watch: bool,
     control_plane: ControlPlaneOptions | None,
+    identity: IdentityFiles | None = None,
 ) -> None:
     import uvloop
 
@@ -534,6 +586,7 @@ def _run_one(
         watch=watch,
         supervised=reuse_port,
         control_plane=control_plane,
+        identity=identity,
     )
     uvloop.run(process.run())
 
@@ -544,10 +597,13 @@ def run_gateway(
     reuse_port: bool = False,
     watch: bool = True,
     control_plane: ControlPlaneOptions | None = None,
+    identity: dict[str, str] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, from ``config_path`` or, with ``control_plane``, from its
-    snapshots over the local settings in ``config_path``. Raises ConfigError or
-    GatewayStartError with a clear message."""
+    snapshots over the local settings in ``config_path``; ``identity`` names the files of
+    the workload identity (cert, key, bundle). Raises ConfigError or GatewayStartError with
+    a clear message."""
+    files = IdentityFiles.model_validate(identity) if identity is not None else None
     if control_plane is None:
         if config_path is None:
             raise GatewayStartError("give --config FILE, or --control-plane URL")
@@ -563,7 +619,7 @@ def run_gateway(
             "(in-memory counters would let each process allow the full limit)"
         )
     if workers == 1:
-        _run_one(config_path, reuse_port, watch, control_plane)
+        _run_one(config_path, reuse_port, watch, control_plane, files)
         return
     tls_listen = config.tls.listen if config.tls is not None else None
     for address in (config.listen, tls_listen, config.admin_listen):
@@ -573,6 +629,9 @@ def run_gateway(
     base = [sys.executable, "-m", "meshgate", "gateway", "--reuse-port"]
     if config_path is not None:
         base += ["--config", str(config_path)]
+    if files is not None:
+        base += ["--identity-cert", files.cert, "--identity-key", files.key]
+        base += ["--trust-bundle", files.bundle]
     if control_plane is None:
         commands = [[*base, "--watch" if watch else "--no-watch"]] * workers
     else:

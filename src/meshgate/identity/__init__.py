@@ -12,6 +12,7 @@ Shared by the sidecar (mTLS between sidecars, consumer tokens checked) and the e
 - :func:`peer_id` reads the SPIFFE ID a verified peer certificate names.
 """
 
+from meshgate.identity._files import load_identity
 from meshgate.identity._material import Identity, IdentityError, Material, peer_id
 
-__all__ = ["Identity", "IdentityError", "Material", "peer_id"]
+__all__ = ["Identity", "IdentityError", "Material", "load_identity", "peer_id"]

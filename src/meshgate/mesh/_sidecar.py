@@ -28,7 +28,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshgate.config.mesh import ConfigError, MeshConfig, SidecarSettings, load_mesh
 from meshgate.mesh._controlplane import ControlPlaneLink
@@ -49,6 +49,9 @@ from meshgate.proxy._http1 import HttpProtocol
 from meshgate.telemetry.access_log import AccessLog
 
 __all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]
+
+if TYPE_CHECKING:
+    from meshgate.identity import Identity
 
 log = logging.getLogger("meshgate.mesh")
 
@@ -132,6 +135,7 @@ class Sidecar:
         control_plane: ControlPlaneSettings | None = None,
         app_command: list[str] | None = None,
         on_ready: Callable[[Sidecar], None] | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -164,8 +168,22 @@ class Sidecar:
             connect_timeout=5.0,
         )
         self.app_pool = app
-        self.inbound = Server(Inbound(self.mesh, app), _settings())
+        self.inbound_handler = Inbound(self.mesh, app)
+        self.inbound = Server(self.inbound_handler, _settings())
+        self.identity: Identity | None = None
+        if identity is None and settings.identity is not None:
+            identity = _identity_from_files(settings)
+        if identity is not None:
+            self.use_identity(identity)
         self.outbound = Server(Outbound(self.mesh), _settings())
+
+    def use_identity(self, identity: Identity) -> None:
+        """This workload's identity, from now on: consumer tokens are verified with its
+        trust bundle (it follows the identity's renewals and bundle changes)."""
+        from meshgate.identity.consumer import ConsumerVerifier
+
+        self.identity = identity
+        self.inbound_handler.verifier = ConsumerVerifier(identity)
 
     def server_for(self, service: str) -> Server:
         """A listener-less engine server whose handler is bound to ``service``."""
@@ -442,6 +460,17 @@ class Sidecar:
                 for e in runtime.cluster.endpoints
             ]
         return out
+
+
+def _identity_from_files(settings: SidecarSettings) -> Identity:
+    from meshgate.identity import IdentityError, load_identity
+
+    files = settings.identity
+    assert files is not None
+    try:
+        return load_identity(files.cert, files.key, files.bundle)
+    except IdentityError as exc:
+        raise SidecarStartError(f"identity: {exc}") from None
 
 
 def _settings() -> ServerSettings:
