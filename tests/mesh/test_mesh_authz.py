@@ -234,19 +234,24 @@ def test_policies_and_consumer_tokens_at_a_real_sidecar(tmp_path: Path) -> None:
         assert "expired" in r.json()["detail"]
 
         text = sidecar.metrics()
-        count = lambda **labels: metric(text, "meshgate_mesh_authz_total", **labels)  # noqa: E731
+
+        def count(**labels: str) -> float:
+            return metric(text, "meshgate_mesh_authz_total", **labels)
+
+        def tokens(result: str) -> float:
+            return metric(text, "meshgate_mesh_consumer_tokens_total", result=result)
+
+        def requests(**labels: str) -> float:
+            return metric(text, "istio_requests_total", reporter="destination", **labels)
+
         assert count(policy="(none)", action="default", result="allowed") == 1
         assert count(policy="deny-admin", action="deny", result="denied") == 1
         assert count(policy="public-read", result="allowed") >= 6
         assert count(policy="gold-writes", result="allowed") == 1
         assert count(policy="partner", result="allowed") == 1
-        tokens = lambda result: metric(text, "meshgate_mesh_consumer_tokens_total", result=result)  # noqa: E731
         assert tokens("invalid") == 2 * 2 + 4 + 1
         assert tokens("expired") == 1
         assert tokens("valid") >= 3
-        requests = lambda **labels: metric(
-            text, "istio_requests_total", reporter="destination", **labels
-        )  # noqa: E731
         assert requests(consumer_application="app-7", consumer_plan="gold") == 1
         assert requests(consumer_application="partner-42", consumer_plan="silver") == 1
 
