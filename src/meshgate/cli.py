@@ -658,13 +658,14 @@ def sidecar(
         ),
     ] = 10.0,
     identity_cert: Annotated[
-        Path | None, typer.Option(help="This workload's PEM certificate chain (X.509-SVID).")
+        Path | None,
+        typer.Option(
+            help="PEM chain naming this service's SPIFFE ID (mutual TLS); SIGHUP re-reads."
+        ),
     ] = None,
-    identity_key: Annotated[
-        Path | None, typer.Option(help="The private key of --identity-cert (PEM).")
-    ] = None,
+    identity_key: Annotated[Path | None, typer.Option(help="The certificate's PEM key.")] = None,
     trust_bundle: Annotated[
-        Path | None, typer.Option(help="The PEM roots that identities are checked against.")
+        Path | None, typer.Option(help="PEM roots peers' certificates chain to.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
@@ -691,13 +692,14 @@ def sidecar(
         "admin": admin,
         "advertise": advertise,
         "drain_seconds": drain_seconds,
+        # Absolute: SIGHUP reads them again, from wherever.
+        "identity_cert": str(identity_cert.absolute()) if identity_cert else None,
+        "identity_key": str(identity_key.absolute()) if identity_key else None,
+        "trust_bundle": str(trust_bundle.absolute()) if trust_bundle else None,
     }
     flags = {k: v for k, v in given.items() if v is not None}
     if ready_path is not None:
         flags["readiness"] = {"http": ready_path}
-    identity = _identity_files(identity_cert, identity_key, trust_bundle)
-    if identity is not None:
-        flags["identity"] = identity
     try:
         if label:
             flags["labels"] = dict(_pair(item, "--label", "KEY=VALUE") for item in label)

@@ -135,7 +135,11 @@ def test_a_real_gateway_sends_the_consumer_through_a_sidecar(tmp_path: Path, ca:
                     ],
                 }
             ],
-            "sidecar": {"identity": orders_files},
+            "sidecar": {
+                "identity_cert": orders_files["cert"],
+                "identity_key": orders_files["key"],
+                "trust_bundle": orders_files["bundle"],
+            },
         },
     )
     product = example_product(

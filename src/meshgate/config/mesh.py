@@ -26,7 +26,6 @@ from meshgate.config._fields import (
     _Strict,
 )
 from meshgate.config._parse import MAX_BYTES, ConfigError, _kind_of, _parse_yaml, _read, _validate
-from meshgate.config.identity import IdentityFiles
 
 __all__ = [
     "AbortFault",
@@ -590,10 +589,15 @@ class SidecarSettings(_Strict):
     upstreams: list[Upstream] = Field([], max_length=1024)
     drain_seconds: float = Field(20, ge=0, le=3600, description="Grace for in-flight requests.")
     access_log: bool = True
-    identity: IdentityFiles | None = Field(
+    identity_cert: str | None = Field(
         None,
-        description="This workload's identity from files: consumer tokens are verified with "
-        "its trust bundle (without one they are removed).",
+        max_length=4096,
+        description="PEM chain (leaf first) naming this service's SPIFFE ID: an identity the "
+        "operator brings (re-read on SIGHUP), with identity_key and trust_bundle.",
+    )
+    identity_key: str | None = Field(None, max_length=4096, description="Its PEM private key.")
+    trust_bundle: str | None = Field(
+        None, max_length=4096, description="PEM roots that peers' certificates chain to."
     )
 
     _advertise = field_validator("advertise")(

@@ -135,7 +135,6 @@ class Sidecar:
         control_plane: ControlPlaneSettings | None = None,
         app_command: list[str] | None = None,
         on_ready: Callable[[Sidecar], None] | None = None,
-        identity: Identity | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -168,22 +167,52 @@ class Sidecar:
             connect_timeout=5.0,
         )
         self.app_pool = app
-        self.inbound_handler = Inbound(self.mesh, app)
-        self.inbound = Server(self.inbound_handler, _settings())
-        self.identity: Identity | None = None
-        if identity is None and settings.identity is not None:
-            identity = _identity_from_files(settings)
-        if identity is not None:
-            self.use_identity(identity)
+        self._file_identity: Identity | None = None
+        self.inbound = Server(Inbound(self.mesh, app), _settings())
         self.outbound = Server(Outbound(self.mesh), _settings())
 
-    def use_identity(self, identity: Identity) -> None:
-        """This workload's identity, from now on: consumer tokens are verified with its
-        trust bundle (it follows the identity's renewals and bundle changes)."""
-        from meshgate.identity.consumer import ConsumerVerifier
+    @property
+    def identity(self) -> Identity | None:
+        """This sidecar's workload identity (it verifies consumer tokens), set by the files
+        an operator brings or by the control plane's CA client before the sidecar is ready;
+        renewed in place with ``identity.update(material)``."""
+        return self.mesh.identity
 
-        self.identity = identity
-        self.inbound_handler.verifier = ConsumerVerifier(identity)
+    @identity.setter
+    def identity(self, identity: Identity | None) -> None:
+        self.mesh.identity = identity
+
+    def load_identity_files(self) -> None:
+        """Read the identity the operator brings (``identity_cert``, ``identity_key``,
+        ``trust_bundle``) and use it: at start, and again on SIGHUP (rotation). Raises
+        SidecarStartError saying what is wrong; a running sidecar keeps its identity then."""
+        s = self.settings
+        if s.identity_cert is None or s.identity_key is None or s.trust_bundle is None:
+            return
+        from meshgate.identity import Identity, IdentityError, Material
+
+        try:
+            material = Material.from_pem(
+                Path(s.identity_cert).read_bytes(),
+                Path(s.identity_key).read_bytes(),
+                Path(s.trust_bundle).read_bytes(),
+            )
+        except OSError as exc:
+            raise SidecarStartError(
+                f"identity: cannot read {exc.filename}: {exc.strerror}"
+            ) from None
+        except IdentityError as exc:
+            raise SidecarStartError(f"identity: {exc}") from None
+        if material.spiffe_id.service != s.service:
+            raise SidecarStartError(
+                f"identity: the certificate names {material.spiffe_id.uri}, but this sidecar "
+                f"fronts service {s.service!r}"
+            )
+        current = self.identity
+        if current is None:
+            self.identity = self._file_identity = Identity(material)
+        else:
+            current.update(material)
 
     def server_for(self, service: str) -> Server:
         """A listener-less engine server whose handler is bound to ``service``."""
@@ -215,6 +244,7 @@ class Sidecar:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         settings = self.settings
+        self.load_identity_files()
         self._servers += (self.inbound, self.outbound)
         if settings.app_protocol == "tcp":
             app = self.mesh.local_app()
@@ -285,6 +315,8 @@ class Sidecar:
             await app_waiter
         if self.access_log is not None:
             self.access_log.flush()
+        if self._file_identity is not None:
+            self._file_identity.close()  # its private directory of key files
         return self.exit_code
 
     def _upstream_factory(self, service: str) -> Callable[[], asyncio.BaseProtocol]:
@@ -460,17 +492,6 @@ class Sidecar:
                 for e in runtime.cluster.endpoints
             ]
         return out
-
-
-def _identity_from_files(settings: SidecarSettings) -> Identity:
-    from meshgate.identity import IdentityError, load_identity
-
-    files = settings.identity
-    assert files is not None
-    try:
-        return load_identity(files.cert, files.key, files.bundle)
-    except IdentityError as exc:
-        raise SidecarStartError(f"identity: {exc}") from None
 
 
 def _settings() -> ServerSettings:

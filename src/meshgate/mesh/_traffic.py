@@ -30,6 +30,7 @@ from meshgate.telemetry.access_log import AccessLog
 
 if TYPE_CHECKING:
     from meshgate.config.mesh import SidecarSettings
+    from meshgate.identity import Identity
     from meshgate.identity.consumer import Consumer, ConsumerVerifier
 
 __all__ = ["CONSUMER_HEADER", "Inbound", "Mesh", "Outbound", "ServiceRuntime", "tls_principal"]
@@ -147,6 +148,8 @@ class Mesh:
         self.source_version = settings.version or "unknown"
         self.source_header = f"{settings.service}/{settings.version or 'unknown'}"
         self.version = ""
+        # This sidecar's workload identity (mutual TLS), set before listeners need it.
+        self.identity: Identity | None = None
         # The local service's authorization policies, compiled once per configuration.
         self.authorizer = Authorizer(settings.service, (), metrics.authz)
 
@@ -600,8 +603,9 @@ class Inbound:
     """The handler of calls to the local app: the consumer token checked, the service's
     authorization policies applied, then the request forwarded to the app.
 
-    ``principal`` says who called (the SPIFFE ID mutual TLS proved), from the exchange;
-    ``verifier`` checks consumer tokens (None without an identity: they are removed)."""
+    ``principal`` says who called (the SPIFFE ID mutual TLS proved), from the exchange.
+    Consumer tokens are verified with the mesh's identity (``mesh.identity``); without one
+    they are removed."""
 
     def __init__(
         self,
@@ -609,14 +613,27 @@ class Inbound:
         app: Any,
         *,
         principal: Callable[[Exchange], str | None] = tls_principal,
-        verifier: ConsumerVerifier | None = None,
     ) -> None:
         self.mesh = mesh
         self.app = app
         self.principal = principal
-        self.verifier = verifier
+        self._verifier: ConsumerVerifier | None = None
         self.labels: dict[tuple[str, int, str, str], tuple[str, ...]] = {}
         self.consumer_labels: set[str] = set()
+
+    @property
+    def verifier(self) -> ConsumerVerifier | None:
+        """What checks consumer tokens: made from the mesh's identity when it is first needed
+        (and again if another identity replaces it; renewals it follows by itself)."""
+        identity = self.mesh.identity
+        if identity is None:
+            return None
+        verifier = self._verifier
+        if verifier is None or verifier.identity is not identity:
+            from meshgate.identity.consumer import ConsumerVerifier
+
+            verifier = self._verifier = ConsumerVerifier(identity)
+        return verifier
 
     def handle(self, exchange: Exchange) -> Response | None:
         request = exchange.request
