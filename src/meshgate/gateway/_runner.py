@@ -213,9 +213,15 @@ class GatewayProcess:
         self.tally: Tally | None = None
         self.reporter: UsageReporter | None = None
         self.identity_files = identity
-        # The workload identity: it signs the consumer tokens sent upstream.
-        self.identity: Identity | None = None
+        self._file_identity: Identity | None = None
         self._signer: ConsumerSigner | None = None
+
+    @property
+    def identity(self) -> Identity | None:
+        """The gateway's workload identity (``spiffe://TD/ns/ENV/sa/meshgate-gateway``): it
+        signs the consumer tokens sent upstream. From files (``identity:`` in the
+        configuration, or ``--identity-cert/--identity-key/--trust-bundle``)."""
+        return self._file_identity
 
     @property
     def ready(self) -> bool:
@@ -259,15 +265,10 @@ class GatewayProcess:
         self.metrics.config_products.set(len(config.products))
         return gateway
 
-    def use_identity(self, identity: Identity) -> None:
-        """The gateway's workload identity from now on (it follows its renewals)."""
-        self.identity = identity
-        self._signer = None
-
     def _load_identity(self, config: Config) -> None:
         """The identity of ``--identity-*`` or of the configuration's ``identity``, if any."""
         files = self.identity_files or config.identity
-        if files is None or self.identity is not None:
+        if files is None or self._file_identity is not None:
             return
         from meshgate.identity import IdentityError, load_identity
 
@@ -281,19 +282,28 @@ class GatewayProcess:
                 f"identity: {identity.spiffe_id} is not an edge gateway's SPIFFE ID (its "
                 "service must be meshgate-gateway): sidecars would not trust its tokens"
             )
-        self.use_identity(identity)
+        self._file_identity = identity
 
     def _consumer_tokens(self, config: Config) -> ConsumerSigner | None:
         """What signs the consumer tokens under ``config``: None without an identity."""
         settings = config.consumer_token
-        if self.identity is None or not settings.enabled:
+        identity = self.identity
+        if identity is None or not settings.enabled:
             return None
         signer = self._signer
-        if signer is None or signer.identity is not self.identity or signer.ttl != settings.ttl:
+        if signer is None or signer.identity is not identity or signer.ttl != settings.ttl:
             from meshgate.identity.consumer import ConsumerSigner
 
-            signer = self._signer = ConsumerSigner(self.identity, ttl=settings.ttl)
+            signer = self._signer = ConsumerSigner(identity, ttl=settings.ttl)
         return signer
+
+    def _refresh_consumer_tokens(self) -> None:
+        """An identity that came (or changed) after the configuration was built signs from
+        now on."""
+        gateway = self.gateway
+        signer = self._consumer_tokens(gateway.config)
+        if gateway.consumer_tokens is not signer:
+            gateway.consumer_tokens = signer
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -378,6 +388,8 @@ class GatewayProcess:
         self.access_log.flush()
         self.gateway.close_pools()
         await self.gateway.counters.close()
+        if self._file_identity is not None:
+            self._file_identity.close()  # its private directory of key files
 
     def _usage_reporter(
         self, settings: Config, counters: CounterBackend, sync: ControlPlaneSync
@@ -549,6 +561,7 @@ class GatewayProcess:
                 return
             if self.tls is not None and self.tls.changed():
                 self.reload_certificates()
+            self._refresh_consumer_tokens()
             if not self.watch:
                 continue
             stamp = self._file_stamp()
