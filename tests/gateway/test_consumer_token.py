@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from harness import Proc, example_product, gateway_config, run_gateway
 from mesh_support import running, start_app, start_sidecar
 from pki_support import GATEWAY, TestCA
 
+from meshgate.config import ConfigError, parse_config
+from meshgate.identity import Identity, peer_id
 from meshgate.identity.consumer import (
     MAX_TOKEN_BYTES,
     Consumer,
@@ -203,3 +208,69 @@ def test_a_gateway_without_identity_strips_the_header_and_a_bad_identity_is_refu
     assert proc.popen.wait(30) != 0
     assert "is not an edge gateway's SPIFFE ID" in proc.stderr()
     proc.stop()
+
+
+class _TlsApp:
+    """An HTTPS server that requires a client certificate (a sidecar's inbound side, as far
+    as the gateway can tell) and answers with the SPIFFE ID of the caller it verified."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.context = identity.server_context()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as conn:
+                    conn.recv(65536)
+                    caller = peer_id(conn.getpeercert(binary_form=True))
+                    body = json.dumps({"caller": caller.uri if caller else None}).encode()
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+            except (OSError, ssl.SSLError):
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_the_gateway_calls_a_mesh_service_with_its_identity(tmp_path: Path, ca: TestCA) -> None:
+    files = ca.issue(GATEWAY).write(tmp_path, "gateway")
+    orders = _TlsApp(ca.issue("orders").identity())
+    impostor = _TlsApp(ca.issue("billing").identity())
+    mesh = {"mesh_service": "orders"}
+    products = [
+        example_product(orders.port, name="orders", path_prefix="/orders", policies=[],
+                        backend=f"https://127.0.0.1:{orders.port}", upstream_tls=mesh),
+        example_product(impostor.port, name="impostor", path_prefix="/impostor", policies=[],
+                        backend=f"https://127.0.0.1:{impostor.port}", upstream_tls=mesh),
+    ]  # fmt: skip
+    try:
+        with run_gateway(gateway_config(products, identity=files), tmp_path) as gw:
+            r = httpx.get(f"{gw.url}/orders/x", headers={"x-api-key": "k1"}, timeout=10)
+            assert r.status_code == 200, r.text
+            assert r.json()["caller"] == f"spiffe://meshgate.local/ns/production/sa/{GATEWAY}"
+            r = httpx.get(f"{gw.url}/impostor/x", headers={"x-api-key": "k1"}, timeout=10)
+            assert r.status_code == 503
+            assert "sa/billing, not spiffe://meshgate.local/ns/production/sa/orders" in r.text
+    finally:
+        orders.close()
+        impostor.close()
+    for bad, why in (
+        ({"backend": "http://127.0.0.1:9"}, "give its sidecars' inbound address as an https://"),
+        ({"upstream_tls": {"mesh_service": "orders", "verify": False}}, "give no ca_file"),
+        ({"upstream_tls": {"mesh_service": "Not A Name"}}, "mesh_service"),
+    ):
+        product = example_product(9, backend="https://127.0.0.1:9", upstream_tls=mesh)
+        with pytest.raises(ConfigError) as caught:
+            parse_config(json.dumps(gateway_config([{**product, **bad}])))
+        assert why in str(caught.value)

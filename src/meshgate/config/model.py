@@ -322,11 +322,28 @@ class UpstreamTls(_Strict):
     )
     client_cert: str | None = Field(None, description="PEM client certificate (upstream mTLS).")
     client_key: str | None = Field(None, description="PEM key of client_cert.")
+    mesh_service: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)*$",
+        max_length=253,
+        description="The backends are this mesh service's sidecars: mutual TLS with the "
+        "gateway's identity, the server checked to be the service's workload.",
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> UpstreamTls:
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("give client_cert and client_key together")
+        if self.mesh_service is not None and (
+            self.client_cert is not None
+            or self.ca_file is not None
+            or not self.verify
+            or self.server_name is not None
+        ):
+            raise ValueError(
+                "mesh_service uses the gateway's identity and trust bundle: give no ca_file, "
+                "verify, server_name or client certificate with it"
+            )
         return self
 
 
@@ -458,6 +475,17 @@ class Product(_Strict):
             if self.backend_protocol(usage) == "h2c" and usage.url.startswith("https://"):
                 problems.append(
                     f"backend {usage.url}: protocol h2c is cleartext HTTP/2; over TLS it is h2"
+                )
+            mesh = self.upstream_tls is not None and self.upstream_tls.mesh_service is not None
+            if mesh and not usage.url.startswith("https://"):
+                problems.append(
+                    f"backend {usage.url}: upstream_tls.mesh_service calls the mesh over mutual "
+                    "TLS: give its sidecars' inbound address as an https:// backend"
+                )
+            if mesh and self.backend_protocol(usage) != "http1":
+                problems.append(
+                    f"backend {usage.url}: upstream_tls.mesh_service speaks HTTP/1.1 to the "
+                    "mesh (protocol http1)"
                 )
         if self.key_salt is None and any(a.key_hashes for a in self.applications):
             problems.append("applications carry key_hashes: give the product's key_salt")

@@ -12,7 +12,7 @@ import logging
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from meshgate.config import Application, Config, Product
@@ -44,7 +44,11 @@ from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
+    from meshgate.identity import Identity
     from meshgate.identity.consumer import ConsumerSigner
+
+# What gives the gateway's workload identity as it is now (None while it has none).
+IdentitySource = Callable[[], "Identity | None"]
 
 __all__ = ["Gateway", "LimitsOutage", "Pools", "ProductRuntime", "build_products"]
 
@@ -96,6 +100,7 @@ class ProductRuntime:
         product: Product,
         pools: Pools,
         config: Config,
+        identity: IdentitySource | None = None,
     ):
         self.config = product
         self.name = product.name
@@ -119,7 +124,7 @@ class ProductRuntime:
             pool = pools.get(key)
             if pool is None:
                 pool = pools[key] = _new_pool(
-                    protocol, scheme, host, port, connect, respond, cap, upstream_tls
+                    protocol, scheme, host, port, connect, respond, cap, upstream_tls, identity
                 )
             pool.max_idle = config.upstream_keepalive
             backends.append(_Backend(usage.path, pool, base.rstrip("/")))
@@ -210,7 +215,20 @@ def _new_pool(
     respond: float,
     cap: int,
     upstream_tls: UpstreamTls | None,
+    identity: IdentitySource | None = None,
 ) -> UpstreamPool | H2UpstreamPool:
+    if upstream_tls is not None and upstream_tls.mesh_service is not None:
+        from meshgate.gateway._mesh_upstream import MeshUpstreamPool
+
+        return MeshUpstreamPool(
+            host,
+            port,
+            connect_timeout=connect,
+            response_timeout=respond,
+            max_connections=cap,
+            service=upstream_tls.mesh_service,
+            identity=identity or _no_identity,
+        )
     tls = None
     if scheme == "https":
         tls = _client_tls(upstream_tls, alpn=("h2",) if protocol == "h2" else None)
@@ -236,13 +254,19 @@ def _new_pool(
     )
 
 
-async def build_products(config: Config, pools: Pools) -> list[ProductRuntime]:
+def _no_identity() -> Identity | None:
+    return None
+
+
+async def build_products(
+    config: Config, pools: Pools, identity: IdentitySource | None = None
+) -> list[ProductRuntime]:
     """The runtimes of ``config``'s products, built on the event loop one at a time, serving
     requests between them: a snapshot of 100 products and 100,000 keys takes 0.1 s to build,
     a millisecond or so a product."""
     products = []
     for product in config.products:
-        products.append(ProductRuntime(product, pools, config))
+        products.append(ProductRuntime(product, pools, config, identity))
         await asyncio.sleep(0)
     return products
 
@@ -407,18 +431,20 @@ class Gateway:
         outage: LimitsOutage | None = None,
         tally: Tally | None = None,
         consumer_tokens: ConsumerSigner | None = None,
+        identity: IdentitySource | None = None,
     ) -> None:
         """``products``: the runtimes of ``config.products`` already built (with ``pools``),
         e.g. by :func:`build_products`; built here when None. ``outage``: the process's, kept
         across configurations. ``tally``: where usage for the control plane's reports is
         summed; None when nothing is reported. ``consumer_tokens``: signs the consumer token
-        each request let through carries upstream; None sends none."""
+        each request let through carries upstream; None sends none. ``identity``: the
+        gateway's workload identity, for products that call the mesh (mesh_service)."""
         self.config = config
         self.counters = counters
         self.metrics = metrics
         self.pools = pools if pools is not None else {}
         if products is None:
-            products = [ProductRuntime(p, self.pools, config) for p in config.products]
+            products = [ProductRuntime(p, self.pools, config, identity) for p in config.products]
         self.products = products
         self.router = _Router(self.products)
         self.deny_on_backend_error = config.limits.on_backend_error == "deny"

@@ -261,6 +261,7 @@ class GatewayProcess:
             self.outage,
             self.tally,
             self._consumer_tokens(config),
+            lambda: self.identity,
         )
         self.metrics.config_products.set(len(config.products))
         return gateway
@@ -499,7 +500,7 @@ class GatewayProcess:
         counters = self._counters_for(config)
         try:
             with collector_paused():
-                products = await build_products(config, self.pools)
+                products = await build_products(config, self.pools, lambda: self.identity)
                 gateway = self._build(config, counters, products)
         except Exception as exc:  # a policy or credential that fails to build
             return self._not_built(exc, counters)
