@@ -24,7 +24,7 @@ from meshgate.proxy import Request, Response, problem
 if TYPE_CHECKING:
     from meshgate.identity.consumer import Consumer
 
-__all__ = ["Authorizer", "Decision", "ValueMatcher", "compile_policies"]
+__all__ = ["Authorizer", "Decision", "ValueMatcher"]
 
 # The metric's policy label when no policy decided (default allow, or no allow policy matched).
 NO_POLICY = "(none)"
@@ -199,9 +199,6 @@ class Authorizer:
         self.uses_principal = any(
             rule.uses_principal for p in (*self.deny, *self.allow) for rule in p.rules
         )
-        self.uses_consumer = any(
-            rule.consumer for p in (*self.deny, *self.allow) for rule in p.rules
-        )
         self._default_allowed = counter.labels(service, NO_POLICY, "default", "allowed")
         self._default_denied = counter.labels(service, NO_POLICY, "default", "denied")
 
@@ -245,9 +242,3 @@ class Authorizer:
 
 _ALLOWED = Decision(True, None)
 _DENIED = Decision(False, None)
-
-
-def compile_policies(
-    service: str, policies: Sequence[AuthorizationPolicy], counter: Family
-) -> Authorizer:
-    return Authorizer(service, policies, counter)
