@@ -240,6 +240,24 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def chromium() -> str:
+    """Debian's chromium for Playwright (its own browser download cannot be reached here):
+    installed with apt-get when missing and this runs as root, else skipped (or failed)."""
+    import shutil
+
+    found = shutil.which("chromium")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        install = ["apt-get", "install", "-y", "-qq", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
+            subprocess.run(install, capture_output=True, timeout=900)
+        found = shutil.which("chromium")
+    if found is None:
+        unavailable("Debian's chromium is not installed (apt-get install chromium)")
+        raise AssertionError("unreachable")
+    return found
+
+
 def shared_redis_url() -> str:
     """The shared Redis (MESHGATE_REDIS_URL); tests write only under their own key prefix."""
     import redis

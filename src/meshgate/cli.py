@@ -448,6 +448,18 @@ def gateway(
     trust_bundle: Annotated[
         Path | None, typer.Option(help="The PEM roots that identities are checked against.")
     ] = None,
+    bootstrap_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_BOOTSTRAP_TOKEN",
+            help="Get the gateway's workload identity (service meshgate-gateway) from the "
+            "control plane's CA with this token.",
+        ),
+    ] = None,
+    bundle_refresh: Annotated[
+        float,
+        typer.Option(min=0.1, max=3600, help="Seconds between checks of the CA's trust bundle."),
+    ] = 15.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the edge gateway from a configuration file, or from a control plane's snapshots."""
@@ -457,11 +469,21 @@ def gateway(
     options = None
     if control_plane is not None:
         options = ControlPlaneOptions(
-            url=control_plane, token=token or "", env=env, cache_dir=cache_dir.absolute(), name=name
+            url=control_plane,
+            token=token or "",
+            env=env,
+            cache_dir=cache_dir.absolute(),
+            name=name,
+            bootstrap_token=bootstrap_token,
+            bundle_interval=bundle_refresh,
         )
+    elif bootstrap_token:
+        raise _fail("--bootstrap-token needs --control-plane (its CA issues the certificate)")
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
     identity = _identity_files(identity_cert, identity_key, trust_bundle)
+    if identity is not None and bootstrap_token:
+        raise _fail("give --bootstrap-token or --identity-cert/--identity-key, not both")
     _serve_until_stopped(
         lambda: run_gateway(
             config,
@@ -547,11 +569,55 @@ def control(
     mesh_max_streams_per_token: Annotated[
         int, typer.Option(min=1, help="Open endpoint streams at most, per token.")
     ] = 5_000,
+    trust_domain: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_TRUST_DOMAIN",
+            help="The mesh's SPIFFE trust domain (default meshgate.local).",
+        ),
+    ] = None,
+    cert_ttl: Annotated[
+        float,
+        typer.Option(
+            envvar="MESHGATE_CERT_TTL",
+            min=10,
+            max=366 * 86400,
+            help="Seconds a workload certificate lives (renewed at half of it).",
+        ),
+    ] = 86400.0,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHGATE_CA_CERT",
+            help="Sign with this intermediate CA certificate (PEM, chain allowed) under your "
+            "own root, instead of a root this control plane makes.",
+        ),
+    ] = None,
+    ca_key: Annotated[
+        Path | None,
+        typer.Option(envvar="MESHGATE_CA_CERT_KEY", help="The --ca-cert's private key (PEM)."),
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHGATE_CA_BUNDLE", help="Your root(s) that --ca-cert chains to (PEM)."
+        ),
+    ] = None,
+    ca_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHGATE_CA_KEY_FILE",
+            help="File holding the key (base64, 32 bytes) that encrypts the CA's root key in "
+            "the store; MESHGATE_CA_KEY gives it directly; default DATA_DIR/ca.key.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the control plane: admin API, snapshots, the data-plane API gateways pull, and the
     mesh's configuration, registry and endpoint streams for sidecars."""
+    from meshgate.config.identity import TRUST_DOMAIN
     from meshgate.control import ControlPlane, ControlSettings, RegistrySettings
+    from meshgate.control._ca import CaSettings
     from meshgate.control._runner import ControlStartError, database_url_for, run_control
     from meshgate.policies import schemas
 
@@ -563,6 +629,14 @@ def control(
             listen=listen,
             admin_token=admin_token,
             data_dir=data_dir,
+            ca=CaSettings.from_env(
+                trust_domain=trust_domain or TRUST_DOMAIN,
+                cert_ttl=cert_ttl,
+                key_file=ca_key_file,
+                cert=ca_cert,
+                cert_key=ca_key,
+                bundle=ca_bundle,
+            ),
             # Products are checked as gateways check them, policy configurations included.
             policy_schemas=None if custom_policies else schemas(),
             registry=RegistrySettings(
@@ -646,6 +720,18 @@ def sidecar(
     env: Annotated[str, typer.Option(help="Environment whose mesh configuration to use.")] = (
         "production"
     ),
+    bootstrap_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_BOOTSTRAP_TOKEN",
+            help="Get this instance's workload certificate from the control plane's CA with "
+            "this token (see `meshgate mesh token create`).",
+        ),
+    ] = None,
+    bundle_refresh: Annotated[
+        float,
+        typer.Option(min=0.1, max=3600, help="Seconds between checks of the CA's trust bundle."),
+    ] = 15.0,
     drain_seconds: Annotated[
         float | None, typer.Option(help="Grace for in-flight requests on SIGTERM.")
     ] = None,
@@ -725,7 +811,11 @@ def sidecar(
     if control_plane is not None:
         if not token:
             raise _fail("--control-plane needs --token (or MESHGATE_CONTROL_PLANE_TOKEN)")
-        cp = ControlPlaneSettings(control_plane, token, env, edge_interval)
+        cp = ControlPlaneSettings(
+            control_plane, token, env, edge_interval, bootstrap_token, bundle_refresh
+        )
+    elif bootstrap_token:
+        raise _fail("--bootstrap-token needs --control-plane (its CA issues the certificate)")
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
     # The sidecar runs without this command line's parser: the process becomes it.
@@ -737,6 +827,8 @@ def sidecar(
         "log_level": log_level.upper(),
     }
     environment = {**os.environ, SIDECAR_ENV: json.dumps(args)}
+    # Secrets ride in SIDECAR_ENV, which the sidecar takes out: the app does not inherit them.
+    environment.pop(BOOTSTRAP_TOKEN_ENV, None)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "meshgate.mesh"], environment)
@@ -764,7 +856,10 @@ def validate(file: Annotated[Path, typer.Argument(help="Configuration file to ch
         config = load_gateway_config(file)
     except ConfigError as exc:
         for line in exc.errors:
-            typer.echo(f"{file}: {line}" if ":" not in line else line, err=True)
+            # A path says where in the document; a syntax error's line and column, or a
+            # problem with the file itself, need the file's name.
+            named = ":" not in line or line.startswith("line ")
+            typer.echo(f"{file}: {line}" if named else line, err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{file}: valid ({len(config.products)} products)")
 
@@ -813,6 +908,7 @@ ReadToken = Annotated[
     typer.Option(envvar="MESHGATE_ADMIN_TOKEN", help="An admin token (read scope is enough)."),
 ]
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8090"
+BOOTSTRAP_TOKEN_ENV = "MESHGATE_BOOTSTRAP_TOKEN"
 
 import_app = typer.Typer(
     help="Import API descriptions into the control plane.", no_args_is_help=True
@@ -1138,6 +1234,92 @@ def usage_limits(
         for i in result["limits"]
     ]
     _table(rows, ["metric", "period", "usage", "limit", "used", "resets"])
+
+
+mesh_app = typer.Typer(help="The mesh's workload identities.", no_args_is_help=True)
+mesh_token_app = typer.Typer(
+    help="Bootstrap tokens: how a sidecar or gateway gets its first certificate.",
+    no_args_is_help=True,
+)
+mesh_app.add_typer(mesh_token_app, name="token")
+app.add_typer(mesh_app, name="mesh")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(value: str) -> int:
+    """``90``, ``90s``, ``30m``, ``1h`` or ``7d`` in seconds."""
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit is not None else text
+    if not number.isdigit() or int(number) == 0:
+        raise _fail(f"--expires-in {value!r}: a duration such as 90s, 30m, 1h or 7d")
+    return int(number) * (unit or 1)
+
+
+@mesh_token_app.command("create")
+def mesh_token_create(
+    service: Annotated[
+        str, typer.Option(help="The service (meshgate-gateway for an edge gateway).")
+    ],
+    env: Annotated[str, typer.Option(help="The environment.")] = "production",
+    single_use: Annotated[
+        bool, typer.Option("--single-use", help="Good for one certificate only.")
+    ] = False,
+    expires_in: Annotated[
+        str | None, typer.Option(help="Refused after this long: 90s, 30m, 1h, 7d.")
+    ] = None,
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """Make a bootstrap token; it is printed once (give it to the sidecar as
+    MESHGATE_BOOTSTRAP_TOKEN)."""
+    body: dict[str, object] = {"service": service, "env": env, "single_use": single_use}
+    if expires_in is not None:
+        body["expires_in"] = _seconds(expires_in)
+    _, answer = _admin_call(
+        control_plane,
+        token,
+        "POST",
+        "/mesh/bootstrap-tokens",
+        None,
+        json.dumps(body).encode(),
+        "application/json",
+    )
+    created = json.loads(answer)
+    typer.echo(created["token"])
+    expiry = created["expires_at"] or "never"
+    typer.echo(
+        f"bootstrap token {created['id']} for {created['spiffe_id']} "
+        f"({'single use, ' if created['single_use'] else ''}expires {expiry}); shown once",
+        err=True,
+    )
+
+
+@mesh_token_app.command("list")
+def mesh_token_list(
+    service: Annotated[str | None, typer.Option(help="Only this service's.")] = None,
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """The bootstrap tokens (never their secret)."""
+    params = {"per_page": "500", **({"service": service} if service else {})}
+    _, answer = _admin_call(control_plane, token, "GET", "/mesh/bootstrap-tokens", params)
+    rows = [
+        [t["id"], t["spiffe_id"], t["state"], t["uses"], t["expires_at"] or "-"]
+        for t in json.loads(answer)["items"]
+    ]
+    _table(rows, ["id", "identity", "state", "uses", "expires"])
+
+
+@mesh_token_app.command("revoke")
+def mesh_token_revoke(
+    token_id: Annotated[int, typer.Argument(help="The token's id (see `list`).")],
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """Revoke a bootstrap token: no certificate is issued with it any more."""
+    _admin_call(control_plane, token, "DELETE", f"/mesh/bootstrap-tokens/{token_id}")
+    typer.echo(f"revoked bootstrap token {token_id}")
 
 
 from meshgate.billing.cli import billing_app  # noqa: E402

@@ -7,6 +7,7 @@ under the reserved service name :data:`GATEWAY_SERVICE`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -14,12 +15,22 @@ from pydantic import Field
 
 from meshgate.config._fields import _Strict
 
-__all__ = ["GATEWAY_SERVICE", "IdentityFiles", "SpiffeId", "TRUST_DOMAIN"]
+__all__ = [
+    "GATEWAY_SERVICE",
+    "IdentityFiles",
+    "RENEWAL_WINDOW",
+    "SpiffeId",
+    "TRUST_DOMAIN",
+    "renewal_proof",
+]
 
 # The trust domain when an operator names none.
 TRUST_DOMAIN = "meshgate.local"
 # The service name under which edge gateways get their identity; no mesh service may take it.
 GATEWAY_SERVICE = "meshgate-gateway"
+
+# How far a renewal's timestamp may be from the control plane's clock, in seconds.
+RENEWAL_WINDOW = 300
 
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -62,6 +73,13 @@ class SpiffeId:
                 f"not a workload SPIFFE ID (spiffe://DOMAIN/ns/ENV/sa/SERVICE): {uri[:80]!r}"
             )
         return cls(domain, parts[1], parts[3])
+
+
+def renewal_proof(timestamp: int, csr_der: bytes) -> bytes:
+    """What a workload signs with its current key to renew its certificate without a
+    bootstrap token: the new CSR (DER) bound to a time, so that the request proves it holds
+    the identity now and cannot be replayed later."""
+    return f"meshgate-renewal:{timestamp}:{hashlib.sha256(csr_der).hexdigest()}".encode()
 
 
 class IdentityFiles(_Strict):

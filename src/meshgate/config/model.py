@@ -490,7 +490,7 @@ class Product(_Strict):
         if self.key_salt is None and any(a.key_hashes for a in self.applications):
             problems.append("applications carry key_hashes: give the product's key_salt")
         if len(known) != len(names):
-            problems.append("metric names must be unique")
+            problems.append(f"metric names must be unique: {_twice(names)}")
         for m in self.metrics:
             if m.parent is not None and m.parent not in known:
                 problems.append(f"metric {m.name!r} has unknown parent {m.parent!r}")
@@ -512,14 +512,14 @@ class Product(_Strict):
                 )
         plans = [p.name for p in self.plans]
         if len(set(plans)) != len(plans):
-            problems.append("plan names must be unique")
+            problems.append(f"plan names must be unique: {_twice(plans)}")
         for plan in self.plans:
             for lim in plan.limits:
                 if lim.metric not in known:
                     problems.append(f"plan {plan.name!r} limits unknown metric {lim.metric!r}")
         apps = [a.id for a in self.applications]
         if len(set(apps)) != len(apps):
-            problems.append("application ids must be unique")
+            problems.append(f"application ids must be unique: {_twice(apps)}")
         for app in self.applications:
             if app.plan not in plans:
                 problems.append(f"application {app.id!r} is on unknown plan {app.plan!r}")
@@ -685,12 +685,31 @@ class Config(_Strict):
     def _admin(cls, value: str | None) -> str | None:
         return None if value is None else _check_listen(value)
 
+    @classmethod
+    def reference_problems(cls, data: Any) -> list[str]:
+        """What the cross-reference checks would say of a raw document whose fields did not
+        all validate (pydantic skips a model's own checks then): names used twice, limits
+        and rules on unknown metrics, applications on unknown plans. Read leniently: what
+        is not the right shape is another error's business."""
+        out: list[str] = []
+        products = data.get("products") if isinstance(data, dict) else None
+        if not isinstance(products, list):
+            return out
+        raw = [p.get("name") for p in products if isinstance(p, dict)]
+        names = [n for n in raw if isinstance(n, str)]
+        if len(set(names)) != len(names):
+            out.append(f"top level: product names must be unique: {_twice(names)}")
+        for i, product in enumerate(products):
+            if isinstance(product, dict):
+                out += [f"products[{i}]: {line}" for line in _product_references(product)]
+        return out
+
     @model_validator(mode="after")
     def _unique_products(self) -> Config:
         names = [p.name for p in self.products]
         problems = []
         if len(set(names)) != len(names):
-            problems.append("product names must be unique")
+            problems.append(f"product names must be unique: {_twice(names)}")
         if self.listen is None and self.tls is None:
             problems.append("give listen, tls, or both")
         if self.tls is not None:
@@ -704,3 +723,61 @@ class Config(_Strict):
         if problems:
             raise Problems(problems)
         return self
+
+
+def _twice(names: list[str]) -> str:
+    """The names that occur more than once, in order: 'a', 'b'."""
+    seen: set[str] = set()
+    again: dict[str, None] = {}
+    for name in names:
+        if name in seen:
+            again[name] = None
+        seen.add(name)
+    return ", ".join(map(repr, again))
+
+
+def _named(value: Any, key: str = "name") -> list[str] | None:
+    """The names of a raw list of mappings, or None when any entry is not a mapping with a
+    string name (then what it refers to cannot be known, and nothing is said of it)."""
+    if not isinstance(value, list):
+        return None
+    names = [v.get(key) for v in value if isinstance(v, dict)]
+    strings = [n for n in names if isinstance(n, str)]
+    return strings if len(strings) == len(value) else None
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _product_references(product: dict[str, Any]) -> list[str]:
+    """Product._references' cross-reference checks on a raw product."""
+    problems: list[str] = []
+    metrics = _named(product.get("metrics", [{"name": "hits"}]))
+    if metrics is not None and len(set(metrics)) != len(metrics):
+        problems.append(f"metric names must be unique: {_twice(metrics)}")
+    if metrics is not None:
+        for rule in _dicts(product.get("mapping_rules", [])):
+            metric = rule.get("metric", "hits")
+            if isinstance(metric, str) and metric not in metrics:
+                problems.append(
+                    f"mapping rule {rule.get('pattern')!r} names unknown metric {metric!r}"
+                )
+    plans = _named(product.get("plans", []))
+    if plans is not None and len(set(plans)) != len(plans):
+        problems.append(f"plan names must be unique: {_twice(plans)}")
+    if metrics is not None:
+        for plan in _dicts(product.get("plans", [])):
+            for limit in _dicts(plan.get("limits", [])):
+                metric = limit.get("metric")
+                if isinstance(metric, str) and metric not in metrics:
+                    problems.append(f"plan {plan.get('name')!r} limits unknown metric {metric!r}")
+    ids = _named(product.get("applications", []), "id")
+    if ids is not None and len(set(ids)) != len(ids):
+        problems.append(f"application ids must be unique: {_twice(ids)}")
+    if plans is not None:
+        for app in _dicts(product.get("applications", [])):
+            on = app.get("plan")
+            if isinstance(on, str) and on not in plans:
+                problems.append(f"application {app.get('id')!r} is on unknown plan {on!r}")
+    return problems

@@ -113,6 +113,10 @@ class TokenCache:
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="meshgate"'}
 # Served to anyone: the API's own description.
 _PUBLIC = ("/admin/api/openapi.json", "/admin/api/docs", "/admin/api/docs/oauth2-redirect")
+# Swagger UI's scripts and styles, served from the package.
+_PUBLIC_PREFIX = "/admin/api/docs/assets/"
+# Authenticated by their own means: a bootstrap token or a workload's current certificate.
+_OWN_AUTH = "/dp/v1/identity/"
 
 
 def _authenticate(request: Request, authorization: str | None) -> Actor:
@@ -139,7 +143,12 @@ class AuthenticationGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path.startswith(("/admin/api/", "/dp/v1/")) and path not in _PUBLIC:
+        if (
+            path.startswith(("/admin/api/", "/dp/v1/"))
+            and path not in _PUBLIC
+            and not path.startswith(_PUBLIC_PREFIX)
+            and not path.startswith(_OWN_AUTH)
+        ):
             request = Request(scope)
             try:
                 # The token's first check reads the store: off the event loop.

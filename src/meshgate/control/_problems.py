@@ -85,11 +85,15 @@ def _validation(request: Request, exc: Exception) -> JSONResponse:
     errors = []
     for error in exc.errors():
         if error.get("type") == "json_invalid":
-            # FastAPI puts the character offset where the field goes.
+            # A body that does not parse is malformed (400), as on integration routes; one
+            # that parses but does not hold is invalid (422). FastAPI puts the character
+            # offset where the field goes.
             where = error["loc"][-1]
             reason = (error.get("ctx") or {}).get("error", "invalid JSON")
-            errors.append({"field": "body", "message": f"not JSON: {reason} at {where}"})
-            continue
+            message = f"not JSON: {reason} at {where}"
+            return problem_response(
+                400, f"body: {message}", errors=[{"field": "body", "message": message}]
+            )
         if error["loc"] == ("body",) and error["type"] != "missing" and not _json(request):
             # The body was not parsed at all: it was not sent as JSON.
             return problem_response(

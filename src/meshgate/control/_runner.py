@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from meshgate.control._ca import CaError
 from meshgate.control._plane import ControlPlane, ControlSettings
 from meshgate.control.app import create_app
 
@@ -40,6 +41,8 @@ def run_control(
     plane = ControlPlane(settings)
     try:
         plane.prepare()
+    except CaError as exc:
+        raise ControlStartError(f"the mesh CA: {exc}") from None
     except Exception as exc:  # the database is unreachable, or a migration failed
         raise ControlStartError(
             f"cannot open the database {plane.db.engine.url!r}: {str(exc).splitlines()[0]}"

@@ -17,6 +17,9 @@ from meshgate.config.usage import MAX_BATCH_BYTES
 from meshgate.control import _problems
 from meshgate.control._applications import router as applications
 from meshgate.control._auth import AuthenticationGate
+from meshgate.control._ca_api import MAX_IDENTITY_BODY
+from meshgate.control._ca_api import admin as ca_admin
+from meshgate.control._ca_api import dataplane as identity_dataplane
 from meshgate.control._declarative_api import router as declarative
 from meshgate.control._environments import admin as environments
 from meshgate.control._environments import dataplane
@@ -32,6 +35,35 @@ __all__ = ["MAX_BODY", "create_app"]
 MAX_BODY = 64 * 1024 * 1024
 # A sidecar's registration or heartbeat is a few hundred bytes.
 MAX_MESH_DATAPLANE_BODY = 64 * 1024
+
+
+DOCS_ASSETS = "/admin/api/docs/assets"
+
+
+def _docs(app: FastAPI) -> None:
+    """``/admin/api/docs``: Swagger UI from the fastapi-offline package's files, served here."""
+    from importlib import resources
+
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from starlette.staticfiles import StaticFiles
+
+    assets = str(resources.files("fastapi_offline").joinpath("static"))
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/admin/api/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/admin/api/openapi.json",
+            title="meshgate control plane",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url="/admin/api/docs/oauth2-redirect",
+        )
+
+    @app.get("/admin/api/docs/oauth2-redirect", include_in_schema=False)
+    def oauth2_redirect() -> Response:
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 class _BodyLimit:
@@ -104,20 +136,22 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         "services; gateways pull the compiled configuration from /dp/v1, sidecars the mesh's "
         "from /dp/v1/mesh, where they also register and stream the endpoints.",
         openapi_url="/admin/api/openapi.json",
-        docs_url="/admin/api/docs",
+        # Served below from the package's own copy of Swagger UI: no CDN, works offline.
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
     )
     app.state.plane = plane
     _problems.install(app)
     app.openapi = lambda: _problems.document_problems(app)  # type: ignore[method-assign]
-    for router in (resources, applications, environments, mesh, analytics.admin, billing):
+    for router in (resources, applications, environments, mesh, ca_admin, analytics.admin, billing):
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
     app.include_router(alerts_api.router, prefix="/admin/api")
     app.include_router(graph_api.admin, prefix="/admin/api")
     app.include_router(dataplane)
     app.include_router(mesh_dataplane)
+    app.include_router(identity_dataplane)
     app.include_router(analytics.dataplane)
     app.include_router(graph_api.dataplane)
     plane.services.append(Retention())
@@ -125,6 +159,8 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
         plane.db, settings.alerts or alerts.AlertSettings.from_env()
     )
     plane.services.append(app.state.alerts)
+
+    _docs(app)
 
     @app.get("/healthz", tags=["health"], operation_id="health")
     def healthz() -> dict[str, Any]:
@@ -148,6 +184,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
             # The first prefix that matches sets the limit.
             "/dp/v1/mesh/edges": graph_api.MAX_REPORT_BYTES,
             "/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY,
+            "/dp/v1/identity/": MAX_IDENTITY_BODY,
             "/dp/v1/usage": MAX_BATCH_BYTES,
             "/admin/api/webhooks": alerts_api.MAX_WEBHOOK_BODY,
         },

@@ -58,6 +58,10 @@ from meshgate.proxy import (
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
 
+if TYPE_CHECKING:
+    from meshgate.identity import Identity, IdentityClient
+    from meshgate.identity.consumer import ConsumerSigner
+
 __all__ = [
     "GatewayProcess",
     "GatewayStartError",
@@ -67,14 +71,13 @@ __all__ = [
     "run_gateway",
 ]
 
-if TYPE_CHECKING:
-    from meshgate.identity import Identity
-    from meshgate.identity.consumer import ConsumerSigner
-
 log = logging.getLogger("meshgate.gateway")
 
 # Where workers of a supervisor find the control plane token (not on their command line).
 TOKEN_ENV = "MESHGATE_CONTROL_PLANE_TOKEN"
+BOOTSTRAP_TOKEN_ENV = "MESHGATE_BOOTSTRAP_TOKEN"
+# How long a start waits for the workload certificate before serving without it (yet).
+IDENTITY_START_WAIT = 3.0
 _ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -215,13 +218,19 @@ class GatewayProcess:
         self.identity_files = identity
         self._file_identity: Identity | None = None
         self._signer: ConsumerSigner | None = None
+        self.identity_client: IdentityClient | None = None
 
     @property
     def identity(self) -> Identity | None:
-        """The gateway's workload identity (``spiffe://TD/ns/ENV/sa/meshgate-gateway``): it
-        signs the consumer tokens sent upstream. From files (``identity:`` in the
-        configuration, or ``--identity-cert/--identity-key/--trust-bundle``)."""
-        return self._file_identity
+        """The gateway's workload identity (``spiffe://TD/ns/ENV/sa/meshgate-gateway``),
+        renewed in place: from files (``identity:`` in the configuration, or
+        ``--identity-cert/--identity-key/--trust-bundle``), or from the control plane's CA
+        (None without a bootstrap token or until the CA has issued it). It signs the
+        consumer tokens sent upstream and calls mesh services (``mesh_service``)."""
+        if self._file_identity is not None:
+            return self._file_identity
+        client = self.identity_client
+        return client.identity if client is not None else None
 
     @property
     def ready(self) -> bool:
@@ -320,6 +329,14 @@ class GatewayProcess:
         else:
             settings = load_local_settings(self.config_path)
             self._load_identity(settings)
+            if options.bootstrap_token:
+                # Imported only here: a gateway without an identity does without it.
+                from meshgate.identity import IdentityClient
+
+                self.identity_client = IdentityClient(
+                    options.url, options.bootstrap_token, bundle_interval=options.bundle_interval
+                )
+                self.identity_client.start()
             self.control_plane = ControlPlaneSync(options, settings)
             counters = _counters(settings)
             if settings.usage.enabled:
@@ -328,6 +345,9 @@ class GatewayProcess:
                 self, lambda config: self._build(config, counters)
             )
             config = self.gateway.config
+            if self.identity_client is not None:
+                await self.identity_client.wait(IDENTITY_START_WAIT)
+                self._refresh_consumer_tokens()
         self.loaded_at = time.time()
         self.servers: list[Server] = []
         self.tls: ServerTls | None = None
@@ -391,6 +411,8 @@ class GatewayProcess:
         await self.gateway.counters.close()
         if self._file_identity is not None:
             self._file_identity.close()  # its private directory of key files
+        if self.identity_client is not None:
+            await self.identity_client.stop()
 
     def _usage_reporter(
         self, settings: Config, counters: CounterBackend, sync: ControlPlaneSync
@@ -651,6 +673,10 @@ def run_gateway(
     else:
         # Each worker polls on its own, under its own data-plane id.
         env[TOKEN_ENV] = control_plane.token
+        if control_plane.bootstrap_token:
+            # Each worker gets its own certificate: the token must allow several uses.
+            env[BOOTSTRAP_TOKEN_ENV] = control_plane.bootstrap_token
+            base += ["--bundle-refresh", str(control_plane.bundle_interval)]
         name = control_plane.name or default_dataplane_id(config)
         base += ["--control-plane", control_plane.url, "--env", control_plane.env]
         base += ["--cache-dir", str(control_plane.cache_dir)]

@@ -48,10 +48,10 @@ from meshgate.proxy import (
 from meshgate.proxy._http1 import HttpProtocol
 from meshgate.telemetry.access_log import AccessLog
 
-__all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]
-
 if TYPE_CHECKING:
-    from meshgate.identity import Identity
+    from meshgate.identity import Identity, IdentityClient
+
+__all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]
 
 log = logging.getLogger("meshgate.mesh")
 
@@ -66,13 +66,22 @@ class SidecarStartError(Exception):
 
 class ControlPlaneSettings:
     def __init__(
-        self, url: str, token: str, env: str = "production", edge_interval: float = 10.0
+        self,
+        url: str,
+        token: str,
+        env: str = "production",
+        edge_interval: float = 10.0,
+        bootstrap_token: str | None = None,
+        bundle_interval: float = 15.0,
     ) -> None:
         self.url = url
         self.token = token
         self.env = env
         # Seconds between the reports of this sidecar's calls for the service graph.
         self.edge_interval = edge_interval
+        # With it, the sidecar obtains its workload certificate from the control plane's CA.
+        self.bootstrap_token = bootstrap_token
+        self.bundle_interval = bundle_interval
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -148,6 +157,7 @@ class Sidecar:
         if config is not None:
             self.mesh.apply_config(config)
         self.link: ControlPlaneLink | None = None
+        self.identity_client: IdentityClient | None = None
         self.app_ready = False
         self.draining = False
         self.started = time.time()
@@ -168,19 +178,8 @@ class Sidecar:
         )
         self.app_pool = app
         self._file_identity: Identity | None = None
-        self.inbound = Server(Inbound(self.mesh, app), _settings())
+        self.inbound = Server(Inbound(self.mesh, app, identity=lambda: self.identity), _settings())
         self.outbound = Server(Outbound(self.mesh), _settings())
-
-    @property
-    def identity(self) -> Identity | None:
-        """This sidecar's workload identity (it verifies consumer tokens), set by the files
-        an operator brings or by the control plane's CA client before the sidecar is ready;
-        renewed in place with ``identity.update(material)``."""
-        return self.mesh.identity
-
-    @identity.setter
-    def identity(self, identity: Identity | None) -> None:
-        self.mesh.identity = identity
 
     def load_identity_files(self) -> None:
         """Read the identity the operator brings (``identity_cert``, ``identity_key``,
@@ -208,9 +207,9 @@ class Sidecar:
                 f"identity: the certificate names {material.spiffe_id.uri}, but this sidecar "
                 f"fronts service {s.service!r}"
             )
-        current = self.identity
+        current = self._file_identity
         if current is None:
-            self.identity = self._file_identity = Identity(material)
+            self.mesh.identity = self._file_identity = Identity(material)
         else:
             current.update(material)
 
@@ -223,8 +222,20 @@ class Sidecar:
         return server
 
     @property
+    def identity(self) -> Identity | None:
+        """This instance's workload identity (certificate, key, bundle; renewed in place):
+        the files an operator brings, or the control plane CA's; None without either, or
+        none obtained yet. It verifies consumer tokens."""
+        if self.mesh.identity is not None:
+            return self.mesh.identity
+        client = self.identity_client
+        return client.identity if client is not None else None
+
+    @property
     def ready(self) -> bool:
         if not self.app_ready or self.draining:
+            return False
+        if self.identity_client is not None and self.identity is None:
             return False
         link = self.link
         return link is None or link.config_applied.is_set()
@@ -245,6 +256,17 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         settings = self.settings
         self.load_identity_files()
+        cp_settings = self.control_plane_settings
+        if cp_settings is not None and cp_settings.bootstrap_token:
+            # Imported only here: certificates cost megabytes a sidecar without them keeps.
+            from meshgate.identity import IdentityClient
+
+            self.identity_client = IdentityClient(
+                cp_settings.url,
+                cp_settings.bootstrap_token,
+                bundle_interval=cp_settings.bundle_interval,
+            )
+            self.identity_client.start()
         self._servers += (self.inbound, self.outbound)
         if settings.app_protocol == "tcp":
             app = self.mesh.local_app()
@@ -401,6 +423,8 @@ class Sidecar:
         self.app_pool.close()
         for runtime in self.mesh.services.values():
             runtime.cluster.set_endpoints(())
+        if self.identity_client is not None:
+            await self.identity_client.stop()
 
     async def _probe(self) -> None:
         readiness = self.settings.readiness
@@ -455,6 +479,8 @@ class Sidecar:
         }
         if self.link is not None:
             doc["control_plane"] = self.link.describe()
+        if self.identity_client is not None:
+            doc["identity"] = self.identity_client.describe()
         return doc
 
     def _cluster_metrics(self) -> list[Family]:
@@ -552,6 +578,8 @@ class _AdminHandler:
                 if sidecar.draining
                 else "the app is not ready"
                 if not sidecar.app_ready
+                else "no workload certificate from the control plane yet"
+                if sidecar.identity_client is not None and sidecar.identity is None
                 else "no mesh configuration from the control plane yet"
             )
             return _json(503, {"status": "unavailable", "reason": reason})

@@ -604,8 +604,8 @@ class Inbound:
     authorization policies applied, then the request forwarded to the app.
 
     ``principal`` says who called (the SPIFFE ID mutual TLS proved), from the exchange.
-    Consumer tokens are verified with the mesh's identity (``mesh.identity``); without one
-    they are removed."""
+    Consumer tokens are verified with the workload's identity (``identity``, the mesh's by
+    default); without one they are removed."""
 
     def __init__(
         self,
@@ -613,10 +613,12 @@ class Inbound:
         app: Any,
         *,
         principal: Callable[[Exchange], str | None] = tls_principal,
+        identity: Callable[[], Identity | None] | None = None,
     ) -> None:
         self.mesh = mesh
         self.app = app
         self.principal = principal
+        self.identity = identity or (lambda: mesh.identity)
         self._verifier: ConsumerVerifier | None = None
         self.labels: dict[tuple[str, int, str, str], tuple[str, ...]] = {}
         self.consumer_labels: set[str] = set()
@@ -625,7 +627,7 @@ class Inbound:
     def verifier(self) -> ConsumerVerifier | None:
         """What checks consumer tokens: made from the mesh's identity when it is first needed
         (and again if another identity replaces it; renewals it follows by itself)."""
-        identity = self.mesh.identity
+        identity = self.identity()
         if identity is None:
             return None
         verifier = self._verifier
