@@ -554,6 +554,15 @@ def gateway(
         str | None,
         typer.Option(help="This gateway's id at the control plane (default: HOST-PORT)."),
     ] = None,
+    identity_cert: Annotated[
+        Path | None, typer.Option(help="This workload's PEM certificate chain (X.509-SVID).")
+    ] = None,
+    identity_key: Annotated[
+        Path | None, typer.Option(help="The private key of --identity-cert (PEM).")
+    ] = None,
+    trust_bundle: Annotated[
+        Path | None, typer.Option(help="The PEM roots that identities are checked against.")
+    ] = None,
     bootstrap_token: Annotated[
         str | None,
         typer.Option(
@@ -589,6 +598,9 @@ def gateway(
         raise _fail("--bootstrap-token needs --control-plane (its CA issues the certificate)")
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
+    identity = _identity_files(identity_cert, identity_key, trust_bundle)
+    if identity is not None and bootstrap_token:
+        raise _fail("give --bootstrap-token or --identity-cert/--identity-key, not both")
     _serve_until_stopped(
         lambda: run_gateway(
             config,
@@ -597,8 +609,21 @@ def gateway(
             watch=watch,
             control_plane=options,
             tracing=_tracing_flags(tracing_endpoint, trace_sample_rate),
+            identity=identity,
         )
     )
+
+
+def _identity_files(
+    cert: Path | None, key: Path | None, bundle: Path | None
+) -> dict[str, str] | None:
+    """--identity-cert, --identity-key and --trust-bundle: all three, or none."""
+    given = {"cert": cert, "key": key, "bundle": bundle}
+    if all(v is None for v in given.values()):
+        return None
+    if any(v is None for v in given.values()):
+        raise _fail("give --identity-cert, --identity-key and --trust-bundle together")
+    return {k: str(v.absolute()) for k, v in given.items() if v is not None}
 
 
 @app.command()
@@ -846,6 +871,16 @@ def sidecar(
     ] = 10.0,
     tracing_endpoint: TracingEndpoint = None,
     trace_sample_rate: TraceSampleRate = None,
+    identity_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM chain naming this service's SPIFFE ID (mutual TLS); SIGHUP re-reads."
+        ),
+    ] = None,
+    identity_key: Annotated[Path | None, typer.Option(help="The certificate's PEM key.")] = None,
+    trust_bundle: Annotated[
+        Path | None, typer.Option(help="PEM roots peers' certificates chain to.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
@@ -871,6 +906,10 @@ def sidecar(
         "admin": admin,
         "advertise": advertise,
         "drain_seconds": drain_seconds,
+        # Absolute: SIGHUP reads them again, from wherever.
+        "identity_cert": str(identity_cert.absolute()) if identity_cert else None,
+        "identity_key": str(identity_key.absolute()) if identity_key else None,
+        "trust_bundle": str(trust_bundle.absolute()) if trust_bundle else None,
     }
     flags = {k: v for k, v in given.items() if v is not None}
     tracing = _tracing_flags(tracing_endpoint, trace_sample_rate)

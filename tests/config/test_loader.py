@@ -159,7 +159,8 @@ def test_unknown_field_lists_the_allowed_ones() -> None:
     assert errors_of(data) == [
         "products[0].plans[0].limits[0].window: unknown field (allowed: metric, period, value)",
         "limitz: unknown field (allowed: listen, tls, admin_listen, limits, usage, timeouts, "
-        "max_header_size, access_log, http2, upstream_keepalive, tracing, products, version)",
+        "max_header_size, access_log, http2, upstream_keepalive, tracing, identity, "
+        "consumer_token, products, version)",
     ]
 
 

@@ -11,7 +11,18 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-__all__ = ["GATEWAY_SERVICE", "RENEWAL_WINDOW", "SpiffeId", "TRUST_DOMAIN", "renewal_proof"]
+from pydantic import Field
+
+from meshgate.config._fields import _Strict
+
+__all__ = [
+    "GATEWAY_SERVICE",
+    "IdentityFiles",
+    "RENEWAL_WINDOW",
+    "SpiffeId",
+    "TRUST_DOMAIN",
+    "renewal_proof",
+]
 
 # The trust domain when an operator names none.
 TRUST_DOMAIN = "meshgate.local"
@@ -69,3 +80,12 @@ def renewal_proof(timestamp: int, csr_der: bytes) -> bytes:
     bootstrap token: the new CSR (DER) bound to a time, so that the request proves it holds
     the identity now and cannot be replayed later."""
     return f"meshgate-renewal:{timestamp}:{hashlib.sha256(csr_der).hexdigest()}".encode()
+
+
+class IdentityFiles(_Strict):
+    """A workload identity read from files (a certificate issued outside meshgate's CA, by
+    cert-manager or SPIRE say): the X.509-SVID chain, its key, and the trust bundle."""
+
+    cert: str = Field(min_length=1, description="PEM certificate chain, leaf first.")
+    key: str = Field(min_length=1, description="PEM private key of the leaf (unencrypted).")
+    bundle: str = Field(min_length=1, description="PEM trust bundle: the roots to trust.")

@@ -37,6 +37,7 @@ from meshgate.config._fields import (  # noqa: F401 (re-exported)
     _check_url,
     _Strict,
 )
+from meshgate.config.identity import IdentityFiles
 from meshgate.config.tracing import TracingSettings
 
 PERIODS = ("minute", "hour", "day", "week", "month", "year", "eternity")
@@ -118,6 +119,12 @@ class Application(_Strict):
     )
     client_id: str | None = Field(
         None, description="jwt: value of the application claim; defaults to the id."
+    )
+    name: str | None = Field(
+        None, max_length=200, description="Its name, as the consumer token tells the mesh."
+    )
+    account: str | None = Field(
+        None, max_length=200, description="Its account's name, as the consumer token tells it."
     )
     certificates: list[ClientCertificate] = Field(
         default_factory=list,
@@ -316,11 +323,28 @@ class UpstreamTls(_Strict):
     )
     client_cert: str | None = Field(None, description="PEM client certificate (upstream mTLS).")
     client_key: str | None = Field(None, description="PEM key of client_cert.")
+    mesh_service: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)*$",
+        max_length=253,
+        description="The backends are this mesh service's sidecars: mutual TLS with the "
+        "gateway's identity, the server checked to be the service's workload.",
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> UpstreamTls:
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("give client_cert and client_key together")
+        if self.mesh_service is not None and (
+            self.client_cert is not None
+            or self.ca_file is not None
+            or not self.verify
+            or self.server_name is not None
+        ):
+            raise ValueError(
+                "mesh_service uses the gateway's identity and trust bundle: give no ca_file, "
+                "verify, server_name or client certificate with it"
+            )
         return self
 
 
@@ -453,6 +477,17 @@ class Product(_Strict):
                 problems.append(
                     f"backend {usage.url}: protocol h2c is cleartext HTTP/2; over TLS it is h2"
                 )
+            mesh = self.upstream_tls is not None and self.upstream_tls.mesh_service is not None
+            if mesh and not usage.url.startswith("https://"):
+                problems.append(
+                    f"backend {usage.url}: upstream_tls.mesh_service calls the mesh over mutual "
+                    "TLS: give its sidecars' inbound address as an https:// backend"
+                )
+            if mesh and self.backend_protocol(usage) != "http1":
+                problems.append(
+                    f"backend {usage.url}: upstream_tls.mesh_service speaks HTTP/1.1 to the "
+                    "mesh (protocol http1)"
+                )
         if self.key_salt is None and any(a.key_hashes for a in self.applications):
             problems.append("applications carry key_hashes: give the product's key_salt")
         if len(known) != len(names):
@@ -542,6 +577,15 @@ class UsageConfig(_Strict):
     )
 
 
+class ConsumerTokenConfig(_Strict):
+    """The consumer token sent upstream with each request let through (with an identity)."""
+
+    enabled: bool = True
+    ttl: float = Field(
+        60, ge=10, le=3600, description="Seconds a token lives; signed again at half its life."
+    )
+
+
 class Timeouts(_Strict):
     client_header: float = Field(10, gt=0, description="Seconds to receive a request head (408).")
     idle_keepalive: float = Field(
@@ -626,6 +670,12 @@ class Config(_Strict):
         description="W3C Trace Context and OTLP/HTTP export of the gateway's spans (a local "
         "setting: read at start).",
     )
+    identity: IdentityFiles | None = Field(
+        None,
+        description="The gateway's workload identity from files (its SPIFFE ID names the "
+        "service meshgate-gateway): it signs the consumer tokens.",
+    )
+    consumer_token: ConsumerTokenConfig = ConsumerTokenConfig()
     products: list[Product] = []
     version: str | None = Field(
         None, description="Set by a control plane: the snapshot version this document is."

@@ -15,6 +15,15 @@ Shared by the sidecar (mTLS between sidecars, consumer tokens checked) and the e
 """
 
 from meshgate.identity._client import IdentityClient, IdentityRefused
+from meshgate.identity._files import load_identity
 from meshgate.identity._material import Identity, IdentityError, Material, peer_id
 
-__all__ = ["Identity", "IdentityClient", "IdentityError", "IdentityRefused", "Material", "peer_id"]
+__all__ = [
+    "Identity",
+    "IdentityClient",
+    "IdentityError",
+    "IdentityRefused",
+    "Material",
+    "load_identity",
+    "peer_id",
+]

@@ -38,6 +38,8 @@ REQUEST_LABELS = (
     "request_protocol",
     "response_code",
     "response_flags",
+    "consumer_application",
+    "consumer_plan",
 )
 _TCP_LABELS = (
     "reporter",
@@ -192,7 +194,20 @@ class MeshMetrics:
         self.config_updates = Family(
             "meshgate_mesh_config_updates", "Configurations applied, by result.", ["result"]
         )
+        self.authz = Family(
+            "meshgate_mesh_authz",
+            "Authorization decisions on the inbound side, by policy, action and result.",
+            ["service", "policy", "action", "result"],
+        )
+        self.consumer_tokens = Family(
+            "meshgate_mesh_consumer_tokens",
+            "Consumer tokens received on the inbound side, by result: valid, expired "
+            "(refused, 401), invalid (removed) or unverified (removed: no identity).",
+            ["result"],
+        )
         self.counters = [
+            self.authz,
+            self.consumer_tokens,
             self.retries,
             self.retry_budget_exhausted,
             self.overflows,

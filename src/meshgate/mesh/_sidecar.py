@@ -179,8 +179,41 @@ class Sidecar:
             connect_timeout=5.0,
         )
         self.app_pool = app
-        self.inbound = Server(Inbound(self.mesh, app), _settings())
+        self._file_identity: Identity | None = None
+        self.inbound = Server(Inbound(self.mesh, app, identity=lambda: self.identity), _settings())
         self.outbound = Server(Outbound(self.mesh), _settings())
+
+    def load_identity_files(self) -> None:
+        """Read the identity the operator brings (``identity_cert``, ``identity_key``,
+        ``trust_bundle``) and use it: at start, and again on SIGHUP (rotation). Raises
+        SidecarStartError saying what is wrong; a running sidecar keeps its identity then."""
+        s = self.settings
+        if s.identity_cert is None or s.identity_key is None or s.trust_bundle is None:
+            return
+        from meshgate.identity import Identity, IdentityError, Material
+
+        try:
+            material = Material.from_pem(
+                Path(s.identity_cert).read_bytes(),
+                Path(s.identity_key).read_bytes(),
+                Path(s.trust_bundle).read_bytes(),
+            )
+        except OSError as exc:
+            raise SidecarStartError(
+                f"identity: cannot read {exc.filename}: {exc.strerror}"
+            ) from None
+        except IdentityError as exc:
+            raise SidecarStartError(f"identity: {exc}") from None
+        if material.spiffe_id.service != s.service:
+            raise SidecarStartError(
+                f"identity: the certificate names {material.spiffe_id.uri}, but this sidecar "
+                f"fronts service {s.service!r}"
+            )
+        current = self._file_identity
+        if current is None:
+            self.mesh.identity = self._file_identity = Identity(material)
+        else:
+            current.update(material)
 
     def server_for(self, service: str) -> Server:
         """A listener-less engine server whose handler is bound to ``service``."""
@@ -192,8 +225,11 @@ class Sidecar:
 
     @property
     def identity(self) -> Identity | None:
-        """This instance's workload identity (certificate, key, bundle; renewed in place),
-        or None: started without a bootstrap token, or none obtained yet."""
+        """This instance's workload identity (certificate, key, bundle; renewed in place):
+        the files an operator brings, or the control plane CA's; None without either, or
+        none obtained yet. It verifies consumer tokens."""
+        if self.mesh.identity is not None:
+            return self.mesh.identity
         client = self.identity_client
         return client.identity if client is not None else None
 
@@ -221,6 +257,7 @@ class Sidecar:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         settings = self.settings
+        self.load_identity_files()
         cp_settings = self.control_plane_settings
         if cp_settings is not None and cp_settings.bootstrap_token:
             # Imported only here: certificates cost megabytes a sidecar without them keeps.
@@ -304,6 +341,8 @@ class Sidecar:
             self.access_log.flush()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
+        if self._file_identity is not None:
+            self._file_identity.close()  # its private directory of key files
         return self.exit_code
 
     def _upstream_factory(self, service: str) -> Callable[[], asyncio.BaseProtocol]:

@@ -19,6 +19,7 @@ from random import Random
 from typing import TYPE_CHECKING, Any
 
 from meshgate.config.mesh import DestinationPolicy, Instance, MeshConfig, Service
+from meshgate.mesh._authz import Authorizer
 from meshgate.mesh._cluster import Cluster, Endpoint
 from meshgate.mesh._metrics import MeshMetrics
 from meshgate.mesh._mirror import send_copy
@@ -30,9 +31,11 @@ from meshgate.telemetry.tracing import CLIENT, SERVER
 
 if TYPE_CHECKING:
     from meshgate.config.mesh import SidecarSettings
+    from meshgate.identity import Identity
+    from meshgate.identity.consumer import Consumer, ConsumerVerifier
     from meshgate.telemetry.tracing import Tracing
 
-__all__ = ["Inbound", "Mesh", "Outbound", "ServiceRuntime"]
+__all__ = ["CONSUMER_HEADER", "Inbound", "Mesh", "Outbound", "ServiceRuntime", "tls_principal"]
 
 log = logging.getLogger("meshgate.mesh")
 
@@ -44,6 +47,12 @@ DEFAULT_RESPONSE_TIMEOUT = 60.0
 # Who called, as the caller's sidecar tells the callee's (service/version).
 SOURCE_HEADER = "x-meshgate-source"
 _SOURCE = re.compile(rb"[a-z0-9][a-z0-9.\-]{0,252}/[A-Za-z0-9_.\-]{0,63}")
+# The API consumer's token, as the edge gateway signed it (see meshgate.identity.consumer).
+CONSUMER_HEADER = "x-meshgate-consumer"
+_CONSUMER = CONSUMER_HEADER.encode()
+# Distinct applications that get their own label values in a sidecar's request metrics;
+# later ones are counted as "other".
+MAX_CONSUMER_LABELS = 256
 
 
 class ServiceRuntime:
@@ -143,6 +152,10 @@ class Mesh:
         self.version = ""
         # The sidecar's tracer, None when tracing is off.
         self.tracing: Tracing | None = None
+        # This sidecar's workload identity (mutual TLS), set before listeners need it.
+        self.identity: Identity | None = None
+        # The local service's authorization policies, compiled once per configuration.
+        self.authorizer = Authorizer(settings.service, (), metrics.authz)
 
     def apply_config(self, config: MeshConfig) -> None:
         """Use a new (validated) configuration; services not in it keep defaults."""
@@ -153,6 +166,10 @@ class Mesh:
         for name, runtime in old.items():
             if name not in services and name in self.registered:
                 services[name] = self._runtime(Service(name=name), runtime)
+        own = config.service(self.settings.service)
+        self.authorizer = Authorizer(
+            self.settings.service, own.authorization if own else (), self.metrics.authz
+        )
         self.config = config
         self.services = services
         self.version = config.version or ""
@@ -533,6 +550,8 @@ class Outbound:
                 "http",
                 str(status),
                 flags,
+                "unknown",
+                "unknown",
             )
             if len(self.labels) < 4096:
                 self.labels[key] = labels
@@ -566,13 +585,66 @@ class Outbound:
         )
 
 
-class Inbound:
-    """The handler of calls to the local app: forwards every request to it."""
+def tls_principal(exchange: Exchange) -> str | None:
+    """The caller's SPIFFE ID, from the client certificate the inbound TLS listener verified
+    (None without mutual TLS)."""
+    tls = exchange.request.tls
+    if tls is None or tls.peer is None:
+        return None
+    der = tls.peer.der
+    principal = _PRINCIPALS.get(der)
+    if principal is None:
+        from meshgate.identity import peer_id
 
-    def __init__(self, mesh: Mesh, app: Any) -> None:
+        spiffe = peer_id(der)
+        principal = spiffe.uri if spiffe is not None else ""
+        if len(_PRINCIPALS) >= 1024:
+            _PRINCIPALS.clear()
+        _PRINCIPALS[der] = principal
+    return principal or None
+
+
+# Peer certificates seen, by DER: each connection's is parsed once, not per request.
+_PRINCIPALS: dict[bytes, str] = {}
+
+
+class Inbound:
+    """The handler of calls to the local app: the consumer token checked, the service's
+    authorization policies applied, then the request forwarded to the app.
+
+    ``principal`` says who called (the SPIFFE ID mutual TLS proved), from the exchange.
+    Consumer tokens are verified with the workload's identity (``identity``, the mesh's by
+    default); without one they are removed."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        app: Any,
+        *,
+        principal: Callable[[Exchange], str | None] = tls_principal,
+        identity: Callable[[], Identity | None] | None = None,
+    ) -> None:
         self.mesh = mesh
         self.app = app
-        self.labels: dict[tuple[str, int], tuple[str, ...]] = {}
+        self.principal = principal
+        self.identity = identity or (lambda: mesh.identity)
+        self._verifier: ConsumerVerifier | None = None
+        self.labels: dict[tuple[str, int, str, str], tuple[str, ...]] = {}
+        self.consumer_labels: set[str] = set()
+
+    @property
+    def verifier(self) -> ConsumerVerifier | None:
+        """What checks consumer tokens: made from the mesh's identity when it is first needed
+        (and again if another identity replaces it; renewals it follows by itself)."""
+        identity = self.identity()
+        if identity is None:
+            return None
+        verifier = self._verifier
+        if verifier is None or verifier.identity is not identity:
+            from meshgate.identity.consumer import ConsumerVerifier
+
+            verifier = self._verifier = ConsumerVerifier(identity)
+        return verifier
 
     def handle(self, exchange: Exchange) -> Response | None:
         request = exchange.request
@@ -580,11 +652,48 @@ class Inbound:
         if tracing is not None:
             # A server span below the caller's context; the app gets this span's id.
             exchange.span = tracing.http_hop(request.headers.raw(), request.method, SERVER)
+        mesh = self.mesh
+        consumer = None
+        if request.headers.get_raw(_CONSUMER) is not None:
+            consumer, refused = self._consumer(request.headers)
+            if refused is not None:
+                return refused
+            exchange.state = consumer
+        authorizer = mesh.authorizer
+        principal = self.principal(exchange) if authorizer.uses_principal else None
+        denied = authorizer.check(request, principal, consumer)
+        if denied is not None:
+            return denied
         exchange.upstream = self.app
         exchange.upstream_target = (
             request.path + "?" + request.query if request.query else request.path
         )
         return None
+
+    def _consumer(self, headers: Headers) -> tuple[Consumer | None, Response | None]:
+        """The verified consumer, or None with the header removed; or a 401 to answer."""
+        counts = self.mesh.metrics.consumer_tokens
+        verifier = self.verifier
+        tokens = [v for k, v in headers.raw() if k == _CONSUMER]
+        if verifier is None or len(tokens) != 1:
+            # Unverifiable here, or ambiguous: the app never sees a claim nobody checked.
+            headers.remove(CONSUMER_HEADER)
+            counts.labels("unverified" if verifier is None else "invalid").inc()
+            return None, None
+        from meshgate.identity.consumer import ExpiredToken, InvalidToken
+
+        try:
+            consumer = verifier.verify(tokens[0])
+        except ExpiredToken as exc:
+            counts.labels("expired").inc()
+            return None, problem(401, "Unauthorized", f"{exc}: call again through the gateway")
+        except InvalidToken as exc:
+            headers.remove(CONSUMER_HEADER)
+            counts.labels("invalid").inc()
+            log.debug("consumer token removed: %s", exc)
+            return None, None
+        counts.labels("valid").inc()
+        return consumer, None
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> None:
         pass
@@ -597,7 +706,17 @@ class Inbound:
         if source is not None and len(source) <= 320 and _SOURCE.fullmatch(source):
             # Anything else a client sends stays out of the metrics' labels.
             name = source.decode("ascii")
-        key = (name, status)
+        application = plan = "unknown"
+        consumer: Consumer | None = exchange.state
+        if consumer is not None:
+            application, plan = consumer.application, consumer.plan
+            known = self.consumer_labels
+            if application not in known:
+                if len(known) < MAX_CONSUMER_LABELS:
+                    known.add(application)
+                else:
+                    application = plan = "other"
+        key = (name, status, application, plan)
         labels = self.labels.get(key)
         if labels is None:
             workload, _, version = key[0].partition("/")
@@ -612,6 +731,8 @@ class Inbound:
                 "http",
                 str(status),
                 "-",
+                application,
+                plan,
             )
             if len(self.labels) < 4096:
                 self.labels[key] = labels
