@@ -25,59 +25,19 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
+from _procs import TICKS, cpu_ticks, free_port, spawn, wait_ok
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-TICKS = os.sysconf("SC_CLK_TCK")
 GATEWAY_ID = "spiffe://meshgate.local/ns/production/sa/meshgate-gateway"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, headers: dict[str, str], seconds: float = 30) -> httpx.Response:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            r = httpx.get(url, headers=headers, timeout=1)
-            if r.status_code == 200:
-                return r
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{url} did not answer 200 within {seconds}s")
-        time.sleep(0.1)
-
-
-def _cpu(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def _spawn(args: list[str], core: str, workdir: Path, name: str) -> subprocess.Popen[bytes]:
-    log = open(workdir / f"{name}.log", "wb")
-    return subprocess.Popen(
-        ["taskset", "-c", core, sys.executable, "-m", "meshgate", *args],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
 
 
 def _identity(workdir: Path) -> dict[str, str]:
@@ -168,23 +128,23 @@ def _config(
 def _run_variant(
     workdir: Path, upstream: int, identity: dict[str, str], token: bool, seconds: int, ttl: float
 ) -> dict[str, Any]:
-    port, admin = _port(), _port()
+    port, admin = free_port(), free_port()
     path = workdir / "gw.yaml"
     path.write_text(yaml.safe_dump(_config(port, admin, upstream, identity, token, ttl)))
-    gw = _spawn(["gateway", "--config", str(path), "--no-watch"], "1", workdir, f"gw-{token}")
+    gw = spawn(["gateway", "--config", str(path), "--no-watch"], "1", workdir, f"gw-{token}")
     try:
         url = f"http://127.0.0.1:{port}/echo/hello"
-        r = _wait(url, {"X-API-Key": "k1"})
+        r = wait_ok(url, headers={"X-API-Key": "k1"})
         carried = "x-meshgate-consumer" in r.text
         if carried != token:
             raise SystemExit(f"the upstream {'did not see' if token else 'saw'} the token")
         wrk = ["taskset", "-c", "0", "wrk", "-t1", "-c50", "-H", "X-API-Key: k1"]
         subprocess.run([*wrk, "-d2s", url], capture_output=True, check=True)
-        before = _cpu(gw.pid)
+        before = cpu_ticks(gw.pid)
         out = subprocess.run(
             [*wrk, f"-d{seconds}s", url], capture_output=True, text=True, check=True
         ).stdout
-        ticks = _cpu(gw.pid) - before
+        ticks = cpu_ticks(gw.pid) - before
         requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         return {
@@ -208,8 +168,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         identity = _identity(workdir)
-        upstream = _port()
-        echo = _spawn(["echo", f"127.0.0.1:{upstream}"], "0", workdir, "echo")
+        upstream = free_port()
+        echo = spawn(["echo", f"127.0.0.1:{upstream}"], "0", workdir, "echo")
         try:
             best: dict[bool, dict[str, Any]] = {}
             for _ in range(args.repeat):

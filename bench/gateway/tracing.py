@@ -27,12 +27,9 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 import timeit
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,45 +37,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, seconds: float = 30, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if httpx.get(url, headers=headers, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{url} did not answer 200 within {seconds}s")
-        time.sleep(0.1)
-
-
-def _cpu(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def _spawn(args: list[str], core: str, workdir: Path, name: str) -> subprocess.Popen[bytes]:
-    log = open(workdir / f"{name}.log", "wb")
-    return subprocess.Popen(
-        ["taskset", "-c", core, sys.executable, "-m", "meshgate", *args],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+from _procs import TICKS, cpu_ticks, free_port, spawn, wait_ok
 
 
 class _Collector:
@@ -118,7 +78,7 @@ def _product(upstream: int) -> dict[str, Any]:
 def _run_variant(
     workdir: Path, product: dict[str, Any], tracing: dict[str, Any], seconds: int
 ) -> dict[str, Any]:
-    port, admin = _port(), _port()
+    port, admin = free_port(), free_port()
     config = workdir / f"gw-{uuid.uuid4().hex[:6]}.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -132,17 +92,17 @@ def _run_variant(
             }
         )
     )
-    gw = _spawn(["gateway", "--config", str(config), "--no-watch"], "1", workdir, config.stem)
+    gw = spawn(["gateway", "--config", str(config), "--no-watch"], "1", workdir, config.stem)
     try:
         url = f"http://127.0.0.1:{port}/echo/hello"
-        _wait(url, headers={"X-API-Key": "k1"})
+        wait_ok(url, headers={"X-API-Key": "k1"})
         wrk = ["taskset", "-c", "0", "wrk", "-t1", "-c50", "-H", "X-API-Key: k1"]
         subprocess.run([*wrk, "-d2s", url], capture_output=True, check=True)
-        before = _cpu(gw.pid)
+        before = cpu_ticks(gw.pid)
         out = subprocess.run(
             [*wrk, f"-d{seconds}s", url], capture_output=True, text=True, check=True
         ).stdout
-        ticks = _cpu(gw.pid) - before
+        ticks = cpu_ticks(gw.pid) - before
         requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         return {
@@ -219,10 +179,10 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        upstream = _port()
-        echo = _spawn(["echo", f"127.0.0.1:{upstream}"], "0", workdir, "echo")
+        upstream = free_port()
+        echo = spawn(["echo", f"127.0.0.1:{upstream}"], "0", workdir, "echo")
         try:
-            _wait(f"http://127.0.0.1:{upstream}/")
+            wait_ok(f"http://127.0.0.1:{upstream}/")
             product = _product(upstream)
             results: dict[str, list[dict[str, Any]]] = {}
             for repeat in range(args.repeat):
