@@ -22,11 +22,8 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -34,50 +31,15 @@ from typing import Any
 
 import httpx
 import yaml
+from _procs import TICKS, cpu_ticks, free_port, spawn, wait_ok
 
 TOKEN = "mgt_bench-usage-token-0123456789abcdef"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, seconds: float = 30, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if httpx.get(url, headers=headers, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{url} did not answer 200 within {seconds}s")
-        time.sleep(0.1)
-
-
-def _cpu(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def _spawn(args: list[str], core: str, workdir: Path, name: str) -> subprocess.Popen[bytes]:
-    log = open(workdir / f"{name}.log", "wb")
-    return subprocess.Popen(
-        ["taskset", "-c", core, sys.executable, "-m", "meshgate", *args],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
 
 
 def _run_variant(
     workdir: Path, control: str, backend: dict[str, Any], usage: bool, seconds: int
 ) -> dict[str, Any]:
-    port, admin = _port(), _port()
+    port, admin = free_port(), free_port()
     settings = workdir / "gw.yaml"
     settings.write_text(
         yaml.safe_dump(
@@ -91,7 +53,7 @@ def _run_variant(
         )
     )
     name = f"gw-{uuid.uuid4().hex[:6]}"
-    gw = _spawn(
+    gw = spawn(
         [
             "gateway",
             "--control-plane",
@@ -113,14 +75,14 @@ def _run_variant(
     )
     try:
         url = f"http://127.0.0.1:{port}/echo/hello"
-        _wait(url, headers={"X-API-Key": "k1"})
+        wait_ok(url, headers={"X-API-Key": "k1"})
         wrk = ["taskset", "-c", "0", "wrk", "-t1", "-c50", "-H", "X-API-Key: k1"]
         subprocess.run([*wrk, "-d2s", url], capture_output=True, check=True)
-        before = _cpu(gw.pid)
+        before = cpu_ticks(gw.pid)
         out = subprocess.run(
             [*wrk, f"-d{seconds}s", url], capture_output=True, text=True, check=True
         ).stdout
-        ticks = _cpu(gw.pid) - before
+        ticks = cpu_ticks(gw.pid) - before
         requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         return {
@@ -143,10 +105,10 @@ def main() -> None:
     redis_url = os.environ.get("MESHGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        upstream, cp_port = _port(), _port()
-        echo = _spawn(["echo", f"127.0.0.1:{upstream}"], "0", workdir, "echo")
+        upstream, cp_port = free_port(), free_port()
+        echo = spawn(["echo", f"127.0.0.1:{upstream}"], "0", workdir, "echo")
         db = f"sqlite:///{workdir / 'control.db'}"
-        cp = _spawn(
+        cp = spawn(
             [
                 "control",
                 "--database-url",
@@ -162,7 +124,7 @@ def main() -> None:
         )
         control = f"http://127.0.0.1:{cp_port}"
         try:
-            _wait(f"{control}/healthz")
+            wait_ok(f"{control}/healthz")
             example = yaml.safe_load(
                 resources.files("meshgate.examples").joinpath("gateway.yaml").read_text()
             )

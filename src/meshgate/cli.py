@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -53,6 +53,8 @@ from meshgate.integration.cli import app as integration_app  # noqa: E402
 app.add_typer(integration_app, name="integration")
 
 EXAMPLE = "examples/gateway.yaml"
+# Errors of one file printed at most; the rest are counted.
+MAX_ERRORS_SHOWN = 200
 
 
 def _example_path() -> Path:
@@ -105,6 +107,10 @@ def up(
     integration_listen: Annotated[
         str, typer.Option(help="Where the example integration route serves POST /orders.")
     ] = "127.0.0.1:8088",
+    integration_admin_listen: Annotated[
+        str,
+        typer.Option(help="The example routes' admin listener (/metrics, /healthz, /routes)."),
+    ] = "127.0.0.1:8089",
     tls_listen: Annotated[
         str,
         typer.Option(
@@ -119,6 +125,17 @@ def up(
             "a sidecar (ports 9101-9202 and 15000-15036)."
         ),
     ] = True,
+    tracing_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Trace the gateway, the sidecars and the example routes, exporting spans to "
+            "this OTLP/HTTP collector (e.g. http://127.0.0.1:4318)."
+        ),
+    ] = None,
+    trace_sample_rate: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="The share of new traces sampled (1 by default)."),
+    ] = None,
 ) -> None:
     """Start the demo: the control plane (SQLite), the echo upstream, a gateway attached to
     the control plane (seeded with the example products on the first start), the example
@@ -148,6 +165,7 @@ def up(
         ("--control-listen", control_listen),
         ("--upstream", upstream),
         ("--integration-listen", integration_listen),
+        ("--integration-admin-listen", integration_admin_listen),
     ]
     if example.listen:
         wanted.append(("--config (listen)", example.listen))
@@ -160,9 +178,23 @@ def up(
 
         wanted += [("--no-mesh", f"127.0.0.1:{port}") for port in demo_ports()]
     _check_ports(wanted)
+    tracing = _tracing_flags(tracing_endpoint, trace_sample_rate)
+    if tracing:
+        from meshgate.config.tracing import with_flags
+
+        try:
+            with_flags(None, tracing)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    tracing_args: list[str] = []
+    if tracing_endpoint is not None:
+        tracing_args += ["--tracing-endpoint", tracing_endpoint]
+    if trace_sample_rate is not None:
+        tracing_args += ["--trace-sample-rate", str(trace_sample_rate)]
     token = _demo_token(data_dir)
     base = f"http://{control_listen}"
     stopping: list[float] = []
+    state_files: list[Path] = []
     control = _start_control_plane(data_dir, control_listen, token)
     meshes: list[MeshDemo] = []
     try:
@@ -179,18 +211,32 @@ def up(
                 "certificates": [{"cert": str(certificates.cert), "key": str(certificates.key)}],
             }
         settings.write_text(json.dumps(local, indent=2) + "\n")
+        from meshgate.config.identity import GATEWAY_SERVICE
+        from meshgate.demo.mesh import bootstrap_token
+
+        try:
+            # The gateway's workload identity: its calls into the mesh are authenticated and
+            # it signs the consumer tokens sidecars check.
+            gateway_identity = bootstrap_token(base, token, GATEWAY_SERVICE)
+        except RuntimeError as exc:
+            raise _fail(str(exc)) from None
         options = ControlPlaneOptions(
             url=base,
             token=token,
             env="production",
             cache_dir=(data_dir / "gateway-cache").absolute(),
             name="demo-gateway",
+            bootstrap_token=gateway_identity,
         )
         host, _, port = upstream.rpartition(":")
         running: list[RunningExample] = []
         if mesh:
             try:
-                meshes.append(start_mesh_demo(base, token, (data_dir / "mesh").absolute()))
+                meshes.append(
+                    start_mesh_demo(
+                        base, token, (data_dir / "mesh").absolute(), tracing=tracing_args
+                    )
+                )
             except RuntimeError as exc:
                 raise _fail(f"the mesh demo: {exc}") from None
 
@@ -237,6 +283,43 @@ def up(
             for demo in meshes:
                 for line in demo.usage():
                     typer.echo(line)
+            from meshgate import _runstate
+            from meshgate.demo.mesh import INSTANCES
+
+            state_files.append(
+                _runstate.record(
+                    data_dir,
+                    "up",
+                    {
+                        "control_plane": base,
+                        "gateway": {
+                            "listen": cfg.listen,
+                            "admin": cfg.admin_listen,
+                            "tls": cfg.tls.listen if cfg.tls is not None else None,
+                        },
+                        "integration": [
+                            {
+                                "url": r.url,
+                                "admin": r.admin.url if r.admin is not None else None,
+                            }
+                            for r in running
+                        ],
+                        "mesh": [
+                            {
+                                "service": i.service,
+                                "version": i.version,
+                                "app": i.app_port,
+                                "inbound": i.inbound,
+                                "outbound": i.outbound,
+                                "admin": i.admin,
+                            }
+                            for i in INSTANCES
+                        ]
+                        if meshes
+                        else [],
+                    },
+                )
+            )
             typer.echo("stop with Ctrl-C")
 
         async def main() -> None:
@@ -247,10 +330,18 @@ def up(
                     f"cannot start the echo upstream on {upstream}: {exc.strerror}"
                 ) from None
             try:
-                running.append(await start_example(integration_listen))
+                running.append(
+                    await start_example(
+                        integration_listen,
+                        admin_listen=integration_admin_listen,
+                        tracing=tracing,
+                    )
+                )
             except IntegrationError as exc:
                 raise GatewayStartError(f"the example integration routes: {exc}") from None
-            process = GatewayProcess(settings, on_ready=ready, watch=False, control_plane=options)
+            process = GatewayProcess(
+                settings, on_ready=ready, watch=False, control_plane=options, tracing=tracing
+            )
             try:
                 await process.run()
             finally:
@@ -275,6 +366,8 @@ def up(
         except subprocess.TimeoutExpired:
             control.kill()
         typer.echo("stopped control plane")
+        for path in state_files:
+            path.unlink(missing_ok=True)
         typer.echo(f"meshgate stopped in {time.monotonic() - stopping[0]:.1f} s")
 
 
@@ -404,6 +497,28 @@ def _seed_business(base: str, token: str, product_id: int) -> None:
     call("PUT", f"/products/{product_id}/alert_levels", {"levels": [50, 80, 100]})
 
 
+TracingEndpoint = Annotated[
+    str | None,
+    typer.Option(help="Turn tracing on, exporting spans to this OTLP/HTTP collector URL."),
+]
+TraceSampleRate = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="Turn tracing on, sampling this share of new traces."),
+]
+
+
+def _tracing_flags(endpoint: str | None, rate: float | None) -> dict[str, object]:
+    """Tracing settings given as flags: either turns tracing on."""
+    flags: dict[str, object] = {}
+    if endpoint is not None:
+        flags["endpoint"] = endpoint
+    if rate is not None:
+        flags["sample_rate"] = rate
+    if flags:
+        flags["enabled"] = True
+    return flags
+
+
 @app.command()
 def gateway(
     config: Annotated[
@@ -439,6 +554,29 @@ def gateway(
         str | None,
         typer.Option(help="This gateway's id at the control plane (default: HOST-PORT)."),
     ] = None,
+    identity_cert: Annotated[
+        Path | None, typer.Option(help="This workload's PEM certificate chain (X.509-SVID).")
+    ] = None,
+    identity_key: Annotated[
+        Path | None, typer.Option(help="The private key of --identity-cert (PEM).")
+    ] = None,
+    trust_bundle: Annotated[
+        Path | None, typer.Option(help="The PEM roots that identities are checked against.")
+    ] = None,
+    bootstrap_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_BOOTSTRAP_TOKEN",
+            help="Get the gateway's workload identity (service meshgate-gateway) from the "
+            "control plane's CA with this token.",
+        ),
+    ] = None,
+    bundle_refresh: Annotated[
+        float,
+        typer.Option(min=0.1, max=3600, help="Seconds between checks of the CA's trust bundle."),
+    ] = 15.0,
+    tracing_endpoint: TracingEndpoint = None,
+    trace_sample_rate: TraceSampleRate = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the edge gateway from a configuration file, or from a control plane's snapshots."""
@@ -448,15 +586,44 @@ def gateway(
     options = None
     if control_plane is not None:
         options = ControlPlaneOptions(
-            url=control_plane, token=token or "", env=env, cache_dir=cache_dir.absolute(), name=name
+            url=control_plane,
+            token=token or "",
+            env=env,
+            cache_dir=cache_dir.absolute(),
+            name=name,
+            bootstrap_token=bootstrap_token,
+            bundle_interval=bundle_refresh,
         )
+    elif bootstrap_token:
+        raise _fail("--bootstrap-token needs --control-plane (its CA issues the certificate)")
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
+    identity = _identity_files(identity_cert, identity_key, trust_bundle)
+    if identity is not None and bootstrap_token:
+        raise _fail("give --bootstrap-token or --identity-cert/--identity-key, not both")
     _serve_until_stopped(
         lambda: run_gateway(
-            config, workers=workers, reuse_port=reuse_port, watch=watch, control_plane=options
+            config,
+            workers=workers,
+            reuse_port=reuse_port,
+            watch=watch,
+            control_plane=options,
+            tracing=_tracing_flags(tracing_endpoint, trace_sample_rate),
+            identity=identity,
         )
     )
+
+
+def _identity_files(
+    cert: Path | None, key: Path | None, bundle: Path | None
+) -> dict[str, str] | None:
+    """--identity-cert, --identity-key and --trust-bundle: all three, or none."""
+    given = {"cert": cert, "key": key, "bundle": bundle}
+    if all(v is None for v in given.values()):
+        return None
+    if any(v is None for v in given.values()):
+        raise _fail("give --identity-cert, --identity-key and --trust-bundle together")
+    return {k: str(v.absolute()) for k, v in given.items() if v is not None}
 
 
 @app.command()
@@ -520,11 +687,56 @@ def control(
     mesh_max_streams_per_token: Annotated[
         int, typer.Option(min=1, help="Open endpoint streams at most, per token.")
     ] = 5_000,
+    trust_domain: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_TRUST_DOMAIN",
+            help="The mesh's SPIFFE trust domain (default meshgate.local).",
+        ),
+    ] = None,
+    cert_ttl: Annotated[
+        float,
+        typer.Option(
+            envvar="MESHGATE_CERT_TTL",
+            min=10,
+            max=366 * 86400,
+            help="Seconds a workload certificate lives (renewed at half of it).",
+        ),
+    ] = 86400.0,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHGATE_CA_CERT",
+            help="Sign with this intermediate CA certificate (PEM, chain allowed) under your "
+            "own root, instead of a root this control plane makes.",
+        ),
+    ] = None,
+    ca_key: Annotated[
+        Path | None,
+        typer.Option(envvar="MESHGATE_CA_CERT_KEY", help="The --ca-cert's private key (PEM)."),
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHGATE_CA_BUNDLE", help="Your root(s) that --ca-cert chains to (PEM)."
+        ),
+    ] = None,
+    ca_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHGATE_CA_KEY_FILE",
+            help="File holding the key (base64, 32 bytes) that encrypts the CA's root key in "
+            "the store; MESHGATE_CA_KEY gives it directly; default DATA_DIR/ca.key.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the control plane: admin API, snapshots, the data-plane API gateways pull, and the
     mesh's configuration, registry and endpoint streams for sidecars."""
+    from meshgate import _runstate
+    from meshgate.config.identity import TRUST_DOMAIN
     from meshgate.control import ControlPlane, ControlSettings, RegistrySettings
+    from meshgate.control._ca import CaSettings
     from meshgate.control._runner import ControlStartError, database_url_for, run_control
     from meshgate.policies import schemas
 
@@ -536,6 +748,14 @@ def control(
             listen=listen,
             admin_token=admin_token,
             data_dir=data_dir,
+            ca=CaSettings.from_env(
+                trust_domain=trust_domain or TRUST_DOMAIN,
+                cert_ttl=cert_ttl,
+                key_file=ca_key_file,
+                cert=ca_cert,
+                cert_key=ca_key,
+                bundle=ca_bundle,
+            ),
             # Products are checked as gateways check them, policy configurations included.
             policy_schemas=None if custom_policies else schemas(),
             registry=RegistrySettings(
@@ -549,6 +769,7 @@ def control(
         )
 
         def ready(plane: ControlPlane) -> None:
+            _runstate.record(data_dir, "control", {"listen": listen, "url": f"http://{listen}"})
             typer.echo(
                 f"control plane: admin API http://{listen}/admin/api/ "
                 f"(OpenAPI at /admin/api/openapi.json)"
@@ -560,7 +781,13 @@ def control(
                     f"first used; kept in {kept} until then)"
                 )
 
-        run_control(settings, on_ready=ready)
+        def stopped() -> None:
+            _runstate.forget(data_dir / "control.run.json")
+
+        try:
+            run_control(settings, on_ready=ready, on_stopped=stopped)
+        finally:
+            stopped()
     except ControlStartError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -619,9 +846,31 @@ def sidecar(
     env: Annotated[str, typer.Option(help="Environment whose mesh configuration to use.")] = (
         "production"
     ),
+    bootstrap_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_BOOTSTRAP_TOKEN",
+            help="Get this instance's workload certificate from the control plane's CA with "
+            "this token (see `meshgate mesh token create`).",
+        ),
+    ] = None,
+    bundle_refresh: Annotated[
+        float,
+        typer.Option(min=0.1, max=3600, help="Seconds between checks of the CA's trust bundle."),
+    ] = 15.0,
     drain_seconds: Annotated[
         float | None, typer.Option(help="Grace for in-flight requests on SIGTERM.")
     ] = None,
+    edge_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.2,
+            max=3600,
+            help="Seconds between reports of this sidecar's calls for the service graph.",
+        ),
+    ] = 10.0,
+    tracing_endpoint: TracingEndpoint = None,
+    trace_sample_rate: TraceSampleRate = None,
     identity_cert: Annotated[
         Path | None,
         typer.Option(
@@ -632,14 +881,6 @@ def sidecar(
     trust_bundle: Annotated[
         Path | None, typer.Option(help="PEM roots peers' certificates chain to.")
     ] = None,
-    edge_interval: Annotated[
-        float,
-        typer.Option(
-            min=0.2,
-            max=3600,
-            help="Seconds between reports of this sidecar's calls for the service graph.",
-        ),
-    ] = 10.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run a sidecar beside one instance of a service; `-- APP ARGS` starts the app once the
@@ -671,6 +912,9 @@ def sidecar(
         "trust_bundle": str(trust_bundle.absolute()) if trust_bundle else None,
     }
     flags = {k: v for k, v in given.items() if v is not None}
+    tracing = _tracing_flags(tracing_endpoint, trace_sample_rate)
+    if tracing:
+        flags["tracing"] = tracing
     if ready_path is not None:
         flags["readiness"] = {"http": ready_path}
     try:
@@ -698,7 +942,11 @@ def sidecar(
     if control_plane is not None:
         if not token:
             raise _fail("--control-plane needs --token (or MESHGATE_CONTROL_PLANE_TOKEN)")
-        cp = ControlPlaneSettings(control_plane, token, env, edge_interval)
+        cp = ControlPlaneSettings(
+            control_plane, token, env, edge_interval, bootstrap_token, bundle_refresh
+        )
+    elif bootstrap_token:
+        raise _fail("--bootstrap-token needs --control-plane (its CA issues the certificate)")
     elif config is None:
         raise _fail("give --config FILE, or --control-plane URL with --token")
     # The sidecar runs without this command line's parser: the process becomes it.
@@ -710,6 +958,8 @@ def sidecar(
         "log_level": log_level.upper(),
     }
     environment = {**os.environ, SIDECAR_ENV: json.dumps(args)}
+    # Secrets ride in SIDECAR_ENV, which the sidecar takes out: the app does not inherit them.
+    environment.pop(BOOTSTRAP_TOKEN_ENV, None)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "meshgate.mesh"], environment)
@@ -729,6 +979,139 @@ def _port(value: str) -> int:
 
 
 @app.command()
+def status(
+    data_dir: Annotated[
+        Path, typer.Option(help="The data directory `up` or `control` was started with.")
+    ] = Path("meshgate-data"),
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_ADMIN_TOKEN",
+            help="An admin token (read scope); DATA_DIR's admin-token file by default.",
+        ),
+    ] = None,
+) -> None:
+    """What runs under the data directory: each component, its addresses, whether it
+    answers; the gateways attached to the control plane and the version each applied; the
+    mesh's instances. Exit status 1 when nothing runs or a component does not answer."""
+    from meshgate import _runstate
+
+    up = _runstate.read(data_dir, "up")
+    control = _runstate.read(data_dir, "control")
+    if up is None and control is None:
+        typer.echo(f"nothing runs under {data_dir}")
+        raise typer.Exit(1)
+    healthy = True
+
+    def line(name: str, where: str, ok: bool, extra: str = "") -> None:
+        nonlocal healthy
+        healthy = healthy and ok
+        state = "answering" if ok else "NOT ANSWERING"
+        typer.echo(f"  {name:<17} {where}  {state}{extra}")
+
+    typer.echo(f"meshgate under {data_dir}:")
+    if up is not None:
+        alive = _runstate.alive(up.get("pid"))
+        healthy = alive
+        typer.echo(f"  {'meshgate up':<17} pid {up.get('pid')}  {'running' if alive else 'GONE'}")
+    base = None
+    if control is not None:
+        base = str(control.get("url"))
+        line(
+            "control plane",
+            f"{base}/admin/api/",
+            _runstate.answers(control.get("listen")),
+            f" (pid {control.get('pid')})",
+        )
+    elif up is not None:
+        base = str(up.get("control_plane"))
+    if up is not None:
+        gateway = up.get("gateway") or {}
+        for key, label in (("listen", "gateway"), ("tls", "https"), ("admin", "gateway admin")):
+            if gateway.get(key):
+                line(label, str(gateway[key]), _runstate.answers(gateway[key]))
+        for integration in up.get("integration") or []:
+            url = str(integration.get("url"))
+            line("integration", url, _runstate.answers(url.split("//")[-1].split("/")[0]))
+            if integration.get("admin"):
+                admin = str(integration["admin"])
+                line("integration admin", admin, _runstate.answers(admin.split("//")[-1]))
+        for i in up.get("mesh") or []:
+            ok = _runstate.answers(f"127.0.0.1:{i.get('inbound')}")
+            line(
+                "sidecar",
+                f"{i.get('service')} {i.get('version')} inbound :{i.get('inbound')} "
+                f"outbound :{i.get('outbound')} admin :{i.get('admin')}",
+                ok,
+            )
+    token = token or _kept_token(data_dir)
+    if base is not None and token is not None:
+        _status_from_control_plane(base, token)
+    elif base is not None:
+        typer.echo("  (give --token to list the gateways and the mesh's instances)")
+    if not healthy:
+        raise typer.Exit(1)
+
+
+def _kept_token(data_dir: Path) -> str | None:
+    for name in ("admin-token", "bootstrap-token"):
+        try:
+            token = (data_dir / name).read_text().strip()
+        except OSError:
+            continue
+        if token:
+            return token
+    return None
+
+
+def _status_from_control_plane(base: str, token: str) -> None:
+    """The gateways with the version each applied, and the mesh's instances per service."""
+    import urllib.error
+    import urllib.request
+
+    def get(path: str) -> Any:
+        request = urllib.request.Request(
+            f"{base}/admin/api{path}", headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                body = json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+        return body
+
+    environments = get("/environments")
+    latest = {
+        e.get("name"): e.get("version")
+        for e in (environments if isinstance(environments, list) else [])
+        if isinstance(e, dict)
+    }
+    gateways = get("/dataplanes")
+    for gw in gateways if isinstance(gateways, list) else []:
+        newest = latest.get(gw.get("env"))
+        applied = gw.get("version") or "none"
+        behind = "" if newest is None or str(newest) == str(applied) else f" (newest {newest})"
+        state = "connected" if gw.get("connected") else "not seen for a minute"
+        error = f"; refused: {gw['error']}" if gw.get("error") else ""
+        typer.echo(
+            f"  {'gateway':<17} {gw.get('id')} ({gw.get('env')}) applied version "
+            f"{applied}{behind}, {state}{error}"
+        )
+    instances = get("/mesh/instances?env=production&per_page=5000")
+    counts: dict[str, list[int]] = {}
+    items = instances.get("items") if isinstance(instances, dict) else None
+    for item in items if isinstance(items, list) else []:
+        entry = counts.setdefault(str(item.get("service")), [0, 0])
+        entry[0] += 1
+        entry[1] += 1 if item.get("ready") else 0
+    if counts:
+        listed = ", ".join(
+            f"{name} {n} ({ready} ready)" for name, (n, ready) in sorted(counts.items())
+        )
+        typer.echo(f"  {'mesh':<17} {listed}")
+
+
+@app.command()
 def validate(file: Annotated[Path, typer.Argument(help="Configuration file to check.")]) -> None:
     """Check a gateway configuration file; print every error with its path."""
     from meshgate.gateway import load_gateway_config
@@ -736,8 +1119,14 @@ def validate(file: Annotated[Path, typer.Argument(help="Configuration file to ch
     try:
         config = load_gateway_config(file)
     except ConfigError as exc:
-        for line in exc.errors:
-            typer.echo(f"{file}: {line}" if ":" not in line else line, err=True)
+        for line in exc.errors[:MAX_ERRORS_SHOWN]:
+            # A path says where in the document; a syntax error's line and column, or a
+            # problem with the file itself, need the file's name.
+            named = ":" not in line or line.startswith("line ")
+            typer.echo(f"{file}: {line}" if named else line, err=True)
+        if len(exc.errors) > MAX_ERRORS_SHOWN:
+            more = len(exc.errors) - MAX_ERRORS_SHOWN
+            typer.echo(f"{file}: ... and {more} more errors", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{file}: valid ({len(config.products)} products)")
 
@@ -786,6 +1175,7 @@ ReadToken = Annotated[
     typer.Option(envvar="MESHGATE_ADMIN_TOKEN", help="An admin token (read scope is enough)."),
 ]
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8090"
+BOOTSTRAP_TOKEN_ENV = "MESHGATE_BOOTSTRAP_TOKEN"
 
 import_app = typer.Typer(
     help="Import API descriptions into the control plane.", no_args_is_help=True
@@ -1111,6 +1501,92 @@ def usage_limits(
         for i in result["limits"]
     ]
     _table(rows, ["metric", "period", "usage", "limit", "used", "resets"])
+
+
+mesh_app = typer.Typer(help="The mesh's workload identities.", no_args_is_help=True)
+mesh_token_app = typer.Typer(
+    help="Bootstrap tokens: how a sidecar or gateway gets its first certificate.",
+    no_args_is_help=True,
+)
+mesh_app.add_typer(mesh_token_app, name="token")
+app.add_typer(mesh_app, name="mesh")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(value: str) -> int:
+    """``90``, ``90s``, ``30m``, ``1h`` or ``7d`` in seconds."""
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit is not None else text
+    if not number.isdigit() or int(number) == 0:
+        raise _fail(f"--expires-in {value!r}: a duration such as 90s, 30m, 1h or 7d")
+    return int(number) * (unit or 1)
+
+
+@mesh_token_app.command("create")
+def mesh_token_create(
+    service: Annotated[
+        str, typer.Option(help="The service (meshgate-gateway for an edge gateway).")
+    ],
+    env: Annotated[str, typer.Option(help="The environment.")] = "production",
+    single_use: Annotated[
+        bool, typer.Option("--single-use", help="Good for one certificate only.")
+    ] = False,
+    expires_in: Annotated[
+        str | None, typer.Option(help="Refused after this long: 90s, 30m, 1h, 7d.")
+    ] = None,
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """Make a bootstrap token; it is printed once (give it to the sidecar as
+    MESHGATE_BOOTSTRAP_TOKEN)."""
+    body: dict[str, object] = {"service": service, "env": env, "single_use": single_use}
+    if expires_in is not None:
+        body["expires_in"] = _seconds(expires_in)
+    _, answer = _admin_call(
+        control_plane,
+        token,
+        "POST",
+        "/mesh/bootstrap-tokens",
+        None,
+        json.dumps(body).encode(),
+        "application/json",
+    )
+    created = json.loads(answer)
+    typer.echo(created["token"])
+    expiry = created["expires_at"] or "never"
+    typer.echo(
+        f"bootstrap token {created['id']} for {created['spiffe_id']} "
+        f"({'single use, ' if created['single_use'] else ''}expires {expiry}); shown once",
+        err=True,
+    )
+
+
+@mesh_token_app.command("list")
+def mesh_token_list(
+    service: Annotated[str | None, typer.Option(help="Only this service's.")] = None,
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """The bootstrap tokens (never their secret)."""
+    params = {"per_page": "500", **({"service": service} if service else {})}
+    _, answer = _admin_call(control_plane, token, "GET", "/mesh/bootstrap-tokens", params)
+    rows = [
+        [t["id"], t["spiffe_id"], t["state"], t["uses"], t["expires_at"] or "-"]
+        for t in json.loads(answer)["items"]
+    ]
+    _table(rows, ["id", "identity", "state", "uses", "expires"])
+
+
+@mesh_token_app.command("revoke")
+def mesh_token_revoke(
+    token_id: Annotated[int, typer.Argument(help="The token's id (see `list`).")],
+    control_plane: ControlPlaneUrl = DEFAULT_CONTROL_PLANE,
+    token: AdminToken = None,
+) -> None:
+    """Revoke a bootstrap token: no certificate is issued with it any more."""
+    _admin_call(control_plane, token, "DELETE", f"/mesh/bootstrap-tokens/{token_id}")
+    typer.echo(f"revoked bootstrap token {token_id}")
 
 
 from meshgate.billing.cli import billing_app  # noqa: E402

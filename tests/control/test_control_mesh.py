@@ -166,7 +166,7 @@ def test_invalid_services_are_refused_with_the_field_and_the_stored_config_is_ke
     not_json = control.api.put(
         "/mesh/services/reviews", content=b"{", headers={"Content-Type": "application/json"}
     )
-    problem(not_json, 422, "body")
+    problem(not_json, 400, "body")
     text = control.api.put(
         "/mesh/services/reviews", content=b"port: 1", headers={"Content-Type": "text/yaml"}
     )

@@ -53,6 +53,11 @@ def test_staging_follows_every_change_and_production_only_promotion(
         {"name": "basic", "limits": [{"metric": "hits", "period": "minute", "value": 5}]}
     ]
     assert [a["id"] for a in shop["applications"]] == [ids["application"]["app_id"]]
+    # Named with its account: what the gateway's consumer token tells the mesh.
+    assert (shop["applications"][0]["name"], shop["applications"][0]["account"]) == (
+        "app",
+        "shop-dev",
+    )
     assert cp.snapshot("production").json()["products"] == []
 
     cp.api.patch(f"/products/{product_id}", json={"path_prefix": "/v2/shop"})

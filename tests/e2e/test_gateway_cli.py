@@ -88,6 +88,47 @@ products:
         "products[0]: application 'app1' is on unknown plan 'gold'",
     ]
 
+    # Five errors of different kinds, reported in one pass: field errors, and the
+    # cross-references pydantic would check only once the fields were fixed.
+    five = tmp_path / "five.yaml"
+    five.write_text(
+        """\
+products:
+  - name: shop
+    backend: http://127.0.0.1:9
+    auth: {type: api_key}
+    timeout: -3
+    plans:
+      - name: basic
+        limits: [{metric: nosuch, period: minute, value: 10}]
+    applications: [{id: a1, plan: gold, keys: [k1]}]
+  - name: shop
+    backend: ftp://x
+    auth: {type: api_key}
+"""
+    )
+    result = meshgate("validate", str(five), cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("products[0].timeout: unknown field")
+    assert lines[1:] == [
+        "products[1].backend: must be an http:// or https:// URL, e.g. http://127.0.0.1:9001",
+        "top level: product names must be unique: 'shop'",
+        "products[0]: plan 'basic' limits unknown metric 'nosuch'",
+        "products[0]: application 'a1' is on unknown plan 'gold'",
+    ]
+    # Thousands of errors are not a wall of text: the first 200, then a count.
+    many = tmp_path / "many.yaml"
+    broken = {"backend": "ftp://x", "auth": {"type": "api_key"}}
+    many.write_text(yaml.safe_dump({"products": [{"name": f"p{i}", **broken} for i in range(300)]}))
+    lines = meshgate("validate", str(many), cwd=tmp_path).stderr.splitlines()
+    assert len(lines) == 201 and lines[-1] == f"{many}: ... and 100 more errors"
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("listen: [\n")
+    result = meshgate("validate", str(syntax), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{syntax}: line 2, column 1: "), result.stderr
+
     missing = meshgate("validate", str(tmp_path / "absent.yaml"), cwd=tmp_path)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "absent.yaml" in missing.stderr

@@ -7,6 +7,8 @@ import io
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections import Counter
 from importlib import resources
@@ -15,7 +17,8 @@ from pathlib import Path
 import httpx
 import pypdf
 import yaml
-from harness import Proc, free_port
+from harness import Proc, free_port, within
+from otlp_receiver import OtlpReceiver
 
 
 def example_path() -> Path:
@@ -44,7 +47,8 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     config = tmp_path / "example.yaml"
     config.write_text(yaml.safe_dump(example))
     data = tmp_path / "data"
-    tls_port = free_port()
+    tls_port, integration_admin, integration_port = free_port(), free_port(), free_port()
+    routes_url = f"http://127.0.0.1:{integration_port}"
     args = [
         "up",
         "--config",
@@ -56,7 +60,9 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         "--data-dir",
         str(data),
         "--integration-listen",
-        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{integration_port}",
+        "--integration-admin-listen",
+        f"127.0.0.1:{integration_admin}",
         "--tls-listen",
         f"127.0.0.1:{tls_port}",
     ]
@@ -65,6 +71,23 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         _wait_for("stop with Ctrl-C", proc)
         token = (data / "admin-token").read_text().strip()
         assert token in proc.stdout()
+        # Every address it serves is printed, the routes' admin listener included.
+        assert f"integration admin http://127.0.0.1:{integration_admin}" in proc.stdout()
+        routes = httpx.get(f"http://127.0.0.1:{integration_admin}/metrics")
+        assert routes.status_code == 200
+        # `meshgate status` says what runs, where, and which version the gateway applied.
+        status = subprocess.run(
+            [sys.executable, "-m", "meshgate", "status", "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"control plane     http://127.0.0.1:{control_port}/admin/api/  answering" in (
+            status.stdout
+        )
+        assert "demo-gateway (production) applied version" in status.stdout
+        assert ", connected" in status.stdout and "NOT" not in status.stdout
         gateway = f"http://{example['listen']}"
         assert httpx.get(f"{gateway}/echo/hello", headers={"X-API-Key": "k1"}).status_code == 200
         # HTTPS with the certificate made for localhost, trusted through the demo CA.
@@ -96,6 +119,12 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
             }
         assert set(versions) == {"v1", "v2"} and 0.04 <= versions["v2"] / 400 <= 0.18, versions
         assert beta == {"v2"}
+        # Every sidecar, and the gateway, holds a workload identity from the control plane's CA.
+        identity = httpx.get("http://127.0.0.1:15000/config").json()["identity"]
+        assert identity["spiffe_id"] == "spiffe://meshgate.local/ns/production/sa/orders"
+        admin = f"http://{example['admin_listen']}"
+        gateway_id = httpx.get(f"{admin}/config").json()["identity"]["spiffe_id"]
+        assert gateway_id == "spiffe://meshgate.local/ns/production/sa/meshgate-gateway"
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{control_port}/admin/api",
             headers={"Authorization": f"Bearer {token}"},
@@ -172,17 +201,39 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     for log in (proc.stderr(), (data / "control.log").read_text()):
         assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
     assert _closed(control_port), "the control plane outlived meshgate up"
+    after = subprocess.run(
+        [sys.executable, "-m", "meshgate", "status", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert after.returncode == 1 and f"nothing runs under {data}" in after.stdout
     assert _closed(15001) and _closed(9101), "the mesh demo outlived meshgate up"
 
-    # A second start keeps the data and the token, and seeds nothing again.
-    proc = Proc(args, tmp_path, "up-again")
+    # A second start keeps the data and the token, and seeds nothing again; this one traces
+    # every layer to a collector.
+    receiver = OtlpReceiver().__enter__()
+    traced = [*args, "--tracing-endpoint", receiver.endpoint]
+    proc = Proc(traced, tmp_path, "up-again")
     try:
         _wait_for("stop with Ctrl-C", proc)
+        assert httpx.get(f"{gateway}/echo/t", headers={"X-API-Key": "k1"}).status_code == 200
+        with httpx.Client(proxy="http://127.0.0.1:15001", timeout=10) as client:
+            assert client.get("http://payments/charge").status_code == 200
+        order = {"id": "o-9", "total": 5}
+        assert httpx.post(f"{routes_url}/orders", json=order).status_code == 200
+
+        def services() -> set[str]:
+            return {span.service for span in receiver.spans}
+
+        wanted = {"meshgate-gateway", "orders", "payments", "meshgate-integration"}
+        within(20, lambda: wanted <= services(), "spans of every layer")
         # A third, from another directory on the same ports, says why it cannot start and
         # leaves nothing behind.
         other = tmp_path / "other"
         other.mkdir()
-        third = Proc([*args[:-6], "--data-dir", str(other / "data"), *args[-4:]], other, "up-3")
+        elsewhere = [str(other / "data") if a == str(data) else a for a in args]
+        third = Proc(elsewhere, other, "up-3")
         assert third.popen.wait(30) == 1
         assert f"port {control_port} is in use: another meshgate up?" in third.stderr()
         assert not (other / "data").exists()
@@ -199,3 +250,4 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
     finally:
         proc.signal(signal.SIGINT)
         proc.stop()
+        receiver.__exit__()

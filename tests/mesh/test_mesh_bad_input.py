@@ -20,7 +20,7 @@ def test_request_series_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = MeshMetrics()
     for i in range(150):
         labels = ("destination", f"caller-{i}", "v1", "s", "s", "s", "v1", "http", "200", "-")
-        labels += ("none",)
+        labels += ("none", "unknown", "unknown")
         metrics.request(labels, 1.0, 0, 0)
     assert len(metrics.requests) == 101
     text = metrics.render().decode()

@@ -38,8 +38,9 @@ async def report_edges(request: Request, actor: DataplaneActor) -> Any:
     try:
         report = EdgeReport.model_validate_json(body)
     except ValidationError as exc:
+        malformed = any(e["type"] == "json_invalid" for e in exc.errors())
         raise Problem(
-            422,
+            400 if malformed else 422,
             f"the edge report is invalid: {exc.error_count()} error(s)",
             errors=[
                 {"field": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]}

@@ -87,7 +87,13 @@ def _validate(model: type[_M], data: dict[str, Any], source: str) -> _M:
         # Strict: "5" is not an integer and yes is not a string, as in the JSON Schema.
         return model.model_validate(data, strict=True)
     except ValidationError as exc:
-        raise ConfigError(_messages(exc, model), source) from None
+        lines = _messages(exc, model)
+        # Cross-references are checked once a model's fields are valid; a model that can
+        # read them from the raw document says them now, so that one pass finds every error.
+        more = getattr(model, "reference_problems", None)
+        if more is not None:
+            lines += [line for line in more(data) if line not in lines]
+        raise ConfigError(lines, source) from None
 
 
 def _read(path: str, max_bytes: int = MAX_BYTES) -> bytes:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from meshgate.config._fields import (
     HeaderName,
@@ -26,9 +26,16 @@ from meshgate.config._fields import (
     _Strict,
 )
 from meshgate.config._parse import MAX_BYTES, ConfigError, _kind_of, _parse_yaml, _read, _validate
+from meshgate.config.tracing import TracingSettings
 
 __all__ = [
     "AbortFault",
+    "AuthorizationPolicy",
+    "AuthorizationRule",
+    "ConsumerMatch",
+    "HeaderCondition",
+    "OperationMatch",
+    "SourceMatch",
     "ConnectionPool",
     "ConsistentHash",
     "DelayFault",
@@ -342,6 +349,105 @@ class Mtls(_Strict):
     mode: Literal["strict", "permissive", "disable"] = "permissive"
 
 
+def _check_pattern(value: str) -> str:
+    """Istio's value forms: exact, ``prefix*``, ``*suffix`` or ``*`` (any non-empty value)."""
+    if value != "*" and "*" in value[1:-1]:
+        raise ValueError(
+            f"{value[:80]!r}: '*' may only start or end a value (a suffix or a prefix match), "
+            "as in Istio; regular expressions are not supported"
+        )
+    if value.startswith("*") and value.endswith("*") and value != "*":
+        raise ValueError(f"{value[:80]!r}: give a prefix (a*) or a suffix (*a), not both")
+    return value
+
+
+# A value an authorization rule matches; control characters could never be on the wire.
+Pattern = Annotated[
+    str,
+    Field(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    AfterValidator(_check_pattern),
+]
+Patterns = Annotated[list[Pattern], Field(min_length=1, max_length=256)]
+_Method = Annotated[str, Field(pattern=r"^[A-Z]{1,20}$")]
+
+
+class SourceMatch(_Strict):
+    """Who calls: the caller's SPIFFE ID, proved by mutual TLS (``spiffe://`` optional, as
+    Istio writes ``cluster.local/ns/default/sa/sleep``)."""
+
+    principals: Patterns | None = None
+    not_principals: Patterns | None = None
+
+
+class OperationMatch(_Strict):
+    """What is asked: paths and methods."""
+
+    paths: Patterns | None = None
+    not_paths: Patterns | None = None
+    methods: Annotated[list[_Method], Field(min_length=1, max_length=64)] | None = None
+    not_methods: Annotated[list[_Method], Field(min_length=1, max_length=64)] | None = None
+
+    @field_validator("paths", "not_paths")
+    @classmethod
+    def _paths(cls, values: list[str] | None) -> list[str] | None:
+        for value in values or ():
+            if not value.startswith(("/", "*")):
+                raise ValueError(f"{value[:80]!r}: a path starts with / (or * for a suffix)")
+        return values
+
+
+class HeaderCondition(_Strict):
+    """A request header's value: one of ``values``, none of ``not_values``."""
+
+    header: HeaderName
+    values: Patterns | None = None
+    not_values: Patterns | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> HeaderCondition:
+        if self.values is None and self.not_values is None:
+            raise ValueError("give values, not_values or both")
+        return self
+
+
+_ConsumerValues = Annotated[list[Pattern], Field(min_length=1, max_length=1024)]
+
+
+class ConsumerMatch(_Strict):
+    """The API consumer the edge gateway authenticated (its verified consumer token): a
+    rule with ``consumer`` holds only for requests that carry one."""
+
+    applications: _ConsumerValues | None = None
+    plans: _ConsumerValues | None = None
+    products: _ConsumerValues | None = None
+    accounts: _ConsumerValues | None = None
+
+
+class AuthorizationRule(_Strict):
+    """Every part given must hold; within a list, any value (Istio's rule)."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    source: SourceMatch | None = Field(None, alias="from")
+    to: OperationMatch | None = None
+    when: list[HeaderCondition] = Field([], max_length=32)
+    consumer: ConsumerMatch | None = None
+
+
+class AuthorizationPolicy(_Strict):
+    """Istio's AuthorizationPolicy on the service's inbound side: deny policies first, then,
+    when the service has any allow policy, a request must match one."""
+
+    name: str = Field(pattern=_SUBSET)
+    action: Literal["allow", "deny"] = "allow"
+    rules: list[AuthorizationRule] = Field(
+        [],
+        max_length=64,
+        description="Any of them; none matches nothing (an allow policy without rules "
+        "allows nothing).",
+    )
+
+
 class Service(_Strict):
     name: ServiceName
     protocol: Literal["http", "http2", "tcp"] = Field(
@@ -362,6 +468,11 @@ class Service(_Strict):
     routes: list[HttpRoute] = Field(
         [], max_length=256, description="HTTP routes; all requests to all instances if none."
     )
+    authorization: list[AuthorizationPolicy] = Field(
+        [],
+        max_length=64,
+        description="Checked by the service's own sidecars on every request they receive.",
+    )
 
     _vip = field_validator("virtual_ip")(
         classmethod(lambda cls, v: None if v is None else _check_ip(v))
@@ -373,6 +484,11 @@ class Service(_Strict):
         names = [s.name for s in self.subsets]
         if len(set(names)) != len(names):
             problems.append("subset names must be unique")
+        policies = [p.name for p in self.authorization]
+        if len(set(policies)) != len(policies):
+            problems.append("authorization policy names must be unique")
+        if self.protocol == "tcp" and self.authorization:
+            problems.append("authorization is for http services; a tcp service has none yet")
         if self.protocol == "tcp" and self.routes:
             problems.append("routes are for http services; a tcp service has none")
         for i, instance in enumerate(self.instances):
@@ -494,6 +610,10 @@ class SidecarSettings(_Strict):
     upstreams: list[Upstream] = Field([], max_length=1024)
     drain_seconds: float = Field(20, ge=0, le=3600, description="Grace for in-flight requests.")
     access_log: bool = True
+    tracing: TracingSettings = Field(
+        TracingSettings(),
+        description="W3C Trace Context and OTLP/HTTP export of the sidecar's spans.",
+    )
     identity_cert: str | None = Field(
         None,
         max_length=4096,
@@ -552,7 +672,11 @@ def parse_mesh(
     if sidecar:
         section = data.get("sidecar")
         merged = dict(section) if isinstance(section, dict) else {}
-        merged.update(sidecar)
+        for key, value in sidecar.items():
+            # A flag sets one field of a section (tracing), not the whole section.
+            if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+                value = {**merged[key], **value}
+            merged[key] = value
         data["sidecar"] = merged
     return _validate(SidecarConfig, data, source)
 

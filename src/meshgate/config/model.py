@@ -37,6 +37,8 @@ from meshgate.config._fields import (  # noqa: F401 (re-exported)
     _check_url,
     _Strict,
 )
+from meshgate.config.identity import IdentityFiles
+from meshgate.config.tracing import TracingSettings
 
 PERIODS = ("minute", "hour", "day", "week", "month", "year", "eternity")
 Period = Literal["minute", "hour", "day", "week", "month", "year", "eternity"]
@@ -117,6 +119,12 @@ class Application(_Strict):
     )
     client_id: str | None = Field(
         None, description="jwt: value of the application claim; defaults to the id."
+    )
+    name: str | None = Field(
+        None, max_length=200, description="Its name, as the consumer token tells the mesh."
+    )
+    account: str | None = Field(
+        None, max_length=200, description="Its account's name, as the consumer token tells it."
     )
     certificates: list[ClientCertificate] = Field(
         default_factory=list,
@@ -315,11 +323,28 @@ class UpstreamTls(_Strict):
     )
     client_cert: str | None = Field(None, description="PEM client certificate (upstream mTLS).")
     client_key: str | None = Field(None, description="PEM key of client_cert.")
+    mesh_service: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)*$",
+        max_length=253,
+        description="The backends are this mesh service's sidecars: mutual TLS with the "
+        "gateway's identity, the server checked to be the service's workload.",
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> UpstreamTls:
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("give client_cert and client_key together")
+        if self.mesh_service is not None and (
+            self.client_cert is not None
+            or self.ca_file is not None
+            or not self.verify
+            or self.server_name is not None
+        ):
+            raise ValueError(
+                "mesh_service uses the gateway's identity and trust bundle: give no ca_file, "
+                "verify, server_name or client certificate with it"
+            )
         return self
 
 
@@ -452,10 +477,21 @@ class Product(_Strict):
                 problems.append(
                     f"backend {usage.url}: protocol h2c is cleartext HTTP/2; over TLS it is h2"
                 )
+            mesh = self.upstream_tls is not None and self.upstream_tls.mesh_service is not None
+            if mesh and not usage.url.startswith("https://"):
+                problems.append(
+                    f"backend {usage.url}: upstream_tls.mesh_service calls the mesh over mutual "
+                    "TLS: give its sidecars' inbound address as an https:// backend"
+                )
+            if mesh and self.backend_protocol(usage) != "http1":
+                problems.append(
+                    f"backend {usage.url}: upstream_tls.mesh_service speaks HTTP/1.1 to the "
+                    "mesh (protocol http1)"
+                )
         if self.key_salt is None and any(a.key_hashes for a in self.applications):
             problems.append("applications carry key_hashes: give the product's key_salt")
         if len(known) != len(names):
-            problems.append("metric names must be unique")
+            problems.append(f"metric names must be unique: {_twice(names)}")
         for m in self.metrics:
             if m.parent is not None and m.parent not in known:
                 problems.append(f"metric {m.name!r} has unknown parent {m.parent!r}")
@@ -477,14 +513,14 @@ class Product(_Strict):
                 )
         plans = [p.name for p in self.plans]
         if len(set(plans)) != len(plans):
-            problems.append("plan names must be unique")
+            problems.append(f"plan names must be unique: {_twice(plans)}")
         for plan in self.plans:
             for lim in plan.limits:
                 if lim.metric not in known:
                     problems.append(f"plan {plan.name!r} limits unknown metric {lim.metric!r}")
         apps = [a.id for a in self.applications]
         if len(set(apps)) != len(apps):
-            problems.append("application ids must be unique")
+            problems.append(f"application ids must be unique: {_twice(apps)}")
         for app in self.applications:
             if app.plan not in plans:
                 problems.append(f"application {app.id!r} is on unknown plan {app.plan!r}")
@@ -538,6 +574,15 @@ class UsageConfig(_Strict):
         256 * 2**20,
         ge=65536,
         description="Bytes of unsent batches kept on disk; beyond, the oldest is dropped.",
+    )
+
+
+class ConsumerTokenConfig(_Strict):
+    """The consumer token sent upstream with each request let through (with an identity)."""
+
+    enabled: bool = True
+    ttl: float = Field(
+        60, ge=10, le=3600, description="Seconds a token lives; signed again at half its life."
     )
 
 
@@ -620,6 +665,17 @@ class Config(_Strict):
     upstream_keepalive: int = Field(
         64, ge=0, description="Idle upstream connections kept per backend."
     )
+    tracing: TracingSettings = Field(
+        TracingSettings(),
+        description="W3C Trace Context and OTLP/HTTP export of the gateway's spans (a local "
+        "setting: read at start).",
+    )
+    identity: IdentityFiles | None = Field(
+        None,
+        description="The gateway's workload identity from files (its SPIFFE ID names the "
+        "service meshgate-gateway): it signs the consumer tokens.",
+    )
+    consumer_token: ConsumerTokenConfig = ConsumerTokenConfig()
     products: list[Product] = []
     version: str | None = Field(
         None, description="Set by a control plane: the snapshot version this document is."
@@ -635,12 +691,31 @@ class Config(_Strict):
     def _admin(cls, value: str | None) -> str | None:
         return None if value is None else _check_listen(value)
 
+    @classmethod
+    def reference_problems(cls, data: Any) -> list[str]:
+        """What the cross-reference checks would say of a raw document whose fields did not
+        all validate (pydantic skips a model's own checks then): names used twice, limits
+        and rules on unknown metrics, applications on unknown plans. Read leniently: what
+        is not the right shape is another error's business."""
+        out: list[str] = []
+        products = data.get("products") if isinstance(data, dict) else None
+        if not isinstance(products, list):
+            return out
+        raw = [p.get("name") for p in products if isinstance(p, dict)]
+        names = [n for n in raw if isinstance(n, str)]
+        if len(set(names)) != len(names):
+            out.append(f"top level: product names must be unique: {_twice(names)}")
+        for i, product in enumerate(products):
+            if isinstance(product, dict):
+                out += [f"products[{i}]: {line}" for line in _product_references(product)]
+        return out
+
     @model_validator(mode="after")
     def _unique_products(self) -> Config:
         names = [p.name for p in self.products]
         problems = []
         if len(set(names)) != len(names):
-            problems.append("product names must be unique")
+            problems.append(f"product names must be unique: {_twice(names)}")
         if self.listen is None and self.tls is None:
             problems.append("give listen, tls, or both")
         if self.tls is not None:
@@ -654,3 +729,61 @@ class Config(_Strict):
         if problems:
             raise Problems(problems)
         return self
+
+
+def _twice(names: list[str]) -> str:
+    """The names that occur more than once, in order: 'a', 'b'."""
+    seen: set[str] = set()
+    again: dict[str, None] = {}
+    for name in names:
+        if name in seen:
+            again[name] = None
+        seen.add(name)
+    return ", ".join(map(repr, again))
+
+
+def _named(value: Any, key: str = "name") -> list[str] | None:
+    """The names of a raw list of mappings, or None when any entry is not a mapping with a
+    string name (then what it refers to cannot be known, and nothing is said of it)."""
+    if not isinstance(value, list):
+        return None
+    names = [v.get(key) for v in value if isinstance(v, dict)]
+    strings = [n for n in names if isinstance(n, str)]
+    return strings if len(strings) == len(value) else None
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _product_references(product: dict[str, Any]) -> list[str]:
+    """Product._references' cross-reference checks on a raw product."""
+    problems: list[str] = []
+    metrics = _named(product.get("metrics", [{"name": "hits"}]))
+    if metrics is not None and len(set(metrics)) != len(metrics):
+        problems.append(f"metric names must be unique: {_twice(metrics)}")
+    if metrics is not None:
+        for rule in _dicts(product.get("mapping_rules", [])):
+            metric = rule.get("metric", "hits")
+            if isinstance(metric, str) and metric not in metrics:
+                problems.append(
+                    f"mapping rule {rule.get('pattern')!r} names unknown metric {metric!r}"
+                )
+    plans = _named(product.get("plans", []))
+    if plans is not None and len(set(plans)) != len(plans):
+        problems.append(f"plan names must be unique: {_twice(plans)}")
+    if metrics is not None:
+        for plan in _dicts(product.get("plans", [])):
+            for limit in _dicts(plan.get("limits", [])):
+                metric = limit.get("metric")
+                if isinstance(metric, str) and metric not in metrics:
+                    problems.append(f"plan {plan.get('name')!r} limits unknown metric {metric!r}")
+    ids = _named(product.get("applications", []), "id")
+    if ids is not None and len(set(ids)) != len(ids):
+        problems.append(f"application ids must be unique: {_twice(ids)}")
+    if plans is not None:
+        for app in _dicts(product.get("applications", [])):
+            on = app.get("plan")
+            if isinstance(on, str) and on not in plans:
+                problems.append(f"application {app.get('id')!r} is on unknown plan {on!r}")
+    return problems

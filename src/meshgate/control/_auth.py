@@ -115,6 +115,8 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="meshgate"'}
 _PUBLIC = ("/admin/api/openapi.json", "/admin/api/docs", "/admin/api/docs/oauth2-redirect")
 # Swagger UI's scripts and styles, served from the package.
 _PUBLIC_PREFIX = "/admin/api/docs/assets/"
+# Authenticated by their own means: a bootstrap token or a workload's current certificate.
+_OWN_AUTH = "/dp/v1/identity/"
 
 
 def _authenticate(request: Request, authorization: str | None) -> Actor:
@@ -145,6 +147,7 @@ class AuthenticationGate:
             path.startswith(("/admin/api/", "/dp/v1/"))
             and path not in _PUBLIC
             and not path.startswith(_PUBLIC_PREFIX)
+            and not path.startswith(_OWN_AUTH)
         ):
             request = Request(scope)
             try:

@@ -62,7 +62,7 @@ async def _json_body(request: Request) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise Problem(422, f"the body is not JSON: {exc}", field="body") from None
+        raise Problem(400, f"the body is not JSON: {exc}", field="body") from None
 
 
 # Services

@@ -9,7 +9,10 @@
   ``meshgate_control_snapshot_version{env}``;
 - ``meshgate_control_dataplanes{env,connected}`` and
   ``meshgate_control_dataplane_applied_version{dataplane,env}`` (read from the store when
-  scraped), and the mesh registry's instances and streams.
+  scraped), and the mesh registry's instances and streams;
+- ``meshgate_control_ca_certificates_issued_total`` and
+  ``meshgate_control_ca_refusals_total{reason}``: the mesh CA's workload certificates, and
+  the requests for one it refused (``bad_token``, ``used_token``, ``weak_key``, ...).
 
 Each application has a registry of its own (several control planes can share a process, as
 tests do); nothing is global.
@@ -23,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -159,6 +162,20 @@ class _Live:
             if isinstance(value, int | float):
                 registry.add_metric([kind], value)
         yield registry
+        issued = CounterMetricFamily(
+            "meshgate_control_ca_certificates_issued",
+            "Workload certificates the mesh CA issued (first ones and renewals).",
+        )
+        issued.add_metric([], plane.ca.issued)
+        yield issued
+        refusals = CounterMetricFamily(
+            "meshgate_control_ca_refusals",
+            "Certificate requests the mesh CA refused, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(plane.ca.refusals.items()):
+            refusals.add_metric([reason], count)
+        yield refusals
 
 
 class RequestMetrics:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from meshgate.control import _mesh, snapshots
 from meshgate.control._auth import TokenCache, hash_token, new_token
+from meshgate.control._ca import CaSettings, CertificateAuthority
 from meshgate.control._db import Database
 from meshgate.control._metrics import ControlMetrics
 from meshgate.control._problems import Problem
@@ -55,6 +56,8 @@ class ControlSettings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     # Usage alerts' mail and retries; None: from the environment (MESHGATE_SMTP_URL, ...).
     alerts: AlertSettings | None = None
+    # The mesh CA: trust domain, certificate lifetime, its key or the operator's intermediate.
+    ca: CaSettings = field(default_factory=CaSettings)
 
 
 class Service(Protocol):
@@ -98,6 +101,7 @@ class ControlPlane:
         # Called with each usage batch stored (analytics.ingest.Ingested), after its commit.
         self.usage_listeners: list[Callable[[Any], None]] = []
         self.services: list[Service] = []
+        self.ca = CertificateAuthority(self.db, settings.ca, settings.data_dir)
 
     # Start and stop
 
@@ -105,6 +109,7 @@ class ControlPlane:
         """Migrate the store, make sure an admin token exists, publish every environment."""
         self.db.migrate()
         self.bootstrap_token = self._bootstrap_token()
+        self.ca.prepare()
         for env in snapshots.ENVIRONMENTS:
             self.publish(env, "start")
             with self.db.writer() as session, session.begin():

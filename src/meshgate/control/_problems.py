@@ -80,16 +80,24 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+# Errors listed in one problem at most.
+MAX_ERRORS = 200
+
+
 def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = []
     for error in exc.errors():
         if error.get("type") == "json_invalid":
-            # FastAPI puts the character offset where the field goes.
+            # A body that does not parse is malformed (400), as on integration routes; one
+            # that parses but does not hold is invalid (422). FastAPI puts the character
+            # offset where the field goes.
             where = error["loc"][-1]
             reason = (error.get("ctx") or {}).get("error", "invalid JSON")
-            errors.append({"field": "body", "message": f"not JSON: {reason} at {where}"})
-            continue
+            message = f"not JSON: {reason} at {where}"
+            return problem_response(
+                400, f"body: {message}", errors=[{"field": "body", "message": message}]
+            )
         if error["loc"] == ("body",) and error["type"] != "missing" and not _json(request):
             # The body was not parsed at all: it was not sent as JSON.
             return problem_response(
@@ -101,7 +109,10 @@ def _validation(request: Request, exc: Exception) -> JSONResponse:
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         errors.append({"field": _field(loc), "message": message})
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
-    return problem_response(422, detail, errors=errors)
+    if len(errors) > 5:
+        detail += f"; and {len(errors) - 5} more"
+    # Every error is listed, up to a bound a client can still read.
+    return problem_response(422, detail, errors=errors[:MAX_ERRORS])
 
 
 def _without_tags(loc: tuple[Any, ...], sent: Any, missing: bool) -> tuple[Any, ...]:

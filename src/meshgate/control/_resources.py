@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
 from meshgate.config import new_salt
-from meshgate.config.model import UpstreamTls, check_backend_url, check_path_prefix
+from meshgate.config.model import UpstreamTls
 from meshgate.control import schemas as s
 from meshgate.control._crud import Change, Parent, Resource, routes
 from meshgate.control._problems import Problem
@@ -29,13 +29,6 @@ from meshgate.control.models import (
 __all__ = ["RESOURCES", "router"]
 
 
-def _checked(field: str, check: Any, value: Any) -> Any:
-    try:
-        return check(value)
-    except ValueError as exc:
-        raise Problem(422, f"{field}: {exc}", field=f"body.{field}") from None
-
-
 def _metric_of(change: Change, metric_id: int, product_id: int, field: str = "metric_id") -> Metric:
     metric = change.session.get(Metric, metric_id)
     if metric is None or metric.product_id != product_id:
@@ -53,14 +46,10 @@ def _prepare_product(change: Change, row: Product, data: dict[str, Any], creatin
         data["upstream_tls"] = UpstreamTls.model_validate(data["upstream_tls"]).model_dump(
             exclude_none=True
         )
-    if "path_prefix" in data:
-        data["path_prefix"] = _checked("path_prefix", check_path_prefix, data["path_prefix"])
+    # path_prefix and backend were checked with the request's other fields (schemas).
     if creating:
         row.key_salt = new_salt()
-        backend = data.pop("backend", None)
-        if backend is not None:
-            _checked("backend", check_backend_url, backend)
-        change.request.state.first_backend = backend
+        change.request.state.first_backend = data.pop("backend", None)
 
 
 def _product_created(change: Change, row: Product) -> None:
@@ -81,13 +70,6 @@ def _deleting_product(change: Change, row: Product) -> None:
         raise Problem(
             409, f"product {row.name!r} has {count} applications: delete or move them first"
         )
-
-
-def _prepare_backend(change: Change, row: Backend, data: dict[str, Any], creating: bool) -> None:
-    if "path" in data:
-        data["path"] = _checked("path", check_path_prefix, data["path"])
-    if "url" in data:
-        _checked("url", check_backend_url, data["url"])
 
 
 def _prepare_metric(change: Change, row: Metric, data: dict[str, Any], creating: bool) -> None:
@@ -228,7 +210,6 @@ RESOURCES = [
         s.BackendUpdate,
         parent=PRODUCTS,
         scope="config",
-        prepare=_prepare_backend,
         tag="products",
     ),
     Resource(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from meshgate.control._ca import CaError
 from meshgate.control._plane import ControlPlane, ControlSettings
 from meshgate.control.app import create_app
 
@@ -32,7 +33,9 @@ def database_url_for(data_dir: Path) -> str:
 
 
 def run_control(
-    settings: ControlSettings, on_ready: Callable[[ControlPlane], None] | None = None
+    settings: ControlSettings,
+    on_ready: Callable[[ControlPlane], None] | None = None,
+    on_stopped: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM. The listening socket is bound before anything is
     stored, so a busy port costs nothing (no admin token made and lost)."""
@@ -40,6 +43,8 @@ def run_control(
     plane = ControlPlane(settings)
     try:
         plane.prepare()
+    except CaError as exc:
+        raise ControlStartError(f"the mesh CA: {exc}") from None
     except Exception as exc:  # the database is unreachable, or a migration failed
         raise ControlStartError(
             f"cannot open the database {plane.db.engine.url!r}: {str(exc).splitlines()[0]}"
@@ -68,7 +73,13 @@ def run_control(
         # wait its whole graceful timeout for them (their sidecars reconnect elsewhere).
         plane.registry.close()
         plane.end_long_polls()
-        await stop_serving(sockets)
+        try:
+            await stop_serving(sockets)
+        finally:
+            # uvicorn ends the process with the signal that stopped it, right after: what
+            # must happen on the way out happens here.
+            if on_stopped is not None:
+                on_stopped()
 
     server.shutdown = shutdown  # type: ignore[method-assign]
     if on_ready is not None:

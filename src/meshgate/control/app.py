@@ -17,6 +17,9 @@ from meshgate.config.usage import MAX_BATCH_BYTES
 from meshgate.control import _problems
 from meshgate.control._applications import router as applications
 from meshgate.control._auth import AuthenticationGate
+from meshgate.control._ca_api import MAX_IDENTITY_BODY
+from meshgate.control._ca_api import admin as ca_admin
+from meshgate.control._ca_api import dataplane as identity_dataplane
 from meshgate.control._declarative_api import router as declarative
 from meshgate.control._environments import admin as environments
 from meshgate.control._environments import dataplane
@@ -141,13 +144,14 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
     app.state.plane = plane
     _problems.install(app)
     app.openapi = lambda: _problems.document_problems(app)  # type: ignore[method-assign]
-    for router in (resources, applications, environments, mesh, analytics.admin, billing):
+    for router in (resources, applications, environments, mesh, ca_admin, analytics.admin, billing):
         app.include_router(router, prefix="/admin/api")
     app.include_router(declarative, prefix="/admin/api")
     app.include_router(alerts_api.router, prefix="/admin/api")
     app.include_router(graph_api.admin, prefix="/admin/api")
     app.include_router(dataplane)
     app.include_router(mesh_dataplane)
+    app.include_router(identity_dataplane)
     app.include_router(analytics.dataplane)
     app.include_router(graph_api.dataplane)
     plane.services.append(Retention())
@@ -180,6 +184,7 @@ def create_app(settings: ControlSettings, plane: ControlPlane | None = None) -> 
             # The first prefix that matches sets the limit.
             "/dp/v1/mesh/edges": graph_api.MAX_REPORT_BYTES,
             "/dp/v1/mesh/": MAX_MESH_DATAPLANE_BODY,
+            "/dp/v1/identity/": MAX_IDENTITY_BODY,
             "/dp/v1/usage": MAX_BATCH_BYTES,
             "/admin/api/webhooks": alerts_api.MAX_WEBHOOK_BODY,
         },

@@ -37,6 +37,8 @@ __all__ = [
     "AuditEntry",
     "Backend",
     "Base",
+    "BootstrapToken",
+    "CaAuthority",
     "Dataplane",
     "EnvironmentProduct",
     "Limit",
@@ -368,3 +370,35 @@ class Dataplane(Base):
     error: Mapped[str | None] = mapped_column(Text)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CaAuthority(Base):
+    """A signing certificate of the mesh's CA: a root it made (``active`` signs, ``previous``
+    is still trusted while a rotation lasts, ``retired`` is neither). The private key is
+    encrypted (AES-GCM) with a key the store never sees."""
+
+    __tablename__ = "ca_authorities"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    key_encrypted: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BootstrapToken(Base):
+    """A token that lets one service of one environment obtain its first certificate;
+    stored only as a SHA-256 hash."""
+
+    __tablename__ = "mesh_bootstrap_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(80), unique=True)
+    service: Mapped[str] = mapped_column(String(128))
+    env: Mapped[str] = mapped_column(String(32))
+    single_use: Mapped[bool] = mapped_column(Boolean, default=False)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

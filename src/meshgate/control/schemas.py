@@ -34,8 +34,15 @@ from meshgate.config.model import (
     Period,
     PolicyEntry,
     UpstreamTls,
+    check_backend_url,
+    check_path_prefix,
 )
 from meshgate.config.model import MappingRule as ConfigMappingRule
+
+# Checked as gateways check them, by pydantic with the request's other fields: every
+# error of a request is reported at once.
+PathPrefix = Annotated[str, StringConstraints(max_length=1000), AfterValidator(check_path_prefix)]
+BackendUrl = Annotated[str, StringConstraints(max_length=2000), AfterValidator(check_backend_url)]
 
 _PROTOCOL = (
     "HTTP to the product's backends: http1, h2 (HTTP/2 over TLS) or h2c (cleartext HTTP/2 "
@@ -240,7 +247,7 @@ class ProductCreate(_In):
     hosts: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(
         ["*"], max_length=100
     )
-    path_prefix: Annotated[str, StringConstraints(max_length=1000)] = "/"
+    path_prefix: PathPrefix = "/"
     strip_prefix: bool = True
     auth: Auth
     hide_credentials: bool = Field(
@@ -260,7 +267,7 @@ class ProductCreate(_In):
     max_upstream_connections: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         1024, description=_MAX_CONNECTIONS
     )
-    backend: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+    backend: BackendUrl | None = Field(
         None, description="Shorthand: one backend at / created with the product."
     )
 
@@ -271,7 +278,7 @@ class ProductUpdate(_In):
     hosts: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] | None = Field(
         None, max_length=100
     )
-    path_prefix: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    path_prefix: PathPrefix | None = None
     strip_prefix: bool | None = None
     auth: Auth | None = None
     hide_credentials: bool | None = None
@@ -308,14 +315,14 @@ class ProductOut(_Out):
 
 
 class BackendCreate(_In):
-    path: Annotated[str, StringConstraints(max_length=1000)] = "/"
-    url: Annotated[str, StringConstraints(max_length=2000)]
+    path: PathPrefix = "/"
+    url: BackendUrl
     name: Annotated[str, StringConstraints(max_length=200)] = ""
 
 
 class BackendUpdate(_In):
-    path: Annotated[str, StringConstraints(max_length=1000)] | None = None
-    url: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    path: PathPrefix | None = None
+    url: BackendUrl | None = None
     name: Annotated[str, StringConstraints(max_length=200)] | None = None
 
 

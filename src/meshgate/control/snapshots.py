@@ -204,7 +204,7 @@ def compile_environment(session: Session, env: str) -> Compiled:
     ):
         key_hashes[app_id].append(key_hash)
     apps_by_product: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for row_id, product_id, public_id, state, plan, account_state, certs in session.execute(
+    rows = session.execute(
         select(
             Application.id,
             Application.product_id,
@@ -213,15 +213,19 @@ def compile_environment(session: Session, env: str) -> Compiled:
             Plan.name,
             Account.state,
             Application.certificates,
+            Application.name,
+            Account.name,
         )
         .join(Plan, Plan.id == Application.plan_id)
         .join(Account, Account.id == Application.account_id)
         .order_by(Application.id)
-    ):
+    )
+    for row_id, product_id, public_id, state, plan, account_state, certs, name, account in rows:
         # As 3scale: a suspended (or not yet approved) account's applications are refused.
         if account_state != "approved" and state == "live":
             state = "suspended" if account_state == "suspended" else "pending"
-        app: dict[str, Any] = {"id": public_id, "plan": plan}
+        # Name and account ride in the consumer token the gateway sends into the mesh.
+        app: dict[str, Any] = {"id": public_id, "plan": plan, "name": name, "account": account}
         if state != "live":
             app["state"] = state
         hashes = key_hashes.get(row_id)

@@ -19,7 +19,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MeshDemo", "PAYMENTS", "Instance", "INSTANCES", "demo_ports", "start_mesh_demo"]
+__all__ = [
+    "INSTANCES",
+    "PAYMENTS",
+    "Instance",
+    "MeshDemo",
+    "bootstrap_token",
+    "demo_ports",
+    "start_mesh_demo",
+]
 
 # The payments service as the demo seeds it (staging, then promoted to production).
 PAYMENTS = {
@@ -131,9 +139,31 @@ def _seed(base: str, token: str) -> None:
     call("POST", "/mesh/promote", {})
 
 
-def start_mesh_demo(base: str, token: str, log_dir: Path) -> MeshDemo:
-    """Seed the control plane, then start every instance's app and sidecar."""
+def bootstrap_token(base: str, token: str, service: str) -> str:
+    """A bootstrap token for ``service``'s workload certificates (production), good for a
+    day and for every instance started with it: a demo's instances start together."""
+    request = urllib.request.Request(
+        f"{base}/admin/api/mesh/bootstrap-tokens",
+        data=json.dumps({"service": service, "env": "production", "expires_in": 86400}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return str(json.loads(response.read())["token"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise RuntimeError(
+            f"the control plane gave no bootstrap token for {service}: {exc}"
+        ) from None
+
+
+def start_mesh_demo(
+    base: str, token: str, log_dir: Path, tracing: list[str] | None = None
+) -> MeshDemo:
+    """Seed the control plane, then start every instance's app and sidecar, each sidecar
+    with a workload identity from the control plane's CA."""
     _seed(base, token)
+    identities = {i.service: bootstrap_token(base, token, i.service) for i in INSTANCES}
     log_dir.mkdir(parents=True, exist_ok=True)
     processes: list[subprocess.Popen[bytes]] = []
     demo = MeshDemo(processes, log_dir)
@@ -185,11 +215,16 @@ def start_mesh_demo(base: str, token: str, log_dir: Path) -> MeshDemo:
                         # A demo stops at once: no callers outside it to wait for.
                         "--drain-seconds",
                         "0.5",
+                        *(tracing or []),
                     ],  # fmt: skip
                     stdout=subprocess.DEVNULL,
                     stderr=sidecar_log,
                     start_new_session=True,
-                    env={**os.environ, "MESHGATE_CONTROL_PLANE_TOKEN": token},
+                    env={
+                        **os.environ,
+                        "MESHGATE_CONTROL_PLANE_TOKEN": token,
+                        "MESHGATE_BOOTSTRAP_TOKEN": identities[i.service],
+                    },
                 )
             )
         _wait_ready(demo)

@@ -6,7 +6,8 @@
   the ``x-meshgate-source`` it was called with, and the body's length; header ``x-served-by``
 - ``/status/N`` answers N; ``/delay/S`` answers after S seconds
 - ``/call/SERVICE/REST`` calls ``http://SERVICE/REST`` through the sidecar's outbound proxy
-  (``--proxy HOST:PORT``) and wraps the answer: how services call each other in the demo
+  (``--proxy HOST:PORT``) and wraps the answer: how services call each other in the demo;
+  the request's ``traceparent``/``tracestate`` go with the call, so that it joins the trace
 - ``POST /admin/fail?status=503`` makes this instance answer that status to everything else
   until ``POST /admin/recover``: for breaking one instance in the walkthrough;
   ``POST /admin/slow?seconds=S`` makes it answer everything after S seconds
@@ -135,7 +136,7 @@ class ServiceProtocol(asyncio.Protocol):
         m = _CALL.match(path)
         if m:
             return await self._call(
-                m.group(1), (m.group(2) or "/") + (f"?{query}" if query else "")
+                m.group(1), (m.group(2) or "/") + (f"?{query}" if query else ""), headers
             )
         doc = {
             "service": state.name,
@@ -151,7 +152,7 @@ class ServiceProtocol(asyncio.Protocol):
         }
         return 200, json.dumps(doc).encode()
 
-    async def _call(self, service: str, target: str) -> tuple[int, bytes]:
+    async def _call(self, service: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
         proxy = self.state.proxy
         if proxy is None:
             return 500, b'{"error": "started without --proxy"}'
@@ -159,9 +160,11 @@ class ServiceProtocol(asyncio.Protocol):
             reader, writer = await asyncio.open_connection(*proxy)
         except OSError as exc:
             return 502, json.dumps({"error": f"sidecar unreachable: {exc}"}).encode()
+        # The trace context goes on with the call, as an instrumented service passes it.
+        context = "".join(f"{name}: {headers[name]}\r\n" for name in _PROPAGATED if name in headers)
         try:
             writer.write(
-                f"GET http://{service}{target} HTTP/1.1\r\nHost: {service}\r\n"
+                f"GET http://{service}{target} HTTP/1.1\r\nHost: {service}\r\n{context}"
                 "Connection: close\r\n\r\n".encode()
             )
             data = await reader.read()
@@ -192,6 +195,10 @@ class ServiceProtocol(asyncio.Protocol):
         transport.write(head.encode() + b"\r\n" + payload)
         if not keep_alive:
             transport.close()
+
+
+# What a service passes from the request it serves to the calls it makes.
+_PROPAGATED = ("traceparent", "tracestate")
 
 
 def _maybe_json(payload: bytes) -> object:

@@ -72,6 +72,8 @@ class AdminHandler:
             }
             if sync is not None:
                 config["control_plane"] = sync.describe()
+            if process.identity_client is not None:
+                config["identity"] = process.identity_client.describe()
             return _json(200, config)
         if path.startswith("/usage/"):
             application = unquote(path[len("/usage/") :])

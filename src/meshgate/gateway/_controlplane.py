@@ -83,6 +83,10 @@ class ControlPlaneOptions:
     env: str
     cache_dir: Path
     name: str | None = None
+    # With it, the gateway obtains its workload identity (service meshgate-gateway) from the
+    # control plane's CA, and follows its trust bundle every ``bundle_interval`` seconds.
+    bootstrap_token: str | None = None
+    bundle_interval: float = 15.0
 
 
 def cache_file(cache_dir: Path, env: str) -> Path:

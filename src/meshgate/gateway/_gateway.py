@@ -12,7 +12,8 @@ import logging
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from meshgate.config import Application, Config, Product
 from meshgate.config.model import UpstreamTls
@@ -41,10 +42,22 @@ from meshgate.proxy import (
 )
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
+from meshgate.telemetry.tracing import SERVER, Tracing
+
+if TYPE_CHECKING:
+    from meshgate.identity import Identity
+    from meshgate.identity.consumer import ConsumerSigner
+
+# What gives the gateway's workload identity as it is now (None while it has none).
+IdentitySource = Callable[[], "Identity | None"]
 
 __all__ = ["Gateway", "LimitsOutage", "Pools", "ProductRuntime", "build_products"]
 
 log = logging.getLogger("meshgate.gateway")
+
+# The consumer token (see meshgate.identity.consumer): only the gateway sets it upstream.
+CONSUMER_HEADER = "x-meshgate-consumer"
+_CONSUMER = CONSUMER_HEADER.encode()
 
 _WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 
@@ -88,6 +101,7 @@ class ProductRuntime:
         product: Product,
         pools: Pools,
         config: Config,
+        identity: IdentitySource | None = None,
     ):
         self.config = product
         self.name = product.name
@@ -111,7 +125,7 @@ class ProductRuntime:
             pool = pools.get(key)
             if pool is None:
                 pool = pools[key] = _new_pool(
-                    protocol, scheme, host, port, connect, respond, cap, upstream_tls
+                    protocol, scheme, host, port, connect, respond, cap, upstream_tls, identity
                 )
             pool.max_idle = config.upstream_keepalive
             backends.append(_Backend(usage.path, pool, base.rstrip("/")))
@@ -202,7 +216,20 @@ def _new_pool(
     respond: float,
     cap: int,
     upstream_tls: UpstreamTls | None,
+    identity: IdentitySource | None = None,
 ) -> UpstreamPool | H2UpstreamPool:
+    if upstream_tls is not None and upstream_tls.mesh_service is not None:
+        from meshgate.gateway._mesh_upstream import MeshUpstreamPool
+
+        return MeshUpstreamPool(
+            host,
+            port,
+            connect_timeout=connect,
+            response_timeout=respond,
+            max_connections=cap,
+            service=upstream_tls.mesh_service,
+            identity=identity or _no_identity,
+        )
     tls = None
     if scheme == "https":
         tls = _client_tls(upstream_tls, alpn=("h2",) if protocol == "h2" else None)
@@ -228,13 +255,19 @@ def _new_pool(
     )
 
 
-async def build_products(config: Config, pools: Pools) -> list[ProductRuntime]:
+def _no_identity() -> Identity | None:
+    return None
+
+
+async def build_products(
+    config: Config, pools: Pools, identity: IdentitySource | None = None
+) -> list[ProductRuntime]:
     """The runtimes of ``config``'s products, built on the event loop one at a time, serving
     requests between them: a snapshot of 100 products and 100,000 keys takes 0.1 s to build,
     a millisecond or so a product."""
     products = []
     for product in config.products:
-        products.append(ProductRuntime(product, pools, config))
+        products.append(ProductRuntime(product, pools, config, identity))
         await asyncio.sleep(0)
     return products
 
@@ -398,17 +431,24 @@ class Gateway:
         products: list[ProductRuntime] | None = None,
         outage: LimitsOutage | None = None,
         tally: Tally | None = None,
+        consumer_tokens: ConsumerSigner | None = None,
+        identity: IdentitySource | None = None,
+        *,
+        tracing: Tracing | None = None,
     ) -> None:
         """``products``: the runtimes of ``config.products`` already built (with ``pools``),
         e.g. by :func:`build_products`; built here when None. ``outage``: the process's, kept
         across configurations. ``tally``: where usage for the control plane's reports is
-        summed; None when nothing is reported."""
+        summed; None when nothing is reported. ``consumer_tokens``: signs the consumer token
+        each request let through carries upstream; None sends none. ``identity``: the
+        gateway's workload identity, for products that call the mesh (mesh_service).
+        ``tracing``: the process's tracer, None when tracing is off."""
         self.config = config
         self.counters = counters
         self.metrics = metrics
         self.pools = pools if pools is not None else {}
         if products is None:
-            products = [ProductRuntime(p, self.pools, config) for p in config.products]
+            products = [ProductRuntime(p, self.pools, config, identity) for p in config.products]
         self.products = products
         self.router = _Router(self.products)
         self.deny_on_backend_error = config.limits.on_backend_error == "deny"
@@ -419,11 +459,19 @@ class Gateway:
         # With counters that keep usage, it rides in their check (one round trip).
         self._metered = tally is not None and counters.keeps_usage
         self.access_log = (access_log or AccessLog()) if config.access_log else None
+        self.tracing = tracing
+        self.consumer_tokens = consumer_tokens
 
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
         """Decide without a coroutine when nothing has to wait (memory counters, no JWKS
         fetch); otherwise return an awaitable that finishes the decision."""
         request = exchange.request
+        if self.tracing is not None:
+            # Started or continued here; the upstream gets this span's id as its parent.
+            exchange.span = self.tracing.http_hop(request.headers.raw(), request.method, SERVER)
+        if request.headers.get_raw(_CONSUMER) is not None:
+            # Only this gateway vouches for a consumer: never a client.
+            request.headers.remove(CONSUMER_HEADER)
         product = self.router.match(request.host, request.path)
         if product is None:
             return problem(404, "Not Found", "no API product serves this host and path")
@@ -507,7 +555,7 @@ class Gateway:
         if tally is not None:
             tally.count(product.name, app.id, deltas, exchange.start)
             exchange.state.presumed = tally.presumes
-        return self._forward(exchange, product)
+        return self._forward(exchange, product, app)
 
     async def _count_async(
         self,
@@ -543,7 +591,7 @@ class Gateway:
                 if not self._metered:
                     tally.count(product.name, app.id, deltas, exchange.start)
                 exchange.state.presumed = tally.presumes
-        return self._forward(exchange, product)
+        return self._forward(exchange, product, app)
 
     def _decide(
         self, product: ProductRuntime, app: Application, decision: Decision, state: _State
@@ -554,13 +602,19 @@ class Gateway:
         state.usage = usages[0] if len(usages) == 1 else min(usages, key=_constraint)
         return None
 
-    def _forward(self, exchange: Exchange, product: ProductRuntime) -> Response | None:
+    def _forward(
+        self, exchange: Exchange, product: ProductRuntime, app: Application
+    ) -> Response | None:
         response = product.chain.access(exchange)
         if response is not None:
             return response
         request = exchange.request
         if product.hide_credentials:
             product.auth.hide(request)
+        signer = self.consumer_tokens
+        if signer is not None:
+            token = signer.token(product.name, app.id, app.name or "", app.account or "", app.plan)
+            request.headers.raw().append((_CONSUMER, token))
         routed = exchange.state.backend
         if routed is not None:
             backend, path = routed
@@ -645,6 +699,8 @@ class Gateway:
                 state.product.chain.log(exchange)
             except Exception:
                 log.exception("policy log phase failed")
+        if exchange.span is not None and self.tracing is not None:
+            self._end_span(exchange, state)
         if self.access_log is not None:
             request = exchange.request
             entry = {
@@ -665,6 +721,39 @@ class Gateway:
             if exchange.error:
                 entry["error"] = exchange.error
             self.access_log.write(json.dumps(entry) + "\n")
+
+    def _end_span(self, exchange: Exchange, state: _State | None) -> None:
+        request = exchange.request
+        attributes: dict[str, str | int] = {
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "client.address": request.client_ip,
+            "network.protocol.version": request.http_version,
+            "meshgate.request_id": request.request_id,
+        }
+        name = request.method
+        if state is not None:
+            product = state.product
+            name = f"{request.method} {product.prefix}"
+            attributes["http.route"] = product.prefix
+            attributes["meshgate.product"] = product.name
+            if state.application:
+                attributes["meshgate.application"] = state.application
+        if exchange.upstream is not None:
+            attributes["server.address"] = exchange.upstream.host
+            attributes["server.port"] = exchange.upstream.port
+        try:
+            self.tracing.end_http(  # type: ignore[union-attr]
+                exchange.span,
+                exchange.status,
+                attributes,
+                server=True,
+                error=exchange.error,
+                name=name,
+            )
+        except Exception:
+            log.exception("ending the request's span failed")
 
     async def usage(self, application: str) -> list[dict[str, object]]:
         """Every metric and period of an application's plan, with value and remaining."""

@@ -22,8 +22,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshgate.config import Config, ConfigError, load_config
+from meshgate.config.identity import GATEWAY_SERVICE, IdentityFiles
+from meshgate.config.tracing import TracingSettings, with_flags
 from meshgate.gateway._admin import AdminHandler
 from meshgate.gateway._controlplane import (
     ControlPlaneOptions,
@@ -55,6 +58,11 @@ from meshgate.proxy import (
 )
 from meshgate.telemetry.access_log import AccessLog
 from meshgate.telemetry.metrics import GatewayMetrics
+from meshgate.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:
+    from meshgate.identity import Identity, IdentityClient
+    from meshgate.identity.consumer import ConsumerSigner
 
 __all__ = [
     "GatewayProcess",
@@ -69,6 +77,9 @@ log = logging.getLogger("meshgate.gateway")
 
 # Where workers of a supervisor find the control plane token (not on their command line).
 TOKEN_ENV = "MESHGATE_CONTROL_PLANE_TOKEN"
+BOOTSTRAP_TOKEN_ENV = "MESHGATE_BOOTSTRAP_TOKEN"
+# How long a start waits for the workload certificate before serving without it (yet).
+IDENTITY_START_WAIT = 3.0
 _ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -176,9 +187,13 @@ class GatewayProcess:
         watch: bool = True,
         supervised: bool = False,
         control_plane: ControlPlaneOptions | None = None,
+        tracing: dict[str, object] | None = None,
+        identity: IdentityFiles | None = None,
     ) -> None:
         """Serve ``config_path``; with ``control_plane``, serve its snapshots over the local
-        settings in ``config_path`` (or the defaults when None)."""
+        settings in ``config_path`` (or the defaults when None). ``tracing``: settings given
+        as flags, over the file's ``tracing`` section. ``identity``: the workload identity's
+        files, over the configuration's ``identity``."""
         if config_path is None and control_plane is None:
             raise GatewayStartError("give a configuration file or a control plane")
         self.config_path = Path(config_path) if config_path is not None else None
@@ -204,6 +219,24 @@ class GatewayProcess:
         # Usage reported to the control plane (control-plane mode, usage.enabled).
         self.tally: Tally | None = None
         self.reporter: UsageReporter | None = None
+        self.identity_files = identity
+        self._file_identity: Identity | None = None
+        self._signer: ConsumerSigner | None = None
+        self.identity_client: IdentityClient | None = None
+        self.tracing_flags = tracing or {}
+        self.tracing: Tracing | None = None
+
+    @property
+    def identity(self) -> Identity | None:
+        """The gateway's workload identity (``spiffe://TD/ns/ENV/sa/meshgate-gateway``),
+        renewed in place: from files (``identity:`` in the configuration, or
+        ``--identity-cert/--identity-key/--trust-bundle``), or from the control plane's CA
+        (None without a bootstrap token or until the CA has issued it). It signs the
+        consumer tokens sent upstream and calls mesh services (``mesh_service``)."""
+        if self._file_identity is not None:
+            return self._file_identity
+        client = self.identity_client
+        return client.identity if client is not None else None
 
     @property
     def ready(self) -> bool:
@@ -242,9 +275,52 @@ class GatewayProcess:
             products,
             self.outage,
             self.tally,
+            self._consumer_tokens(config),
+            lambda: self.identity,
+            tracing=self.tracing,
         )
         self.metrics.config_products.set(len(config.products))
         return gateway
+
+    def _load_identity(self, config: Config) -> None:
+        """The identity of ``--identity-*`` or of the configuration's ``identity``, if any."""
+        files = self.identity_files or config.identity
+        if files is None or self._file_identity is not None:
+            return
+        from meshgate.identity import IdentityError, load_identity
+
+        try:
+            identity = load_identity(files.cert, files.key, files.bundle)
+        except IdentityError as exc:
+            raise GatewayStartError(f"identity: {exc}") from None
+        if not identity.spiffe_id.is_gateway:
+            identity.close()
+            raise GatewayStartError(
+                f"identity: {identity.spiffe_id} is not an edge gateway's SPIFFE ID (its "
+                "service must be meshgate-gateway): sidecars would not trust its tokens"
+            )
+        self._file_identity = identity
+
+    def _consumer_tokens(self, config: Config) -> ConsumerSigner | None:
+        """What signs the consumer tokens under ``config``: None without an identity."""
+        settings = config.consumer_token
+        identity = self.identity
+        if identity is None or not settings.enabled:
+            return None
+        signer = self._signer
+        if signer is None or signer.identity is not identity or signer.ttl != settings.ttl:
+            from meshgate.identity.consumer import ConsumerSigner
+
+            signer = self._signer = ConsumerSigner(identity, ttl=settings.ttl)
+        return signer
+
+    def _refresh_consumer_tokens(self) -> None:
+        """An identity that came (or changed) after the configuration was built signs from
+        now on."""
+        gateway = self.gateway
+        signer = self._consumer_tokens(gateway.config)
+        if gateway.consumer_tokens is not signer:
+            gateway.consumer_tokens = signer
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -254,10 +330,22 @@ class GatewayProcess:
             self._stamp = self._file_stamp()
             config = load_gateway_config(self.config_path)
             self.version = _digest(self.config_path)
+            self._load_identity(config)
             counters = _counters(config)
+            self.tracing = _tracing(config, self.tracing_flags)
             self.gateway = self._build(config, counters)
         else:
             settings = load_local_settings(self.config_path)
+            self._load_identity(settings)
+            if options.bootstrap_token:
+                # Imported only here: a gateway without an identity does without it.
+                from meshgate.identity import IdentityClient
+
+                self.identity_client = IdentityClient(
+                    options.url, options.bootstrap_token, bundle_interval=options.bundle_interval
+                )
+                self.identity_client.start()
+            self.tracing = _tracing(settings, self.tracing_flags)
             self.control_plane = ControlPlaneSync(options, settings)
             counters = _counters(settings)
             if settings.usage.enabled:
@@ -266,6 +354,9 @@ class GatewayProcess:
                 self, lambda config: self._build(config, counters)
             )
             config = self.gateway.config
+            if self.identity_client is not None:
+                await self.identity_client.wait(IDENTITY_START_WAIT)
+                self._refresh_consumer_tokens()
         self.loaded_at = time.time()
         self.servers: list[Server] = []
         self.tls: ServerTls | None = None
@@ -327,6 +418,13 @@ class GatewayProcess:
         self.access_log.flush()
         self.gateway.close_pools()
         await self.gateway.counters.close()
+        if self._file_identity is not None:
+            self._file_identity.close()  # its private directory of key files
+        if self.identity_client is not None:
+            await self.identity_client.stop()
+        if self.tracing is not None:
+            # The spans of the drained requests are exported before the process ends.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     def _usage_reporter(
         self, settings: Config, counters: CounterBackend, sync: ControlPlaneSync
@@ -436,7 +534,7 @@ class GatewayProcess:
         counters = self._counters_for(config)
         try:
             with collector_paused():
-                products = await build_products(config, self.pools)
+                products = await build_products(config, self.pools, lambda: self.identity)
                 gateway = self._build(config, counters, products)
         except Exception as exc:  # a policy or credential that fails to build
             return self._not_built(exc, counters)
@@ -476,6 +574,8 @@ class GatewayProcess:
             or (config.tls is not None and config.tls.listen != old.config.tls.listen)  # type: ignore[union-attr]
         ):
             log.warning("listen addresses change only on restart")
+        if config.tracing != old.config.tracing:
+            log.warning("tracing settings change only on restart")
         if self.tls is not None and config.tls is not None:
             self.reload_certificates(config)
         for server in self.servers:
@@ -498,6 +598,7 @@ class GatewayProcess:
                 return
             if self.tls is not None and self.tls.changed():
                 self.reload_certificates()
+            self._refresh_consumer_tokens()
             if not self.watch:
                 continue
             stamp = self._file_stamp()
@@ -509,6 +610,21 @@ class GatewayProcess:
         while True:
             await asyncio.sleep(0.5)
             self.access_log.flush()
+
+
+def _tracing_settings(config: Config, flags: dict[str, object]) -> TracingSettings:
+    """The ``tracing`` section with the flags over it."""
+    if not flags:
+        return config.tracing
+    try:
+        return with_flags(config.tracing, flags)
+    except ValueError as exc:
+        raise GatewayStartError(str(exc)) from None
+
+
+def _tracing(config: Config, flags: dict[str, object]) -> Tracing | None:
+    """The process's tracer, None when tracing is off. Its settings change only on restart."""
+    return Tracing.start(_tracing_settings(config, flags), GATEWAY_SERVICE)
 
 
 def _counters(config: Config) -> CounterBackend:
@@ -525,6 +641,8 @@ def _run_one(
     reuse_port: bool,
     watch: bool,
     control_plane: ControlPlaneOptions | None,
+    tracing: dict[str, object] | None = None,
+    identity: IdentityFiles | None = None,
 ) -> None:
     import uvloop
 
@@ -534,6 +652,8 @@ def _run_one(
         watch=watch,
         supervised=reuse_port,
         control_plane=control_plane,
+        tracing=tracing,
+        identity=identity,
     )
     uvloop.run(process.run())
 
@@ -544,10 +664,15 @@ def run_gateway(
     reuse_port: bool = False,
     watch: bool = True,
     control_plane: ControlPlaneOptions | None = None,
+    tracing: dict[str, object] | None = None,
+    identity: dict[str, str] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, from ``config_path`` or, with ``control_plane``, from its
-    snapshots over the local settings in ``config_path``. Raises ConfigError or
+    snapshots over the local settings in ``config_path``. ``tracing``: tracing settings
+    given as flags (``endpoint``, ``sample_rate``), over the file's; ``identity`` names the
+    files of the workload identity (cert, key, bundle). Raises ConfigError or
     GatewayStartError with a clear message."""
+    files = IdentityFiles.model_validate(identity) if identity is not None else None
     if control_plane is None:
         if config_path is None:
             raise GatewayStartError("give --config FILE, or --control-plane URL")
@@ -562,8 +687,10 @@ def run_gateway(
             "--workers above 1 needs shared counters: set limits.backend to redis "
             "(in-memory counters would let each process allow the full limit)"
         )
+    if tracing:
+        _tracing_settings(config, tracing)
     if workers == 1:
-        _run_one(config_path, reuse_port, watch, control_plane)
+        _run_one(config_path, reuse_port, watch, control_plane, tracing, files)
         return
     tls_listen = config.tls.listen if config.tls is not None else None
     for address in (config.listen, tls_listen, config.admin_listen):
@@ -573,11 +700,21 @@ def run_gateway(
     base = [sys.executable, "-m", "meshgate", "gateway", "--reuse-port"]
     if config_path is not None:
         base += ["--config", str(config_path)]
+    for flag, key in (("--tracing-endpoint", "endpoint"), ("--trace-sample-rate", "sample_rate")):
+        if tracing and tracing.get(key) is not None:
+            base += [flag, str(tracing[key])]
+    if files is not None:
+        base += ["--identity-cert", files.cert, "--identity-key", files.key]
+        base += ["--trust-bundle", files.bundle]
     if control_plane is None:
         commands = [[*base, "--watch" if watch else "--no-watch"]] * workers
     else:
         # Each worker polls on its own, under its own data-plane id.
         env[TOKEN_ENV] = control_plane.token
+        if control_plane.bootstrap_token:
+            # Each worker gets its own certificate: the token must allow several uses.
+            env[BOOTSTRAP_TOKEN_ENV] = control_plane.bootstrap_token
+            base += ["--bundle-refresh", str(control_plane.bundle_interval)]
         name = control_plane.name or default_dataplane_id(config)
         base += ["--control-plane", control_plane.url, "--env", control_plane.env]
         base += ["--cache-dir", str(control_plane.cache_dir)]

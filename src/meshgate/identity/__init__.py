@@ -10,8 +10,20 @@ Shared by the sidecar (mTLS between sidecars, consumer tokens checked) and the e
   renewal or a new bundle swaps them for new connections (open ones keep theirs) and tells
   every listener.
 - :func:`peer_id` reads the SPIFFE ID a verified peer certificate names.
+- :class:`IdentityClient` obtains the identity from the control plane's CA (a bootstrap
+  token, then renewals at half life) and follows the trust bundle.
 """
 
+from meshgate.identity._client import IdentityClient, IdentityRefused
+from meshgate.identity._files import load_identity
 from meshgate.identity._material import Identity, IdentityError, Material, peer_id
 
-__all__ = ["Identity", "IdentityError", "Material", "peer_id"]
+__all__ = [
+    "Identity",
+    "IdentityClient",
+    "IdentityError",
+    "IdentityRefused",
+    "Material",
+    "load_identity",
+    "peer_id",
+]

@@ -29,7 +29,9 @@ from meshgate.integration._state import (
     RedisAggregationRepository,
     RedisIdempotentRepository,
 )
+from meshgate.integration._tracing import TRACE_PROPERTY, route_kind, traced
 from meshgate.integration._uri import EndpointUri, parse_uri
+from meshgate.telemetry.tracing import Tracing
 
 __all__ = ["IntegrationContext", "RouteStartError", "RouteStatus"]
 
@@ -62,6 +64,8 @@ class _RouteRunner:
         self.error: BaseException | None = None
         self.inflight = 0
         self.series = context.metrics.route(route.id)
+        self.span_name = f"route {route.id}"
+        self.span_kind = route_kind(route.from_uri.partition(":")[0])
         handler = route.error_handler or context.error_handler
         self.dead_letter: Producer | None = None
         if handler is not None and handler.dead_letter is not None:
@@ -71,6 +75,14 @@ class _RouteRunner:
         previous, exchange.route_id = exchange.route_id, self.route.id
         # The message as received, for the dead letter channel, if there is one.
         original = exchange.message.copy() if self.dead_letter is not None else None
+        tracing = self.context.tracing
+        if tracing is not None:
+            caller = exchange.properties.get(TRACE_PROPERTY)
+            hop = tracing.continue_from(exchange.headers, self.span_name, self.span_kind, caller)
+            exchange.properties[TRACE_PROPERTY] = hop
+            if hop.span is not None:
+                hop.span.set_attribute("meshgate.route", self.route.id)
+                hop.span.set_attribute("meshgate.exchange_id", exchange.id)
         self.inflight += 1
         started = perf_counter()
         try:
@@ -86,6 +98,12 @@ class _RouteRunner:
         finally:
             self.inflight -= 1
             exchange.route_id = previous
+            if tracing is not None:
+                tracing.end(hop, exchange.exception)
+                if caller is None:
+                    exchange.properties.pop(TRACE_PROPERTY, None)
+                else:
+                    exchange.properties[TRACE_PROPERTY] = caller
 
     async def _dead_letter(self, exchange: Exchange, original: Message) -> None:
         """Send the message as the route received it, with the failure's cause and place."""
@@ -166,6 +184,7 @@ class IntegrationContext:
         *,
         error_handler: ErrorHandler | None = None,
         settings: Mapping[str, Any] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         from meshgate.integration.components import default_components
 
@@ -178,6 +197,8 @@ class IntegrationContext:
         self.error_handler = error_handler
         #: Context-wide settings read by components (``http_listen``, ``redis_url``).
         self.settings: dict[str, Any] = dict(settings or {})
+        #: The runtime's tracer (None: off); set before routes are added, which use it.
+        self.tracing = tracing
         self._endpoints: dict[str, Endpoint] = {}
         self._routes: dict[str, _RouteRunner] = {}
         self._dynamic: dict[str, Producer] = {}
@@ -214,13 +235,13 @@ class IntegrationContext:
         """A started producer for a URI computed at run time (recipient list, routing slip)."""
         producer = self._dynamic.get(uri)
         if producer is not None:
-            return producer
+            return traced(producer, self.tracing)
         starting = self._starting.get(uri)
         if starting is None:
             starting = self._starting[uri] = asyncio.ensure_future(self._start_dynamic(uri))
             starting.add_done_callback(lambda _: self._starting.pop(uri, None))
         # Shielded: a caller cancelled does not cancel the start the others wait for.
-        return await asyncio.shield(starting)
+        return traced(await asyncio.shield(starting), self.tracing)
 
     async def _start_dynamic(self, uri: str) -> Producer:
         while True:

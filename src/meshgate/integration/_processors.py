@@ -39,6 +39,7 @@ from meshgate.integration._state import (
     message_from_item,
     message_to_item,
 )
+from meshgate.integration._tracing import traced
 
 if TYPE_CHECKING:
     from meshgate.integration._context import IntegrationContext
@@ -159,7 +160,7 @@ class _Compiler:
     def producer(self, uri: str) -> Producer:
         producer = self.context.endpoint(uri).create_producer()
         self.services.append(_ProducerService(producer))
-        return producer
+        return traced(producer, self.context.tracing)
 
     def _to(self, step: m.To, where: str) -> Processor:
         return self.producer(step.uri).process

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from meshgate.config.loader import ConfigError, _parse_yaml, _read
+from meshgate.config.tracing import TracingSettings
 from meshgate.integration import _model as m
 from meshgate.integration._dataformats import FORMAT_OPTIONS, FORMATS
 from meshgate.integration._errors import DefinitionError, EndpointError, ExpressionError
@@ -24,7 +27,7 @@ __all__ = ["RoutesFile", "load_routes", "parse_routes"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 _BROKER_URLS = ("redis_url", "database_url", "amqp_url", "nats_url", "mqtt_url", "kafka_url")
-_TOP_LEVEL = ("routes", "error_handler", "http", "sql_statements", *_BROKER_URLS)
+_TOP_LEVEL = ("routes", "error_handler", "http", "sql_statements", "tracing", *_BROKER_URLS)
 
 
 @dataclass
@@ -35,6 +38,8 @@ class RoutesFile:
     error_handler: m.ErrorHandler | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     source: str = "<routes>"
+    #: The ``tracing`` section (read at start; a change applies on restart).
+    tracing: TracingSettings | None = None
 
 
 def load_routes(path: str | os.PathLike[str], *, context: Any = None) -> RoutesFile:
@@ -274,7 +279,20 @@ class _Parser:
                     if route is not None:
                         routes.append(route)
         self.check_direct()
-        return RoutesFile(routes, handler, settings)
+        tracing = self.tracing(data["tracing"]) if "tracing" in data else None
+        return RoutesFile(routes, handler, settings, tracing=tracing)
+
+    def tracing(self, value: Any) -> TracingSettings | None:
+        if not isinstance(value, dict):
+            self.error("tracing", f"must be a mapping, got {_kind(value)}")
+            return None
+        try:
+            return TracingSettings.model_validate(value)
+        except ValidationError as exc:
+            for problem in exc.errors():
+                where = ".".join(str(part) for part in ("tracing", *problem["loc"]))
+                self.error(where, problem["msg"])
+            return None
 
     def route(self, value: Any, path: str) -> m.Route | None:
         allowed = ("id", "from", "steps", "error_handler", "auto_start", "description")

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from meshgate.integration._context import IntegrationContext
     from meshgate.integration._reload import RoutesReloader
     from meshgate.integration._yaml import RoutesFile
+    from meshgate.telemetry.tracing import Tracing
 
 __all__ = ["app"]
 
@@ -80,6 +81,14 @@ def run(
     watch: Annotated[
         bool, typer.Option(help="Reload the routes whose definition changed when the file does.")
     ] = True,
+    tracing_endpoint: Annotated[
+        str | None,
+        typer.Option(help="Turn tracing on, exporting spans to this OTLP/HTTP collector URL."),
+    ] = None,
+    trace_sample_rate: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Turn tracing on, sampling this share of new traces."),
+    ] = None,
 ) -> None:
     """Run the routes of a file until SIGTERM or SIGINT."""
     from meshgate.integration._admin import AdminListener
@@ -91,6 +100,7 @@ def run(
     )
     try:
         routes, context = _load(file, http_listen)
+        context.tracing = _tracing(routes, tracing_endpoint, trace_sample_rate)
         context.add_routes(routes.routes)
         overrides = {"http_listen": http_listen} if http_listen else {}
         reloader = (
@@ -109,7 +119,29 @@ def run(
         code = uvloop.run(_serve(context, grace, admin, reloader))
     except KeyboardInterrupt:
         code = 0
+    finally:
+        if context.tracing is not None:
+            context.tracing.shutdown()
     raise typer.Exit(code)
+
+
+def _tracing(routes: RoutesFile, endpoint: str | None, rate: float | None) -> Tracing | None:
+    """The runtime's tracer: the file's ``tracing`` section, the flags over it (either flag
+    turns tracing on)."""
+    from meshgate.config.tracing import with_flags
+    from meshgate.integration._errors import DefinitionError
+    from meshgate.telemetry.tracing import Tracing
+
+    flags: dict[str, object] = {}
+    if endpoint is not None:
+        flags.update(enabled=True, endpoint=endpoint)
+    if rate is not None:
+        flags.update(enabled=True, sample_rate=rate)
+    try:
+        settings = with_flags(routes.tracing, flags)
+    except ValueError as exc:
+        raise DefinitionError([str(exc)]) from None
+    return Tracing.start(settings, "meshgate-integration")
 
 
 async def _serve(

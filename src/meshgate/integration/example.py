@@ -17,12 +17,15 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from meshgate.config.tracing import with_flags
+from meshgate.integration._admin import AdminListener
 from meshgate.integration._context import IntegrationContext, RouteStartError
 from meshgate.integration._errors import EndpointError
 from meshgate.integration._model import Route
 from meshgate.integration._yaml import load_routes
 from meshgate.integration.components.amqp import DEFAULT_URL as DEFAULT_AMQP_URL
 from meshgate.integration.testing import advise
+from meshgate.telemetry.tracing import Tracing
 
 __all__ = ["BROKER_STEP", "FALLBACK_STEP", "RunningExample", "example_path", "start_example"]
 
@@ -48,6 +51,8 @@ class RunningExample:
     #: The broker big orders are published to (``host:port``), or ``None`` when they are
     #: logged instead because no broker answered.
     broker: str | None
+    #: The routes' admin listener (``/metrics``, ``/healthz``, ``/routes``), when started.
+    admin: AdminListener | None = None
 
     def usage(self) -> list[str]:
         """Lines that tell a user how to call the example."""
@@ -57,14 +62,21 @@ class RunningExample:
             if self.broker is not None
             else "the log (RabbitMQ is not available)"
         )
+        lines = [f"  integration    POST {self.url}  (routes: {example_path()})"]
+        if self.admin is not None:
+            lines.append(f"  integration admin {self.admin.url}  (/metrics, /healthz, /routes)")
         return [
-            f"  integration    POST {self.url}  (routes: {example_path()})",
+            *lines,
             f"  curl -s -H 'content-type: application/json' -d '{body}' {self.url}",
             f"  orders with total > 1000 go to {where}; the others are logged",
         ]
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.admin is not None:
+            await self.admin.stop(grace)
         await self.context.stop(grace)
+        if self.context.tracing is not None:
+            await asyncio.to_thread(self.context.tracing.shutdown)
 
 
 async def start_example(
@@ -72,6 +84,8 @@ async def start_example(
     *,
     amqp_url: str | None = None,
     broker_timeout: float = 2.0,
+    admin_listen: str | None = None,
+    tracing: dict[str, object] | None = None,
 ) -> RunningExample:
     """Start the example routes in the running loop, serving ``http_listen``.
 
@@ -80,7 +94,9 @@ async def start_example(
     seconds, or refuses the connection, ``amqp:queue:big-orders`` is replaced by
     ``log:big-orders`` and the rest runs as written. Raises
     :class:`~meshgate.integration.RouteStartError` when the routes cannot start even so
-    (``http_listen`` taken, say); nothing is left running then.
+    (``http_listen`` taken, say); nothing is left running then. With ``admin_listen``, the
+    routes' admin listener serves there too (EndpointError when it cannot); ``tracing``
+    (settings as flags give them) traces the routes.
     """
     path = example_path()
     loaded = load_routes(path)
@@ -94,9 +110,16 @@ async def start_example(
     if not await _answers(url, broker_timeout):
         log.warning("no RabbitMQ answers at %s: big orders go to %s instead", broker, FALLBACK_STEP)
         broker = None
+    tracer = (
+        Tracing.start(with_flags(loaded.tracing, tracing), "meshgate-integration")
+        if tracing
+        else None
+    )
     while True:
         routes = loaded.routes if broker is not None else _without_broker(loaded.routes)
-        context = IntegrationContext(settings=settings, error_handler=loaded.error_handler)
+        context = IntegrationContext(
+            settings=settings, error_handler=loaded.error_handler, tracing=tracer
+        )
         context.add_routes(routes)
         try:
             await context.start()
@@ -108,7 +131,16 @@ async def start_example(
             log.warning("big orders go to %s instead: %s", FALLBACK_STEP, exc)
             broker = None
             continue
-        return RunningExample(context, f"http://{http_listen}/orders", broker)
+        running = RunningExample(context, f"http://{http_listen}/orders", broker)
+        if admin_listen:
+            admin = AdminListener(context, admin_listen)
+            try:
+                await admin.start()
+            except EndpointError:
+                await context.stop(0)
+                raise
+            running.admin = admin
+        return running
 
 
 def _without_broker(routes: list[Route]) -> list[Route]:

@@ -39,6 +39,8 @@ REQUEST_LABELS = (
     "response_code",
     "response_flags",
     "connection_security_policy",
+    "consumer_application",
+    "consumer_plan",
 )
 _TCP_LABELS = (
     "reporter",
@@ -209,7 +211,20 @@ class MeshMetrics:
             "Inbound connections served, by connection_security_policy (mutual_tls, none).",
             ["connection_security_policy"],
         )
+        self.authz = Family(
+            "meshgate_mesh_authz",
+            "Authorization decisions on the inbound side, by policy, action and result.",
+            ["service", "policy", "action", "result"],
+        )
+        self.consumer_tokens = Family(
+            "meshgate_mesh_consumer_tokens",
+            "Consumer tokens received on the inbound side, by result: valid, expired "
+            "(refused, 401), invalid (removed) or unverified (removed: no identity).",
+            ["result"],
+        )
         self.counters = [
+            self.authz,
+            self.consumer_tokens,
             self.retries,
             self.retry_budget_exhausted,
             self.overflows,

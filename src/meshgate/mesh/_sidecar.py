@@ -50,7 +50,8 @@ from meshgate.proxy._http1 import HttpProtocol
 from meshgate.telemetry.access_log import AccessLog
 
 if TYPE_CHECKING:
-    from meshgate.identity import Identity
+    from meshgate.identity import Identity, IdentityClient
+    from meshgate.telemetry.tracing import Tracing
 
 __all__ = ["ControlPlaneSettings", "Sidecar", "SidecarStartError", "run_sidecar"]
 
@@ -67,13 +68,22 @@ class SidecarStartError(Exception):
 
 class ControlPlaneSettings:
     def __init__(
-        self, url: str, token: str, env: str = "production", edge_interval: float = 10.0
+        self,
+        url: str,
+        token: str,
+        env: str = "production",
+        edge_interval: float = 10.0,
+        bootstrap_token: str | None = None,
+        bundle_interval: float = 15.0,
     ) -> None:
         self.url = url
         self.token = token
         self.env = env
         # Seconds between the reports of this sidecar's calls for the service graph.
         self.edge_interval = edge_interval
+        # With it, the sidecar obtains its workload certificate from the control plane's CA.
+        self.bootstrap_token = bootstrap_token
+        self.bundle_interval = bundle_interval
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -146,9 +156,11 @@ class Sidecar:
         self.metrics.gauges.append(self._cluster_metrics)
         self.access_log = AccessLog(1) if settings.access_log else None
         self.mesh = Mesh(settings, self.metrics, access_log=self.access_log)
+        self.tracing = self.mesh.tracing = _tracing(settings)
         if config is not None:
             self.mesh.apply_config(config)
         self.link: ControlPlaneLink | None = None
+        self.identity_client: IdentityClient | None = None
         self.app_ready = False
         self.draining = False
         self.started = time.time()
@@ -170,7 +182,7 @@ class Sidecar:
             connect_timeout=5.0,
         )
         self.app_pool = app
-        self.inbound = Server(Inbound(self.mesh, app), _settings())
+        self.inbound = Server(Inbound(self.mesh, app, identity=lambda: self.identity), _settings())
         self.outbound = Server(Outbound(self.mesh), _settings())
         # Answers plaintext callers of a strict service, one answer per connection.
         self.refusing = Server(RequireMtls(settings.service), _settings())
@@ -178,9 +190,10 @@ class Sidecar:
 
     @property
     def identity(self) -> Identity | None:
-        """This sidecar's workload identity: mutual TLS in and out once set (by the files an
-        operator brings, or by the control plane's CA client before the sidecar is ready);
-        renewed in place with ``identity.update(material)``."""
+        """This instance's workload identity (certificate, key, bundle; renewed in place with
+        ``identity.update(material)``): the files an operator brings, or the control plane
+        CA's; None without either, or none obtained yet. Once set, calls in and out are
+        mutual TLS (as the modes say) and it verifies consumer tokens."""
         return self.mesh.identity
 
     @identity.setter
@@ -201,6 +214,13 @@ class Sidecar:
             return runtime.config.mtls.mode
         config = self.mesh.config.service(self.settings.service)
         return config.mtls.mode if config is not None else "permissive"
+
+    async def _adopt_identity(self, client: IdentityClient) -> None:
+        """The CA's certificate, once it comes, is this sidecar's identity (unless the
+        operator's files gave one); renewals update the same object in place."""
+        await client.obtained.wait()
+        if self.mesh.identity is None and client.identity is not None:
+            self.identity = client.identity
 
     def load_identity_files(self) -> None:
         """Read the identity the operator brings (``identity_cert``, ``identity_key``,
@@ -253,6 +273,8 @@ class Sidecar:
     def ready(self) -> bool:
         if not self.app_ready or self.draining:
             return False
+        if self.identity_client is not None and self.identity is None:
+            return False
         link = self.link
         return link is None or link.config_applied.is_set()
 
@@ -271,9 +293,21 @@ class Sidecar:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         settings = self.settings
-        self._servers += (self.inbound, self.outbound, self.refusing)
         # Before any listener: outbound calls need it too (also beside a TCP app).
         self.load_identity_files()
+        cp_settings = self.control_plane_settings
+        if cp_settings is not None and cp_settings.bootstrap_token:
+            # Imported only here: certificates cost megabytes a sidecar without them keeps.
+            from meshgate.identity import IdentityClient
+
+            self.identity_client = IdentityClient(
+                cp_settings.url,
+                cp_settings.bootstrap_token,
+                bundle_interval=cp_settings.bundle_interval,
+            )
+            self.identity_client.start()
+            loop.create_task(self._adopt_identity(self.identity_client))
+        self._servers += (self.inbound, self.outbound, self.refusing)
         if settings.app_protocol == "tcp":
             app = self.mesh.local_app()
             await self._listen(
@@ -361,6 +395,8 @@ class Sidecar:
             await app_waiter
         if self.access_log is not None:
             self.access_log.flush()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
         if self._file_identity is not None:
             self._file_identity.close()  # its private directory of key files
         return self.exit_code
@@ -455,6 +491,8 @@ class Sidecar:
         self.app_pool.close()
         for runtime in self.mesh.services.values():
             runtime.cluster.set_endpoints(())
+        if self.identity_client is not None:
+            await self.identity_client.stop()
 
     async def _probe(self) -> None:
         readiness = self.settings.readiness
@@ -515,6 +553,8 @@ class Sidecar:
         }
         if self.link is not None:
             doc["control_plane"] = self.link.describe()
+        if self.identity_client is not None:
+            doc["identity"] = self.identity_client.describe()
         return doc
 
     def _cluster_metrics(self) -> list[Family]:
@@ -552,6 +592,16 @@ class Sidecar:
                 for e in runtime.cluster.endpoints
             ]
         return out
+
+
+def _tracing(settings: SidecarSettings) -> Tracing | None:
+    """The sidecar's tracer; the SDK is imported only when tracing is on."""
+    if not settings.tracing.enabled:
+        return None
+    from meshgate.telemetry.tracing import Tracing
+
+    attributes = {"service.version": settings.version} if settings.version else {}
+    return Tracing.start(settings.tracing, settings.service, attributes)
 
 
 def _settings() -> ServerSettings:
@@ -612,6 +662,8 @@ class _AdminHandler:
                 if sidecar.draining
                 else "the app is not ready"
                 if not sidecar.app_ready
+                else "no workload certificate from the control plane yet"
+                if sidecar.identity_client is not None and sidecar.identity is None
                 else "no mesh configuration from the control plane yet"
             )
             return _json(503, {"status": "unavailable", "reason": reason})

@@ -19,6 +19,7 @@ from random import Random
 from typing import TYPE_CHECKING, Any
 
 from meshgate.config.mesh import DestinationPolicy, Instance, MeshConfig, Service
+from meshgate.mesh._authz import Authorizer
 from meshgate.mesh._cluster import Cluster, Endpoint
 from meshgate.mesh._metrics import MeshMetrics
 from meshgate.mesh._mirror import send_copy
@@ -27,12 +28,15 @@ from meshgate.mesh._retry_budget import RetryBudget
 from meshgate.mesh._routes import CompiledRoute, Target, compile_routes
 from meshgate.proxy import Exchange, Headers, Response, UpstreamPool, problem
 from meshgate.telemetry.access_log import AccessLog
+from meshgate.telemetry.tracing import CLIENT, SERVER
 
 if TYPE_CHECKING:
     from meshgate.config.mesh import SidecarSettings
     from meshgate.identity import Identity
+    from meshgate.identity.consumer import Consumer, ConsumerVerifier
+    from meshgate.telemetry.tracing import Tracing
 
-__all__ = ["Inbound", "Mesh", "Outbound", "ServiceRuntime"]
+__all__ = ["CONSUMER_HEADER", "Inbound", "Mesh", "Outbound", "ServiceRuntime", "tls_principal"]
 
 log = logging.getLogger("meshgate.mesh")
 
@@ -44,6 +48,12 @@ DEFAULT_RESPONSE_TIMEOUT = 60.0
 # Who called, as the caller's sidecar tells the callee's (service/version).
 SOURCE_HEADER = "x-meshgate-source"
 _SOURCE = re.compile(rb"[a-z0-9][a-z0-9.\-]{0,252}/[A-Za-z0-9_.\-]{0,63}")
+# The API consumer's token, as the edge gateway signed it (see meshgate.identity.consumer).
+CONSUMER_HEADER = "x-meshgate-consumer"
+_CONSUMER = CONSUMER_HEADER.encode()
+# Distinct applications that get their own label values in a sidecar's request metrics;
+# later ones are counted as "other".
+MAX_CONSUMER_LABELS = 256
 
 
 class ServiceRuntime:
@@ -169,12 +179,16 @@ class Mesh:
         self.source_version = settings.version or "unknown"
         self.source_header = f"{settings.service}/{settings.version or 'unknown'}"
         self.version = ""
+        # The sidecar's tracer, None when tracing is off.
+        self.tracing: Tracing | None = None
         # This sidecar's workload identity (mutual TLS), set before listeners need it.
         self.identity: Identity | None = None
         # Per service, the instances (address, port) whose sidecar speaks mutual TLS.
         self.mtls_instances: dict[str, frozenset[tuple[str, int]]] = {}
         # (instance, the identity it answered with) already logged as a mismatch.
         self.mtls_logged: set[tuple[str, str]] = set()
+        # The local service's authorization policies, compiled once per configuration.
+        self.authorizer = Authorizer(settings.service, (), metrics.authz)
 
     def apply_config(self, config: MeshConfig) -> None:
         """Use a new (validated) configuration; services not in it keep defaults."""
@@ -185,6 +199,10 @@ class Mesh:
         for name, runtime in old.items():
             if name not in services and name in self.registered:
                 services[name] = self._runtime(Service(name=name), runtime)
+        own = config.service(self.settings.service)
+        self.authorizer = Authorizer(
+            self.settings.service, own.authorization if own else (), self.metrics.authz
+        )
         self.config = config
         self.services = services
         self.version = config.version or ""
@@ -367,6 +385,9 @@ class Outbound:
     def handle(self, exchange: Exchange) -> Response | None | Awaitable[Response | None]:
         request = exchange.request
         mesh = self.mesh
+        if mesh.tracing is not None:
+            # The app's call: a client span below the app's context, its id sent on.
+            exchange.span = mesh.tracing.http_hop(request.headers.raw(), request.method, CLIENT)
         service = self.destination(exchange)
         if service is None:
             name = self.service or request.host or "(none)"
@@ -567,11 +588,15 @@ class Outbound:
                 str(status),
                 flags,
                 security,
+                "unknown",
+                "unknown",
             )
             if len(self.labels) < 4096:
                 self.labels[key] = labels
         duration = exchange.end - exchange.start
         mesh.metrics.request(labels, duration * 1000, exchange.bytes_in, exchange.bytes_out)
+        if exchange.span is not None:
+            _end_span(mesh, exchange, "outbound", service, flags)
         if mesh.access_log is not None:
             _log(mesh.access_log, exchange, "outbound", service, version, flags, duration)
 
@@ -602,36 +627,105 @@ class Outbound:
         )
 
 
-class Inbound:
-    """The handler of calls to the local app: forwards every request to it. Over mutual TLS
-    the caller is who its certificate names: ``x-meshgate-source`` is rewritten to that
-    workload (with the version its sidecar sent, when the header names the same workload)."""
+def tls_principal(exchange: Exchange) -> str | None:
+    """The caller's SPIFFE ID (a URI), as the client certificate verified by mutual TLS
+    names it; None without mutual TLS."""
+    peer = peer_identity(exchange)
+    return peer.uri if peer is not None else None
 
-    def __init__(self, mesh: Mesh, app: Any) -> None:
+
+class Inbound:
+    """The handler of calls to the local app: the consumer token checked, the service's
+    authorization policies applied, then the request forwarded to the app.
+
+    ``principal`` says who called (the SPIFFE ID mutual TLS proved), from the exchange.
+    Consumer tokens are verified with the workload's identity (``identity``, the mesh's by
+    default); without one they are removed. Over mutual TLS the caller is who its
+    certificate names: ``x-meshgate-source`` is rewritten to that workload (with the version
+    its sidecar sent, when the header names the same workload)."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        app: Any,
+        *,
+        principal: Callable[[Exchange], str | None] = tls_principal,
+        identity: Callable[[], Identity | None] | None = None,
+    ) -> None:
         self.mesh = mesh
         self.app = app
-        self.labels: dict[tuple[str, int, str], tuple[str, ...]] = {}
+        self.principal = principal
+        self.identity = identity or (lambda: mesh.identity)
+        self._verifier: ConsumerVerifier | None = None
+        self.labels: dict[tuple[str, int, str, str, str], tuple[str, ...]] = {}
+        self.consumer_labels: set[str] = set()
+
+    @property
+    def verifier(self) -> ConsumerVerifier | None:
+        """What checks consumer tokens: made from the mesh's identity when it is first needed
+        (and again if another identity replaces it; renewals it follows by itself)."""
+        identity = self.identity()
+        if identity is None:
+            return None
+        verifier = self._verifier
+        if verifier is None or verifier.identity is not identity:
+            from meshgate.identity.consumer import ConsumerVerifier
+
+            verifier = self._verifier = ConsumerVerifier(identity)
+        return verifier
 
     def handle(self, exchange: Exchange) -> Response | None:
         request = exchange.request
         if request.tls is not None:
             peer = peer_identity(exchange)
             if peer is not None:
-                headers = request.headers
-                version = "unknown"
-                sent = headers.get_raw(b"x-meshgate-source")
-                if sent is not None and len(sent) <= 320 and _SOURCE.fullmatch(sent):
-                    workload, _, sent_version = sent.decode("ascii").partition("/")
-                    if workload == peer.service and sent_version:
-                        version = sent_version
-                name = f"{peer.service}/{version}"
-                headers.set(SOURCE_HEADER, name)
-                exchange.state = name
+                _name_source(request.headers, peer.service)
+        tracing = self.mesh.tracing
+        if tracing is not None:
+            # A server span below the caller's context; the app gets this span's id.
+            exchange.span = tracing.http_hop(request.headers.raw(), request.method, SERVER)
+        mesh = self.mesh
+        consumer = None
+        if request.headers.get_raw(_CONSUMER) is not None:
+            consumer, refused = self._consumer(request.headers)
+            if refused is not None:
+                return refused
+            exchange.state = consumer
+        authorizer = mesh.authorizer
+        principal = self.principal(exchange) if authorizer.uses_principal else None
+        denied = authorizer.check(request, principal, consumer)
+        if denied is not None:
+            return denied
         exchange.upstream = self.app
         exchange.upstream_target = (
             request.path + "?" + request.query if request.query else request.path
         )
         return None
+
+    def _consumer(self, headers: Headers) -> tuple[Consumer | None, Response | None]:
+        """The verified consumer, or None with the header removed; or a 401 to answer."""
+        counts = self.mesh.metrics.consumer_tokens
+        verifier = self.verifier
+        tokens = [v for k, v in headers.raw() if k == _CONSUMER]
+        if verifier is None or len(tokens) != 1:
+            # Unverifiable here, or ambiguous: the app never sees a claim nobody checked.
+            headers.remove(CONSUMER_HEADER)
+            counts.labels("unverified" if verifier is None else "invalid").inc()
+            return None, None
+        from meshgate.identity.consumer import ExpiredToken, InvalidToken
+
+        try:
+            consumer = verifier.verify(tokens[0])
+        except ExpiredToken as exc:
+            counts.labels("expired").inc()
+            return None, problem(401, "Unauthorized", f"{exc}: call again through the gateway")
+        except InvalidToken as exc:
+            headers.remove(CONSUMER_HEADER)
+            counts.labels("invalid").inc()
+            log.debug("consumer token removed: %s", exc)
+            return None, None
+        counts.labels("valid").inc()
+        return consumer, None
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> None:
         pass
@@ -639,17 +733,29 @@ class Inbound:
     def on_complete(self, exchange: Exchange) -> None:
         mesh = self.mesh
         status = exchange.status
-        name = exchange.state
-        if name is not None:
-            security = MUTUAL_TLS  # named by its certificate (see handle)
-        else:
-            security = PLAINTEXT
-            name = "unknown"
-            source = exchange.request.headers.get_raw(b"x-meshgate-source")
-            if source is not None and len(source) <= 320 and _SOURCE.fullmatch(source):
-                # Anything else a client sends stays out of the metrics' labels.
-                name = source.decode("ascii")
-        key = (name, status, security)
+        request = exchange.request
+        # Over mutual TLS, the header was set from the certificate (see handle).
+        security = (
+            MUTUAL_TLS
+            if request.tls is not None and peer_identity(exchange) is not None
+            else PLAINTEXT
+        )
+        source = request.headers.get_raw(b"x-meshgate-source")
+        name = "unknown"
+        if source is not None and len(source) <= 320 and _SOURCE.fullmatch(source):
+            # Anything else a client sends stays out of the metrics' labels.
+            name = source.decode("ascii")
+        application = plan = "unknown"
+        consumer: Consumer | None = exchange.state
+        if consumer is not None:
+            application, plan = consumer.application, consumer.plan
+            known = self.consumer_labels
+            if application not in known:
+                if len(known) < MAX_CONSUMER_LABELS:
+                    known.add(application)
+                else:
+                    application = plan = "other"
+        key = (name, status, security, application, plan)
         labels = self.labels.get(key)
         if labels is None:
             workload, _, version = key[0].partition("/")
@@ -665,11 +771,15 @@ class Inbound:
                 str(status),
                 "-",
                 security,
+                application,
+                plan,
             )
             if len(self.labels) < 4096:
                 self.labels[key] = labels
         duration = exchange.end - exchange.start
         mesh.metrics.request(labels, duration * 1000, exchange.bytes_in, exchange.bytes_out)
+        if exchange.span is not None:
+            _end_span(mesh, exchange, "inbound", mesh.source, "-", name)
         if mesh.access_log is not None:
             _log(
                 mesh.access_log,
@@ -680,6 +790,18 @@ class Inbound:
                 "-",
                 duration,
             )
+
+
+def _name_source(headers: Headers, workload: str) -> None:
+    """``x-meshgate-source`` as the caller's certificate names it: its workload, with the
+    version its sidecar sent when the header names that same workload."""
+    version = "unknown"
+    sent = headers.get_raw(b"x-meshgate-source")
+    if sent is not None and len(sent) <= 320 and _SOURCE.fullmatch(sent):
+        named, _, sent_version = sent.decode("ascii").partition("/")
+        if named == workload and sent_version:
+            version = sent_version
+    headers.set(SOURCE_HEADER, f"{workload}/{version}")
 
 
 def _log(
@@ -713,6 +835,44 @@ def _log(
     if exchange.error:
         entry["error"] = exchange.error
     access_log.write(json.dumps(entry) + "\n")
+
+
+def _end_span(
+    mesh: Mesh, exchange: Exchange, direction: str, service: str, flags: str, source: str = ""
+) -> None:
+    """Close a request's span with the HTTP attributes and the mesh's own."""
+    request = exchange.request
+    attributes: dict[str, str | int] = {
+        "http.request.method": request.method,
+        "url.path": request.path,
+        "network.protocol.version": request.http_version,
+        "meshgate.direction": direction,
+        "meshgate.service": service,
+        "meshgate.request_id": request.request_id,
+    }
+    if flags != "-":
+        attributes["meshgate.flags"] = flags
+    if source and source != "unknown":
+        attributes["meshgate.source"] = source
+    pool = exchange.upstream
+    if pool is not None:
+        attributes["server.address"] = pool.host
+        attributes["server.port"] = pool.port
+    if exchange.attempts > 1:
+        attributes["meshgate.attempts"] = exchange.attempts
+    tracing = mesh.tracing
+    assert tracing is not None
+    try:
+        tracing.end_http(
+            exchange.span,
+            exchange.status,
+            attributes,
+            server=direction == "inbound",
+            error=exchange.error,
+            name=f"{request.method} {service}",
+        )
+    except Exception:
+        log.exception("ending the request's span failed")
 
 
 def _upstream_address(exchange: Exchange) -> str | None:

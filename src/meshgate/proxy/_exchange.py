@@ -257,7 +257,8 @@ class Exchange:
     and the silence allowed while its body streams); ``retry_statuses`` are the response
     statuses offered to ``retry`` before their head reaches the client; ``attempts``
     counts the attempts at forwarding, each counted as it starts (a connect that fails
-    is one; the engine's own resend on a stale pooled connection is not).
+    is one; the engine's own resend on a stale pooled connection is not). ``span`` is
+    the role's trace span of the request, if it records one.
     """
 
     __slots__ = (
@@ -279,6 +280,7 @@ class Exchange:
         "timeout",
         "retry_statuses",
         "attempts",
+        "span",
         "_body_source",
     )
 
@@ -304,6 +306,8 @@ class Exchange:
         self.timeout: float | None = None
         self.retry_statuses: frozenset[int] | None = None
         self.attempts = 0
+        # The role's trace span for this request, when it is sampled (telemetry.tracing).
+        self.span: Any = None
 
     async def read_body(self, limit: int | None = None) -> bytes:
         """The whole request body, once it has arrived: for a handler that needs it to answer.
