@@ -119,6 +119,12 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
             }
         assert set(versions) == {"v1", "v2"} and 0.04 <= versions["v2"] / 400 <= 0.18, versions
         assert beta == {"v2"}
+        # payments is strict: orders' sidecar calls it over mutual TLS, plaintext is refused.
+        plain = httpx.get("http://127.0.0.1:15026/charge", timeout=5)
+        assert plain.status_code == 403 and "mutual TLS required" in plain.json()["detail"]
+        metrics = httpx.get("http://127.0.0.1:15000/metrics", timeout=5).text
+        assert 'destination_service="payments"' in metrics
+        assert 'connection_security_policy="mutual_tls"' in metrics
         # Every sidecar, and the gateway, holds a workload identity from the control plane's CA.
         identity = httpx.get("http://127.0.0.1:15000/config").json()["identity"]
         assert identity["spiffe_id"] == "spiffe://meshgate.local/ns/production/sa/orders"

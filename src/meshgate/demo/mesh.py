@@ -32,6 +32,8 @@ __all__ = [
 # The payments service as the demo seeds it (staging, then promoted to production).
 PAYMENTS = {
     "name": "payments",
+    # Only its sidecars' peers, over mutual TLS with their CA-issued identities.
+    "mtls": {"mode": "strict"},
     "subsets": [
         {"name": "v1", "labels": {"version": "v1"}},
         {"name": "v2", "labels": {"version": "v2"}},

@@ -221,6 +221,8 @@ class Sidecar:
         await client.obtained.wait()
         if self.mesh.identity is None and client.identity is not None:
             self.identity = client.identity
+            if self.link is not None and self.app_ready and not self.draining:
+                self.link.set_ready(True)  # now, not at the next probe
 
     def load_identity_files(self) -> None:
         """Read the identity the operator brings (``identity_cert``, ``identity_key``,
@@ -502,7 +504,10 @@ class Sidecar:
                 log.info("the app is %s", "ready" if ready else "not ready")
                 self.app_ready = ready
             if self.link is not None:
-                self.link.set_ready(ready and not self.draining)
+                # An instance still waiting for its certificate takes no calls yet: callers
+                # would find it without mutual TLS.
+                waiting = self.identity_client is not None and self.mesh.identity is None
+                self.link.set_ready(ready and not self.draining and not waiting)
             await asyncio.sleep(readiness.interval)
 
     async def _check_app(self, path: str | None, timeout: float) -> bool:
