@@ -143,7 +143,7 @@ def test_alert_levels_are_checked(control_shared: ControlPlane) -> None:
     problem(cp.api.put(path, json={}), 422, "body.levels")
     problem(cp.api.put(path, json={"levels": [50], "extra": 1}), 422, "body.extra")
     problem(
-        cp.api.put(path, content=b"{not json", headers={"content-type": "application/json"}), 422
+        cp.api.put(path, content=b"{not json", headers={"content-type": "application/json"}), 400
     )
     problem(cp.api.put(path, content=b"levels=50", headers={"content-type": "text/plain"}), 415)
     problem(

@@ -191,7 +191,9 @@ def test_bad_batches_are_refused_whole(control: ControlPlane) -> None:
         response = httpx.post(
             url, content=bad, headers={**headers, "Content-Type": "application/json"}, timeout=60
         )
-        assert response.status_code == 422, (bad[:80], response.status_code, response.text[:300])
+        # Malformed JSON is 400, a batch that parses but does not hold 422.
+        expected = 400 if bad == b"{not json" else 422
+        assert response.status_code == expected, (bad[:80], response.status_code, response.text)
         assert response.headers["content-type"].startswith("application/problem+json")
     huge = b'{"id": "oversized-1", "usage": [' + b" " * (33 * 2**20) + b"]}"
     assert httpx.post(url, content=huge, headers=headers, timeout=60).status_code == 413

@@ -128,7 +128,7 @@ def test_bootstrap_tokens_issue_workload_certificates_and_every_refusal_says_why
             headers={"Authorization": f"Bearer {once}", "Content-Type": "application/json"},
             timeout=10,
         )
-        assert "not JSON" in problem(not_json, 422)["detail"]
+        assert "not JSON" in problem(not_json, 400)["detail"]
         as_text = httpx.post(
             f"{cp.url}/dp/v1/identity/certificates",
             content=csr.encode(),

@@ -237,8 +237,9 @@ async def report_usage(
         try:
             batch = UsageBatch.model_validate_json(body)
         except ValidationError as exc:
+            malformed = any(e["type"] == "json_invalid" for e in exc.errors())
             raise Problem(
-                422,
+                400 if malformed else 422,
                 f"the usage batch is invalid: {exc.error_count()} error(s)",
                 errors=[
                     {"field": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]}

@@ -358,7 +358,7 @@ async def _issue(request: Request, plane: Any) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise Refused(422, f"the body is not JSON: {exc}", "body") from None
+        raise Refused(400, f"the body is not JSON: {exc}", "body") from None
     if not isinstance(body, dict):
         raise Refused(422, 'the body must be a JSON object: {"csr": PEM}', "body")
     csr = parse_csr(body.get("csr"))

@@ -7,7 +7,8 @@
 - ``/status/N`` answers N; ``/delay/S`` answers after S seconds
 - ``/call/SERVICE/REST`` calls ``http://SERVICE/REST`` through the sidecar's outbound proxy
   (``--proxy HOST:PORT``) and wraps the answer: how services call each other in the demo;
-  the request's ``traceparent``/``tracestate`` go with the call, so that it joins the trace
+  the request's ``traceparent``/``tracestate`` (and ``x-meshgate-consumer``) go with the
+  call, so that it joins the trace (and the next service knows the API consumer)
 - ``POST /admin/fail?status=503`` makes this instance answer that status to everything else
   until ``POST /admin/recover``: for breaking one instance in the walkthrough;
   ``POST /admin/slow?seconds=S`` makes it answer everything after S seconds
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import re
 
@@ -147,6 +149,7 @@ class ServiceProtocol(asyncio.Protocol):
             "query": query,
             "host": headers.get("host", ""),
             "source": headers.get("x-meshgate-source"),
+            "consumer": _consumer(headers.get("x-meshgate-consumer")),
             "headers": headers,
             "body_bytes": body,
         }
@@ -197,8 +200,24 @@ class ServiceProtocol(asyncio.Protocol):
             transport.close()
 
 
-# What a service passes from the request it serves to the calls it makes.
-_PROPAGATED = ("traceparent", "tracestate")
+# What a service passes from the request it serves to the calls it makes: the trace, and
+# the API consumer the edge gateway vouched for.
+_PROPAGATED = ("traceparent", "tracestate", "x-meshgate-consumer")
+
+
+def _consumer(token: str | None) -> dict[str, object] | None:
+    """The claims of the consumer token the sidecar let through (it checked the signature;
+    an app only reads them)."""
+    if not token:
+        return None
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    return {k: claims.get(k) for k in ("product", "application", "account", "plan")}
 
 
 def _maybe_json(payload: bytes) -> object:
