@@ -131,6 +131,21 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
         admin = f"http://{example['admin_listen']}"
         gateway_id = httpx.get(f"{admin}/config").json()["identity"]["spiffe_id"]
         assert gateway_id == "spiffe://meshgate.local/ns/production/sa/meshgate-gateway"
+        # Only orders may call payments (the policy orders-only): payments' own sidecar may not.
+        with httpx.Client(proxy="http://127.0.0.1:15021", timeout=10) as client:
+            denied = client.get("http://payments/charge")
+        assert denied.status_code == 403, denied.text
+        assert denied.json()["allow_policies"] == ["orders-only"], denied.text
+        # The shop product's backend is the mesh: the gateway calls orders over mutual TLS with
+        # its own identity; orders calls payments; both see the consumer the gateway vouched for.
+        shop = httpx.get(f"{gateway}/shop/call/payments/charge", headers={"X-API-Key": "k2"})
+        assert shop.status_code == 200, shop.text
+        body = shop.json()
+        assert body["service"] == "orders" and body["consumer"]["plan"] == "gold"
+        assert body["source"].startswith("meshgate-gateway")
+        called = body["answer"]
+        assert called["service"] == "payments" and called["source"].startswith("orders")
+        assert called["consumer"]["application"]["id"] == "shop-app"
         api = httpx.Client(
             base_url=f"http://127.0.0.1:{control_port}/admin/api",
             headers={"Authorization": f"Bearer {token}"},
@@ -139,8 +154,9 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
             "orders",
             "payments",
         }
-        [product] = api.get("/products").json()["items"]
-        assert product["name"] == "echo"
+        products = {p["name"]: p for p in api.get("/products").json()["items"]}
+        assert set(products) == {"echo", "shop"}
+        product = products["echo"]
         [plan] = api.get(f"/products/{product['id']}/plans").json()["items"]
         account = api.post("/accounts", json={"name": "walkthrough"}).json()
         app = api.post(
@@ -234,6 +250,17 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
 
         wanted = {"meshgate-gateway", "orders", "payments", "meshgate-integration"}
         within(20, lambda: wanted <= services(), "spans of every layer")
+        # One request from the edge through two services is one trace.
+        shop = httpx.get(f"{gateway}/shop/call/payments/charge", headers={"X-API-Key": "k2"})
+        assert shop.status_code == 200, shop.text
+
+        def one_trace() -> bool:
+            by_trace: dict[str, set[str]] = {}
+            for span in receiver.spans:
+                by_trace.setdefault(span.trace_id, set()).add(span.service)
+            return any({"meshgate-gateway", "orders", "payments"} <= s for s in by_trace.values())
+
+        within(20, one_trace, "one trace from the gateway through orders to payments")
         # A third, from another directory on the same ports, says why it cannot start and
         # leaves nothing behind.
         other = tmp_path / "other"
@@ -249,8 +276,8 @@ def test_up_starts_the_platform_seeded_with_the_example(tmp_path: Path) -> None:
             base_url=f"http://127.0.0.1:{control_port}/admin/api",
             headers={"Authorization": f"Bearer {token}"},
         )
-        assert api.get("/products").json()["total"] == 1
-        assert api.get("/applications").json()["total"] == 2
+        assert api.get("/products").json()["total"] == 2
+        assert api.get("/applications").json()["total"] == 3
         assert api.get("/mesh/services").json()["total"] == 1
         api.close()
     finally:

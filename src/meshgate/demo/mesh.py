@@ -22,6 +22,7 @@ from pathlib import Path
 __all__ = [
     "INSTANCES",
     "PAYMENTS",
+    "SHOP",
     "Instance",
     "MeshDemo",
     "bootstrap_token",
@@ -50,6 +51,16 @@ PAYMENTS = {
             "retries": {"attempts": 2, "retry_on": ["connect-failure", "5xx"]},
         },
     ],
+    # Only orders may call payments: the caller named by its certificate.
+    "authorization": [
+        {
+            "name": "orders-only",
+            "action": "allow",
+            "rules": [
+                {"from": {"principals": ["spiffe://meshgate.local/ns/production/sa/orders"]}}
+            ],
+        }
+    ],
     "policy": {
         "outlier_detection": {
             "consecutive_5xx": 3,
@@ -59,6 +70,23 @@ PAYMENTS = {
         }
     },
 }
+
+
+# An API product whose backend is the mesh: the gateway calls orders' sidecar over mutual TLS
+# with its own workload identity, and the consumer token it signs rides along.
+SHOP = """\
+products:
+  - name: shop
+    path_prefix: /shop
+    backend: https://127.0.0.1:15006
+    upstream_tls: {mesh_service: orders}
+    auth: {type: api_key, header: X-API-Key}
+    plans:
+      - name: gold
+        limits: [{metric: hits, period: minute, value: 100}]
+    applications:
+      - {id: shop-app, plan: gold, keys: [k2]}
+"""
 
 
 @dataclass(frozen=True)
@@ -139,6 +167,29 @@ def _seed(base: str, token: str) -> None:
     if status not in (200, 201):
         raise RuntimeError(f"the control plane refused the demo's mesh configuration ({status})")
     call("POST", "/mesh/promote", {})
+    # The shop product, beside what the gateway file seeded (prune=false keeps that).
+    request = urllib.request.Request(
+        f"{base}/admin/api/declarative?prune=false",
+        data=SHOP.encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/yaml"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                f"{base}/admin/api/products?per_page=500",
+                headers={"Authorization": f"Bearer {token}"},
+            ),
+            timeout=10,
+        ) as response:
+            products = json.loads(response.read())["items"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise RuntimeError(f"the control plane refused the demo's shop product: {exc}") from None
+    for product in products:
+        if product["name"] == "shop":
+            call("POST", f"/products/{product['id']}/promote", {})
 
 
 def bootstrap_token(base: str, token: str, service: str) -> str:

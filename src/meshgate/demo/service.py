@@ -178,6 +178,8 @@ class ServiceProtocol(asyncio.Protocol):
         doc = {
             "service": self.state.name,
             "instance": self.state.instance,
+            "source": headers.get("x-meshgate-source"),
+            "consumer": _consumer(headers.get("x-meshgate-consumer")),
             "called": service,
             "status": status,
             "answer": _maybe_json(payload),

@@ -232,12 +232,23 @@ class Authorizer:
         if decision.allowed:
             return None
         if decision.policy is None:
-            detail = f"no allow policy of service {self.service!r} matched this request"
+            names = ", ".join(p.name for p in self.allow)
+            detail = (
+                f"no allow policy of service {self.service!r} matched this request "
+                f"(allow policies: {names})"
+            )
         else:
             detail = (
                 f"denied by authorization policy {decision.policy!r} of service {self.service!r}"
             )
-        return problem(403, "Forbidden", detail, policy=decision.policy, service=self.service)
+        return problem(
+            403,
+            "Forbidden",
+            detail,
+            policy=decision.policy,
+            allow_policies=[p.name for p in self.allow],
+            service=self.service,
+        )
 
 
 _ALLOWED = Decision(True, None)
