@@ -281,7 +281,7 @@ def up(
                 for line in example_run.usage():
                     typer.echo(line)
             for demo in meshes:
-                for line in demo.usage():
+                for line in demo.usage(gateway=f"http://{cfg.listen}"):
                     typer.echo(line)
             from meshgate import _runstate
             from meshgate.demo.mesh import INSTANCES

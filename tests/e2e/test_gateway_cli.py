@@ -209,8 +209,8 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
             for line in out.splitlines()
             if line.strip().startswith("curl ")
         ]
-        assert len(curls) == 8, out
-        gateway, https, admin, alerts, orders, via_sidecar, via_app, clusters = curls
+        assert len(curls) == 10, out
+        gateway, https, admin, alerts, orders, via_sidecar, via_app, clusters, denied, shop = curls
         assert gateway[:3] == ["curl", "-i", "-H"]
         name, _, value = gateway[3].partition(": ")
         answer = httpx.get(gateway[4], headers={name: value}, timeout=TIMEOUT)
@@ -224,7 +224,7 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
         assert answer.status_code == 200
         name, _, value = admin[3].partition(": ")
         products = httpx.get(admin[4], headers={name: value}, timeout=TIMEOUT).json()
-        assert [p["name"] for p in products["items"]] == ["echo"]
+        assert [p["name"] for p in products["items"]] == ["echo", "shop"]
         name, _, value = alerts[3].partition(": ")
         listed = httpx.get(alerts[4], headers={name: value}, timeout=TIMEOUT)
         assert listed.status_code == 200 and "items" in listed.json()
@@ -269,6 +269,12 @@ def test_up_prints_curl_lines_that_work_and_stops_on_sigterm(tmp_path: Path) -> 
         )
         known = httpx.get(clusters[-1], timeout=TIMEOUT).json()
         assert len(known["payments"]) == 2
+        # payments' own sidecar may not call payments: the demo's authorization policy.
+        with httpx.Client(proxy=denied[3], timeout=TIMEOUT) as client:
+            assert client.get(denied[4]).status_code == 403
+        name, _, value = shop[3].partition(": ")
+        through = httpx.get(shop[4], headers={name: value}, timeout=TIMEOUT)
+        assert through.status_code == 200 and through.json()["answer"]["service"] == "payments"
     finally:
         code = proc.stop()
     assert code == 0, proc.stderr()

@@ -116,8 +116,16 @@ class MeshDemo:
         self.processes = processes
         self.log_dir = log_dir
 
-    def usage(self) -> list[str]:
-        first = INSTANCES[0]
+    def usage(self, gateway: str | None = None) -> list[str]:
+        first, payments = INSTANCES[0], INSTANCES[2]
+        shop = (
+            [
+                f"  curl -s -H 'X-API-Key: k2' {gateway}/shop/call/payments/charge"
+                "   # gateway -> orders -> payments, mutual TLS, the consumer carried"
+            ]
+            if gateway
+            else []
+        )
         return [
             "  mesh           orders (2 instances) and payments (v1, v2), each behind a sidecar;"
             f" logs in {self.log_dir}",
@@ -127,6 +135,9 @@ class MeshDemo:
             "   # the orders app itself, through its sidecar",
             f"  curl -s http://127.0.0.1:{first.admin}/clusters"
             "   # what that sidecar knows of each instance",
+            f"  curl -s -x http://127.0.0.1:{payments.outbound} http://payments/charge"
+            "   # 403: only orders may call payments (policy orders-only)",
+            *shop,
         ]
 
     def stop(self) -> None:
