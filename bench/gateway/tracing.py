@@ -174,6 +174,8 @@ def main() -> None:
         print("hop", json.dumps(report["hop"]), flush=True)
     variants = {
         "off": {"enabled": False},
+        # Propagation alone: every request carries a traceparent on, none is sampled.
+        "on-0pct": {"enabled": True, "endpoint": collector.endpoint, "sample_rate": 0.0},
         "on-1pct": {"enabled": True, "endpoint": collector.endpoint, "sample_rate": 0.01},
         "on-100pct": {"enabled": True, "endpoint": collector.endpoint, "sample_rate": 1.0},
     }
@@ -195,6 +197,7 @@ def main() -> None:
             best = {k: min(v, key=lambda r: r["cpu_us_per_request"]) for k, v in results.items()}
             report.update(best)
             off = best["off"]["cpu_us_per_request"]
+            report["cpu_on_0pct_over_off"] = round(best["on-0pct"]["cpu_us_per_request"] / off, 3)
             report["cpu_on_1pct_over_off"] = round(best["on-1pct"]["cpu_us_per_request"] / off, 3)
             report["cpu_on_100pct_over_off"] = round(
                 best["on-100pct"]["cpu_us_per_request"] / off, 3
