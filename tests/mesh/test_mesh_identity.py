@@ -161,3 +161,78 @@ def _gateway(workdir: Path, url: str, admin_token: str, token: str) -> tuple[Pro
     )  # fmt: skip
     wait_port(admin, proc=proc.popen, timeout=30)
     return proc, f"http://127.0.0.1:{admin}"
+
+
+def test_a_root_rotation_between_strict_sidecars_fails_no_request(tmp_path: Path) -> None:
+    """The operator's procedure: rotate (both roots trusted), let every workload renew onto
+    the new root, retire the old one; calls over mutual TLS go on throughout."""
+    cp = start_control_plane(tmp_path, "--cert-ttl", "16")
+    cp.put_service({"name": "orders", "mtls": {"mode": "strict"}})
+    tokens = {
+        service: cp.api.post("/mesh/bootstrap-tokens", json={"service": service}).json()["token"]
+        for service in ("orders", "shop")
+    }
+    orders_app, shop_app = start_app(tmp_path, "orders"), start_app(tmp_path, "shop")
+    fast = ["--bundle-refresh", "0.5"]
+    orders = attached_sidecar(
+        tmp_path, cp, "orders", orders_app.port, "--bootstrap-token", tokens["orders"], *fast
+    )
+    shop = attached_sidecar(
+        tmp_path, cp, "shop", shop_app.port, "--bootstrap-token", tokens["shop"], *fast
+    )
+    sidecars = (orders, shop)
+    load = ProxyLoad(shop.proxy, "http://orders/pay")
+    with running(cp, orders_app, shop_app, orders, shop):
+        try:
+            with httpx.Client(proxy=shop.proxy, timeout=10) as client:
+                _until("shop reaches orders", lambda: client.get("http://orders/x").is_success, 15)
+            plain = httpx.get(f"http://127.0.0.1:{orders.inbound}/x", timeout=5)
+            assert plain.status_code == 403, "orders takes only mutual TLS"
+            load.start()
+            old = next(r for r in cp.api.get("/ca").json()["roots"] if r["state"] == "active")
+            assert cp.api.post("/ca/rotate").status_code == 201
+            new = next(r for r in cp.api.get("/ca").json()["roots"] if r["state"] == "active")
+            assert new["subject"] != old["subject"]
+            for sidecar in sidecars:
+                _until(
+                    "both roots trusted, then a certificate of the new root",
+                    lambda s=sidecar: (
+                        (i := _identity(s.admin_url))["bundle_roots"] == 2
+                        and i["issuer"] == new["subject"]
+                    ),
+                    15,
+                )
+            assert cp.api.post("/ca/retire").status_code == 200
+            for sidecar in sidecars:
+                _until(
+                    "the old root gone from the bundle",
+                    lambda s=sidecar: _identity(s.admin_url)["bundle_roots"] == 1,
+                    5,
+                )
+            time.sleep(1.0)
+            load.stop()
+            assert load.failures == [] and load.ok > 50, (load.ok, load.failures[:5])
+            metrics = httpx.get(f"{orders.admin_url}/metrics", timeout=5).text
+            assert 'connection_security_policy="mutual_tls"' in metrics
+        finally:
+            load.stop()
+
+
+class ProxyLoad(Load):
+    """Requests through a sidecar's outbound proxy, by the service's name."""
+
+    def __init__(self, proxy: str, url: str) -> None:
+        super().__init__(url)
+        self.proxy = proxy
+
+    def run(self) -> None:
+        with httpx.Client(proxy=self.proxy, timeout=10) as client:
+            while not self.stopping.is_set():
+                try:
+                    r = client.get(self.url)
+                    if r.status_code == 200:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
