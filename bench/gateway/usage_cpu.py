@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import subprocess
 import tempfile
 import uuid
 from importlib import resources
@@ -31,7 +29,7 @@ from typing import Any
 
 import httpx
 import yaml
-from _procs import TICKS, cpu_ticks, free_port, spawn, wait_ok
+from _procs import cpu_per_request, free_port, spawn, wait_ok
 
 TOKEN = "mgt_bench-usage-token-0123456789abcdef"
 
@@ -76,20 +74,7 @@ def _run_variant(
     try:
         url = f"http://127.0.0.1:{port}/echo/hello"
         wait_ok(url, headers={"X-API-Key": "k1"})
-        wrk = ["taskset", "-c", "0", "wrk", "-t1", "-c50", "-H", "X-API-Key: k1"]
-        subprocess.run([*wrk, "-d2s", url], capture_output=True, check=True)
-        before = cpu_ticks(gw.pid)
-        out = subprocess.run(
-            [*wrk, f"-d{seconds}s", url], capture_output=True, text=True, check=True
-        ).stdout
-        ticks = cpu_ticks(gw.pid) - before
-        requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        return {
-            "rps": round(requests / seconds),
-            "cpu_us_per_request": round(ticks / TICKS / requests * 1e6, 2),
-            "non_2xx": int(errors.group(1)) if errors else 0,
-        }
+        return cpu_per_request(gw.pid, url, seconds)
     finally:
         gw.terminate()
         gw.wait(30)
